@@ -1,0 +1,342 @@
+"""MoCo (He et al.) with MoCHi's hard negative mixing: encoders, queue, shuffle BN, loss.
+
+`MoCo` holds a query encoder (trained), a key encoder (its momentum copy), and a `KeyQueue` of
+past keys. One call of `MoCo.forward` encodes both views, builds the logits with
+`hnmix.mixing.mix_logits`, returns the loss with its step statistics, and enqueues the keys of
+the whole global batch. `MoCo.momentum_update` is called once per optimizer step by the trainer.
+
+Several processes: every collective goes through `torch.distributed` when it is initialised
+(Accelerate initialises it), so each rank gathers the same global batch of keys and holds an
+identical queue. Build the model under the same seed on every rank.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Optional
+
+import timm
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from hnmix.mixing import MixedLogits, mix_logits, validate_mixing_sizes
+
+
+# ----------------------------------------------------------------------------- distributed
+
+
+def world_size_and_rank() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
+@torch.no_grad()
+def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
+    """[B, ...] on every rank -> [world * B, ...], concatenated in rank order. No gradient."""
+    world, _ = world_size_and_rank()
+    if world == 1:
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(world)]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts)
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """The module inside DDP (`.module`) and torch.compile (`._orig_mod`) wrappers."""
+    while True:
+        inner = getattr(module, "module", None) or getattr(module, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            return module
+        module = inner
+
+
+# ----------------------------------------------------------------------------- encoders
+
+
+class MoCoEncoder(nn.Module):
+    """A timm backbone and the MoCo v2 projection MLP.
+
+    The backbone is `timm.create_model(arch, num_classes=0)`: pooled features for every timm
+    architecture (ResNets, ViTs, ConvNeXts, ...), whatever its classifier was called, so the
+    projection head always replaces the classifier.
+
+    forward(x: [B, 3, H, W]) -> [B, dim] float32, L2-normalised.
+    """
+
+    def __init__(self, arch: str, dim: int, *, pretrained: bool = False, **timm_kwargs) -> None:
+        super().__init__()
+        self.backbone = timm.create_model(arch, pretrained=pretrained, num_classes=0, **timm_kwargs)
+        width = self.backbone.num_features
+        self.head = nn.Sequential(nn.Linear(width, width), nn.ReLU(inplace=True), nn.Linear(width, dim))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.head(self.backbone(images)).float(), dim=1)
+
+
+def has_batchnorm(module: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
+
+
+def _split_batchnorm_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """BatchNorm over `num_splits` contiguous groups of the batch, as on that many GPUs.
+
+    Each group is normalised with its own statistics; the running statistics become the mean of
+    the groups' updates, as in the MoCo CIFAR demo's SplitBatchNorm. Calling the original class's
+    forward keeps whatever it adds (timm's BatchNormAct2d applies its activation).
+    """
+    base_forward = super(type(self), self).forward
+    if not self.training or self.num_splits == 1 or not self.track_running_stats:
+        return base_forward(x)
+    if x.shape[0] % self.num_splits:
+        raise ValueError(f"bn_splits={self.num_splits} must divide the batch size {x.shape[0]}")
+    # Each group normalises with fresh copies of the running statistics: autograd saves the
+    # tensors batch_norm was given, so the module's own buffers are only written after all groups.
+    running_mean, running_var, count = self.running_mean, self.running_var, self.num_batches_tracked
+    outputs, means, variances = [], [], []
+    for group in x.chunk(self.num_splits):
+        self.running_mean, self.running_var = running_mean.clone(), running_var.clone()
+        self.num_batches_tracked = count.clone()
+        outputs.append(base_forward(group))
+        means.append(self.running_mean)
+        variances.append(self.running_var)
+    self.running_mean, self.running_var, self.num_batches_tracked = running_mean, running_var, count
+    running_mean.copy_(torch.stack(means).mean(0))
+    running_var.copy_(torch.stack(variances).mean(0))
+    count.add_(1)
+    return torch.cat(outputs)
+
+
+_SPLIT_CLASSES: dict[type, type] = {}
+
+
+def convert_split_batchnorm(module: nn.Module, num_splits: int) -> nn.Module:
+    """Turn every BatchNorm of `module` into a split BatchNorm with `num_splits` groups, in place.
+
+    The class of each layer is swapped for a subclass, so parameters, buffers and state-dict keys
+    stay as they are and checkpoints load either way.
+    """
+    if num_splits < 1:
+        raise ValueError(f"bn_splits must be >= 1, got {num_splits}")
+    for layer in module.modules():
+        if isinstance(layer, nn.modules.batchnorm._BatchNorm):
+            base = next(c for c in type(layer).__mro__ if c not in _SPLIT_CLASSES.values())
+            if base not in _SPLIT_CLASSES:
+                _SPLIT_CLASSES[base] = type(f"Split{base.__name__}", (base,), {"forward": _split_batchnorm_forward})
+            layer.__class__ = _SPLIT_CLASSES[base]
+            layer.num_splits = num_splits
+    return module
+
+
+# ----------------------------------------------------------------------------- queue
+
+
+def validate_queue_size(queue_size: int, global_batch: int) -> None:
+    if global_batch < 1 or queue_size % global_batch:
+        raise ValueError(
+            f"k_moco={queue_size} must be a multiple of the global batch {global_batch} "
+            f"(batch_size x processes); try k_moco={max(1, queue_size // max(global_batch, 1)) * global_batch}"
+        )
+
+
+class KeyQueue(nn.Module):
+    """A ring buffer of past keys with their dataset ids and labels.
+
+    Buffers (all in the state dict, so a resumed run continues exactly):
+      keys:   [K, d] float32, L2-normalised; starts as random unit vectors, as in MoCo.
+      ids:    [K] int64 dataset index of each key, -1 for a slot never written.
+      labels: [K] int64 class of each key, -1 when unknown.
+      ptr:    [] int64 next slot to write.
+    The initial keys come from a fixed generator, so every rank starts from the same queue.
+    """
+
+    def __init__(self, size: int, dim: int) -> None:
+        super().__init__()
+        init = torch.randn(size, dim, generator=torch.Generator().manual_seed(0))
+        self.register_buffer("keys", F.normalize(init, dim=1))
+        self.register_buffer("ids", torch.full((size,), -1, dtype=torch.long))
+        self.register_buffer("labels", torch.full((size,), -1, dtype=torch.long))
+        self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
+
+    @property
+    def size(self) -> int:
+        return self.keys.shape[0]
+
+    @torch.no_grad()
+    def enqueue(self, keys: torch.Tensor, ids: torch.Tensor, labels: Optional[torch.Tensor] = None) -> None:
+        """Write a global batch: keys [G, d], ids [G], labels [G] or None. K % G must be 0.
+
+        Index arithmetic stays on the device, so there is no host synchronisation.
+        """
+        G = keys.shape[0]
+        validate_queue_size(self.size, G)
+        slots = (self.ptr + torch.arange(G, device=self.ptr.device)) % self.size
+        self.keys.index_copy_(0, slots, keys.to(self.keys.dtype))
+        self.ids.index_copy_(0, slots, ids.to(self.ids.dtype))
+        if labels is None:
+            labels = torch.full_like(self.labels[:G], -1)
+        self.labels.index_copy_(0, slots, labels.to(self.labels.dtype))
+        self.ptr.copy_((self.ptr + G) % self.size)
+
+
+# ----------------------------------------------------------------------------- MoCo
+
+
+class MoCo(nn.Module):
+    """MoCo v2 with MoCHi hard negative mixing.
+
+    forward(view_q, view_k, ids, labels=None, step=0) -> (loss, stats)
+      view_q, view_k: [B, 3, H, W] the two views of each image.
+      ids:            [B] int64 dataset indices (for the queue's duplicate mask).
+      labels:         [B] int64 classes or None (only for the false-negative statistic).
+      step:           the optimizer step, for the curriculum: type 1 from `start1_hard`,
+                      type 2 from `start2_hard`; 0 means from the first step.
+      loss:           [] float32 cross entropy with target 0, whatever the autocast.
+      stats:          dict of detached 0-dim tensors (no host synchronisation), see
+                      `step_statistics`.
+
+    The trainer runs forward under autocast for both encoders and calls `momentum_update`
+    after each optimizer step.
+    """
+
+    def __init__(
+        self,
+        encoder_q: nn.Module,
+        *,
+        dim_moco: int,
+        k_moco: int,
+        m_moco: float,
+        t_moco: float,
+        n_hard: int = 0,
+        s1_hard: int = 0,
+        s2_hard: int = 0,
+        start1_hard: int = 0,
+        start2_hard: int = 0,
+        bn_splits: int = 1,
+    ) -> None:
+        super().__init__()
+        validate_mixing_sizes(queue_size=k_moco, temperature=t_moco, n_hard=n_hard, s1=s1_hard, s2=s2_hard)
+        if not 0.0 <= m_moco <= 1.0:
+            raise ValueError(f"m_moco must be in [0, 1], got {m_moco}")
+        if start1_hard < 0 or start2_hard < 0:
+            raise ValueError(f"start1_hard and start2_hard must be >= 0, got {start1_hard}, {start2_hard}")
+        self.m_moco, self.t_moco = m_moco, t_moco
+        self.n_hard, self.s1_hard, self.s2_hard = n_hard, s1_hard, s2_hard
+        self.start1_hard, self.start2_hard = start1_hard, start2_hard
+        self.shuffle_keys = has_batchnorm(encoder_q)
+        self.bn_splits = bn_splits
+        if bn_splits > 1 and self.shuffle_keys:
+            convert_split_batchnorm(encoder_q, bn_splits)
+        self.encoder_q = encoder_q
+        self.encoder_k = copy.deepcopy(encoder_q).requires_grad_(False)
+        self.queue = KeyQueue(k_moco, dim_moco)
+
+    def mixing_sizes(self, step: int) -> tuple[int, int]:
+        """(s1, s2) in force at `step` under the curriculum."""
+        s1 = self.s1_hard if step >= self.start1_hard else 0
+        s2 = self.s2_hard if step >= self.start2_hard else 0
+        return s1, s2
+
+    @torch.no_grad()
+    def momentum_update(self) -> None:
+        """encoder_k <- m * encoder_k + (1 - m) * encoder_q, parameters only (BN statistics are
+        the key encoder's own, as in MoCo)."""
+        k_params = list(self.encoder_k.parameters())
+        q_params = [p.detach() for p in unwrap(self.encoder_q).parameters()]
+        torch._foreach_lerp_(k_params, q_params, 1.0 - self.m_moco)
+
+    @torch.no_grad()
+    def encode_keys(self, view_k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys of this rank's samples [B, d] and of the global batch [world * B, d], rank order.
+
+        With BatchNorm, keys are encoded on a shuffled batch so that no BN group holds both views
+        of an image: across ranks (MoCo's shuffle BN: gather, a permutation broadcast from rank 0,
+        each rank encodes its slice, gather, un-shuffle), or within one process when `bn_splits`
+        > 1 (each split normalises on its own). Models without BatchNorm skip the shuffle.
+        """
+        world, rank = world_size_and_rank()
+        B = view_k.shape[0]
+        if world > 1 and self.shuffle_keys:
+            images = all_gather_cat(view_k)
+            order = torch.randperm(images.shape[0], device=view_k.device)
+            dist.broadcast(order, src=0)
+            keys_in_order = all_gather_cat(self.encoder_k(images[order.view(world, B)[rank]]))
+            keys_all = torch.empty_like(keys_in_order)
+            keys_all[order] = keys_in_order
+            return keys_all[rank * B : (rank + 1) * B], keys_all
+        if world == 1 and self.shuffle_keys and self.bn_splits > 1:
+            order = torch.randperm(B, device=view_k.device)
+            keys = torch.empty(B, self.queue.keys.shape[1], device=view_k.device)
+            keys[order] = self.encoder_k(view_k[order])
+            return keys, keys
+        keys = self.encoder_k(view_k)
+        return keys, all_gather_cat(keys)
+
+    def forward(
+        self,
+        view_q: torch.Tensor,
+        view_k: torch.Tensor,
+        ids: torch.Tensor,
+        labels: Optional[torch.Tensor] = None,
+        step: int = 0,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        q = self.encoder_q(view_q)
+        k, keys_all = self.encode_keys(view_k)
+        s1, s2 = self.mixing_sizes(step)
+        queue = self.queue
+        # The clone keeps the logits' saved queue intact when enqueue writes in place below.
+        mixed = mix_logits(
+            q, k, queue.keys.clone(), temperature=self.t_moco, n_hard=self.n_hard, s1=s1, s2=s2,
+            ids=ids, queue_ids=queue.ids,
+        )
+        target = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
+        loss = F.cross_entropy(mixed.logits, target)
+        stats = step_statistics(mixed, queue_size=queue.size, s1=s1, s2=s2, labels=labels, queue_labels=queue.labels)
+        stats["loss"] = loss.detach()
+        queue.enqueue(keys_all, all_gather_cat(ids), None if labels is None else all_gather_cat(labels))
+        return loss, stats
+
+
+@torch.no_grad()
+def step_statistics(
+    mixed: MixedLogits,
+    *,
+    queue_size: int,
+    s1: int,
+    s2: int,
+    labels: Optional[torch.Tensor] = None,
+    queue_labels: Optional[torch.Tensor] = None,
+) -> dict[str, torch.Tensor]:
+    """Statistics of one step from its logits, no extra passes. All 0-dim float32 tensors.
+
+    acc1:                 the positive ranks first among the real (queue) negatives.
+    logit_pos:            mean positive logit (divided by the temperature, like all logits).
+    logit_hardest:        mean over queries of the highest queue logit.
+    logit_type1/2:        mean type-1 / type-2 logit (only while that type is active).
+    synthetic_above_pos:  fraction of synthetic negatives scoring above the positive.
+    hard_false_negative:  fraction of the n_hard hard negatives sharing the query's class (the
+                          paper's class-oracle false negatives), when labels are known.
+    """
+    logits = mixed.logits
+    pos = logits[:, 0]
+    hardest = logits[:, 1 : 1 + queue_size].max(dim=1).values
+    stats = {
+        "acc1": (pos > hardest).float().mean(),
+        "logit_pos": pos.mean(),
+        "logit_hardest": hardest.mean(),
+    }
+    synthetic = logits[:, 1 + queue_size :]
+    for name, block in (("logit_type1", synthetic[:, :s1]), ("logit_type2", synthetic[:, s1:])):
+        if block.numel():
+            finite = torch.isfinite(block)
+            stats[name] = block.where(finite, 0).sum() / finite.sum().clamp_min(1)
+    if synthetic.numel():
+        finite = torch.isfinite(synthetic)
+        above = (synthetic > pos.unsqueeze(1)) & finite
+        stats["synthetic_above_pos"] = above.sum() / finite.sum().clamp_min(1)
+    if labels is not None and queue_labels is not None and mixed.hard_indices.numel():
+        same_class = (queue_labels[mixed.hard_indices] == labels.unsqueeze(1)) & mixed.hard_valid
+        stats["hard_false_negative"] = same_class.sum() / mixed.hard_valid.sum().clamp_min(1)
+    return {name: value.float() for name, value in stats.items()}
