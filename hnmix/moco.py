@@ -61,7 +61,8 @@ class MoCoEncoder(nn.Module):
 
     The backbone is `timm.create_model(arch, num_classes=0)`: pooled features for every timm
     architecture (ResNets, ViTs, ConvNeXts, ...), whatever its classifier was called, so the
-    projection head always replaces the classifier.
+    projection head always replaces the classifier. Its width is timm's `head_hidden_size`
+    (the output of a pre-logits stage such as MobileNetV3's conv_head), else `num_features`.
 
     forward(x: [B, 3, H, W]) -> [B, dim] float32, L2-normalised.
     """
@@ -69,7 +70,7 @@ class MoCoEncoder(nn.Module):
     def __init__(self, arch: str, dim: int, *, pretrained: bool = False, **timm_kwargs) -> None:
         super().__init__()
         self.backbone = timm.create_model(arch, pretrained=pretrained, num_classes=0, **timm_kwargs)
-        width = self.backbone.num_features
+        width = getattr(self.backbone, "head_hidden_size", None) or self.backbone.num_features
         self.head = nn.Sequential(nn.Linear(width, width), nn.ReLU(inplace=True), nn.Linear(width, dim))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:

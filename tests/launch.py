@@ -1,0 +1,32 @@
+"""Run a script or module on 2 real CPU processes through `accelerate launch`."""
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def accelerate_launch(target: list[str], *, num_processes: int = 2, timeout: float = 600, env: dict | None = None):
+    """`accelerate launch` with explicit flags (no user config is read); returns CompletedProcess.
+
+    ACCELERATE_USE_CPU=1 with --multi_gpu gives real CPU processes over gloo
+    (`--cpu --num_processes 2` would silently run one).
+    """
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--multi_gpu", "--num_processes", str(num_processes), "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--main_process_port", str(free_port()),
+        *target,
+    ]
+    full_env = os.environ | {"ACCELERATE_USE_CPU": "1", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    return subprocess.run(command, cwd=REPO, env=full_env | (env or {}), capture_output=True, text=True, timeout=timeout)

@@ -1,0 +1,75 @@
+"""Run under `accelerate launch --num_processes 2`: a few MoCo steps, then each rank saves what it holds.
+
+Writes OUT/rank{R}.pt with the queue buffers, the ids each rank fed, how many of the images the
+key encoder saw on this rank came from the other rank, and the largest difference between the
+un-shuffled keys and keys computed without any shuffle (key encoder in eval mode, so a sample's
+key does not depend on its batch).
+"""
+
+import sys
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator, DistributedDataParallelKwargs
+from accelerate.utils import set_seed
+
+from hnmix.moco import MoCo, MoCoEncoder, all_gather_cat
+
+BATCH, QUEUE, DIM, STEPS = 4, 32, 16, 3
+
+
+def main(out_dir: Path) -> None:
+    accelerator = Accelerator(kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
+    rank, world = accelerator.process_index, accelerator.num_processes
+    set_seed(0)
+    moco = MoCo(MoCoEncoder("test_resnet", DIM), dim_moco=DIM, k_moco=QUEUE, m_moco=0.9, t_moco=0.2,
+                n_hard=4, s1_hard=2, s2_hard=2)
+    optimizer = torch.optim.SGD(moco.encoder_q.parameters(), lr=0.05)
+    model, optimizer = accelerator.prepare(moco, optimizer)
+    inner = accelerator.unwrap_model(model)
+
+    seen = []
+    inner.encoder_k.register_forward_hook(lambda module, args, out: seen.append(args[0].detach().clone()))
+    data = torch.Generator().manual_seed(100 + rank)
+    fed_ids, cross_rank_images = [], 0
+    for step in range(STEPS):
+        view_q = torch.randn(BATCH, 3, 32, 32, generator=data)
+        view_k = torch.randn(BATCH, 3, 32, 32, generator=data)
+        ids = torch.arange(BATCH) + 1000 * rank + BATCH * step
+        labels = ids % 3
+        loss, _ = model(view_q, view_k, ids, labels, step=step)
+        accelerator.backward(loss)
+        optimizer.step()
+        optimizer.zero_grad()
+        inner.momentum_update()
+        fed_ids.append(ids)
+        # Which rank's images did the key encoder see here? Match rows against the gathered batch.
+        everyone = all_gather_cat(view_k).flatten(1)
+        for row in seen.pop().flatten(1):
+            owner = (everyone == row).all(1).nonzero()[0, 0].item() // BATCH
+            cross_rank_images += owner != rank
+
+    # Each rank's key encoder kept its own BN running statistics; make them rank 0's so that in
+    # eval mode a sample's key is the same whichever rank encodes it.
+    for buffer in inner.encoder_k.buffers():
+        torch.distributed.broadcast(buffer, src=0)
+    inner.encoder_k.eval()
+    view_k = torch.randn(BATCH, 3, 32, 32, generator=data)
+    with torch.no_grad():
+        local, global_keys = inner.encode_keys(view_k)
+        reference = inner.encoder_k(view_k)
+    torch.save(
+        {
+            "world": world,
+            "queue": {name: buffer.cpu() for name, buffer in inner.queue.state_dict().items()},
+            "fed_ids": torch.cat(fed_ids),
+            "cross_rank_images": cross_rank_images,
+            "unshuffle_error": (local - reference).abs().max().item(),
+            "global_matches_local": torch.equal(global_keys[rank * BATCH : (rank + 1) * BATCH], local),
+        },
+        out_dir / f"rank{rank}.pt",
+    )
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))

@@ -1,0 +1,42 @@
+"""MoCo on 2 real CPU processes (accelerate launch): identical queues, shuffle BN un-shuffles."""
+
+import pytest
+import torch
+
+from launch import REPO, accelerate_launch
+
+pytestmark = pytest.mark.multiprocess
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    out = tmp_path_factory.mktemp("two_ranks")
+    result = accelerate_launch([str(REPO / "tests/multiprocess/moco_two_ranks.py"), str(out)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    return [torch.load(out / f"rank{r}.pt") for r in range(2)]
+
+
+def test_two_processes_ran(ranks):
+    assert [r["world"] for r in ranks] == [2, 2]
+
+
+def test_queues_are_bit_identical_on_both_ranks(ranks):
+    for name in ("keys", "ids", "labels", "ptr"):
+        assert torch.equal(ranks[0]["queue"][name], ranks[1]["queue"][name]), name
+
+
+def test_queue_holds_the_keys_of_both_ranks_samples_in_rank_order(ranks):
+    queue = ranks[0]["queue"]
+    batch, steps = 4, 3
+    assert queue["ptr"].item() == steps * 2 * batch % queue["ids"].numel()
+    expected = torch.cat([torch.cat([ranks[r]["fed_ids"][s * batch : (s + 1) * batch] for r in range(2)])
+                          for s in range(steps)])
+    assert torch.equal(queue["ids"][: steps * 2 * batch], expected)
+    assert torch.equal(queue["labels"][: steps * 2 * batch], expected % 3)
+
+
+def test_shuffle_bn_mixes_ranks_and_unshuffles_each_sample_to_its_own_key(ranks):
+    assert sum(r["cross_rank_images"] for r in ranks) > 0
+    for r in ranks:
+        assert r["unshuffle_error"] < 1e-5
+        assert r["global_matches_local"]
