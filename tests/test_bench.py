@@ -1,0 +1,79 @@
+"""`hnmix.bench`: the mixing benchmark runs end to end, and its materialising reference is right."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hnmix.bench import materialised_mochi_logits
+from hnmix.mixing import mochi_logits
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_mixing_benchmark_runs_and_writes_json(tmp_path):
+    out = tmp_path / "bench.json"
+    command = [
+        sys.executable, "-m", "hnmix.bench", "mixing", "--batch", "8", "--queue", "64", "--dim", "16",
+        "--n_hard", "8", "--s1", "4", "--s2", "4", "--repeats", "1", "--warmup", "0", "--device", "cpu",
+        "--json", str(out),
+    ]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "target <= 0.5" in done.stdout
+    result = json.loads(out.read_text())
+    assert set(result["variants"]) == {"moco", "hnmix", "materialised"}
+    for variant in result["variants"].values():
+        assert variant["ms_median"] > 0
+        assert variant["peak_extra_bytes"] >= 0
+    assert result["config"]["n_hard"] == 8 and result["torch"] == torch.__version__
+
+
+def _inputs(dtype, B=6, K=40, d=12):
+    g = torch.Generator().manual_seed(1)
+    q = F.normalize(torch.randn(B, d, generator=g), dim=1).to(dtype).requires_grad_()
+    k = F.normalize(torch.randn(B, d, generator=g), dim=1).to(dtype)
+    queue = F.normalize(torch.randn(K, d, generator=g), dim=1)
+    ids = torch.arange(B)
+    queue_ids = torch.randint(0, 3 * B, (K,), generator=g)  # some duplicates of the batch ids
+    return q, k, queue, ids, queue_ids
+
+
+def _logits_and_grad(fn, q, k, queue, ids, queue_ids, **sizes):
+    q = q.detach().clone().requires_grad_()
+    generator = torch.Generator().manual_seed(7)
+    logits = fn(q, k, queue, temperature=0.2, ids=ids, queue_ids=queue_ids, generator=generator, **sizes)
+    F.cross_entropy(logits, torch.zeros(q.shape[0], dtype=torch.long)).backward()
+    return logits.detach(), q.grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("sizes", [dict(n_hard=8, s1=5, s2=3), dict(n_hard=8, s1=0, s2=4), dict(n_hard=3, s1=6, s2=0)])
+def test_materialised_matches_mochi_logits(dtype, sizes):
+    inputs = _inputs(dtype)
+    fast, fast_grad = _logits_and_grad(mochi_logits, *inputs, **sizes)
+    slow, slow_grad = _logits_and_grad(materialised_mochi_logits, *inputs, **sizes)
+    assert slow.dtype == torch.float32 and slow.shape == fast.shape
+    torch.testing.assert_close(slow, fast, atol=1e-5, rtol=0)
+    torch.testing.assert_close(slow_grad, fast_grad, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("n_unmasked", [0, 1])
+def test_materialised_matches_mochi_logits_with_too_few_hard_negatives(n_unmasked):
+    """A row with < 2 unmasked queue entries gets -inf type-1 logits, with none also -inf type 2."""
+    q, k, queue, ids, _ = _inputs(torch.float32, K=8)
+    queue_ids = torch.zeros(8, dtype=torch.long)  # all duplicates of row 0 ...
+    queue_ids[:n_unmasked] = 100  # ... but these
+    sizes = dict(n_hard=8, s1=4, s2=3)
+    fast, fast_grad = _logits_and_grad(mochi_logits, q, k, queue, ids, queue_ids, **sizes)
+    slow, slow_grad = _logits_and_grad(materialised_mochi_logits, q, k, queue, ids, queue_ids, **sizes)
+    torch.testing.assert_close(slow, fast, atol=1e-5, rtol=0)
+    torch.testing.assert_close(slow_grad, fast_grad, atol=1e-5, rtol=1e-4)
+    type1, type2 = slow[0, 9:13], slow[0, 13:]
+    assert torch.isneginf(type1).all()
+    assert torch.isneginf(type2).all() == (n_unmasked == 0)
+    assert torch.isfinite(slow[1:]).all()
