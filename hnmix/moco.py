@@ -13,6 +13,7 @@ identical queue. Build the model under the same seed on every rank.
 from __future__ import annotations
 
 import copy
+import hashlib
 from typing import Optional
 
 import timm
@@ -164,6 +165,13 @@ class KeyQueue(nn.Module):
     @property
     def size(self) -> int:
         return self.keys.shape[0]
+
+    def fingerprint(self) -> str:
+        """SHA-256 of all four buffers: equal on every rank, unchanged by a save and load."""
+        digest = hashlib.sha256()
+        for buffer in (self.keys, self.ids, self.labels, self.ptr):
+            digest.update(buffer.detach().cpu().contiguous().numpy().tobytes())
+        return digest.hexdigest()
 
     @torch.no_grad()
     def enqueue(self, keys: torch.Tensor, ids: torch.Tensor, labels: Optional[torch.Tensor] = None) -> None:

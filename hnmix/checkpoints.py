@@ -1,0 +1,97 @@
+"""Checkpoint directories: names, atomic saves, retention, and finding the one to resume.
+
+A checkpoint is `DIR_OUT/checkpoints/step_NNNNNNNN/`: what `Accelerator.save_state` writes
+(model.safetensors with both encoders and the queue, optimizer, scheduler, one RNG file per
+rank) plus `trainer_state.json` (step, epoch) and `config.yaml`. It is written under a temporary
+name and renamed into place by the main process once every rank has finished, so a directory
+with the final name is always complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from accelerate import Accelerator
+
+from hnmix.errors import ConfigError
+
+_NAME = re.compile(r"^step_(\d{8,})$")
+TRAINER_STATE = "trainer_state.json"
+
+
+def checkpoints_root(dir_out: str | Path) -> Path:
+    return Path(dir_out) / "checkpoints"
+
+
+def checkpoint_path(root: Path, step: int) -> Path:
+    return root / f"step_{step:08d}"
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints under `root`, oldest first."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and _NAME.match(p.name) and (p / TRAINER_STATE).is_file()]
+    return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)))
+
+
+def read_trainer_state(checkpoint: Path) -> dict[str, Any]:
+    return json.loads((checkpoint / TRAINER_STATE).read_text())
+
+
+def resolve_resume(resume: str, dir_out: str | Path) -> Optional[Path]:
+    """The checkpoint directory that `--resume PATH|latest|auto` names.
+
+    `latest` is the newest complete checkpoint in dir_out (ConfigError when there is none);
+    `auto` is the same but None when there is none (a fresh start), for requeued jobs.
+    """
+    if resume in ("latest", "auto"):
+        found = complete_checkpoints(checkpoints_root(dir_out))
+        if not found and resume == "auto":
+            return None
+        if not found:
+            raise ConfigError(f"--resume latest: no complete checkpoint under {checkpoints_root(dir_out)}; "
+                              "start without --resume or give a checkpoint directory")
+        return found[-1]
+    path = Path(resume)
+    if not (path / TRAINER_STATE).is_file():
+        raise ConfigError(f"--resume {resume}: not a checkpoint directory (no {TRAINER_STATE}); "
+                          f"give DIR_OUT/checkpoints/step_NNNNNNNN or `latest`")
+    return path
+
+
+def save_checkpoint(accelerator: Accelerator, root: Path, step: int, files: dict[str, str]) -> Path:
+    """Save the training state of every rank at `step`, plus `files` (name -> text) from the main
+    process, atomically. Every rank must call this. Returns the final directory."""
+    final = checkpoint_path(root, step)
+    partial = root / f".partial-{final.name}"
+    if accelerator.is_main_process:
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(partial))
+    if accelerator.is_main_process:
+        for name, text in files.items():
+            (partial / name).write_text(text)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(partial, final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def prune_checkpoints(root: Path, keep: int, on_remove: Optional[Callable[[Path], None]] = None) -> None:
+    """Delete all but the newest `keep` complete checkpoints (keep=0: keep all)."""
+    if keep < 1:
+        return
+    for old in complete_checkpoints(root)[:-keep]:
+        shutil.rmtree(old)
+        if on_remove:
+            on_remove(old)

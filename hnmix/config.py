@@ -1,0 +1,215 @@
+"""Every training option in one dataclass: default, seed alias, help, parsing and validation.
+
+Sources, later ones winning: the dataclass defaults, a YAML file given with `--config`, then the
+command line. The seed implementation's option names and short aliases are kept
+(`-km/--k_moco`, ...). Validation raises `ConfigError` with one line naming the option.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import re
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import yaml
+
+from hnmix.errors import ConfigError
+
+MIXED_PRECISION = ("no", "fp16", "bf16")
+
+
+def option(default: Any, help: str, *, alias: Optional[str] = None, choices: Optional[Sequence[Any]] = None,
+           group: str = "training") -> Any:
+    return field(default=default, metadata={"help": help, "alias": alias, "choices": choices, "group": group})
+
+
+@dataclass
+class TrainConfig:
+    # DATA
+    dir_data: Optional[str] = option(None, "Cache directory of `datasets` (default: the HF cache).", alias="-dd", group="data")
+    dir_out: str = option("out", "Directory for checkpoints, metrics.jsonl, config.yaml and encoder/.", alias="-do", group="data")
+    img_size: int = option(224, "Image size of both views.", alias="-i", group="data")
+    dataset: str = option("ilee0022/Caltech-256", "Hub id, local dataset repo, image folder, save_to_disk directory, or `synthetic`.", group="data")
+    split: str = option("train", "Split to train on.", group="data")
+    image_column: str = option("image", "Column holding the images.", group="data")
+    label_column: Optional[str] = option(None, "Column holding class labels (default: `label` if present; `none`: no labels).", group="data")
+    synthetic_size: int = option(512, "Number of images of `--dataset synthetic`.", group="data")
+    num_workers: int = option(4, "DataLoader worker processes per training process.", group="data")
+    # TRAINING
+    steps: int = option(25000, "Number of optimizer steps.", alias="-s")
+    batch_size: int = option(64, "Batch size per process (global batch = batch_size x processes).", alias="-bs")
+    stop_at: Optional[int] = option(None, "Stop after this step with a checkpoint (e.g. within a job's time limit); the schedule still spans --steps.", alias=None)
+    steps_save: int = option(1000, "Save a checkpoint every this many steps (and at the end).", alias="-ss")
+    steps_print: int = option(500, "Log a line and a metrics.jsonl record every this many steps.", alias="-sp")
+    seed: int = option(69420, "Seed for reproducibility.", alias="-se")
+    device: Optional[str] = option(
+        None,
+        "Seed option, kept where it still means something: `cpu` forces the CPU; a GPU index selects that GPU "
+        "for a single-process run. Under `accelerate launch` use its --gpu_ids instead.",
+        alias="-d",
+    )
+    lr_base: float = option(2e-4, "Peak learning rate (AdamW, weight decay 0.01 except biases and norms).", alias="-lrb")
+    lr_warmup: float = option(2.5e-7, "Learning rate at step 0; linear warmup over the first 10% of steps.", alias="-lrw")
+    lr_min: float = option(2.5e-6, "Final learning rate of the cosine schedule.", alias="-lrm")
+    clip_grad: float = option(5.0, "Clip the gradient norm to this value (0: no clipping).", alias="-cg")
+    mixed_precision: Optional[str] = option(None, "no|fp16|bf16 (default: the accelerate config).", choices=MIXED_PRECISION)
+    keep_checkpoints: int = option(3, "Keep the newest N checkpoints (0: keep all).")
+    report_to: str = option("none", "Trackers for Accelerate: none, all, tensorboard, wandb, ... (comma separated).")
+    config: Optional[str] = option(None, "YAML file of options (long names as keys); flags override it.")
+    # MODEL
+    arch: str = option("efficientnet_b2", "Any timm model name.", alias="-a", group="model")
+    resume: Optional[str] = option(None, "Checkpoint directory to resume from; `latest`: the newest in dir_out; `auto`: latest if any, else start fresh.", alias="-r", group="model")
+    dim_moco: int = option(128, "Output dimension of the projection head.", alias="-dm", group="model")
+    k_moco: int = option(2**13, "Queue size K; a multiple of the global batch.", alias="-km", group="model")
+    m_moco: float = option(0.999, "Momentum of the key encoder's moving average.", alias="-mm", group="model")
+    t_moco: float = option(0.07, "Softmax temperature.", alias="-tm", group="model")
+    n_hard: int = option(32, "Mix from each query's n_hard hardest queue negatives.", alias="-nh", group="model")
+    s1_hard: int = option(16, "Type-1 synthetic negatives per query (two hard negatives mixed).", alias="-s1h", group="model")
+    s2_hard: int = option(16, "Type-2 synthetic negatives per query (query mixed with a hard negative).", alias="-s2h", group="model")
+    start1_hard: int = option(5000, "Step from which type 1 is used (0: from the first step).", alias="-st1h", group="model")
+    start2_hard: int = option(10000, "Step from which type 2 is used (0: from the first step).", alias="-st2h", group="model")
+    bn_splits: int = option(1, "Split BatchNorm into this many groups on one process (simulates shuffle BN across GPUs).", group="model")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# Options that may change when a run is resumed; everything else must match the checkpoint.
+RESUMABLE_CHANGES = ("steps", "stop_at", "steps_print", "steps_save", "keep_checkpoints", "num_workers", "resume", "config",
+                     "report_to", "dir_data", "dir_out", "device")
+
+
+def _field_type(f: dataclasses.Field) -> type:
+    kind = f.type if isinstance(f.type, str) else f.type.__name__
+    for name, python_type in (("int", int), ("float", float), ("str", str)):
+        if re.search(rf"\b{name}\b", kind):
+            return python_type
+    raise TypeError(f"unsupported option type {kind}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m hnmix.train",
+        description="Train an image encoder with MoCo and hard negative mixing (MoCHi). "
+        "Run it as `accelerate launch -m hnmix.train ...` for several GPUs or nodes.",
+    )
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for f in fields(TrainConfig):
+        meta = f.metadata
+        group = groups.setdefault(meta["group"], parser.add_argument_group(meta["group"].upper()))
+        names = [meta["alias"], f"--{f.name}"] if meta["alias"] else [f"--{f.name}"]
+        text = meta["help"] if "default:" in meta["help"] else f"{meta['help']} (default: {f.default})"
+        group.add_argument(*names, dest=f.name, type=_field_type(f), choices=meta["choices"],
+                           default=argparse.SUPPRESS, help=text.replace("%", "%%"))
+    return parser
+
+
+def _coerce(name: str, value: Any) -> Any:
+    f = {f.name: f for f in fields(TrainConfig)}[name]
+    if value is None:
+        if "Optional" in str(f.type):
+            return None
+        raise ConfigError(f"option {name} must not be empty")
+    expected = _field_type(f)
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if expected is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    if not isinstance(value, expected) or isinstance(value, bool):
+        raise ConfigError(f"option {name} must be {expected.__name__}, got {value!r}")
+    return value
+
+
+def load_yaml_options(path: str) -> dict[str, Any]:
+    """Options from a YAML mapping with long option names as keys."""
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(file.read_text())
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"config file {path} is not valid YAML{where}: {getattr(error, 'problem', error)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must be a mapping of option: value, got {type(data).__name__}")
+    known = {f.name for f in fields(TrainConfig)}
+    unknown = sorted(set(map(str, data)) - known)
+    if unknown:
+        raise ConfigError(f"config file {path}: unknown option(s) {', '.join(unknown)}; see --help for the names")
+    options = {name: _coerce(name, value) for name, value in data.items()}
+    choices = {f.name: f.metadata["choices"] for f in fields(TrainConfig)}
+    for name, value in options.items():
+        if choices[name] and value is not None and value not in choices[name]:
+            raise ConfigError(f"option {name} must be one of {', '.join(choices[name])}, got {value!r}")
+    return options
+
+
+def parse_config(argv: Optional[Sequence[str]] = None) -> TrainConfig:
+    """Defaults, then `--config FILE`, then flags. Exits via argparse for malformed flags."""
+    flags = vars(build_parser().parse_args(argv))
+    from_file = load_yaml_options(flags["config"]) if flags.get("config") else {}
+    config = TrainConfig(**(from_file | flags))
+    validate(config)
+    return config
+
+
+def validate(config: TrainConfig) -> None:
+    """Checks that need no model, data or processes; one ConfigError line each."""
+    positive = ("img_size", "steps", "batch_size", "steps_save", "steps_print", "dim_moco", "k_moco", "synthetic_size")
+    for name in positive:
+        if getattr(config, name) < 1:
+            raise ConfigError(f"option {name} must be >= 1, got {getattr(config, name)}")
+    non_negative = ("num_workers", "keep_checkpoints", "n_hard", "s1_hard", "s2_hard", "start1_hard", "start2_hard")
+    for name in non_negative:
+        if getattr(config, name) < 0:
+            raise ConfigError(f"option {name} must be >= 0, got {getattr(config, name)}")
+    if config.bn_splits < 1 or config.batch_size % config.bn_splits:
+        raise ConfigError(f"option bn_splits must be >= 1 and divide batch_size {config.batch_size}, got {config.bn_splits}")
+    if not 0 <= config.m_moco <= 1:
+        raise ConfigError(f"option m_moco must be in [0, 1], got {config.m_moco}")
+    if not config.t_moco > 0:
+        raise ConfigError(f"option t_moco must be > 0, got {config.t_moco}")
+    if config.n_hard > config.k_moco:
+        raise ConfigError(f"option n_hard must be <= k_moco={config.k_moco} (the queue size), got {config.n_hard}")
+    if config.s1_hard and config.n_hard < 2:
+        raise ConfigError(f"option s1_hard > 0 mixes two hard negatives: n_hard must be >= 2, got {config.n_hard}")
+    if config.s2_hard and config.n_hard < 1:
+        raise ConfigError(f"option s2_hard > 0 mixes a hard negative: n_hard must be >= 1, got {config.n_hard}")
+    for name in ("lr_base", "lr_warmup", "lr_min", "clip_grad"):
+        if getattr(config, name) < 0:
+            raise ConfigError(f"option {name} must be >= 0, got {getattr(config, name)}")
+    if config.stop_at is not None and not 1 <= config.stop_at <= config.steps:
+        raise ConfigError(f"option stop_at must be in [1, steps={config.steps}], got {config.stop_at}")
+    if config.device is not None and config.device != "cpu" and not config.device.isdigit():
+        raise ConfigError(f"option device must be `cpu` or a GPU index, got {config.device!r}")
+
+
+def check_queue_fits_global_batch(config: TrainConfig, num_processes: int) -> None:
+    global_batch = config.batch_size * num_processes
+    if config.k_moco % global_batch:
+        suggestion = max(1, config.k_moco // global_batch) * global_batch
+        raise ConfigError(
+            f"option k_moco={config.k_moco} must be a multiple of the global batch {global_batch} "
+            f"(batch_size {config.batch_size} x {num_processes} processes); try --k_moco {suggestion}"
+        )
+
+
+CONFIG_FILE = "config.yaml"
+
+
+def config_to_yaml(config: TrainConfig) -> str:
+    """The resolved configuration, loadable again with `--config`."""
+    return yaml.safe_dump(config.to_dict(), sort_keys=False)
+
+
+def config_differences(saved: dict[str, Any], current: TrainConfig) -> list[str]:
+    """`name: saved -> current` for every option that differs and may not change on resume."""
+    now = current.to_dict()
+    return [f"{name}: {saved.get(name)!r} -> {now[name]!r}" for name in now
+            if name not in RESUMABLE_CHANGES and saved.get(name) != now[name]]

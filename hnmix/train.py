@@ -1,0 +1,301 @@
+"""`python -m hnmix.train` / `accelerate launch -m hnmix.train`: one training function.
+
+Accelerate owns devices, mixed precision, processes and checkpoint state. The whole `MoCo`
+module is prepared as one model, so one `model.safetensors` holds both encoders and the queue.
+DDP runs with `broadcast_buffers=False`: the queue is identical on every rank by construction
+(every rank enqueues the gathered global batch), so broadcasting K x d floats every step would
+be wasted bandwidth, and the BatchNorm running statistics do not enter a training-mode forward.
+They are per rank during training; checkpoints and the exported encoder carry the main
+process's. Only the query encoder has trainable parameters, so only its gradients are synced.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+import time
+from difflib import get_close_matches
+from pathlib import Path
+from typing import Optional, Sequence
+
+import timm
+import torch
+import yaml
+from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
+from accelerate.logging import get_logger
+from accelerate.utils import gather_object, set_seed
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from timm.optim import create_optimizer_v2
+
+from hnmix.augment import moco_v2_transform
+from hnmix.checkpoints import (
+    checkpoints_root,
+    prune_checkpoints,
+    read_trainer_state,
+    resolve_resume,
+    save_checkpoint,
+    TRAINER_STATE,
+)
+from hnmix.config import (
+    CONFIG_FILE,
+    TrainConfig,
+    check_queue_fits_global_batch,
+    config_differences,
+    config_to_yaml,
+    parse_config,
+)
+from hnmix.data import TwoViewDataset, load_image_dataset, make_train_loader, resolve_columns
+from hnmix.errors import ConfigError, HnmixError
+from hnmix.hub import export_encoder
+from hnmix.moco import MoCo, MoCoEncoder
+
+logger = get_logger("hnmix")
+console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
+
+
+def seed_lr_schedule(config: TrainConfig):
+    """The seed's schedule (timm CosineLRScheduler): linear warmup from lr_warmup to lr_base over
+    the first 10% of steps, cosine from lr_base to lr_min over all steps (warmup included, so the
+    cosine has already begun when warmup ends). Returns step -> multiplier of lr_base."""
+    warmup = int(0.1 * config.steps)
+
+    def lr_at(step: int) -> float:
+        if step < warmup:
+            lr = config.lr_warmup + step * (config.lr_base - config.lr_warmup) / warmup
+        elif step < config.steps:
+            lr = config.lr_min + 0.5 * (config.lr_base - config.lr_min) * (1 + math.cos(math.pi * step / config.steps))
+        else:
+            lr = config.lr_min
+        return lr / config.lr_base
+
+    return lr_at
+
+
+class StatsWindow:
+    """Sums of step statistics on the device, read (one sync, one all-reduce) at log time."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {}
+
+    def add(self, stats: dict[str, torch.Tensor]) -> None:
+        for name, value in stats.items():
+            self.sums[name] = self.sums.get(name, 0) + value.detach()
+            self.counts[name] = self.counts.get(name, 0) + 1
+
+    def mean_over_processes(self, accelerator: Accelerator) -> dict[str, float]:
+        names = sorted(self.sums)
+        means = torch.stack([self.sums[n] / self.counts[n] for n in names])
+        means = accelerator.reduce(means, reduction="mean")
+        self.sums, self.counts = {}, {}
+        return dict(zip(names, means.tolist()))
+
+
+def check_writable(directory: Path) -> None:
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / f".write-probe-{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as error:
+        raise ConfigError(f"dir_out {directory} is not writable ({error.strerror or error}); "
+                          "choose another --dir_out") from None
+
+
+def check_arch(arch: str) -> None:
+    if ":" in arch or timm.is_model(arch):  # hf-hub:/local-dir: names are resolved by timm itself
+        return
+    close = get_close_matches(arch, timm.list_models(), n=3)
+    hint = f"; did you mean {', '.join(close)}?" if close else "; see timm.list_models()"
+    raise ConfigError(f"option arch: unknown timm model {arch!r}{hint}")
+
+
+def make_accelerator(config: TrainConfig) -> Accelerator:
+    if config.device not in (None, "cpu"):
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ConfigError("option device selects a GPU for one process only; "
+                              "under accelerate launch use its --gpu_ids")
+        os.environ["CUDA_VISIBLE_DEVICES"] = config.device
+    trackers = [t.strip() for t in config.report_to.split(",") if t.strip() and t.strip() != "none"]
+    try:
+        return Accelerator(
+            mixed_precision=config.mixed_precision,
+            cpu=config.device == "cpu",
+            log_with=trackers or None,
+            project_dir=config.dir_out,
+            step_scheduler_with_optimizer=False,  # the schedule counts optimizer steps, not samples
+            kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
+            dataloader_config=DataLoaderConfiguration(non_blocking=True),
+        )
+    except (ValueError, ImportError) as error:
+        raise ConfigError(f"cannot set up Accelerate: {str(error).splitlines()[0]}") from None
+
+
+def quiet_other_processes(accelerator: Accelerator) -> None:
+    import datasets
+    import huggingface_hub
+
+    logging.getLogger("accelerate").setLevel(logging.WARNING)  # its per-save INFO lines drown ours
+    if accelerator.is_main_process:
+        logging.basicConfig(level=logging.INFO, format="%(message)s", datefmt="[%X]",
+                            handlers=[RichHandler(console=console, show_path=False)], force=True)
+        datasets.logging.set_verbosity_warning()
+    else:
+        logging.basicConfig(level=logging.ERROR, force=True)
+        datasets.logging.set_verbosity_error()
+        datasets.disable_progress_bars()
+        huggingface_hub.utils.disable_progress_bars()
+
+
+def build_data(config: TrainConfig, accelerator: Accelerator):
+    with accelerator.main_process_first():
+        dataset = load_image_dataset(config.dataset, split=config.split, cache_dir=config.dir_data,
+                                     seed=config.seed, synthetic_size=config.synthetic_size)
+    image_column, label_column = resolve_columns(dataset, config.image_column, config.label_column)
+    views = TwoViewDataset(dataset, image_column=image_column, label_column=label_column,
+                           transform=moco_v2_transform(config.img_size), seed=config.seed)
+    loader = make_train_loader(views, batch_size=config.batch_size, num_workers=config.num_workers, seed=config.seed)
+    return loader, label_column is not None
+
+
+def build_model(config: TrainConfig) -> MoCo:
+    set_seed(config.seed)  # the same initial weights on every rank
+    return MoCo(
+        MoCoEncoder(config.arch, config.dim_moco),
+        dim_moco=config.dim_moco, k_moco=config.k_moco, m_moco=config.m_moco, t_moco=config.t_moco,
+        n_hard=config.n_hard, s1_hard=config.s1_hard, s2_hard=config.s2_hard,
+        start1_hard=config.start1_hard, start2_hard=config.start2_hard, bn_splits=config.bn_splits,
+    )
+
+
+def resume_state(config: TrainConfig, accelerator: Accelerator, metrics_path: Path) -> int:
+    """Load the checkpoint `--resume` names; returns its step (0 for a fresh start). Refuses an
+    incompatible config."""
+    checkpoint = resolve_resume(config.resume, config.dir_out) if config.resume else None
+    if checkpoint is None:
+        return 0
+    state = read_trainer_state(checkpoint)
+    differences = config_differences(yaml.safe_load((checkpoint / CONFIG_FILE).read_text()), config)
+    if differences:
+        raise ConfigError(f"cannot resume {checkpoint} with a different configuration: {'; '.join(differences)}")
+    accelerator.load_state(str(checkpoint))
+    step = int(state["step"])
+    if accelerator.is_main_process and metrics_path.exists():
+        kept = [line for line in metrics_path.read_text().splitlines() if json.loads(line)["step"] <= step]
+        metrics_path.write_text("".join(line + "\n" for line in kept))
+    logger.info(f"Resumed from {checkpoint} at step {step}")
+    return step
+
+
+def train(config: TrainConfig) -> None:
+    accelerator = make_accelerator(config)
+    quiet_other_processes(accelerator)
+    dir_out = Path(config.dir_out)
+    check_writable(dir_out)
+    check_arch(config.arch)
+    check_queue_fits_global_batch(config, accelerator.num_processes)
+    if config.resume:
+        resolve_resume(config.resume, config.dir_out)
+
+    loader, has_labels = build_data(config, accelerator)
+    model = build_model(config)
+    optimizer = create_optimizer_v2(model.encoder_q, opt="adamw", lr=config.lr_base, weight_decay=0.01)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, seed_lr_schedule(config))
+    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    moco: MoCo = accelerator.unwrap_model(model)
+    steps_per_epoch = len(loader)
+
+    metrics_path = dir_out / "metrics.jsonl"
+    step = resume_state(config, accelerator, metrics_path)
+    if accelerator.is_main_process:
+        (dir_out / CONFIG_FILE).write_text(config_to_yaml(config))
+    accelerator.init_trackers("hnmix", config={k: str(v) if v is None else v for k, v in config.to_dict().items()})
+
+    global_batch = config.batch_size * accelerator.num_processes
+    end = config.stop_at or config.steps
+    logger.info(f"Training {config.arch} on {config.dataset} ({steps_per_epoch} steps per epoch) with "
+                f"{accelerator.num_processes} process(es), global batch {global_batch}, "
+                f"mixed precision {accelerator.mixed_precision}, from step {step} to {end} of {config.steps}")
+    root = checkpoints_root(dir_out)
+    window = StatsWindow()
+    progress = Progress(
+        TextColumn("step"), MofNCompleteColumn(), BarColumn(),
+        TextColumn("{task.fields[speed]} img/s  loss {task.fields[loss]}  lr {task.fields[lr]}"),
+        TimeRemainingColumn(), console=console, disable=not accelerator.is_local_main_process,
+    )
+    task = progress.add_task("train", total=config.steps, completed=step, speed="-", loss="-", lr="-")
+    window_start, window_steps = time.perf_counter(), 0
+
+    model.train()
+    with progress:
+        while step < end:
+            epoch, skip = divmod(step, steps_per_epoch)
+            loader.set_epoch(epoch)
+            batches = accelerator.skip_first_batches(loader, skip) if skip else loader
+            for view_q, view_k, ids, labels in batches:
+                loss, stats = model(view_q, view_k, ids, labels if has_labels else None, step=step)
+                accelerator.backward(loss)
+                if config.clip_grad > 0:
+                    accelerator.clip_grad_norm_(model.parameters(), config.clip_grad)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                moco.momentum_update()
+                window.add(stats)
+                step += 1
+                window_steps += 1
+                progress.update(task, completed=step)
+
+                if step % config.steps_print == 0 or step == end:
+                    elapsed = time.perf_counter() - window_start
+                    record = {"step": step, "epoch": epoch, "lr": scheduler.get_last_lr()[0],
+                              "images_per_s": global_batch * window_steps / elapsed}
+                    record |= window.mean_over_processes(accelerator)
+                    window_start, window_steps = time.perf_counter(), 0
+                    log_step(accelerator, record, metrics_path, progress, task)
+                if step % config.steps_save == 0 or step == end:
+                    state = {"step": step, "epoch": epoch, "num_processes": accelerator.num_processes,
+                             "queue_sha256_per_rank": gather_object([moco.queue.fingerprint()])}
+                    checkpoint = save_checkpoint(accelerator, root, step, {
+                        TRAINER_STATE: json.dumps(state, indent=1), CONFIG_FILE: config_to_yaml(config)})
+                    if accelerator.is_main_process:
+                        prune_checkpoints(root, config.keep_checkpoints)
+                    logger.info(f"Saved {checkpoint}")
+                if step >= end:
+                    break
+
+    if accelerator.is_main_process:
+        encoder_dir = export_encoder(moco.encoder_q.backbone, dir_out / "encoder", img_size=config.img_size)
+        logger.info(f"Exported the encoder to {encoder_dir}: timm.create_model('local-dir:{encoder_dir}', pretrained=True)")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+
+
+def log_step(accelerator: Accelerator, record: dict, metrics_path: Path, progress: Progress, task) -> None:
+    accelerator.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+    if not accelerator.is_main_process:
+        return
+    with metrics_path.open("a") as file:
+        file.write(json.dumps(record) + "\n")
+    progress.update(task, speed=f"{record['images_per_s']:.0f}", loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
+    details = "  ".join(f"{k} {v:.4g}" for k, v in record.items() if k not in ("step", "epoch"))
+    logger.info(f"step {record['step']}/{progress.tasks[0].total}  epoch {record['epoch']}  {details}")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    try:
+        train(parse_config(argv))
+    except HnmixError as error:
+        if os.environ.get("RANK", "0") == "0":
+            console.print(f"hnmix: error: {error}", markup=False, highlight=False, soft_wrap=True)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,169 @@
+"""hnmix.train end to end on CPU: outputs, 2 real processes, exact resume, bad options."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from launch import REPO, accelerate_launch
+
+# A tiny real timm model and sizes that train in seconds on 2 CPU cores.
+TINY = ["--dataset", "synthetic", "--synthetic_size", "64", "-a", "test_resnet", "-i", "32", "-bs", "8",
+        "-dm", "16", "-km", "64", "-nh", "8", "-s1h", "4", "-s2h", "4", "-st1h", "0", "-st2h", "2"]
+
+
+def run_train(*args, timeout=300, **popen):
+    env = os.environ | {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "hnmix.train", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def metrics(dir_out: Path) -> list[dict]:
+    return [json.loads(line) for line in (dir_out / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(dir_out: Path) -> dict[int, float]:
+    return {record["step"]: record["loss"] for record in metrics(dir_out)}
+
+
+def checkpoints(dir_out: Path) -> list[str]:
+    return sorted(p.name for p in (dir_out / "checkpoints").iterdir())
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+    """12 uninterrupted steps, a record every step, a checkpoint every 4."""
+    dir_out = tmp_path_factory.mktemp("straight")
+    result = run_train(*TINY, "-s", "12", "-sp", "1", "-ss", "4", "--num_workers", "2", "-do", str(dir_out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return dir_out
+
+
+def test_a_run_writes_checkpoints_metrics_config_and_a_timm_encoder(straight_run):
+    assert checkpoints(straight_run) == ["step_00000004", "step_00000008", "step_00000012"]
+    final = straight_run / "checkpoints/step_00000012"
+    assert {"model.safetensors", "optimizer.bin", "scheduler.bin", "random_states_0.pkl", "trainer_state.json",
+            "config.yaml"} <= {p.name for p in final.iterdir()}
+    weights = load_file(final / "model.safetensors")
+    assert weights["queue.ptr"].item() == 12 * 8 % 64
+    assert weights["queue.keys"].shape == (64, 16)
+    assert json.loads((final / "trainer_state.json").read_text())["step"] == 12
+
+    records = metrics(straight_run)
+    assert [r["step"] for r in records] == list(range(1, 13))
+    for key in ("epoch", "loss", "lr", "images_per_s", "acc1", "logit_pos", "logit_hardest", "hard_false_negative"):
+        assert all(key in r for r in records), key
+    assert "logit_type2" not in records[0] and "logit_type2" in records[2]  # curriculum: type 2 from step 2
+    assert records[-1]["epoch"] == 1  # 64 images / batch 8 = 8 steps per epoch
+
+    encoder = timm.create_model(f"local-dir:{straight_run / 'encoder'}", pretrained=True).eval()
+    trained = timm.create_model("test_resnet", num_classes=0).eval()
+    backbone = {k.removeprefix("encoder_q.backbone."): v for k, v in weights.items() if k.startswith("encoder_q.backbone.")}
+    trained.load_state_dict(backbone)
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(encoder(x), trained(x), rtol=0, atol=1e-6)
+
+
+def test_resume_continues_with_identical_losses(straight_run, tmp_path):
+    first = run_train(*TINY, "-s", "12", "--stop_at", "6", "-sp", "1", "-ss", "100", "--num_workers", "0",
+                      "-do", str(tmp_path))
+    assert first.returncode == 0, first.stderr[-3000:]
+    # The resumed half runs with another number of workers: the views do not depend on it.
+    assert checkpoints(tmp_path) == ["step_00000006"]
+    second = run_train(*TINY, "-s", "12", "-sp", "1", "-ss", "100", "--num_workers", "1", "-do", str(tmp_path),
+                       "--resume", "latest")
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert losses(tmp_path) == losses(straight_run)
+    assert [r["lr"] for r in metrics(tmp_path)] == [r["lr"] for r in metrics(straight_run)]
+
+
+def test_sigkill_mid_run_then_resume_latest_logs_the_same_losses(straight_run, tmp_path):
+    env = os.environ | {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen([sys.executable, "-m", "hnmix.train", *TINY, "-s", "12", "-sp", "1", "-ss", "4",
+                                "--num_workers", "0", "-do", str(tmp_path)], cwd=REPO, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and not (tmp_path / "checkpoints/step_00000004").exists():
+        time.sleep(0.05)
+    while time.monotonic() < deadline and len(metrics(tmp_path)) < 6:  # mid-way past the checkpoint
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert checkpoints(tmp_path)[-1] in ("step_00000004", "step_00000008")
+    resumed = run_train(*TINY, "-s", "12", "-sp", "1", "-ss", "4", "--num_workers", "0", "-do", str(tmp_path),
+                        "--resume", "latest")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert losses(tmp_path) == losses(straight_run)
+    assert [r["step"] for r in metrics(tmp_path)] == list(range(1, 13))
+
+
+def test_two_real_processes_share_one_queue(tmp_path):
+    result = accelerate_launch(["-m", "hnmix.train", *TINY, "-bs", "4", "-s", "6", "-sp", "2", "-ss", "3",
+                                "--num_workers", "1", "-do", str(tmp_path)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    state = json.loads((tmp_path / "checkpoints/step_00000006/trainer_state.json").read_text())
+    assert state["num_processes"] == 2
+    first, second = state["queue_sha256_per_rank"]
+    assert first == second
+    weights = load_file(tmp_path / "checkpoints/step_00000006/model.safetensors")
+    global_batch = 2 * 4
+    assert weights["queue.ptr"].item() == 6 * global_batch % 64
+    ids = weights["queue.ids"][: 6 * global_batch]
+    assert ids.unique().numel() == 6 * global_batch  # 6 steps of one epoch: every image once
+    assert [r["step"] for r in metrics(tmp_path)] == [2, 4, 6]
+    assert (tmp_path / "encoder/model.safetensors").exists()
+
+
+def test_image_folder_with_unusual_modes_trains(tmp_path):
+    data = tmp_path / "images"
+    gradient16 = np.tile(np.linspace(0, 65535, 40, dtype=np.uint16), (36, 1))
+    for label in ("cats", "dogs"):
+        (data / label).mkdir(parents=True)
+        for copy in range(2):
+            rgb = Image.new("RGB", (40, 36), (200, 100, 30 * copy))
+            rgb.convert("L").save(data / label / f"gray_{copy}.png")
+            rgb.convert("CMYK").save(data / label / f"cmyk_{copy}.jpg")
+            rgb.convert("RGBA").save(data / label / f"rgba_{copy}.png")
+            rgb.convert("P").save(data / label / f"palette_{copy}.png")
+            Image.fromarray(gradient16).save(data / label / f"sixteen_bit_{copy}.png")
+    result = run_train(*TINY[2:], "--dataset", str(data), "-s", "2", "-sp", "1", "-ss", "2", "--num_workers", "0",
+                       "-do", str(tmp_path / "out"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [r["step"] for r in metrics(tmp_path / "out")] == [1, 2]
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["-km", "60"], "k_moco=60 must be a multiple of the global batch 8"),
+        (["-a", "resnet_does_not_exist"], "unknown timm model"),
+        (["--dataset", "/nonexistent/images"], "/nonexistent/images does not exist"),
+        (["-nh", "65"], "n_hard must be <= k_moco=64"),
+        (["--resume", "latest"], "no complete checkpoint"),
+    ],
+)
+def test_bad_options_exit_non_zero_with_one_line_before_training(tmp_path, args, message):
+    result = run_train(*TINY, "-s", "2", "-do", str(tmp_path / "out"), *args, timeout=120)
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines[-1].startswith("hnmix: error:") and message in lines[-1], result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "out/checkpoints").exists()
+
+
+def test_unwritable_dir_out_exits_with_one_line(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    result = run_train(*TINY, "-s", "2", "-do", str(blocker / "out"), timeout=120)
+    assert result.returncode == 2
+    assert "dir_out" in result.stderr and "not writable" in result.stderr and "Traceback" not in result.stderr
