@@ -2,6 +2,7 @@
 
 Usage:
 
+    python -m hnmix.bench train [--warmup_steps 3] [--measure_steps 10] [--images 512] [hnmix.train options]
     python -m hnmix.bench mixing [--batch 256] [--queue 65536] [--dim 128] [--n_hard 1024]
                                  [--s1 1024] [--s2 512] [--temperature 0.2]
                                  [--repeats 5] [--warmup 1] [--device cuda|cpu]
@@ -53,13 +54,16 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from rich.console import Console
 from rich.table import Table
 
@@ -460,6 +464,64 @@ def run_mixing_peak(args: argparse.Namespace) -> None:
     print(json.dumps(asdict(peak)))
 
 
+# ----------------------------------------------------------------------------- train
+
+# The seed implementation's documented command line (issue: trainer), minus its data paths.
+SEED_TRAIN_OPTIONS = ["-i", "64", "-bs", "32", "-a", "resnet18", "-km", "4096", "-nh", "32", "-s1h", "16",
+                      "-s2h", "16", "-st1h", "1", "-st2h", "1"]
+
+
+def write_jpeg_folder(directory: Path, *, count: int, seed: int = 0, classes: int = 8) -> Path:
+    """`count` JPEGs of Caltech-256-like sizes (about 300 x 250, varying) in `classes` class folders.
+
+    Their content is smooth random colour fields: decoding cost is what matters here.
+    """
+    rng = np.random.default_rng(seed)
+    for index in range(count):
+        width, height = int(rng.integers(200, 500)), int(rng.integers(160, 400))
+        coarse = rng.integers(0, 256, size=(height // 16 + 1, width // 16 + 1, 3), dtype=np.uint8)
+        image = Image.fromarray(coarse).resize((width, height), Image.BILINEAR)
+        folder = directory / f"class_{index % classes}"
+        folder.mkdir(parents=True, exist_ok=True)
+        image.save(folder / f"{index:05d}.jpg", quality=90)
+    return directory
+
+
+def steady_images_per_s(records: list[dict[str, Any]]) -> float:
+    """Throughput over records of one step each: steps / sum of the seconds each step took."""
+    return len(records) / sum(1.0 / r["images_per_s"] for r in records)
+
+
+def run_train(args: argparse.Namespace, trainer_argv: Sequence[str]) -> dict[str, Any]:
+    """The full trainer (data pipeline included) for warmup + measured steps, in this process."""
+    from hnmix.config import parse_config
+    from hnmix.train import train
+
+    console = Console()
+    steps = args.warmup_steps + args.measure_steps
+    with tempfile.TemporaryDirectory(prefix="hnmix-bench-") as tmp:
+        argv = [*SEED_TRAIN_OPTIONS, "--num_workers", str(os.cpu_count() or 1), *trainer_argv]
+        if "--dataset" not in argv:
+            console.log(f"writing {args.images} generated JPEGs")
+            argv += ["--dataset", str(write_jpeg_folder(Path(tmp) / "images", count=args.images))]
+        argv += ["--dir_out", str(Path(tmp) / "out"), "--steps", str(steps), "--steps_print", "1",
+                 "--steps_save", str(steps), "--keep_checkpoints", "1"]
+        config = parse_config(argv)
+        train(config)
+        records = [json.loads(line) for line in (Path(tmp) / "out/metrics.jsonl").read_text().splitlines()]
+    measured = records[args.warmup_steps:]
+    result = {"trainer_images_per_s": steady_images_per_s(measured), "warmup_steps": args.warmup_steps,
+              "measured_steps": len(measured), "config": config.to_dict(), "torch": torch.__version__,
+              "device": device_description(torch.device("cuda" if torch.cuda.is_available() and config.device != "cpu" else "cpu"))}
+    table = Table(title=f"hnmix.train, {config.arch} {config.img_size}px, batch {config.batch_size}, "
+                        f"K={config.k_moco}, n_hard={config.n_hard}, s1={config.s1_hard}, s2={config.s2_hard}")
+    table.add_column("measured steps", justify="right")
+    table.add_column("images/s (full trainer)", justify="right")
+    table.add_row(str(len(measured)), f"{result['trainer_images_per_s']:.1f}")
+    console.print(table)
+    return result
+
+
 # ----------------------------------------------------------------------------- CLI
 
 
@@ -494,6 +556,15 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     mixing.set_defaults(func=run_mixing)
+    train = commands.add_parser(
+        "train", parents=[common], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        help="images/s of the full trainer; options it does not know go to hnmix.train "
+             "(default: the seed configuration on generated JPEGs)",
+    )
+    train.add_argument("--warmup_steps", type=int, default=3, help="steps not measured")
+    train.add_argument("--measure_steps", type=int, default=10, help="steps measured")
+    train.add_argument("--images", type=int, default=512, help="generated JPEGs when no --dataset is given")
+    train.set_defaults(func=run_train)
     # Hidden (no help=): the CPU peak-memory measurement of one variant in a fresh process.
     peak = commands.add_parser("_mixing_peak", parents=[_mixing_options()])
     peak.add_argument("--variant", choices=VARIANTS, required=True)
@@ -507,9 +578,13 @@ def write_json(path: Path, payload: dict[str, Any]) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    func: Callable[[argparse.Namespace], Optional[dict[str, Any]]] = args.func
-    payload = func(args)
+    args, rest = build_parser().parse_known_args(argv)
+    if args.func is run_train:
+        payload = run_train(args, rest)
+    elif rest:
+        build_parser().error(f"unrecognized arguments: {' '.join(rest)}")
+    else:
+        payload = args.func(args)
     if payload is not None and getattr(args, "json", None) is not None:
         write_json(args.json, payload)
     return 0

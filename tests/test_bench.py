@@ -77,3 +77,31 @@ def test_materialised_matches_mochi_logits_with_too_few_hard_negatives(n_unmaske
     assert torch.isneginf(type1).all()
     assert torch.isneginf(type2).all() == (n_unmasked == 0)
     assert torch.isfinite(slow[1:]).all()
+
+
+def test_train_benchmark_runs_the_full_trainer_on_generated_jpegs(tmp_path):
+    out = tmp_path / "train.json"
+    command = [
+        sys.executable, "-m", "hnmix.bench", "train", "--warmup_steps", "1", "--measure_steps", "2",
+        "--images", "24", "--json", str(out),
+        # hnmix.train options, overriding the seed configuration to keep CI fast:
+        "-a", "test_resnet", "-i", "32", "-bs", "8", "-km", "64", "--num_workers", "1",
+    ]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "images/s (full trainer)" in done.stdout
+    result = json.loads(out.read_text())
+    assert result["trainer_images_per_s"] > 0 and result["measured_steps"] == 2
+    assert result["config"]["n_hard"] == 32 and result["config"]["arch"] == "test_resnet"  # seed n_hard kept
+
+
+def test_write_jpeg_folder_gives_class_folders_of_varied_jpegs(tmp_path):
+    from PIL import Image
+
+    from hnmix.bench import write_jpeg_folder
+
+    write_jpeg_folder(tmp_path, count=10, classes=3)
+    files = sorted(tmp_path.glob("class_*/*.jpg"))
+    assert len(files) == 10 and len({f.parent.name for f in files}) == 3
+    sizes = {Image.open(f).size for f in files}
+    assert len(sizes) > 1 and all(200 <= w < 500 and 160 <= h < 400 for w, h in sizes)
