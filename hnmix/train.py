@@ -292,7 +292,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         train(parse_config(argv))
     except HnmixError as error:
         if os.environ.get("RANK", "0") == "0":
-            console.print(f"hnmix: error: {error}", markup=False, highlight=False, soft_wrap=True)
+            # An error raised in a DataLoader worker arrives with the worker's traceback before it.
+            line = str(error).strip().splitlines()[-1]
+            console.print(f"hnmix: error: {line}", markup=False, highlight=False, soft_wrap=True)
         return 2
     return 0
 
