@@ -26,7 +26,8 @@ import torch
 import yaml
 from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
 from accelerate.logging import get_logger
-from accelerate.utils import gather_object, set_seed
+from accelerate.tracking import get_available_trackers
+from accelerate.utils import LoggerType, gather_object, set_seed
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -115,13 +116,29 @@ def check_arch(arch: str) -> None:
     raise ConfigError(f"option arch: unknown timm model {arch!r}{hint}")
 
 
+def requested_trackers(report_to: str) -> list[str]:
+    """The tracker names of `--report_to`, each known to Accelerate and installed."""
+    names = [t.strip() for t in report_to.split(",") if t.strip() and t.strip() != "none"]
+    available = {str(t) for t in get_available_trackers()}
+    for name in names:
+        if name == "all":
+            continue
+        if name not in {str(t) for t in LoggerType}:
+            raise ConfigError(f"option report_to: unknown tracker {name!r}; one of "
+                              f"{', '.join(sorted(str(t) for t in LoggerType))}")
+        if name not in available:
+            raise ConfigError(f"option report_to: tracker {name!r} is not installed; pip install {name} "
+                              "or leave it out of --report_to")
+    return names
+
+
 def make_accelerator(config: TrainConfig) -> Accelerator:
     if config.device not in (None, "cpu"):
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise ConfigError("option device selects a GPU for one process only; "
                               "under accelerate launch use its --gpu_ids")
         os.environ["CUDA_VISIBLE_DEVICES"] = config.device
-    trackers = [t.strip() for t in config.report_to.split(",") if t.strip() and t.strip() != "none"]
+    trackers = requested_trackers(config.report_to)
     try:
         return Accelerator(
             mixed_precision=config.mixed_precision,

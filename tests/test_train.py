@@ -167,3 +167,19 @@ def test_unwritable_dir_out_exits_with_one_line(tmp_path):
     result = run_train(*TINY, "-s", "2", "-do", str(blocker / "out"), timeout=120)
     assert result.returncode == 2
     assert "dir_out" in result.stderr and "not writable" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_report_to_names_trackers_that_accelerate_knows_and_finds_installed():
+    from accelerate.tracking import get_available_trackers
+
+    from hnmix.errors import ConfigError
+    from hnmix.train import requested_trackers
+
+    assert requested_trackers("none") == [] and requested_trackers("all") == ["all"]
+    with pytest.raises(ConfigError, match="unknown tracker 'tensorbored'"):
+        requested_trackers("tensorbored")
+    if "tensorboard" not in {str(t) for t in get_available_trackers()}:
+        with pytest.raises(ConfigError, match="'tensorboard' is not installed; pip install tensorboard"):
+            requested_trackers("tensorboard")
+    else:
+        assert requested_trackers("tensorboard") == ["tensorboard"]
