@@ -17,6 +17,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from difflib import get_close_matches
 from pathlib import Path
 from typing import Optional, Sequence
@@ -139,6 +140,9 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
                               "under accelerate launch use its --gpu_ids")
         os.environ["CUDA_VISIBLE_DEVICES"] = config.device
     trackers = requested_trackers(config.report_to)
+    # torch 2.14 renames the option; Accelerate's kwargs handler only knows the old name, which
+    # keeps its meaning (no buffer broadcast in forward; every rank builds identical buffers).
+    warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated", category=FutureWarning)
     try:
         return Accelerator(
             mixed_precision=config.mixed_precision,
