@@ -194,23 +194,38 @@ def build_model(config: TrainConfig) -> MoCo:
     )
 
 
-def resume_state(config: TrainConfig, accelerator: Accelerator, metrics_path: Path) -> int:
-    """Load the checkpoint `--resume` names; returns its step (0 for a fresh start). Refuses an
-    incompatible config."""
+def checkpoint_to_resume(config: TrainConfig) -> Optional[Path]:
+    """The checkpoint `--resume` names, or None; refuses one saved with an incompatible config."""
     checkpoint = resolve_resume(config.resume, config.dir_out) if config.resume else None
-    if checkpoint is None:
-        return 0
-    state = read_trainer_state(checkpoint)
-    differences = config_differences(yaml.safe_load((checkpoint / CONFIG_FILE).read_text()), config)
-    if differences:
-        raise ConfigError(f"cannot resume {checkpoint} with a different configuration: {'; '.join(differences)}")
+    if checkpoint is not None:
+        differences = config_differences(yaml.safe_load((checkpoint / CONFIG_FILE).read_text()), config)
+        if differences:
+            raise ConfigError(f"cannot resume {checkpoint} with a different configuration: {'; '.join(differences)}")
+    return checkpoint
+
+
+def load_training_state(accelerator: Accelerator, checkpoint: Path, metrics_path: Path) -> int:
+    """Restore everything `save_training_state` saved; returns the step. Records of later steps
+    (logged before a crash, not covered by the checkpoint) leave metrics.jsonl."""
     accelerator.load_state(str(checkpoint))
-    step = int(state["step"])
+    step = int(read_trainer_state(checkpoint)["step"])
     if accelerator.is_main_process and metrics_path.exists():
         kept = [line for line in metrics_path.read_text().splitlines() if json.loads(line)["step"] <= step]
         metrics_path.write_text("".join(line + "\n" for line in kept))
     logger.info(f"Resumed from {checkpoint} at step {step}")
     return step
+
+
+def save_training_state(accelerator: Accelerator, moco: MoCo, config: TrainConfig, step: int, epoch: int) -> None:
+    """A checkpoint of every rank at `step`, then retention. Every rank calls it."""
+    root = checkpoints_root(config.dir_out)
+    state = {"step": step, "epoch": epoch, "num_processes": accelerator.num_processes,
+             "queue_sha256_per_rank": gather_object([moco.queue.fingerprint()])}
+    checkpoint = save_checkpoint(accelerator, root, step, {
+        TRAINER_STATE: json.dumps(state, indent=1), CONFIG_FILE: config_to_yaml(config)})
+    if accelerator.is_main_process:
+        prune_checkpoints(root, config.keep_checkpoints)
+    logger.info(f"Saved {checkpoint}")
 
 
 def train(config: TrainConfig) -> None:
@@ -220,8 +235,7 @@ def train(config: TrainConfig) -> None:
     check_writable(dir_out)
     check_arch(config.arch)
     check_queue_fits_global_batch(config, accelerator.num_processes)
-    if config.resume:
-        resolve_resume(config.resume, config.dir_out)
+    checkpoint = checkpoint_to_resume(config)
 
     loader, has_labels = build_data(config, accelerator)
     model = build_model(config)
@@ -232,7 +246,7 @@ def train(config: TrainConfig) -> None:
     steps_per_epoch = len(loader)
 
     metrics_path = dir_out / "metrics.jsonl"
-    step = resume_state(config, accelerator, metrics_path)
+    step = load_training_state(accelerator, checkpoint, metrics_path) if checkpoint else 0
     if accelerator.is_main_process:
         (dir_out / CONFIG_FILE).write_text(config_to_yaml(config))
     accelerator.init_trackers("hnmix", config={k: str(v) if v is None else v for k, v in config.to_dict().items()})
@@ -242,7 +256,6 @@ def train(config: TrainConfig) -> None:
     logger.info(f"Training {config.arch} on {config.dataset} ({steps_per_epoch} steps per epoch) with "
                 f"{accelerator.num_processes} process(es), global batch {global_batch}, "
                 f"mixed precision {accelerator.mixed_precision}, from step {step} to {end} of {config.steps}")
-    root = checkpoints_root(dir_out)
     window = StatsWindow()
     progress = Progress(
         TextColumn("step"), MofNCompleteColumn(), BarColumn(),
@@ -280,13 +293,7 @@ def train(config: TrainConfig) -> None:
                     window_start, window_steps = time.perf_counter(), 0
                     log_step(accelerator, record, metrics_path, progress, task)
                 if step % config.steps_save == 0 or step == end:
-                    state = {"step": step, "epoch": epoch, "num_processes": accelerator.num_processes,
-                             "queue_sha256_per_rank": gather_object([moco.queue.fingerprint()])}
-                    checkpoint = save_checkpoint(accelerator, root, step, {
-                        TRAINER_STATE: json.dumps(state, indent=1), CONFIG_FILE: config_to_yaml(config)})
-                    if accelerator.is_main_process:
-                        prune_checkpoints(root, config.keep_checkpoints)
-                    logger.info(f"Saved {checkpoint}")
+                    save_training_state(accelerator, moco, config, step, epoch)
                 if step >= end:
                     break
 

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import io
-from pathlib import Path
-
 import datasets
 import huggingface_hub.constants
 import numpy as np
