@@ -72,6 +72,17 @@ class TrainConfig:
     start1_hard: int = option(5000, "Step from which type 1 is used (0: from the first step).", alias="-st1h", group="model")
     start2_hard: int = option(10000, "Step from which type 2 is used (0: from the first step).", alias="-st2h", group="model")
     bn_splits: int = option(1, "Split BatchNorm into this many groups on one process (simulates shuffle BN across GPUs).", group="model")
+    # EVALUATION
+    eval_every: int = option(1000, "kNN monitor every this many steps and at the end (0: off).", group="evaluation")
+    eval_split_size: float = option(0.1, "Held-out fraction (< 1) or count when the dataset has no validation split.", group="evaluation")
+    eval_max_samples: int = option(10000, "At most this many samples of each evaluation split (0: all).", group="evaluation")
+    knn_k: int = option(200, "Neighbours of the weighted kNN monitor.", group="evaluation")
+    knn_temperature: float = option(0.1, "Temperature of the weighted kNN monitor.", group="evaluation")
+    # HUB
+    push_to_hub: bool = option(False, "Push the encoder and a model card to the Hugging Face Hub (token: HF_TOKEN or `hf auth login`).", group="hub")
+    hub_model_id: Optional[str] = option(None, "Repository to push to, user/name.", group="hub")
+    hub_private: bool = option(False, "Create the repository private.", group="hub")
+    hub_strategy: str = option("end", "end: push at the end; every_save: at every checkpoint; checkpoint: also the training state under last-checkpoint/.", choices=("end", "every_save", "checkpoint"), group="hub")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -79,12 +90,13 @@ class TrainConfig:
 
 # Options that may change when a run is resumed; everything else must match the checkpoint.
 RESUMABLE_CHANGES = ("steps", "stop_at", "steps_print", "steps_save", "keep_checkpoints", "num_workers", "resume", "config",
-                     "report_to", "dir_data", "dir_out", "device")
+                     "report_to", "dir_data", "dir_out", "device", "eval_every", "eval_max_samples",
+                     "push_to_hub", "hub_model_id", "hub_private", "hub_strategy")
 
 
 def _field_type(f: dataclasses.Field) -> type:
     kind = f.type if isinstance(f.type, str) else f.type.__name__
-    for name, python_type in (("int", int), ("float", float), ("str", str)):
+    for name, python_type in (("bool", bool), ("int", int), ("float", float), ("str", str)):
         if re.search(rf"\b{name}\b", kind):
             return python_type
     raise TypeError(f"unsupported option type {kind}")
@@ -102,8 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
         group = groups.setdefault(meta["group"], parser.add_argument_group(meta["group"].upper()))
         names = [meta["alias"], f"--{f.name}"] if meta["alias"] else [f"--{f.name}"]
         text = meta["help"] if "default:" in meta["help"] else f"{meta['help']} (default: {f.default})"
-        group.add_argument(*names, dest=f.name, type=_field_type(f), choices=meta["choices"],
-                           default=argparse.SUPPRESS, help=text.replace("%", "%%"))
+        kind = {"action": "store_true"} if _field_type(f) is bool else {"type": _field_type(f), "choices": meta["choices"]}
+        group.add_argument(*names, dest=f.name, default=argparse.SUPPRESS, help=text.replace("%", "%%"), **kind)
     return parser
 
 
@@ -118,7 +130,7 @@ def _coerce(name: str, value: Any) -> Any:
         return float(value)
     if expected is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
-    if not isinstance(value, expected) or isinstance(value, bool):
+    if not isinstance(value, expected) or (isinstance(value, bool) and expected is not bool):
         raise ConfigError(f"option {name} must be {expected.__name__}, got {value!r}")
     return value
 
@@ -184,6 +196,15 @@ def validate(config: TrainConfig) -> None:
     for name in ("lr_base", "lr_warmup", "lr_min", "clip_grad"):
         if getattr(config, name) < 0:
             raise ConfigError(f"option {name} must be >= 0, got {getattr(config, name)}")
+    for name in ("eval_every", "eval_max_samples", "knn_k"):
+        if getattr(config, name) < 0:
+            raise ConfigError(f"option {name} must be >= 0, got {getattr(config, name)}")
+    if not config.eval_split_size > 0 or (config.eval_split_size >= 1 and not config.eval_split_size.is_integer()):
+        raise ConfigError(f"option eval_split_size must be a fraction in (0, 1) or a whole count, got {config.eval_split_size}")
+    if not config.knn_temperature > 0:
+        raise ConfigError(f"option knn_temperature must be > 0, got {config.knn_temperature}")
+    if config.push_to_hub and not config.hub_model_id:
+        raise ConfigError("option push_to_hub needs --hub_model_id user/name")
     if config.stop_at is not None and not 1 <= config.stop_at <= config.steps:
         raise ConfigError(f"option stop_at must be in [1, steps={config.steps}], got {config.stop_at}")
     if config.device is not None and config.device != "cpu" and not config.device.isdigit():
