@@ -28,7 +28,7 @@ import yaml
 from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
 from accelerate.logging import get_logger
 from accelerate.tracking import get_available_trackers
-from accelerate.utils import LoggerType, gather_object, set_seed
+from accelerate.utils import LoggerType, broadcast_object_list, gather_object, set_seed
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -52,11 +52,12 @@ from hnmix.config import (
     parse_config,
 )
 from hnmix.data import TwoViewDataset, load_image_dataset, make_train_loader, resolve_columns
-from hnmix.errors import ConfigError, HnmixError
-from hnmix.hub import export_encoder
+from hnmix.errors import ConfigError, HnmixError, HubError
+from hnmix.hub import HubPusher, export_encoder, write_model_card
 from hnmix.moco import MoCo, MoCoEncoder
 
 logger = get_logger("hnmix")
+HUB_WAIT_S = 900  # the end of training waits this long for the last upload
 console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 
 
@@ -216,7 +217,33 @@ def load_training_state(accelerator: Accelerator, checkpoint: Path, metrics_path
     return step
 
 
-def save_training_state(accelerator: Accelerator, moco: MoCo, config: TrainConfig, step: int, epoch: int) -> None:
+def start_hub_pusher(config: TrainConfig, accelerator: Accelerator) -> Optional[HubPusher]:
+    """The main process's pusher, checked (token, repo id, network) before any compute; a failed
+    check stops every rank with the same line."""
+    if not config.push_to_hub:
+        return None
+    pusher, problem = None, None
+    if accelerator.is_main_process:
+        pusher = HubPusher(config.hub_model_id, private=config.hub_private, strategy=config.hub_strategy,
+                           staging_dir=Path(config.dir_out) / ".hub-staging")
+        try:
+            pusher.check()
+        except HubError as error:
+            problem = str(error)
+    problem = broadcast_object_list([problem])[0]
+    if problem:
+        raise HubError(problem)
+    return pusher
+
+
+def publish_encoder(config: TrainConfig, moco: MoCo, results: dict) -> Path:
+    """Export the query backbone (timm layout) with its model card to dir_out/encoder."""
+    encoder_dir = export_encoder(moco.encoder_q.backbone, Path(config.dir_out) / "encoder", img_size=config.img_size)
+    write_model_card(encoder_dir, config=config.to_dict(), results=results, repo_id=config.hub_model_id)
+    return encoder_dir
+
+
+def save_training_state(accelerator: Accelerator, moco: MoCo, config: TrainConfig, step: int, epoch: int) -> Path:
     """A checkpoint of every rank at `step`, then retention. Every rank calls it."""
     root = checkpoints_root(config.dir_out)
     state = {"step": step, "epoch": epoch, "num_processes": accelerator.num_processes,
@@ -226,6 +253,7 @@ def save_training_state(accelerator: Accelerator, moco: MoCo, config: TrainConfi
     if accelerator.is_main_process:
         prune_checkpoints(root, config.keep_checkpoints)
     logger.info(f"Saved {checkpoint}")
+    return checkpoint
 
 
 def train(config: TrainConfig) -> None:
@@ -236,6 +264,7 @@ def train(config: TrainConfig) -> None:
     check_arch(config.arch)
     check_queue_fits_global_batch(config, accelerator.num_processes)
     checkpoint = checkpoint_to_resume(config)
+    pusher = start_hub_pusher(config, accelerator)
 
     loader, has_labels = build_data(config, accelerator)
     model = build_model(config)
@@ -257,6 +286,8 @@ def train(config: TrainConfig) -> None:
                 f"{accelerator.num_processes} process(es), global batch {global_batch}, "
                 f"mixed precision {accelerator.mixed_precision}, from step {step} to {end} of {config.steps}")
     window = StatsWindow()
+    results: dict = {"steps": config.steps, "global_batch": config.batch_size * accelerator.num_processes}
+    saved = checkpoint
     progress = Progress(
         TextColumn("step"), MofNCompleteColumn(), BarColumn(),
         TextColumn("{task.fields[speed]} img/s  loss {task.fields[loss]}  lr {task.fields[lr]}"),
@@ -293,13 +324,19 @@ def train(config: TrainConfig) -> None:
                     window_start, window_steps = time.perf_counter(), 0
                     log_step(accelerator, record, metrics_path, progress, task)
                 if step % config.steps_save == 0 or step == end:
-                    save_training_state(accelerator, moco, config, step, epoch)
+                    saved = save_training_state(accelerator, moco, config, step, epoch)
+                    if pusher and step < end:
+                        pusher.on_save(step, encoder_dir=publish_encoder(config, moco, results), checkpoint_dir=saved)
                 if step >= end:
                     break
 
     if accelerator.is_main_process:
-        encoder_dir = export_encoder(moco.encoder_q.backbone, dir_out / "encoder", img_size=config.img_size)
+        encoder_dir = publish_encoder(config, moco, results)
         logger.info(f"Exported the encoder to {encoder_dir}: timm.create_model('local-dir:{encoder_dir}', pretrained=True)")
+        if pusher:
+            pusher.on_train_end(step, encoder_dir=encoder_dir, checkpoint_dir=saved)
+            logger.info(f"Waiting for the upload to {config.hub_model_id}")
+            pusher.wait(timeout=HUB_WAIT_S)
     accelerator.wait_for_everyone()
     accelerator.end_training()
 
