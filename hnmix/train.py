@@ -54,10 +54,13 @@ from hnmix.config import (
 from hnmix.data import TwoViewDataset, load_image_dataset, make_train_loader, resolve_columns
 from hnmix.errors import ConfigError, HnmixError, HubError
 from hnmix.hub import HubPusher, export_encoder, write_model_card
+from hnmix.metrics import StatsWindow, append_record, drop_records_after
 from hnmix.moco import MoCo, MoCoEncoder
+from hnmix.preemption import EXIT_STOPPED, StopSignal
 
 logger = get_logger("hnmix")
 HUB_WAIT_S = 900  # the end of training waits this long for the last upload
+HUB_WAIT_ON_STOP_S = 60  # a run stopped by a signal (preemption grace periods are short)
 console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 
 
@@ -77,26 +80,6 @@ def seed_lr_schedule(config: TrainConfig):
         return lr / config.lr_base
 
     return lr_at
-
-
-class StatsWindow:
-    """Sums of step statistics on the device, read (one sync, one all-reduce) at log time."""
-
-    def __init__(self) -> None:
-        self.sums: dict[str, torch.Tensor] = {}
-        self.counts: dict[str, int] = {}
-
-    def add(self, stats: dict[str, torch.Tensor]) -> None:
-        for name, value in stats.items():
-            self.sums[name] = self.sums.get(name, 0) + value.detach()
-            self.counts[name] = self.counts.get(name, 0) + 1
-
-    def mean_over_processes(self, accelerator: Accelerator) -> dict[str, float]:
-        names = sorted(self.sums)
-        means = torch.stack([self.sums[n] / self.counts[n] for n in names])
-        means = accelerator.reduce(means, reduction="mean")
-        self.sums, self.counts = {}, {}
-        return dict(zip(names, means.tolist()))
 
 
 def check_writable(directory: Path) -> None:
@@ -205,16 +188,16 @@ def checkpoint_to_resume(config: TrainConfig) -> Optional[Path]:
     return checkpoint
 
 
-def load_training_state(accelerator: Accelerator, checkpoint: Path, metrics_path: Path) -> int:
+def load_training_state(accelerator: Accelerator, checkpoint: Path, window: StatsWindow, metrics_path: Path) -> int:
     """Restore everything `save_training_state` saved; returns the step. Records of later steps
     (logged before a crash, not covered by the checkpoint) leave metrics.jsonl."""
     accelerator.load_state(str(checkpoint))
-    step = int(read_trainer_state(checkpoint)["step"])
-    if accelerator.is_main_process and metrics_path.exists():
-        kept = [line for line in metrics_path.read_text().splitlines() if json.loads(line)["step"] <= step]
-        metrics_path.write_text("".join(line + "\n" for line in kept))
-    logger.info(f"Resumed from {checkpoint} at step {step}")
-    return step
+    state = read_trainer_state(checkpoint)
+    window.load_state(state["stats_window"], accelerator.device)
+    if accelerator.is_main_process:
+        drop_records_after(metrics_path, state["step"])
+    logger.info(f"Resumed from {checkpoint} at step {state['step']}")
+    return int(state["step"])
 
 
 def start_hub_pusher(config: TrainConfig, accelerator: Accelerator) -> Optional[HubPusher]:
@@ -243,11 +226,13 @@ def publish_encoder(config: TrainConfig, moco: MoCo, results: dict) -> Path:
     return encoder_dir
 
 
-def save_training_state(accelerator: Accelerator, moco: MoCo, config: TrainConfig, step: int, epoch: int) -> Path:
+def save_training_state(accelerator: Accelerator, moco: MoCo, window: StatsWindow, config: TrainConfig,
+                        step: int, epoch: int) -> Path:
     """A checkpoint of every rank at `step`, then retention. Every rank calls it."""
     root = checkpoints_root(config.dir_out)
     state = {"step": step, "epoch": epoch, "num_processes": accelerator.num_processes,
-             "queue_sha256_per_rank": gather_object([moco.queue.fingerprint()])}
+             "queue_sha256_per_rank": gather_object([moco.queue.fingerprint()]),
+             "stats_window": window.state(accelerator)}
     checkpoint = save_checkpoint(accelerator, root, step, {
         TRAINER_STATE: json.dumps(state, indent=1), CONFIG_FILE: config_to_yaml(config)})
     if accelerator.is_main_process:
@@ -256,7 +241,8 @@ def save_training_state(accelerator: Accelerator, moco: MoCo, config: TrainConfi
     return checkpoint
 
 
-def train(config: TrainConfig) -> None:
+def train(config: TrainConfig) -> int:
+    """Train as `config` says; returns 0, or EXIT_STOPPED after a signal and a checkpoint."""
     accelerator = make_accelerator(config)
     quiet_other_processes(accelerator)
     dir_out = Path(config.dir_out)
@@ -275,7 +261,8 @@ def train(config: TrainConfig) -> None:
     steps_per_epoch = len(loader)
 
     metrics_path = dir_out / "metrics.jsonl"
-    step = load_training_state(accelerator, checkpoint, metrics_path) if checkpoint else 0
+    window = StatsWindow()
+    step = load_training_state(accelerator, checkpoint, window, metrics_path) if checkpoint else 0
     if accelerator.is_main_process:
         (dir_out / CONFIG_FILE).write_text(config_to_yaml(config))
     accelerator.init_trackers("hnmix", config={k: str(v) if v is None else v for k, v in config.to_dict().items()})
@@ -285,8 +272,7 @@ def train(config: TrainConfig) -> None:
     logger.info(f"Training {config.arch} on {config.dataset} ({steps_per_epoch} steps per epoch) with "
                 f"{accelerator.num_processes} process(es), global batch {global_batch}, "
                 f"mixed precision {accelerator.mixed_precision}, from step {step} to {end} of {config.steps}")
-    window = StatsWindow()
-    results: dict = {"steps": config.steps, "global_batch": config.batch_size * accelerator.num_processes}
+    results: dict = {"steps": config.steps, "global_batch": global_batch}
     saved = checkpoint
     progress = Progress(
         TextColumn("step"), MofNCompleteColumn(), BarColumn(),
@@ -295,14 +281,15 @@ def train(config: TrainConfig) -> None:
     )
     task = progress.add_task("train", total=config.steps, completed=step, speed="-", loss="-", lr="-")
     window_start, window_steps = time.perf_counter(), 0
+    stop = StopSignal()
+    stopping = False
 
     model.train()
     with progress:
-        while step < end:
+        while step < end and not stopping:
             epoch, skip = divmod(step, steps_per_epoch)
             loader.set_epoch(epoch)
-            batches = accelerator.skip_first_batches(loader, skip) if skip else loader
-            for view_q, view_k, ids, labels in batches:
+            for view_q, view_k, ids, labels in accelerator.skip_first_batches(loader, skip) if skip else loader:
                 loss, stats = model(view_q, view_k, ids, labels if has_labels else None, step=step)
                 accelerator.backward(loss)
                 if config.clip_grad > 0:
@@ -317,36 +304,42 @@ def train(config: TrainConfig) -> None:
                 progress.update(task, completed=step)
 
                 if step % config.steps_print == 0 or step == end:
-                    elapsed = time.perf_counter() - window_start
                     record = {"step": step, "epoch": epoch, "lr": scheduler.get_last_lr()[0],
-                              "images_per_s": global_batch * window_steps / elapsed}
+                              "images_per_s": global_batch * window_steps / (time.perf_counter() - window_start)}
                     record |= window.mean_over_processes(accelerator)
-                    window_start, window_steps = time.perf_counter(), 0
                     log_step(accelerator, record, metrics_path, progress, task)
-                if step % config.steps_save == 0 or step == end:
-                    saved = save_training_state(accelerator, moco, config, step, epoch)
-                    if pusher and step < end:
+                    window_start, window_steps = time.perf_counter(), 0
+                stopping = stop.requested()
+                if step % config.steps_save == 0 or step == end or stopping:
+                    saved = save_training_state(accelerator, moco, window, config, step, epoch)
+                    if pusher and step < end and not stopping:
                         pusher.on_save(step, encoder_dir=publish_encoder(config, moco, results), checkpoint_dir=saved)
-                if step >= end:
+                if step >= end or stopping:
                     break
+    stop.restore()
 
     if accelerator.is_main_process:
         encoder_dir = publish_encoder(config, moco, results)
         logger.info(f"Exported the encoder to {encoder_dir}: timm.create_model('local-dir:{encoder_dir}', pretrained=True)")
-        if pusher:
+        if pusher and not stopping:
             pusher.on_train_end(step, encoder_dir=encoder_dir, checkpoint_dir=saved)
+        if pusher:
             logger.info(f"Waiting for the upload to {config.hub_model_id}")
-            pusher.wait(timeout=HUB_WAIT_S)
+            pusher.wait(timeout=HUB_WAIT_ON_STOP_S if stopping else HUB_WAIT_S)
     accelerator.wait_for_everyone()
     accelerator.end_training()
+    if stopping:
+        logger.warning(f"Stopped by {stop.received.name if stop.received else 'a signal on another rank'} "
+                       f"after step {step}, saved in {saved}; continue with --resume latest")
+        return EXIT_STOPPED
+    return 0
 
 
 def log_step(accelerator: Accelerator, record: dict, metrics_path: Path, progress: Progress, task) -> None:
     accelerator.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
     if not accelerator.is_main_process:
         return
-    with metrics_path.open("a") as file:
-        file.write(json.dumps(record) + "\n")
+    append_record(metrics_path, record)
     progress.update(task, speed=f"{record['images_per_s']:.0f}", loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
     details = "  ".join(f"{k} {v:.4g}" for k, v in record.items() if k not in ("step", "epoch"))
     logger.info(f"step {record['step']}/{progress.tasks[0].total}  epoch {record['epoch']}  {details}")
@@ -354,14 +347,13 @@ def log_step(accelerator: Accelerator, record: dict, metrics_path: Path, progres
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
-        train(parse_config(argv))
+        return train(parse_config(argv))
     except HnmixError as error:
         if os.environ.get("RANK", "0") == "0":
             # An error raised in a DataLoader worker arrives with the worker's traceback before it.
             line = str(error).strip().splitlines()[-1]
             console.print(f"hnmix: error: {line}", markup=False, highlight=False, soft_wrap=True)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

@@ -183,3 +183,30 @@ def test_report_to_names_trackers_that_accelerate_knows_and_finds_installed():
             requested_trackers("tensorboard")
     else:
         assert requested_trackers("tensorboard") == ["tensorboard"]
+
+
+@pytest.mark.parametrize("steps_print", [1, 3])
+def test_sigterm_saves_stops_with_exit_75_and_resume_matches(straight_run, tmp_path, steps_print):
+    env = os.environ | {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    common = [*TINY, "-s", "12", "-sp", str(steps_print), "-ss", "100", "--num_workers", "0", "-do", str(tmp_path)]
+    process = subprocess.Popen([sys.executable, "-m", "hnmix.train", *common], cwd=REPO, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and not (tmp_path / "metrics.jsonl").exists():
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=240)
+    assert process.returncode == 75, stderr[-3000:]
+    [stopped_at] = checkpoints(tmp_path)
+    step = json.loads((tmp_path / "checkpoints" / stopped_at / "trainer_state.json").read_text())["step"]
+    assert 1 <= step < 12 and "--resume latest" in stderr
+    assert load_file(tmp_path / "checkpoints" / stopped_at / "model.safetensors")["queue.ptr"].item() == step * 8 % 64
+
+    resumed = run_train(*common, "--resume", "latest")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    per_step = losses(straight_run)
+    if steps_print == 1:
+        assert losses(tmp_path) == per_step
+    else:  # records average their window; its sums travel in the checkpoint, so no window is cut short
+        windows = {s: sum(per_step[t] for t in range(s - 2, s + 1)) / 3 for s in (3, 6, 9, 12)}
+        assert losses(tmp_path) == pytest.approx(windows, rel=1e-6)
