@@ -10,6 +10,7 @@ with the final name is always complete.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -19,6 +20,8 @@ from typing import Any, Callable, Optional
 from accelerate import Accelerator
 
 from hnmix.errors import ConfigError
+
+logger = logging.getLogger(__name__)
 
 _NAME = re.compile(r"^step_(\d{8,})$")
 TRAINER_STATE = "trainer_state.json"
@@ -51,7 +54,10 @@ def resolve_resume(resume: str, dir_out: str | Path) -> Optional[Path]:
     `auto` is the same but None when there is none (a fresh start), for requeued jobs.
     """
     if resume in ("latest", "auto"):
-        found = complete_checkpoints(checkpoints_root(dir_out))
+        root = checkpoints_root(dir_out)
+        for partial in sorted(root.glob(".partial-*")) if root.is_dir() else []:
+            logger.warning(f"Ignoring {partial}: a checkpoint whose save did not finish")
+        found = complete_checkpoints(root)
         if not found and resume == "auto":
             return None
         if not found:

@@ -229,8 +229,9 @@ def config_to_yaml(config: TrainConfig) -> str:
     return yaml.safe_dump(config.to_dict(), sort_keys=False)
 
 
-def config_differences(saved: dict[str, Any], current: TrainConfig) -> list[str]:
-    """`name: saved -> current` for every option that differs and may not change on resume."""
+def config_differences(saved: dict[str, Any], current: TrainConfig, *, resumable: bool = False) -> list[str]:
+    """`name: saved -> current` for every option that differs and may not change on resume
+    (or, with resumable=True, that differs and may)."""
     now = current.to_dict()
     return [f"{name}: {saved.get(name)!r} -> {now[name]!r}" for name in now
-            if name not in RESUMABLE_CHANGES and saved.get(name) != now[name]]
+            if (name in RESUMABLE_CHANGES) == resumable and saved.get(name) != now[name]]

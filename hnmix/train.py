@@ -182,9 +182,13 @@ def checkpoint_to_resume(config: TrainConfig) -> Optional[Path]:
     """The checkpoint `--resume` names, or None; refuses one saved with an incompatible config."""
     checkpoint = resolve_resume(config.resume, config.dir_out) if config.resume else None
     if checkpoint is not None:
-        differences = config_differences(yaml.safe_load((checkpoint / CONFIG_FILE).read_text()), config)
+        saved = yaml.safe_load((checkpoint / CONFIG_FILE).read_text())
+        differences = config_differences(saved, config)
         if differences:
             raise ConfigError(f"cannot resume {checkpoint} with a different configuration: {'; '.join(differences)}")
+        allowed = [d for d in config_differences(saved, config, resumable=True) if not d.startswith("resume:")]
+        if allowed:
+            logger.info(f"Resuming with changed options: {'; '.join(allowed)}")
     return checkpoint
 
 
