@@ -52,7 +52,8 @@ from hnmix.config import (
     parse_config,
 )
 from hnmix.data import TwoViewDataset, load_image_dataset, make_train_loader, resolve_columns
-from hnmix.errors import ConfigError, HnmixError, HubError
+from hnmix.errors import ConfigError, DataError, HnmixError, HubError
+from hnmix.evaluate import NO_LABELS, KnnMonitor, load_eval_splits
 from hnmix.hub import HubPusher, export_encoder, write_model_card
 from hnmix.metrics import StatsWindow, append_record, drop_records_after
 from hnmix.moco import MoCo, MoCoEncoder
@@ -168,6 +169,27 @@ def build_data(config: TrainConfig, accelerator: Accelerator):
     return loader, label_column is not None
 
 
+def build_knn_monitor(config: TrainConfig, accelerator: Accelerator) -> Optional[KnnMonitor]:
+    """The kNN monitor on the held-out split, or None when off or the data has no labels."""
+    if not config.eval_every:
+        return None
+    try:
+        with accelerator.main_process_first():
+            splits = load_eval_splits(
+                config.dataset, split=config.split, image_column=config.image_column,
+                label_column=config.label_column, eval_split_size=config.eval_split_size,
+                max_samples=config.eval_max_samples or None, seed=config.seed, cache_dir=config.dir_data,
+                synthetic_size=config.synthetic_size)
+    except DataError as error:
+        if str(error) != NO_LABELS:
+            raise
+        logger.warning("The dataset has no labels: training without the kNN monitor")
+        return None
+    logger.info(f"kNN monitor every {config.eval_every} steps: {splits.describe()}")
+    return KnnMonitor.from_splits(splits, accelerator, img_size=config.img_size, batch_size=config.batch_size,
+                                  num_workers=config.num_workers, k=config.knn_k, temperature=config.knn_temperature)
+
+
 def build_model(config: TrainConfig) -> MoCo:
     set_seed(config.seed)  # the same initial weights on every rank
     return MoCo(
@@ -257,6 +279,7 @@ def train(config: TrainConfig) -> int:
     pusher = start_hub_pusher(config, accelerator)
 
     loader, has_labels = build_data(config, accelerator)
+    monitor = build_knn_monitor(config, accelerator)
     model = build_model(config)
     optimizer = create_optimizer_v2(model.encoder_q, opt="adamw", lr=config.lr_base, weight_decay=0.01)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, seed_lr_schedule(config))
@@ -280,10 +303,10 @@ def train(config: TrainConfig) -> int:
     saved = checkpoint
     progress = Progress(
         TextColumn("step"), MofNCompleteColumn(), BarColumn(),
-        TextColumn("{task.fields[speed]} img/s  loss {task.fields[loss]}  lr {task.fields[lr]}"),
+        TextColumn("{task.fields[speed]} img/s  loss {task.fields[loss]}  lr {task.fields[lr]}  kNN {task.fields[knn]}"),
         TimeRemainingColumn(), console=console, disable=not accelerator.is_local_main_process,
     )
-    task = progress.add_task("train", total=config.steps, completed=step, speed="-", loss="-", lr="-")
+    task = progress.add_task("train", total=config.steps, completed=step, speed="-", loss="-", lr="-", knn="-")
     window_start, window_steps = time.perf_counter(), 0
     stop = StopSignal()
     stopping = False
@@ -307,12 +330,17 @@ def train(config: TrainConfig) -> int:
                 window_steps += 1
                 progress.update(task, completed=step)
 
+                record = {}
+                if monitor and (step % config.eval_every == 0 or step == end):
+                    record = monitor.evaluate(moco.encoder_q.backbone, accelerator)
+                    results |= record
                 if step % config.steps_print == 0 or step == end:
-                    record = {"step": step, "epoch": epoch, "lr": scheduler.get_last_lr()[0],
-                              "images_per_s": global_batch * window_steps / (time.perf_counter() - window_start)}
+                    record |= {"lr": scheduler.get_last_lr()[0],
+                               "images_per_s": global_batch * window_steps / (time.perf_counter() - window_start)}
                     record |= window.mean_over_processes(accelerator)
-                    log_step(accelerator, record, metrics_path, progress, task)
                     window_start, window_steps = time.perf_counter(), 0
+                if record:
+                    log_step(accelerator, {"step": step, "epoch": epoch} | record, metrics_path, progress, task)
                 stopping = stop.requested()
                 if step % config.steps_save == 0 or step == end or stopping:
                     saved = save_training_state(accelerator, moco, window, config, step, epoch)
@@ -344,7 +372,10 @@ def log_step(accelerator: Accelerator, record: dict, metrics_path: Path, progres
     if not accelerator.is_main_process:
         return
     append_record(metrics_path, record)
-    progress.update(task, speed=f"{record['images_per_s']:.0f}", loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
+    if "loss" in record:
+        progress.update(task, speed=f"{record['images_per_s']:.0f}", loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
+    if "knn_top1" in record:
+        progress.update(task, knn=f"{record['knn_top1']:.1f}")
     details = "  ".join(f"{k} {v:.4g}" for k, v in record.items() if k not in ("step", "epoch"))
     logger.info(f"step {record['step']}/{progress.tasks[0].total}  epoch {record['epoch']}  {details}")
 

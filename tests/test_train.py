@@ -65,6 +65,9 @@ def test_a_run_writes_checkpoints_metrics_config_and_a_timm_encoder(straight_run
         assert all(key in r for r in records), key
     assert "logit_type2" not in records[0] and "logit_type2" in records[2]  # curriculum: type 2 from step 2
     assert records[-1]["epoch"] == 1  # 64 images / batch 8 = 8 steps per epoch
+    # The kNN monitor ran at the end (eval_every 1000 > steps) on the held-out part of synthetic.
+    assert 0 <= records[-1]["knn_top1"] <= records[-1]["knn_top5"] <= 100
+    assert all("knn_top1" not in r for r in records[:-1])
 
     encoder = timm.create_model(f"local-dir:{straight_run / 'encoder'}", pretrained=True).eval()
     trained = timm.create_model("test_resnet", num_classes=0).eval()
