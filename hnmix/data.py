@@ -27,7 +27,7 @@ from datasets.exceptions import DatasetGenerationError, DatasetsError
 from PIL import Image, ImageOps
 
 from hnmix.augment import ImageTransform, TwoViews
-from hnmix.errors import DataError
+from hnmix.errors import DataError, describe, first_line, network_error_types
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
         return image.convert("RGB")
     except ValueError as error:
         raise DataError(
-            f"an image in mode {mode} cannot be converted to RGB ({_first_line(error)}); "
+            f"an image in mode {mode} cannot be converted to RGB ({first_line(error)}); "
             "convert the dataset's images to RGB, L or RGBA"
         ) from None
 
@@ -250,7 +250,7 @@ def _load_saved_to_disk(path: Path, split: str) -> datasets.Dataset:
         loaded = datasets.load_from_disk(str(folder))
     except (OSError, DatasetsError, ValueError) as error:
         raise DataError(
-            f"cannot read the save_to_disk folder {folder} ({_describe(error)}); save it again with save_to_disk"
+            f"cannot read the save_to_disk folder {folder} ({describe(error)}); save it again with save_to_disk"
         ) from None
     if not isinstance(loaded, datasets.Dataset):
         raise DataError(f"{folder} does not hold a single split; pass the folder written by save_to_disk")
@@ -262,7 +262,7 @@ def _read_json(path: Path) -> dict:
         content = json.loads(path.read_text())
     except (OSError, ValueError) as error:
         raise DataError(
-            f"cannot read {path} ({_describe(error)}); save the dataset again with save_to_disk"
+            f"cannot read {path} ({describe(error)}); save the dataset again with save_to_disk"
         ) from None
     if not isinstance(content, dict):
         raise DataError(f"{path} is not a save_to_disk metadata file; save the dataset again with save_to_disk")
@@ -278,22 +278,22 @@ def _load_with_datasets(source: str, split: str, cache_dir: Optional[str], *, fr
     except ValueError as error:
         available = _available_splits(error)
         if available is None:  # e.g. a Hub dataset with several configs and none chosen
-            raise DataError(f"datasets cannot load {source} ({_describe(error)}); {_WAY_OUT}") from None
+            raise DataError(f"datasets cannot load {source} ({describe(error)}); {_WAY_OUT}") from None
         raise DataError(
             f"split {split!r} does not exist in dataset {source}; available splits: {', '.join(available)}"
         ) from None
     except DatasetGenerationError as error:
         raise DataError(
-            f"datasets could not read the files of {source} ({_describe(error)}); check or re-download them"
+            f"datasets could not read the files of {source} ({describe(error)}); check or re-download them"
         ) from None
-    except _network_errors() as error:
+    except (*network_error_types(), DatasetsError) as error:
         if not from_hub:
             raise DataError(
-                f"datasets could not load the directory {source} ({_describe(error)}); it must hold parquet "
+                f"datasets could not load the directory {source} ({describe(error)}); it must hold parquet "
                 "shards under data/, one subfolder of images per class, or be a save_to_disk folder"
             ) from None
         raise DataError(
-            f"could not load dataset {source!r} from the Hugging Face Hub ({_describe(error)}); "
+            f"could not load dataset {source!r} from the Hugging Face Hub ({describe(error)}); "
             f"no local directory of that name exists either; {_WAY_OUT}"
         ) from None
 
@@ -309,31 +309,7 @@ def _available_splits(error: ValueError) -> Optional[list[str]]:
             return [str(name) for name in ast.literal_eval(match.group(1))]
         except (ValueError, SyntaxError):
             pass
-    return [_first_line(error)]
-
-
-def _network_errors() -> tuple[type[BaseException], ...]:
-    """What a failed Hub or file access raises: OSError covers ConnectionError, TimeoutError,
-    huggingface_hub's HfHubHTTPError and OfflineModeIsEnabled, requests' errors and datasets'
-    DatasetNotFoundError/EmptyDatasetError; httpx errors are not OSErrors."""
-    types: list[type[BaseException]] = [OSError, DatasetsError]
-    for module_name in ("httpx2", "httpx"):
-        try:
-            module = __import__(module_name)
-        except ImportError:
-            continue
-        types.append(module.HTTPError)
-    return tuple(types)
-
-
-def _first_line(error: BaseException, limit: int = 160) -> str:
-    lines = str(error).strip().splitlines()
-    line = lines[0].strip() if lines else ""
-    return line if len(line) <= limit else line[: limit - 3] + "..."
-
-
-def _describe(error: BaseException) -> str:
-    return f"{type(error).__name__}: {_first_line(error)}"
+    return [first_line(error)]
 
 
 # ----------------------------------------------------------------------------- columns
@@ -460,7 +436,7 @@ class TwoViewDataset(torch.utils.data.Dataset):
             return self.dataset[index]
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
             raise DataError(
-                f"image {index} of the dataset{self._where(index)} cannot be decoded ({_describe(error)}); "
+                f"image {index} of the dataset{self._where(index)} cannot be decoded ({describe(error)}); "
                 "remove or replace it"
             ) from None
 

@@ -18,3 +18,28 @@ class DataError(HnmixError):
 
 class HubError(HnmixError):
     """The Hugging Face Hub cannot be used as asked (token, repo id, network)."""
+
+
+def describe(error: BaseException, limit: int = 200) -> str:
+    """`Type: first line of the message`, shortened to `limit` characters: for one-line reports."""
+    line = first_line(error, limit)
+    return f"{type(error).__name__}: {line}" if line else type(error).__name__
+
+
+def first_line(error: BaseException, limit: int = 200) -> str:
+    lines = str(error).strip().splitlines()
+    line = lines[0].strip() if lines else ""
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def network_error_types() -> tuple[type[BaseException], ...]:
+    """What a failed Hub or file access raises. OSError covers ConnectionError, TimeoutError,
+    huggingface_hub's HfHubHTTPError and OfflineModeIsEnabled and datasets' DatasetNotFoundError;
+    the transport errors of httpx2/httpx (huggingface_hub 2.x's HTTP client) are not OSErrors."""
+    types: list[type[BaseException]] = [OSError]
+    for module_name in ("httpx2", "httpx"):
+        try:
+            types.append(__import__(module_name).HTTPError)
+        except ImportError:
+            continue
+    return tuple(types)

@@ -52,8 +52,7 @@ from accelerate.utils import broadcast_object_list, set_seed
 
 from hnmix.augment import eval_transform
 from hnmix.data import TwoViewDataset, load_image_dataset, resolve_columns, to_rgb
-from hnmix.data import _describe, _network_errors  # one-line error text; Hub and file failures
-from hnmix.errors import ConfigError, DataError, HnmixError, HubError
+from hnmix.errors import ConfigError, DataError, HnmixError, HubError, describe, network_error_types
 
 logger = logging.getLogger("hnmix.evaluate")  # not __name__: that is "__main__" under python -m
 
@@ -709,13 +708,13 @@ def _create(name: str, *, pretrained: bool, what: str, also: str = "") -> nn.Mod
     """timm.create_model(name, num_classes=0) with download and file failures as one line."""
     try:
         return timm.create_model(name, pretrained=pretrained, num_classes=0)
-    except _network_errors() as error:
+    except network_error_types() as error:
         if name.startswith("local-dir:"):
-            raise ConfigError(f"cannot load {what} ({_describe(error)}); export it again with hnmix") from None
-        raise HubError(f"cannot load {what} from the Hugging Face Hub ({_describe(error)}){also}; check the "
+            raise ConfigError(f"cannot load {what} ({describe(error)}); export it again with hnmix") from None
+        raise HubError(f"cannot load {what} from the Hugging Face Hub ({describe(error)}){also}; check the "
                        "name and the network, or pass a local checkpoint or encoder directory") from None
     except (RuntimeError, ValueError, KeyError) as error:
-        raise ConfigError(f"cannot build {what} ({_describe(error)}); pass a timm-compatible model") from None
+        raise ConfigError(f"cannot build {what} ({describe(error)}); pass a timm-compatible model") from None
 
 
 def _load_checkpoint(path: Path) -> LoadedModel:
@@ -726,7 +725,7 @@ def _load_checkpoint(path: Path) -> LoadedModel:
         config = yaml.safe_load((path / "config.yaml").read_text()) or {}
         weights = load_file(path / "model.safetensors")
     except (OSError, yaml.YAMLError, SafetensorError) as error:
-        raise ConfigError(f"cannot read the checkpoint {path} ({_describe(error)}); pass a complete checkpoint") from None
+        raise ConfigError(f"cannot read the checkpoint {path} ({describe(error)}); pass a complete checkpoint") from None
     arch = config.get("arch") if isinstance(config, dict) else None
     if not isinstance(arch, str):
         raise ConfigError(f"{path / 'config.yaml'} names no arch; pass a checkpoint written by hnmix.train")
@@ -738,7 +737,7 @@ def _load_checkpoint(path: Path) -> LoadedModel:
     try:
         backbone.load_state_dict(backbone_weights)
     except RuntimeError as error:
-        raise ConfigError(f"the weights in {path} do not fit {arch} ({_describe(error)}); "
+        raise ConfigError(f"the weights in {path} do not fit {arch} ({describe(error)}); "
                           "pass a checkpoint written by hnmix.train") from None
     img_size = config.get("img_size")
     return LoadedModel(backbone, "checkpoint", str(path), arch, img_size if isinstance(img_size, int) else None, config)

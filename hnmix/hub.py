@@ -56,7 +56,7 @@ from huggingface_hub.utils import validate_repo_id
 from timm.models import save_for_hf
 
 from hnmix.augment import IMAGENET_MEAN, IMAGENET_STD
-from hnmix.errors import HubError
+from hnmix.errors import HubError, describe, network_error_types
 
 logger = logging.getLogger(__name__)
 
@@ -320,7 +320,7 @@ class HubPusher:
         try:
             token = self._token or huggingface_hub.get_token()
         except Exception as error:  # noqa: BLE001 - get_token raises when an opted-in OIDC exchange fails
-            raise HubError(f"cannot get a Hugging Face token ({self._scrub(_describe(error))}); "
+            raise HubError(f"cannot get a Hugging Face token ({self._scrub(describe(error))}); "
                            "set HF_TOKEN or run `hf auth login`") from None
         if not token:
             raise HubError("no Hugging Face token to push with; set HF_TOKEN or run `hf auth login`")
@@ -350,7 +350,7 @@ class HubPusher:
         if thread.is_alive():
             return TimeoutError(f"no answer within {self.check_timeout_s:g} s")
         error = outcome.get("error")
-        if error is not None and not isinstance(error, _network_error_types()):
+        if error is not None and not isinstance(error, network_error_types()):
             raise error
         return error
 
@@ -364,7 +364,7 @@ class HubPusher:
         if isinstance(error, HfHubHTTPError) and status == 403:
             return (f"the Hugging Face token may not create or write {self.repo_id}; use a token with write access "
                     "to that namespace, or another repo id")
-        return (f"cannot reach {where}: {self._scrub(_describe(error))}; check the network or proxy, "
+        return (f"cannot reach {where}: {self._scrub(describe(error))}; check the network or proxy, "
                 "or train without pushing to the Hub")
 
     # --------------------------------------------------------------------- strategies
@@ -409,7 +409,7 @@ class HubPusher:
         try:
             snapshot = self._snapshot(parts)
         except OSError as error:
-            result.status, result.error = "failed", self._scrub(_describe(error))
+            result.status, result.error = "failed", self._scrub(describe(error))
             logger.error(f"Hub push {commit_message!r} not queued: cannot snapshot {result.folder}: {result.error}")
             return False
         upload = _Upload(snapshot=snapshot, result=result, delete_patterns=delete_patterns)
@@ -463,7 +463,7 @@ class HubPusher:
                                               path_in_repo=result.path_in_repo, commit_message=result.commit_message,
                                               repo_type="model", **extra)
             except Exception as error:  # noqa: BLE001 - an upload must never stop training
-                result.error = self._scrub(_describe(error))
+                result.error = self._scrub(describe(error))
                 if attempt + 1 == self.max_attempts or _is_permanent(error):
                     result.status = "failed"
                     logger.error(f"Hub upload {result.commit_message!r} to {self.repo_id} failed after "
@@ -531,21 +531,3 @@ def _is_permanent(error: BaseException) -> bool:
     return isinstance(error, HfHubHTTPError) and status is not None and 400 <= status < 500 and status not in (408, 429)
 
 
-def _network_error_types() -> tuple[type[BaseException], ...]:
-    """What an unreachable or refusing Hub raises: OSError covers ConnectionError, TimeoutError,
-    OfflineModeIsEnabled and HfHubHTTPError; httpx2/httpx transport errors are not OSErrors."""
-    types: list[type[BaseException]] = [OSError, HfHubHTTPError]
-    for module_name in ("httpx2", "httpx"):
-        try:
-            module = __import__(module_name)
-        except ImportError:
-            continue
-        types.append(module.HTTPError)
-    return tuple(types)
-
-
-def _describe(error: BaseException, limit: int = 200) -> str:
-    lines = str(error).strip().splitlines()
-    line = lines[0].strip() if lines else ""
-    line = line if len(line) <= limit else line[: limit - 3] + "..."
-    return f"{type(error).__name__}: {line}" if line else type(error).__name__
