@@ -500,7 +500,7 @@ def run_train(args: argparse.Namespace, trainer_argv: Sequence[str]) -> dict[str
     console = Console()
     steps = args.warmup_steps + args.measure_steps
     with tempfile.TemporaryDirectory(prefix="hnmix-bench-") as tmp:
-        argv = [*SEED_TRAIN_OPTIONS, "--num_workers", str(os.cpu_count() or 1), *trainer_argv]
+        argv = [*SEED_TRAIN_OPTIONS, "--num_workers", str(os.cpu_count() or 1), "--eval_every", "0", *trainer_argv]
         if "--dataset" not in argv:
             console.log(f"writing {args.images} generated JPEGs")
             argv += ["--dataset", str(write_jpeg_folder(Path(tmp) / "images", count=args.images))]
