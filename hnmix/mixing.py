@@ -12,7 +12,9 @@ Synthetic negatives are never materialised. For a query ``q`` and a detached mix
 Type 2 mixes the query with a hard negative (x = q, y = n_i): every term is already known from
 the queue logits. Type 1 mixes two hard negatives (x = n_i, y = n_j): it needs ``n_i·n_j`` on top,
 one dot product per synthetic negative. The gradient reaches ``q`` through ``q·x`` and ``q·y``
-only; the denominator is detached, exactly as if ``h`` were a constant vector.
+only; the denominator is detached, exactly as if ``h`` were a constant vector. That gradient is
+written out by hand (`_MochiLogits`): every q·queue term, synthetic ones included, goes through
+one [B, K] @ [K, d] product, and no [B, K] tensor is built that plain MoCo does not need.
 """
 
 from __future__ import annotations
@@ -20,11 +22,7 @@ from __future__ import annotations
 from typing import NamedTuple, Optional
 
 import torch
-import torch.nn.functional as F
-
-# Type-1 pairs are gathered in chunks of at most this many elements ([rows, s1, d]), so the
-# transient memory of n_i·n_j stays bounded whatever B and s1 are.
-_PAIR_CHUNK_ELEMENTS = 1 << 24
+from torch.autograd.function import once_differentiable
 
 
 class MixingDraws(NamedTuple):
@@ -132,33 +130,204 @@ def validate_mixing_arguments(
             raise ValueError(f"queue_ids must be [K={K}], got shape {tuple(queue_ids.shape)}")
 
 
-def _mixed_logit(
-    a: torch.Tensor,
-    qx: torch.Tensor,
-    c: torch.Tensor,
-    qy: torch.Tensor,
-    xx: torch.Tensor,
-    yy: torch.Tensor,
-    xy: torch.Tensor,
-) -> torch.Tensor:
-    """q·normalise(a*x + c*y) from dot products; only qx and qy carry the gradient.
+def _pair_chunk_elements(device: torch.device) -> int:
+    """How many elements the gather buffer of `_pair_dots` may hold (float32: 64 MiB on CPU, 128 MiB on GPU).
 
-    All arguments broadcast to [B, s]; xx, yy, xy must be detached.
+    The buffer bounds the memory whatever B and s1 are. Smaller buffers stay in cache, but each
+    chunk costs three ops, and on a busy CPU every op waits for its threads to be scheduled:
+    a handful of chunks is the better trade. On a GPU fewer chunks save kernel launches.
     """
-    norm_sq = a * a * xx + c * c * yy + 2 * a * c * xy
-    return (a * qx + c * qy) * torch.rsqrt(norm_sq.clamp_min(1e-12))
+    return 1 << 25 if device.type == "cuda" else 1 << 24
 
 
-def _pair_dots(queue: torch.Tensor, idx_i: torch.Tensor, idx_j: torch.Tensor) -> torch.Tensor:
-    """[B, s] dot products queue[idx_i]·queue[idx_j], gathered in bounded chunks, no grad."""
-    B, s = idx_i.shape
-    out = torch.empty(B, s, dtype=queue.dtype, device=queue.device)
-    rows = max(1, _PAIR_CHUNK_ELEMENTS // max(1, s * queue.shape[1]))
-    with torch.no_grad():
-        for start in range(0, B, rows):
-            sl = slice(start, start + rows)
-            out[sl] = (queue[idx_i[sl]] * queue[idx_j[sl]]).sum(-1)
+def _pair_dots(queue: torch.Tensor, pairs: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Write queue[pairs[:, 0]]·queue[pairs[:, 1]] into out [B, s], a few rows of B at a time.
+
+    queue: [K, d]; pairs: [B, 2, s] queue indices. One [rows, 2, s, d] buffer, reused.
+    """
+    B, _, s = pairs.shape
+    d = queue.shape[1]
+    pairs = pairs.contiguous()
+    rows = max(1, min(B, _pair_chunk_elements(queue.device) // max(1, 2 * s * d)))
+    buffer = queue.new_empty(rows, 2, s, d)
+    for start in range(0, B, rows):
+        chunk = pairs[start : start + rows]
+        n = chunk.shape[0]
+        torch.index_select(queue, 0, chunk.view(-1), out=buffer[:n].view(-1, d))
+        torch.sum(buffer[:n, 0].mul_(buffer[:n, 1]), dim=2, out=out[start : start + n])
     return out
+
+
+class _SyntheticGrad(NamedTuple):
+    """What the gradient of the synthetic logits w.r.t. q needs.
+
+    index:        [B, 2*s1 + s2] the queue entries mixed: n_i of type 1, n_j of type 1, n_i of type 2.
+    weight:       [B, 2*s1 + s2] d logit / d(q·queue[index]) of those entries; 0 where masked.
+    self_weight:  [B, s2] d logit / d(q·q) of type 2, q's own share; 0 where masked.
+    """
+
+    index: torch.Tensor
+    weight: torch.Tensor
+    self_weight: torch.Tensor
+
+
+def _synthetic_logits(
+    q: torch.Tensor,
+    queue: torch.Tensor,
+    hard_logits: torch.Tensor,
+    hard_indices: torch.Tensor,
+    n_valid: torch.Tensor,
+    draws: MixingDraws,
+    out: torch.Tensor,
+) -> _SyntheticGrad:
+    """Write q·normalise(a x + c y) of both types into out [B, s1 + s2], -inf where masked.
+
+    q: [B, d]; queue: [K, d]; hard_logits, hard_indices: [B, n_hard] (q·queue, best first);
+    n_valid: [B]. Type 1 is x = n_i, y = n_j, a = alpha; type 2 is x = q, y = n_i, a = beta.
+    Both types share each op on [B, s1 + s2]: ops this small cost about the same whatever their
+    size (a parallel region each on CPU, a launch on GPU), so their number is what counts.
+    """
+    B, s1 = draws.alpha.shape
+    s2 = draws.beta.shape[1]
+    positions = torch.cat([draws.pair_i, draws.pair_j, draws.single], dim=1)  # [B, 2*s1 + s2]
+    index = hard_indices.gather(1, positions)
+    q_dot = hard_logits.gather(1, positions)  # -inf only in masked rows
+    sq_norm = torch.linalg.vector_norm(queue, dim=1).square_()[index]
+    q_sq = torch.linalg.vecdot(q, q).unsqueeze(1).expand(B, s2)  # 1 up to rounding
+
+    # [B, s1 + s2] each: q·x, q·y, |x|², |y|², x·y.
+    qx = torch.cat([q_dot[:, :s1], q_sq], dim=1)
+    qy = q_dot[:, s1:]
+    xx = torch.cat([sq_norm[:, :s1], q_sq], dim=1)
+    yy = sq_norm[:, s1:]
+    xy = torch.empty_like(qy)
+    _pair_dots(queue, index[:, : 2 * s1].view(B, 2, s1), out=xy[:, :s1])
+    xy[:, s1:] = q_dot[:, 2 * s1 :]
+
+    a = torch.cat([draws.alpha, draws.beta], dim=1)
+    c = 1 - a
+    norm_sq = (a * xx).addcmul_(c, xy, value=2).mul_(a).addcmul_(c * c, yy)  # |a x + c y|²
+    # Type 1 needs two hard negatives, type 2 one.
+    needed = torch.full((s1 + s2,), 2, device=q.device)
+    needed[s1:] = 1
+    masked = n_valid.unsqueeze(1) < needed  # [B, s1 + s2]
+    scale = norm_sq.clamp_min_(1e-12).rsqrt_().masked_fill_(masked, 0.0)
+    torch.mul(torch.lerp(qy, qx, a), scale, out=out).masked_fill_(masked, float("-inf"))  # a q·x + c q·y
+
+    weight = torch.empty_like(q_dot)  # laid out like index
+    torch.mul(a[:, :s1], scale[:, :s1], out=weight[:, :s1])
+    torch.mul(c, scale, out=weight[:, s1:])
+    return _SyntheticGrad(index, weight, self_weight=a[:, s1:] * scale[:, s1:])
+
+
+def _queue_logits(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    queue: torch.Tensor,
+    ids: Optional[torch.Tensor],
+    queue_ids: Optional[torch.Tensor],
+    out: torch.Tensor,
+) -> Optional[torch.Tensor]:
+    """Write [q·k, q·queue] into out [B, 1 + K], -inf where the query's own id is in the queue.
+
+    Returns the [B, K] bool mask of those duplicates, or None without ids.
+    """
+    out[:, 0] = torch.linalg.vecdot(q, k)
+    neg = out[:, 1:]
+    torch.mm(q, queue.T, out=neg)
+    if ids is None:
+        return None
+    duplicate = ids.unsqueeze(1) == queue_ids.unsqueeze(0)
+    neg.masked_fill_(duplicate, float("-inf"))
+    return duplicate
+
+
+def _hard_negatives(
+    neg: torch.Tensor, duplicate: Optional[torch.Tensor], n_hard: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The n_hard highest of neg [B, K] per row, best first: (logits, indices, n_valid [B]).
+
+    n_valid counts the unmasked ones among them: masked entries are -inf and sort after every
+    (finite) unmasked one, so counting them among the chosen is enough, and much cheaper than
+    summing the whole [B, K] mask.
+    """
+    B = neg.shape[0]
+    hard_logits, hard_indices = neg.topk(n_hard, dim=1)
+    if duplicate is None:
+        n_valid = torch.full((B,), n_hard, dtype=torch.long, device=neg.device)
+    else:
+        n_valid = n_hard - duplicate.gather(1, hard_indices).sum(1)
+    return hard_logits, hard_indices, n_valid
+
+
+def _add_synthetic_grad(
+    grad_synthetic: torch.Tensor,
+    synthetic: _SyntheticGrad,
+    q: torch.Tensor,
+    grad_neg: torch.Tensor,
+    grad_q: torch.Tensor,
+) -> None:
+    """Add the gradient of the synthetic logits in place: its q·queue terms to grad_neg [B, K],
+    its q·q terms to grad_q [B, d]. grad_synthetic: [B, s1 + s2], the incoming gradient."""
+    s1 = synthetic.index.shape[1] - grad_synthetic.shape[1]
+    # Type-1 logits depend on two queue entries: their gradient is used twice.
+    grad_mixed = torch.cat([grad_synthetic[:, :s1], grad_synthetic], dim=1)  # laid out like index
+    grad_neg.scatter_add_(1, synthetic.index, synthetic.weight * grad_mixed)
+    grad_q.addcmul_(torch.linalg.vecdot(synthetic.self_weight, grad_synthetic[:, s1:]).unsqueeze(1), q)
+
+
+class _MochiLogits(torch.autograd.Function):
+    """Logits [B, 1 + K + s1 + s2] and their gradient w.r.t. q, in as few [B, K] passes as possible.
+
+    A [B, K] float32 tensor is tens of MiB, and a fresh one costs its page faults on top of the
+    pass. Forward writes the queue logits straight into the output and masks and divides them in
+    place; backward folds every q·queue term, synthetic ones included, into one [B, K] @ [K, d].
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, queue, ids, queue_ids, temperature, n_hard, s1, s2, generator):
+        B, K = q.shape[0], queue.shape[0]
+        logits = q.new_empty(B, 1 + K + s1 + s2)
+        duplicate = _queue_logits(q, k, queue, ids, queue_ids, out=logits[:, : 1 + K])
+        synthetic = _SyntheticGrad(None, None, None)
+        if n_hard > 0:
+            hard_logits, hard_indices, n_valid = _hard_negatives(logits[:, 1 : 1 + K], duplicate, n_hard)
+            hard_valid = torch.arange(n_hard, device=q.device) < n_valid.unsqueeze(1)
+            if s1 or s2:
+                draws = draw_mixing(n_valid, s1, s2, generator)
+                synthetic = _synthetic_logits(
+                    q, queue, hard_logits, hard_indices, n_valid, draws, out=logits[:, 1 + K :]
+                )
+        else:
+            hard_indices = torch.zeros(B, 0, dtype=torch.long, device=q.device)
+            hard_valid = torch.zeros(B, 0, dtype=torch.bool, device=q.device)
+        logits.div_(temperature)
+
+        ctx.temperature = temperature
+        ctx.save_for_backward(q, k, queue, duplicate, *synthetic)
+        ctx.mark_non_differentiable(hard_indices, hard_valid)
+        ctx.set_materialize_grads(False)
+        return logits, hard_indices, hard_valid
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad, _grad_hard_indices, _grad_hard_valid):
+        if grad is None:
+            return (None,) * 10
+        q, k, queue, duplicate, *synthetic = ctx.saved_tensors
+        synthetic = None if synthetic[0] is None else _SyntheticGrad(*synthetic)
+        K = queue.shape[0]
+        with torch.autocast(device_type=grad.device.type, enabled=False):
+            grad_neg = grad[:, 1 : 1 + K]
+            if duplicate is not None:
+                grad_neg = torch.where(duplicate, 0.0, grad_neg)  # a constant -inf there
+            elif synthetic is not None:
+                grad_neg = grad_neg.clone()  # written to below
+            grad_q = grad[:, :1] * k
+            if synthetic is not None:
+                _add_synthetic_grad(grad[:, 1 + K :], synthetic, q, grad_neg, grad_q)
+            grad_q = torch.addmm(grad_q, grad_neg, queue).div_(ctx.temperature)
+        return (grad_q,) + (None,) * 9
 
 
 def mix_logits(
@@ -178,56 +347,11 @@ def mix_logits(
     validate_mixing_arguments(
         q, k, queue, temperature=temperature, n_hard=n_hard, s1=s1, s2=s2, ids=ids, queue_ids=queue_ids
     )
-    B, K = q.shape[0], queue.shape[0]
     with torch.autocast(device_type=q.device.type, enabled=False):
-        q = q.float()
-        k = k.float().detach()
-        queue = queue.float().detach()
-
-        pos = (q * k).sum(-1, keepdim=True)  # [B, 1]
-        neg = q @ queue.T  # [B, K]
-        if ids is not None:
-            duplicate = ids.unsqueeze(1) == queue_ids.unsqueeze(0)  # [B, K]
-            neg = neg.masked_fill(duplicate, float("-inf"))
-            n_unmasked = K - duplicate.sum(1)
-        else:
-            n_unmasked = torch.full((B,), K, dtype=torch.long, device=q.device)
-
-        if n_hard > 0:
-            hard_logits, hard_indices = neg.topk(n_hard, dim=1)  # [B, n_hard], best first
-        else:
-            hard_logits = neg.new_zeros(B, 0)
-            hard_indices = torch.zeros(B, 0, dtype=torch.long, device=q.device)
-        n_valid = n_unmasked.clamp_max(n_hard)
-        hard_valid = torch.arange(n_hard, device=q.device).unsqueeze(0) < n_valid.unsqueeze(1)
-
-        columns = [pos, neg]
-        if s1 or s2:
-            draws = draw_mixing(n_valid, s1, s2, generator)
-            q_sq = (q * q).sum(-1, keepdim=True).detach()  # [B, 1], 1 up to rounding
-            queue_sq = (queue * queue).sum(-1)  # [K]
-            hard_sq = queue_sq[hard_indices]  # [B, n_hard]
-            # Masked entries are never drawn; zero them so no -inf enters the arithmetic.
-            hard_logits = hard_logits.masked_fill(~hard_valid, 0.0)
-            hard_detached = hard_logits.detach()
-        if s1:
-            i, j = draws.pair_i, draws.pair_j
-            a = draws.alpha
-            pair_dot = _pair_dots(queue, hard_indices.gather(1, i), hard_indices.gather(1, j))
-            type1 = _mixed_logit(
-                a, hard_logits.gather(1, i), 1 - a, hard_logits.gather(1, j),
-                hard_sq.gather(1, i), hard_sq.gather(1, j), pair_dot,
-            )
-            columns.append(type1.masked_fill((n_valid < 2).unsqueeze(1), float("-inf")))
-        if s2:
-            b, n = draws.beta, draws.single
-            q_self = (q * q.detach()).sum(-1, keepdim=True)  # gradient q_detached
-            type2 = _mixed_logit(
-                b, q_self, 1 - b, hard_logits.gather(1, n),
-                q_sq, hard_sq.gather(1, n), hard_detached.gather(1, n),
-            )
-            columns.append(type2.masked_fill((n_valid < 1).unsqueeze(1), float("-inf")))
-        logits = torch.cat(columns, dim=1) / temperature
+        logits, hard_indices, hard_valid = _MochiLogits.apply(
+            q.float(), k.float().detach(), queue.float().detach(), ids, queue_ids,
+            temperature, n_hard, s1, s2, generator,
+        )
     return MixedLogits(logits, hard_indices, hard_valid)
 
 

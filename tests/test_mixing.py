@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from hnmix import mixing
 from hnmix.mixing import draw_mixing, mix_logits, mochi_logits
 from oracle import oracle_logits
 
@@ -68,6 +69,44 @@ def test_logits_and_gradient_match_the_materialising_float64_oracle(B, K, d, n_h
     tolerance = 1e-6 if dtype == torch.float32 else 2.0**-8
     assert q_fast.grad.dtype == dtype
     assert relative_error(q_fast.grad, q_oracle.grad) <= tolerance
+
+
+def _compare_with_oracle(q, k, queue, **kwargs):
+    """Relative errors (logits, q-gradient) of mochi_logits against the float64 oracle."""
+    q_fast = q.clone().requires_grad_()
+    q_oracle = q.double().requires_grad_()
+    fast = mochi_logits(q_fast, k, queue, generator=torch.Generator().manual_seed(7), **kwargs)
+    expected, _ = oracle_logits(q_oracle, k, queue, generator=torch.Generator().manual_seed(7), **kwargs)
+    weights = torch.randn(expected.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    weights = weights.masked_fill(~torch.isfinite(expected), 0)
+    (fast * weights.float()).sum().backward()
+    (expected * weights).sum().backward()
+    return relative_error(fast, expected), relative_error(q_fast.grad, q_oracle.grad)
+
+
+def test_type1_dot_products_in_several_chunks_match_the_oracle(monkeypatch):
+    B, K, d, s1 = 8, 64, 16, 5
+    # Room for 3 rows of B per chunk: chunks of 3, 3 and 2 rows.
+    monkeypatch.setattr(mixing, "_pair_chunk_elements", lambda device: 3 * 2 * s1 * d)
+    q, k, queue, ids, queue_ids = make_inputs(B, K, d)
+    kwargs = dict(temperature=0.07, n_hard=10, s1=s1, s2=3, ids=ids, queue_ids=queue_ids)
+    assert max(_compare_with_oracle(q, k, queue, **kwargs)) <= 1e-6
+
+
+def test_without_ids_matches_the_oracle():
+    q, k, queue, *_ = make_inputs(8, 64, 16)
+    assert max(_compare_with_oracle(q, k, queue, temperature=0.07, n_hard=10, s1=5, s2=4)) <= 1e-6
+
+
+def test_backward_can_run_twice_on_a_retained_graph():
+    q, k, queue, ids, queue_ids = make_inputs(8, 64, 16)
+    q.requires_grad_()
+    logits = mochi_logits(q, k, queue, temperature=0.2, n_hard=10, s1=5, s2=4, ids=ids, queue_ids=queue_ids)
+    loss = F.cross_entropy(logits, torch.zeros(8, dtype=torch.long))
+    loss.backward(retain_graph=True)
+    first = q.grad.clone()
+    loss.backward()
+    torch.testing.assert_close(q.grad, 2 * first)
 
 
 def test_hard_negatives_are_the_highest_unmasked_queue_entries():
