@@ -254,3 +254,16 @@ def test_mismatched_shapes_raise_value_error_naming_the_argument(change, name):
     q, k, queue, ids, queue_ids = change(*make_inputs(4, 16, 8))
     with pytest.raises(ValueError, match=name):
         mochi_logits(q, k, queue, temperature=0.2, ids=ids, queue_ids=queue_ids)
+
+
+def test_type1_logits_lie_on_the_arc_between_their_two_hard_negatives():
+    q, k, queue, *_ = make_inputs(6, 32, 16)
+    T = 0.1
+    mixed = mix_logits(q, k, queue, temperature=T, n_hard=2, s1=50)  # every mix uses the same two
+    n1, n2 = queue[mixed.hard_indices[:, 0]], queue[mixed.hard_indices[:, 1]]
+    t = torch.linspace(0, 1, 2001).view(1, -1, 1)
+    arc = F.normalize(t * n1.unsqueeze(1) + (1 - t) * n2.unsqueeze(1), dim=2)  # [B, 2001, d]
+    on_arc = (arc @ q.unsqueeze(2)).squeeze(2) / T
+    type1 = mixed.logits[:, 1 + 32 :]
+    assert (type1 >= on_arc.min(1, keepdim=True).values - 1e-4).all()
+    assert (type1 <= on_arc.max(1, keepdim=True).values + 1e-4).all()
