@@ -37,6 +37,7 @@ therefore runs its network calls in a helper thread and gives up after `check_ti
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import os
@@ -49,6 +50,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import huggingface_hub
+import torch
 import torch.nn as nn
 from huggingface_hub import ModelCard, ModelCardData
 from huggingface_hub.errors import HfHubHTTPError, HFValidationError, OfflineModeIsEnabled
@@ -65,9 +67,12 @@ def export_encoder(backbone: nn.Module, directory: str | Path, *, img_size: int)
     """Save `backbone` (a timm model) to `directory`; returns the directory.
 
     The preprocessing recorded in config.json is the one hnmix evaluates with: resize to
-    img_size * 256/224, centre crop img_size, ImageNet mean and std.
+    img_size * 256/224, centre crop img_size, ImageNet mean and std. A channels_last backbone is
+    saved from a contiguous copy (safetensors stores contiguous tensors only).
     """
     directory = Path(directory)
+    if any(not p.is_contiguous() for p in backbone.parameters()):
+        backbone = copy.deepcopy(backbone).to(memory_format=torch.contiguous_format)
     data_config = {"input_size": (3, img_size, img_size), "crop_pct": 224 / 256,
                    "mean": IMAGENET_MEAN, "std": IMAGENET_STD, "interpolation": "bilinear"}
     save_for_hf(backbone, str(directory), safe_serialization=True, data_config=data_config)
