@@ -53,7 +53,8 @@ from hnmix.config import (
 )
 from hnmix.data import TwoViewDataset, load_image_dataset, make_train_loader, resolve_columns
 from hnmix.errors import ConfigError, DataError, HnmixError, HubError
-from hnmix.evaluate import NO_LABELS, KnnMonitor, load_eval_splits
+from hnmix.eval_data import NO_LABELS, load_eval_splits
+from hnmix.evaluate import KnnMonitor
 from hnmix.hub import HubPusher, export_encoder, write_model_card
 from hnmix.metrics import StatsWindow, append_record, drop_records_after
 from hnmix.moco import MoCo, MoCoEncoder

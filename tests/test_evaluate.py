@@ -25,18 +25,9 @@ from safetensors.torch import load_file
 
 from hnmix.data import make_synthetic_dataset
 from hnmix.errors import DataError
-from hnmix.evaluate import (
-    NO_LABELS,
-    EvalImages,
-    extract_features,
-    knn_accuracy,
-    knn_scores,
-    load_backbone,
-    load_eval_splits,
-    main,
-    make_eval_loader,
-    train_linear_probe,
-)
+from hnmix.eval_data import NO_LABELS, EvalImages, extract_features, load_eval_splits, make_eval_loader
+from hnmix.evaluate import load_backbone, main
+from hnmix.probes import knn_accuracy, knn_scores, train_linear_probe
 from hnmix.hub import export_encoder
 from launch import REPO, accelerate_launch
 

@@ -20,15 +20,10 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 from hnmix.data import make_synthetic_dataset
-from hnmix.evaluate import (
-    EvalImages,
-    KnnMonitor,
-    extract_features,
-    knn_accuracy,
-    load_eval_splits,
-    main as evaluate_main,
-    make_eval_loader,
-)
+from hnmix.eval_data import EvalImages, extract_features, load_eval_splits, make_eval_loader
+from hnmix.evaluate import KnnMonitor
+from hnmix.evaluate import main as evaluate_main
+from hnmix.probes import knn_accuracy
 
 SIZE, BATCH, IMG, K = 37, 4, 32, 5
 CLI_ARGS = ["test_resnet", "--dataset", "synthetic", "--synthetic_size", str(SIZE), "--img_size", str(IMG),
