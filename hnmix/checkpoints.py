@@ -18,8 +18,9 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from accelerate import Accelerator
+from accelerate.utils import gather_object
 
-from hnmix.errors import ConfigError
+from hnmix.errors import CheckpointError, ConfigError, describe
 
 logger = logging.getLogger(__name__)
 
@@ -73,18 +74,33 @@ def resolve_resume(resume: str, dir_out: str | Path) -> Optional[Path]:
 
 def save_checkpoint(accelerator: Accelerator, root: Path, step: int, files: dict[str, str]) -> Path:
     """Save the training state of every rank at `step`, plus `files` (name -> text) from the main
-    process, atomically. Every rank must call this. Returns the final directory."""
+    process, atomically. Every rank must call this. Returns the final directory.
+
+    A write that fails on any rank (a full disk, a vanished mount) raises CheckpointError on every
+    rank: the partial directory is removed and the complete checkpoints stay as they were.
+    """
     final = checkpoint_path(root, step)
     partial = root / f".partial-{final.name}"
-    if accelerator.is_main_process:
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(partial))
-    if accelerator.is_main_process:
-        for name, text in files.items():
-            (partial / name).write_text(text)
-    accelerator.wait_for_everyone()
+    problem = None
+    try:
+        if accelerator.is_main_process:
+            shutil.rmtree(partial, ignore_errors=True)
+            partial.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(partial))
+        if accelerator.is_main_process:
+            for name, text in files.items():
+                (partial / name).write_text(text)
+    except OSError as error:
+        problem = describe(error)
+    problems = [p for p in gather_object([problem]) if p]
+    if problems:
+        if accelerator.is_main_process:
+            shutil.rmtree(partial, ignore_errors=True)
+        kept = complete_checkpoints(root)
+        raise CheckpointError(f"could not write the checkpoint of step {step} ({problems[0]}); "
+                              f"{'the newest complete one is ' + str(kept[-1]) if kept else 'no checkpoint was kept'}; "
+                              "free space or choose another --dir_out, then --resume latest")
     if accelerator.is_main_process:
         if final.exists():
             shutil.rmtree(final)

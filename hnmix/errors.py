@@ -16,6 +16,10 @@ class DataError(HnmixError):
     """The dataset cannot be found, reached or used (path, Hub id, split, columns, images)."""
 
 
+class CheckpointError(HnmixError):
+    """A checkpoint cannot be written (disk full, unwritable directory)."""
+
+
 class HubError(HnmixError):
     """The Hugging Face Hub cannot be used as asked (token, repo id, network)."""
 

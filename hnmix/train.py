@@ -18,6 +18,7 @@ import os
 import sys
 import time
 import warnings
+from datetime import timedelta
 from difflib import get_close_matches
 from pathlib import Path
 from typing import Optional, Sequence
@@ -25,7 +26,7 @@ from typing import Optional, Sequence
 import timm
 import torch
 import yaml
-from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
+from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs, InitProcessGroupKwargs
 from accelerate.logging import get_logger
 from accelerate.tracking import get_available_trackers
 from accelerate.utils import LoggerType, broadcast_object_list, gather_object, set_seed
@@ -61,6 +62,10 @@ from hnmix.moco import MoCo, MoCoEncoder
 from hnmix.preemption import EXIT_STOPPED, StopSignal
 
 logger = get_logger("hnmix")
+# A collective that waits longer than this means a rank is gone: fail then rather than after the
+# backend's default. Long enough for the main process to download Caltech-256 (~1.2 GB) while the
+# others wait in `main_process_first`, for checkpoint saves and for kNN evaluations.
+COLLECTIVE_TIMEOUT_S = 1200
 HUB_WAIT_S = 900  # the end of training waits this long for the last upload
 HUB_WAIT_ON_STOP_S = 60  # a run stopped by a signal (preemption grace periods are short)
 console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
@@ -136,7 +141,8 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
             log_with=trackers or None,
             project_dir=config.dir_out,
             step_scheduler_with_optimizer=False,  # the schedule counts optimizer steps, not samples
-            kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
+            kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False),
+                             InitProcessGroupKwargs(timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S))],
             dataloader_config=DataLoaderConfiguration(non_blocking=True),
         )
     except (ValueError, ImportError) as error:

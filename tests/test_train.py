@@ -213,3 +213,34 @@ def test_sigterm_saves_stops_with_exit_75_and_resume_matches(straight_run, tmp_p
     else:  # records average their window; its sums travel in the checkpoint, so no window is cut short
         windows = {s: sum(per_step[t] for t in range(s - 2, s + 1)) / 3 for s in (3, 6, 9, 12)}
         assert losses(tmp_path) == pytest.approx(windows, rel=1e-6)
+
+
+def test_a_failed_save_stops_with_one_line_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    """A full disk during the second save: CheckpointError, step 2's checkpoint intact."""
+    import errno
+
+    from accelerate import Accelerator
+
+    from hnmix.config import parse_config
+    from hnmix.errors import CheckpointError
+    from hnmix.train import train
+
+    real_save_state = Accelerator.save_state
+    calls = []
+
+    def save_state(self, output_dir=None, **kwargs):
+        calls.append(output_dir)
+        if len(calls) == 2:
+            (Path(output_dir) / "model.safetensors").write_bytes(b"half a file")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save_state(self, output_dir, **kwargs)
+
+    monkeypatch.setattr(Accelerator, "save_state", save_state)
+    with pytest.raises(CheckpointError) as error:
+        train(parse_config([*TINY, "-s", "6", "-sp", "1", "-ss", "2", "--num_workers", "0", "--eval_every", "0",
+                            "-do", str(tmp_path)]))
+    message = str(error.value)
+    assert "No space left on device" in message and "step_00000002" in message and "\n" not in message
+    assert checkpoints(tmp_path) == ["step_00000002"]  # the partial step-4 save is gone
+    assert load_file(tmp_path / "checkpoints/step_00000002/model.safetensors")["queue.ptr"].item() == 16
+    assert [r["step"] for r in metrics(tmp_path)] == [1, 2, 3, 4]
