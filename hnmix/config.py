@@ -38,6 +38,7 @@ class TrainConfig:
     label_column: Optional[str] = option(None, "Column holding class labels (default: `label` if present; `none`: no labels).", group="data")
     synthetic_size: int = option(512, "Number of images of `--dataset synthetic`.", group="data")
     num_workers: int = option(4, "DataLoader worker processes per training process.", group="data")
+    max_bad_fraction: float = option(0.1, "Stop when more than this fraction of the images read could not be (each is replaced and counted).", group="data")
     # TRAINING
     steps: int = option(25000, "Number of optimizer steps.", alias="-s")
     batch_size: int = option(64, "Batch size per process (global batch = batch_size x processes).", alias="-bs")
@@ -91,7 +92,7 @@ class TrainConfig:
 # Options that may change when a run is resumed; everything else must match the checkpoint.
 RESUMABLE_CHANGES = ("steps", "stop_at", "steps_print", "steps_save", "keep_checkpoints", "num_workers", "resume", "config",
                      "report_to", "dir_data", "dir_out", "device", "eval_every", "eval_max_samples",
-                     "push_to_hub", "hub_model_id", "hub_private", "hub_strategy")
+                     "push_to_hub", "hub_model_id", "hub_private", "hub_strategy", "max_bad_fraction")
 
 
 def _field_type(f: dataclasses.Field) -> type:
@@ -201,6 +202,8 @@ def validate(config: TrainConfig) -> None:
             raise ConfigError(f"option {name} must be >= 0, got {getattr(config, name)}")
     if not config.eval_split_size > 0 or (config.eval_split_size >= 1 and not config.eval_split_size.is_integer()):
         raise ConfigError(f"option eval_split_size must be a fraction in (0, 1) or a whole count, got {config.eval_split_size}")
+    if not 0 <= config.max_bad_fraction <= 1:
+        raise ConfigError(f"option max_bad_fraction must be in [0, 1], got {config.max_bad_fraction}")
     if not config.knn_temperature > 0:
         raise ConfigError(f"option knn_temperature must be > 0, got {config.knn_temperature}")
     if config.push_to_hub and not config.hub_model_id:

@@ -381,12 +381,31 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
     return int(stream.generate_state(1, np.uint64)[0] >> np.uint64(1))
 
 
+# An unreadable image is replaced by another, drawn from (seed, epoch, index); this many failures
+# in a row mean the dataset itself is broken.
+MAX_REPLACEMENTS = 10
+_WARNINGS_PER_PROCESS = 5
+_warned = 0
+
+
+def _warn_unreadable(index: int, error: BaseException, replacement: int) -> None:
+    """Name the first few unreadable images of this (worker) process in a warning."""
+    global _warned
+    _warned += 1
+    if _warned <= _WARNINGS_PER_PROCESS:
+        more = "; further ones are only counted (bad_samples in metrics.jsonl)" if _warned == _WARNINGS_PER_PROCESS else ""
+        what = first_line(error) if isinstance(error, DataError) else f"image {index} cannot be read ({describe(error)})"
+        logger.warning(f"{what}; using image {replacement} instead{more}")
+
+
 class TwoViewDataset(torch.utils.data.Dataset):
     """Row i of a `datasets.Dataset` as two augmented views, its index and its label.
 
     `__getitem__(epoch * len(self) + index)` (the encoding `EpochSampler` yields) returns
-    (view_q [3, H, W] float32, view_k [3, H, W] float32, index: int, label: int), label -1 when
-    there is no label column (or the row's label is missing).
+    (view_q [3, H, W] float32, view_k [3, H, W] float32, index: int, label: int, unreadable: int),
+    label -1 when there is no label column (or the row's label is missing). An image that cannot
+    be read (truncated, empty, not an image, a decompression bomb) is replaced by another drawn
+    from (seed, epoch, index), so batches keep their size; `unreadable` counts the replacements.
 
     Why the views are seeded per sample: both views are drawn with torch's CPU generator
     reseeded to `sample_seed(seed, epoch, index)`, inside `torch.random.fork_rng`. So the same
@@ -416,20 +435,33 @@ class TwoViewDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, encoded_index: int) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    def __getitem__(self, encoded_index: int) -> tuple[torch.Tensor, torch.Tensor, int, int, int]:
+        """(view_q, view_k, index, label, unreadable): `unreadable` counts the images that could
+        not be read and were replaced (index and label are then the replacement's)."""
         encoded_index = int(encoded_index)
         if encoded_index < 0:
             raise IndexError(f"encoded index must be >= 0, got {encoded_index}")
         epoch, index = divmod(encoded_index, len(self))
-        row = self._read_row(index)
-        image = to_rgb(row[self.image_column])
+        row, image, unreadable = None, None, 0
+        while image is None:
+            try:
+                row = self._read_row(index)
+                image = to_rgb(row[self.image_column])
+            except (DataError, OSError, Image.DecompressionBombError) as error:
+                unreadable += 1
+                replacement = sample_seed(self.seed + unreadable, epoch, index) % len(self)
+                if unreadable > MAX_REPLACEMENTS:
+                    raise DataError(f"{MAX_REPLACEMENTS} images in a row could not be read, the last one "
+                                    f"image {index} ({first_line(error)}); check the dataset's files") from None
+                _warn_unreadable(index, error, replacement)
+                index = replacement
         label = -1
         if self.label_column is not None and row[self.label_column] is not None:
             label = int(row[self.label_column])
         with torch.random.fork_rng(devices=[]):
             torch.default_generator.manual_seed(sample_seed(self.seed, epoch, index))
             view_q, view_k = self.two_views(image)
-        return view_q, view_k, index, label
+        return view_q, view_k, index, label, unreadable
 
     def _read_row(self, index: int) -> dict:
         try:

@@ -51,6 +51,24 @@ class StatsWindow:
         self.counts = {name: count for name, (_, count) in state.items()}
 
 
+class RunningCount:
+    """A count summed over steps and processes (e.g. replaced unreadable images), kept on the
+    device between reads. `total` is a collective: every rank calls it at the same step."""
+
+    def __init__(self, start: int = 0) -> None:
+        self.counted = start  # over all processes, up to the last `total`
+        self.pending: torch.Tensor | int = 0  # this rank's, since then
+
+    def add(self, counts: torch.Tensor) -> None:
+        self.pending = self.pending + counts.sum()
+
+    def total(self, accelerator: Accelerator) -> int:
+        pending = torch.as_tensor(self.pending, device=accelerator.device).reshape(1)
+        self.counted += int(accelerator.reduce(pending, reduction="sum").item())
+        self.pending = 0
+        return self.counted
+
+
 def append_record(path: Path, record: dict[str, Any]) -> None:
     with path.open("a") as file:
         file.write(json.dumps(record) + "\n")

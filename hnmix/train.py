@@ -57,7 +57,7 @@ from hnmix.errors import ConfigError, DataError, HnmixError, HubError
 from hnmix.eval_data import NO_LABELS, load_eval_splits
 from hnmix.evaluate import KnnMonitor
 from hnmix.hub import HubPusher, export_encoder, write_model_card
-from hnmix.metrics import StatsWindow, append_record, drop_records_after
+from hnmix.metrics import RunningCount, StatsWindow, append_record, drop_records_after
 from hnmix.moco import MoCo, MoCoEncoder
 from hnmix.preemption import EXIT_STOPPED, StopSignal
 
@@ -87,6 +87,14 @@ def seed_lr_schedule(config: TrainConfig):
         return lr / config.lr_base
 
     return lr_at
+
+
+def check_bad_fraction(bad: int, seen: int, max_bad_fraction: float, dataset_size: int) -> None:
+    """Stop when too many images were unreadable; judged once enough were read to tell (the whole
+    dataset, or 1000 images), so that one bad file in the first batch does not end a run."""
+    if seen >= min(dataset_size, 1000) and bad / seen > max_bad_fraction:
+        raise DataError(f"{bad} of the {seen} images read so far could not be read ({bad / seen:.1%} > "
+                        f"--max_bad_fraction {max_bad_fraction}); fix or remove them, or raise --max_bad_fraction")
 
 
 def check_writable(directory: Path) -> None:
@@ -221,12 +229,14 @@ def checkpoint_to_resume(config: TrainConfig) -> Optional[Path]:
     return checkpoint
 
 
-def load_training_state(accelerator: Accelerator, checkpoint: Path, window: StatsWindow, metrics_path: Path) -> int:
+def load_training_state(accelerator: Accelerator, checkpoint: Path, window: StatsWindow, bad_images: RunningCount,
+                        metrics_path: Path) -> int:
     """Restore everything `save_training_state` saved; returns the step. Records of later steps
     (logged before a crash, not covered by the checkpoint) leave metrics.jsonl."""
     accelerator.load_state(str(checkpoint))
     state = read_trainer_state(checkpoint)
     window.load_state(state["stats_window"], accelerator.device)
+    bad_images.counted = state["bad_samples"]
     if accelerator.is_main_process:
         drop_records_after(metrics_path, state["step"])
     logger.info(f"Resumed from {checkpoint} at step {state['step']}")
@@ -259,13 +269,13 @@ def publish_encoder(config: TrainConfig, moco: MoCo, results: dict) -> Path:
     return encoder_dir
 
 
-def save_training_state(accelerator: Accelerator, moco: MoCo, window: StatsWindow, config: TrainConfig,
-                        step: int, epoch: int) -> Path:
+def save_training_state(accelerator: Accelerator, moco: MoCo, window: StatsWindow, bad_images: RunningCount,
+                        config: TrainConfig, step: int, epoch: int) -> Path:
     """A checkpoint of every rank at `step`, then retention. Every rank calls it."""
     root = checkpoints_root(config.dir_out)
     state = {"step": step, "epoch": epoch, "num_processes": accelerator.num_processes,
              "queue_sha256_per_rank": gather_object([moco.queue.fingerprint()]),
-             "stats_window": window.state(accelerator)}
+             "stats_window": window.state(accelerator), "bad_samples": bad_images.total(accelerator)}
     checkpoint = save_checkpoint(accelerator, root, step, {
         TRAINER_STATE: json.dumps(state, indent=1), CONFIG_FILE: config_to_yaml(config)})
     if accelerator.is_main_process:
@@ -295,8 +305,8 @@ def train(config: TrainConfig) -> int:
     steps_per_epoch = len(loader)
 
     metrics_path = dir_out / "metrics.jsonl"
-    window = StatsWindow()
-    step = load_training_state(accelerator, checkpoint, window, metrics_path) if checkpoint else 0
+    window, bad_images = StatsWindow(), RunningCount()
+    step = load_training_state(accelerator, checkpoint, window, bad_images, metrics_path) if checkpoint else 0
     if accelerator.is_main_process:
         (dir_out / CONFIG_FILE).write_text(config_to_yaml(config))
     accelerator.init_trackers("hnmix", config={k: str(v) if v is None else v for k, v in config.to_dict().items()})
@@ -323,7 +333,7 @@ def train(config: TrainConfig) -> int:
         while step < end and not stopping:
             epoch, skip = divmod(step, steps_per_epoch)
             loader.set_epoch(epoch)
-            for view_q, view_k, ids, labels in accelerator.skip_first_batches(loader, skip) if skip else loader:
+            for view_q, view_k, ids, labels, unreadable in accelerator.skip_first_batches(loader, skip) if skip else loader:
                 loss, stats = model(view_q, view_k, ids, labels if has_labels else None, step=step)
                 accelerator.backward(loss)
                 if config.clip_grad > 0:
@@ -333,6 +343,7 @@ def train(config: TrainConfig) -> int:
                 optimizer.zero_grad(set_to_none=True)
                 moco.momentum_update()
                 window.add(stats)
+                bad_images.add(unreadable)
                 step += 1
                 window_steps += 1
                 progress.update(task, completed=step)
@@ -345,12 +356,15 @@ def train(config: TrainConfig) -> int:
                     record |= {"lr": scheduler.get_last_lr()[0],
                                "images_per_s": global_batch * window_steps / (time.perf_counter() - window_start)}
                     record |= window.mean_over_processes(accelerator)
+                    record["bad_samples"] = bad_images.total(accelerator)
+                    check_bad_fraction(record["bad_samples"], step * global_batch, config.max_bad_fraction,
+                                       len(loader.dataset))
                     window_start, window_steps = time.perf_counter(), 0
                 if record:
                     log_step(accelerator, {"step": step, "epoch": epoch} | record, metrics_path, progress, task)
                 stopping = stop.requested()
                 if step % config.steps_save == 0 or step == end or stopping:
-                    saved = save_training_state(accelerator, moco, window, config, step, epoch)
+                    saved = save_training_state(accelerator, moco, window, bad_images, config, step, epoch)
                     if pusher and step < end and not stopping:
                         pusher.on_save(step, encoder_dir=publish_encoder(config, moco, results), checkpoint_dir=saved)
                 if step >= end or stopping:

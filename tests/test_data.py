@@ -255,7 +255,8 @@ def test_awkward_images_go_through_two_view_dataset_end_to_end(tmp_path, cache_d
         dataset, image_column="image", label_column="label", transform=moco_v2_transform(16), seed=0
     )
     for index in range(len(two_views)):
-        view_q, view_k, returned_index, label = two_views[index]
+        view_q, view_k, returned_index, label, unreadable = two_views[index]
+        assert unreadable == 0
         assert view_q.shape == view_k.shape == (3, 16, 16)
         assert view_q.dtype == torch.float32 and torch.isfinite(view_q).all()
         assert returned_index == index and label in (0, 1)
@@ -339,9 +340,9 @@ def synthetic_two_views(seed: int = 0, label_column: str | None = "label", size:
 def test_same_epoch_and_index_give_the_same_views_on_separate_objects():
     first, second = synthetic_two_views(), synthetic_two_views()
     torch.manual_seed(1)
-    q1, k1, index1, label1 = first[3 * 16 + 5]
+    q1, k1, index1, label1, _ = first[3 * 16 + 5]
     torch.manual_seed(2)
-    q2, k2, index2, label2 = second[3 * 16 + 5]
+    q2, k2, index2, label2, _ = second[3 * 16 + 5]
     assert torch.equal(q1, q2) and torch.equal(k1, k2)
     assert index1 == index2 == 5 and label1 == label2
     assert not torch.equal(q1, k1)
@@ -349,11 +350,11 @@ def test_same_epoch_and_index_give_the_same_views_on_separate_objects():
 
 def test_epoch_and_seed_change_the_views():
     two_views = synthetic_two_views()
-    q0, k0, index0, _ = two_views[5]
-    q1, k1, index1, _ = two_views[16 + 5]
+    q0, k0, index0, _, _ = two_views[5]
+    q1, k1, index1, _, _ = two_views[16 + 5]
     assert index0 == index1 == 5
     assert not torch.equal(q0, q1) and not torch.equal(k0, k1)
-    q_other_seed, _, _, _ = synthetic_two_views(seed=1)[5]
+    q_other_seed, _, _, _, _ = synthetic_two_views(seed=1)[5]
     assert not torch.equal(q0, q_other_seed)
 
 
@@ -376,7 +377,7 @@ def test_eval_transform_also_fits_two_view_dataset():
     two_views = TwoViewDataset(
         dataset, image_column="image", label_column="label", transform=eval_transform(24), seed=0
     )
-    view_q, view_k, _, _ = two_views[1]
+    view_q, view_k, _, _, _ = two_views[1]
     assert view_q.shape == (3, 24, 24) and torch.equal(view_q, view_k)
 
 
@@ -406,14 +407,15 @@ def test_train_loader_with_workers_yields_the_documented_batches():
     batches = list(loader)
     assert torch.equal(torch.get_rng_state(), before)
     assert len(batches) == 3
-    view_q, view_k, index, label = batches[0]
+    view_q, view_k, index, label, unreadable = batches[0]
     assert view_q.shape == view_k.shape == (8, 3, 24, 24)
     assert view_q.dtype == view_k.dtype == torch.float32
-    assert index.shape == label.shape == (8,)
+    assert index.shape == label.shape == unreadable.shape == (8,)
+    assert unreadable.sum() == 0
     assert index.dtype == label.dtype == torch.int64
     assert sorted(torch.cat([batch[2] for batch in batches]).tolist()) == list(range(24))
     # The same batch, read in the main process, has the same views as the workers drew.
-    q0, k0, _, _ = two_views[int(index[0])]
+    q0, k0, _, _, _ = two_views[int(index[0])]
     assert torch.equal(view_q[0], q0) and torch.equal(view_k[0], k0)
 
 
@@ -422,16 +424,39 @@ def test_train_loader_needs_at_least_one_batch():
     assert "--batch_size" in message and "6" in message
 
 
-def test_a_corrupt_image_in_a_worker_raises_in_the_main_process(tmp_path, cache_dir):
+def test_an_unreadable_image_is_replaced_counted_and_named(tmp_path, cache_dir, caplog):
     root = write_image_folder(tmp_path / "folder", {"a": 3, "b": 3}, size=12)
     (root / "b" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
+    (root / "b" / "empty.jpg").write_bytes(b"")
     dataset = load_image_dataset(str(root), cache_dir=cache_dir)
     two_views = TwoViewDataset(
         dataset, image_column="image", label_column="label", transform=moco_v2_transform(8), seed=0
     )
     broken = next(i for i in range(len(dataset)) if two_views._where(i).endswith("broken.png)"))
-    message = raises_one_line(two_views.__getitem__, broken)
-    assert "broken.png" in message and "cannot be decoded" in message
-    loader = make_train_loader(two_views, batch_size=7, num_workers=2, seed=0)
-    with pytest.raises(DataError, match="cannot be decoded"):
+    with caplog.at_level("WARNING"):
+        view_q, _, index, label, unreadable = two_views[broken]
+    assert unreadable >= 1 and index != broken and view_q.shape == (3, 8, 8)
+    assert any(f"image {broken} of the dataset" in r.getMessage() and "broken.png" in r.getMessage()
+               and "using image" in r.getMessage() for r in caplog.records)
+    again = two_views[broken]
+    assert again[2] == index and torch.equal(again[0], view_q)  # the replacement is deterministic
+
+    loader = make_train_loader(two_views, batch_size=4, num_workers=2, seed=0)
+    batches = list(loader)
+    assert all(batch[0].shape[0] == 4 for batch in batches)  # batches keep their size
+    # 8 images, 2 unreadable: every unreadable one the sampler drew was counted.
+    drawn = torch.cat([batch[4] for batch in batches]).sum().item()
+    assert 0 < drawn <= 2 + 2 * 8  # each of the two costs one or more tries
+
+
+def test_a_dataset_of_unreadable_images_fails_loudly_from_a_worker(tmp_path, cache_dir):
+    root = tmp_path / "folder"
+    for i in range(4):
+        (root / "a").mkdir(parents=True, exist_ok=True)
+        (root / "a" / f"{i}.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    dataset = load_image_dataset(str(root), cache_dir=cache_dir)
+    two_views = TwoViewDataset(dataset, image_column="image", label_column=None,
+                               transform=moco_v2_transform(8), seed=0)
+    loader = make_train_loader(two_views, batch_size=2, num_workers=2, seed=0)
+    with pytest.raises(DataError, match="images in a row could not be read"):
         list(loader)

@@ -244,3 +244,45 @@ def test_a_failed_save_stops_with_one_line_and_keeps_the_previous_checkpoint(tmp
     assert checkpoints(tmp_path) == ["step_00000002"]  # the partial step-4 save is gone
     assert load_file(tmp_path / "checkpoints/step_00000002/model.safetensors")["queue.ptr"].item() == 16
     assert [r["step"] for r in metrics(tmp_path)] == [1, 2, 3, 4]
+
+
+def write_folder_with_corrupt_files(root: Path, *, good: int, corrupt: int) -> Path:
+    for i in range(good):
+        folder = root / f"class_{i % 2}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (40, 36), (7 * i % 256, 100, 50)).save(folder / f"{i}.png")
+    for i in range(corrupt):
+        (root / "class_0" / f"truncated_{i}.jpg").write_bytes(b"\xff\xd8\xff\xe0 then nothing")
+    return root
+
+
+def test_five_percent_corrupt_files_train_to_the_end_and_are_counted(tmp_path):
+    data = write_folder_with_corrupt_files(tmp_path / "images", good=38, corrupt=2)  # 2 of 40
+    result = run_train(*TINY[2:], "--dataset", str(data), "-s", "5", "-sp", "1", "-ss", "5", "--num_workers", "1",
+                       "--eval_every", "0", "-do", str(tmp_path / "out"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = metrics(tmp_path / "out")
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5]
+    assert records[-1]["bad_samples"] >= 2  # one epoch: every file was drawn once
+    assert "truncated_0.jpg" in result.stderr and "using image" in result.stderr
+
+
+def test_too_many_unreadable_images_stop_the_run_with_one_line(tmp_path):
+    data = write_folder_with_corrupt_files(tmp_path / "images", good=30, corrupt=10)
+    result = run_train(*TINY[2:], "--dataset", str(data), "-s", "5", "-sp", "1", "-ss", "5", "--num_workers", "0",
+                       "--eval_every", "0", "--max_bad_fraction", "0.05", "-do", str(tmp_path / "out"))
+    assert result.returncode == 2
+    last = [line for line in result.stderr.splitlines() if line.strip()][-1]
+    assert last.startswith("hnmix: error:") and "--max_bad_fraction 0.05" in last
+
+
+def test_a_failing_rank_brings_the_whole_job_down_quickly_with_its_error(tmp_path):
+    started = time.monotonic()
+    result = accelerate_launch([str(REPO / "tests/multiprocess/failing_rank.py"), *TINY, "-bs", "4", "-s", "20",
+                                "-sp", "1", "-ss", "100", "--num_workers", "0", "-do", str(tmp_path)], timeout=300)
+    elapsed = time.monotonic() - started
+    assert result.returncode != 0
+    assert "injected failure on rank 1" in result.stderr
+    records = metrics(tmp_path) if (tmp_path / "metrics.jsonl").exists() else []
+    assert len(records) <= 3  # rank 0 did not train on alone
+    assert elapsed < 120, f"took {elapsed:.0f} s"  # start-up included; the job itself ends within seconds
