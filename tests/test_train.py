@@ -285,4 +285,4 @@ def test_a_failing_rank_brings_the_whole_job_down_quickly_with_its_error(tmp_pat
     assert "injected failure on rank 1" in result.stderr
     records = metrics(tmp_path) if (tmp_path / "metrics.jsonl").exists() else []
     assert len(records) <= 3  # rank 0 did not train on alone
-    assert elapsed < 120, f"took {elapsed:.0f} s"  # start-up included; the job itself ends within seconds
+    assert elapsed < 60, f"took {elapsed:.0f} s"  # start-up (imports of 2 processes) included
