@@ -21,7 +21,8 @@ _SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 class StopSignal:
-    """Installs the handlers; `requested()` says, identically on every rank, whether to stop."""
+    """Installs the handlers (until `restore`, or the end of a `with` block); `requested()` says,
+    identically on every rank, whether to stop."""
 
     def __init__(self) -> None:
         self.received: Optional[signal.Signals] = None
@@ -42,3 +43,9 @@ class StopSignal:
     def restore(self) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+    def __enter__(self) -> "StopSignal":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.restore()

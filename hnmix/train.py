@@ -321,15 +321,14 @@ def train(config: TrainConfig) -> int:
     progress = Progress(
         TextColumn("step"), MofNCompleteColumn(), BarColumn(),
         TextColumn("{task.fields[speed]} img/s  loss {task.fields[loss]}  lr {task.fields[lr]}  kNN {task.fields[knn]}"),
-        TimeRemainingColumn(), console=console, disable=not accelerator.is_local_main_process,
+        TimeRemainingColumn(), console=console, disable=not accelerator.is_main_process,
     )
     task = progress.add_task("train", total=config.steps, completed=step, speed="-", loss="-", lr="-", knn="-")
     window_start, window_steps = time.perf_counter(), 0
-    stop = StopSignal()
     stopping = False
 
     model.train()
-    with progress:
+    with progress, StopSignal() as stop:
         while step < end and not stopping:
             epoch, skip = divmod(step, steps_per_epoch)
             loader.set_epoch(epoch)
@@ -369,7 +368,6 @@ def train(config: TrainConfig) -> int:
                         pusher.on_save(step, encoder_dir=publish_encoder(config, moco, results), checkpoint_dir=saved)
                 if step >= end or stopping:
                     break
-    stop.restore()
 
     if accelerator.is_main_process:
         encoder_dir = publish_encoder(config, moco, results)
