@@ -56,6 +56,7 @@ class TrainConfig:
     lr_warmup: float = option(2.5e-7, "Learning rate at step 0; linear warmup over the first 10% of steps.", alias="-lrw")
     lr_min: float = option(2.5e-6, "Final learning rate of the cosine schedule.", alias="-lrm")
     clip_grad: float = option(5.0, "Clip the gradient norm to this value (0: no clipping).", alias="-cg")
+    max_nonfinite_steps: int = option(10, "Stop after this many consecutive steps with a non-finite loss or gradient (each is skipped; fp16 uses loss scaling instead).")
     mixed_precision: Optional[str] = option(None, "no|fp16|bf16 (default: the accelerate config).", choices=MIXED_PRECISION)
     keep_checkpoints: int = option(3, "Keep the newest N checkpoints (0: keep all).")
     report_to: str = option("none", "Trackers for Accelerate: none, all, tensorboard, wandb, ... (comma separated).")
@@ -92,7 +93,8 @@ class TrainConfig:
 # Options that may change when a run is resumed; everything else must match the checkpoint.
 RESUMABLE_CHANGES = ("steps", "stop_at", "steps_print", "steps_save", "keep_checkpoints", "num_workers", "resume", "config",
                      "report_to", "dir_data", "dir_out", "device", "eval_every", "eval_max_samples",
-                     "push_to_hub", "hub_model_id", "hub_private", "hub_strategy", "max_bad_fraction")
+                     "push_to_hub", "hub_model_id", "hub_private", "hub_strategy", "max_bad_fraction",
+                     "max_nonfinite_steps")
 
 
 def _field_type(f: dataclasses.Field) -> type:
@@ -174,7 +176,8 @@ def parse_config(argv: Optional[Sequence[str]] = None) -> TrainConfig:
 
 def validate(config: TrainConfig) -> None:
     """Checks that need no model, data or processes; one ConfigError line each."""
-    positive = ("img_size", "steps", "batch_size", "steps_save", "steps_print", "dim_moco", "k_moco", "synthetic_size")
+    positive = ("img_size", "steps", "batch_size", "steps_save", "steps_print", "dim_moco", "k_moco", "synthetic_size",
+                "max_nonfinite_steps")
     for name in positive:
         if getattr(config, name) < 1:
             raise ConfigError(f"option {name} must be >= 1, got {getattr(config, name)}")

@@ -20,6 +20,10 @@ class CheckpointError(HnmixError):
     """A checkpoint cannot be written (disk full, unwritable directory)."""
 
 
+class TrainingDivergedError(HnmixError):
+    """Too many consecutive steps had a non-finite loss or gradient."""
+
+
 class HubError(HnmixError):
     """The Hugging Face Hub cannot be used as asked (token, repo id, network)."""
 

@@ -53,7 +53,7 @@ from hnmix.config import (
     parse_config,
 )
 from hnmix.data import TwoViewDataset, load_image_dataset, make_train_loader, resolve_columns
-from hnmix.errors import ConfigError, DataError, HnmixError, HubError
+from hnmix.errors import ConfigError, DataError, HnmixError, HubError, TrainingDivergedError
 from hnmix.eval_data import NO_LABELS, load_eval_splits
 from hnmix.evaluate import KnnMonitor
 from hnmix.hub import HubPusher, export_encoder, write_model_card
@@ -270,12 +270,13 @@ def publish_encoder(config: TrainConfig, moco: MoCo, results: dict) -> Path:
 
 
 def save_training_state(accelerator: Accelerator, moco: MoCo, window: StatsWindow, bad_images: RunningCount,
-                        config: TrainConfig, step: int, epoch: int) -> Path:
+                        config: TrainConfig, step: int, epoch: int, skipped_steps: int) -> Path:
     """A checkpoint of every rank at `step`, then retention. Every rank calls it."""
     root = checkpoints_root(config.dir_out)
     state = {"step": step, "epoch": epoch, "num_processes": accelerator.num_processes,
              "queue_sha256_per_rank": gather_object([moco.queue.fingerprint()]),
-             "stats_window": window.state(accelerator), "bad_samples": bad_images.total(accelerator)}
+             "stats_window": window.state(accelerator), "bad_samples": bad_images.total(accelerator),
+             "skipped_steps": skipped_steps}
     checkpoint = save_checkpoint(accelerator, root, step, {
         TRAINER_STATE: json.dumps(state, indent=1), CONFIG_FILE: config_to_yaml(config)})
     if accelerator.is_main_process:
@@ -326,6 +327,9 @@ def train(config: TrainConfig) -> int:
     task = progress.add_task("train", total=config.steps, completed=step, speed="-", loss="-", lr="-", knn="-")
     window_start, window_steps = time.perf_counter(), 0
     stopping = False
+    # fp16 runs with a loss scaler, which skips the steps with inf/NaN gradients itself.
+    check_finite = accelerator.mixed_precision != "fp16"
+    nonfinite_in_a_row, skipped_steps = 0, (read_trainer_state(checkpoint).get("skipped_steps", 0) if checkpoint else 0)
 
     model.train()
     with progress, StopSignal() as stop:
@@ -335,12 +339,22 @@ def train(config: TrainConfig) -> int:
             for view_q, view_k, ids, labels, unreadable in accelerator.skip_first_batches(loader, skip) if skip else loader:
                 loss, stats = model(view_q, view_k, ids, labels if has_labels else None, step=step)
                 accelerator.backward(loss)
-                if config.clip_grad > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), config.clip_grad)
-                optimizer.step()
+                grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.clip_grad or math.inf)
+                if check_finite and not torch.isfinite(grad_norm).item():
+                    # Equal on every rank: DDP has averaged the gradients, NaN/inf included.
+                    nonfinite_in_a_row += 1
+                    skipped_steps += 1
+                    if nonfinite_in_a_row >= config.max_nonfinite_steps:
+                        raise TrainingDivergedError(
+                            f"{nonfinite_in_a_row} steps in a row up to step {step + 1} had a non-finite loss or "
+                            f"gradient; the last good checkpoint is {saved or 'none (no checkpoint yet)'}: resume from "
+                            "it with a lower --lr_base or --clip_grad, or bf16/fp32 instead of fp16")
+                else:
+                    nonfinite_in_a_row = 0
+                    optimizer.step()
+                    moco.momentum_update()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-                moco.momentum_update()
                 window.add(stats)
                 bad_images.add(unreadable)
                 step += 1
@@ -356,6 +370,7 @@ def train(config: TrainConfig) -> int:
                                "images_per_s": global_batch * window_steps / (time.perf_counter() - window_start)}
                     record |= window.mean_over_processes(accelerator)
                     record["bad_samples"] = bad_images.total(accelerator)
+                    record["skipped_steps"] = skipped_steps
                     check_bad_fraction(record["bad_samples"], step * global_batch, config.max_bad_fraction,
                                        len(loader.dataset))
                     window_start, window_steps = time.perf_counter(), 0
@@ -363,7 +378,8 @@ def train(config: TrainConfig) -> int:
                     log_step(accelerator, {"step": step, "epoch": epoch} | record, metrics_path, progress, task)
                 stopping = stop.requested()
                 if step % config.steps_save == 0 or step == end or stopping:
-                    saved = save_training_state(accelerator, moco, window, bad_images, config, step, epoch)
+                    saved = save_training_state(accelerator, moco, window, bad_images, config, step, epoch,
+                                                skipped_steps)
                     if pusher and step < end and not stopping:
                         pusher.on_save(step, encoder_dir=publish_encoder(config, moco, results), checkpoint_dir=saved)
                 if step >= end or stopping:

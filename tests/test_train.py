@@ -286,3 +286,47 @@ def test_a_failing_rank_brings_the_whole_job_down_quickly_with_its_error(tmp_pat
     records = metrics(tmp_path) if (tmp_path / "metrics.jsonl").exists() else []
     assert len(records) <= 3  # rank 0 did not train on alone
     assert elapsed < 60, f"took {elapsed:.0f} s"  # start-up (imports of 2 processes) included
+
+
+def nan_loss_on(monkeypatch, calls_with_nan):
+    """Make MoCo.forward return a NaN loss (still in the graph, so gradients are NaN too) on these calls."""
+    from hnmix.moco import MoCo
+
+    original = MoCo.forward
+    calls = []
+
+    def forward(self, *args, **kwargs):
+        calls.append(1)
+        loss, stats = original(self, *args, **kwargs)
+        return (loss * float("nan") if len(calls) in calls_with_nan else loss), stats
+
+    monkeypatch.setattr(MoCo, "forward", forward)
+
+
+def test_non_finite_steps_are_skipped_and_counted(tmp_path, monkeypatch):
+    from hnmix.config import parse_config
+    from hnmix.train import train
+
+    nan_loss_on(monkeypatch, {3, 4})
+    assert train(parse_config([*TINY, "-s", "6", "-sp", "1", "-ss", "6", "--num_workers", "0", "--eval_every", "0",
+                               "-do", str(tmp_path)])) == 0
+    records = metrics(tmp_path)
+    assert [r["skipped_steps"] for r in records] == [0, 0, 1, 2, 2, 2]
+    weights = load_file(tmp_path / "checkpoints/step_00000006/model.safetensors")
+    assert all(torch.isfinite(value).all() for value in weights.values() if value.is_floating_point())
+
+
+def test_too_many_non_finite_steps_in_a_row_stop_and_name_the_last_good_checkpoint(tmp_path, monkeypatch):
+    from hnmix.config import parse_config
+    from hnmix.errors import TrainingDivergedError
+    from hnmix.train import train
+
+    nan_loss_on(monkeypatch, set(range(4, 100)))
+    with pytest.raises(TrainingDivergedError) as error:
+        train(parse_config([*TINY, "-s", "20", "-sp", "1", "-ss", "2", "--num_workers", "0", "--eval_every", "0",
+                            "--max_nonfinite_steps", "3", "-do", str(tmp_path)]))
+    message = str(error.value)
+    assert "3 steps in a row up to step 6" in message and "step_00000006" not in message
+    assert checkpoints(tmp_path) == ["step_00000002", "step_00000004"] and "step_00000004" in message
+    weights = load_file(tmp_path / "checkpoints/step_00000004/model.safetensors")
+    assert all(torch.isfinite(value).all() for value in weights.values() if value.is_floating_point())
