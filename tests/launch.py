@@ -15,8 +15,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def accelerate_launch(target: list[str], *, num_processes: int = 2, timeout: float = 600, env: dict | None = None):
-    """`accelerate launch` with explicit flags (no user config is read); returns CompletedProcess.
+def accelerate_launch_command(target: list[str], *, num_processes: int = 2, env: dict | None = None):
+    """(command, environment) of `accelerate launch` with explicit flags (no user config is read).
 
     ACCELERATE_USE_CPU=1 with --multi_gpu gives real CPU processes over gloo
     (`--cpu --num_processes 2` would silently run one).
@@ -29,4 +29,10 @@ def accelerate_launch(target: list[str], *, num_processes: int = 2, timeout: flo
         *target,
     ]
     full_env = os.environ | {"ACCELERATE_USE_CPU": "1", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    return subprocess.run(command, cwd=REPO, env=full_env | (env or {}), capture_output=True, text=True, timeout=timeout)
+    return command, full_env | (env or {})
+
+
+def accelerate_launch(target: list[str], *, num_processes: int = 2, timeout: float = 600, env: dict | None = None):
+    """Run `accelerate_launch_command` to its end; returns the CompletedProcess."""
+    command, full_env = accelerate_launch_command(target, num_processes=num_processes, env=env)
+    return subprocess.run(command, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)

@@ -460,3 +460,20 @@ def test_a_dataset_of_unreadable_images_fails_loudly_from_a_worker(tmp_path, cac
     loader = make_train_loader(two_views, batch_size=2, num_workers=2, seed=0)
     with pytest.raises(DataError, match="images in a row could not be read"):
         list(loader)
+
+
+def test_a_one_pixel_image_gives_views_and_a_decompression_bomb_is_replaced(tmp_path, cache_dir, monkeypatch):
+    root = write_image_folder(tmp_path / "folder", {"a": 2, "b": 2}, size=12)
+    Image.new("RGB", (1, 1), (200, 10, 10)).save(root / "a" / "tiny.png")
+    Image.new("RGB", (64, 64), (10, 200, 10)).save(root / "b" / "bomb.png")
+    dataset = load_image_dataset(str(root), cache_dir=cache_dir)
+    two_views = TwoViewDataset(dataset, image_column="image", label_column="label",
+                               transform=moco_v2_transform(8), seed=0)
+    where = {i: two_views._where(i) for i in range(len(dataset))}
+    tiny = next(i for i, w in where.items() if w.endswith("tiny.png)"))
+    bomb = next(i for i, w in where.items() if w.endswith("bomb.png)"))
+    view_q, view_k, index, _, unreadable = two_views[tiny]
+    assert view_q.shape == view_k.shape == (3, 8, 8) and index == tiny and unreadable == 0
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 64 x 64 > 2 x 1000: PIL's bomb guard refuses it
+    _, _, index, _, unreadable = two_views[bomb]
+    assert unreadable >= 1 and index != bomb

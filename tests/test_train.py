@@ -330,3 +330,53 @@ def test_too_many_non_finite_steps_in_a_row_stop_and_name_the_last_good_checkpoi
     assert checkpoints(tmp_path) == ["step_00000002", "step_00000004"] and "step_00000004" in message
     weights = load_file(tmp_path / "checkpoints/step_00000004/model.safetensors")
     assert all(torch.isfinite(value).all() for value in weights.values() if value.is_floating_point())
+
+
+def test_sigkill_in_the_middle_of_a_save_resumes_from_the_previous_checkpoint(straight_run, tmp_path):
+    common = [*TINY, "-s", "12", "-sp", "1", "-ss", "4", "--num_workers", "0", "-do", str(tmp_path)]
+    env = os.environ | {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    killed = subprocess.run([sys.executable, str(REPO / "tests/faults/kill_during_save.py"), *common], cwd=REPO,
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL
+    assert checkpoints(tmp_path) == [".partial-step_00000008", "step_00000004"]
+    resumed = run_train(*common, "--resume", "latest")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Ignoring" in resumed.stderr and ".partial-step_00000008" in resumed.stderr
+    assert "Resumed from" in resumed.stderr and "step_00000004" in resumed.stderr
+    assert losses(tmp_path) == losses(straight_run)
+    assert checkpoints(tmp_path)[-1] == "step_00000012"
+
+
+def test_resuming_with_another_queue_size_is_refused_with_the_differences(straight_run, tmp_path):
+    result = run_train(*TINY, "-s", "12", "-km", "128", "-do", str(straight_run), "--resume", "latest", timeout=120)
+    assert result.returncode == 2
+    last = [line for line in result.stderr.splitlines() if line.strip()][-1]
+    assert "cannot resume" in last and "k_moco: 64 -> 128" in last
+
+
+def test_sigterm_to_accelerate_launch_saves_on_every_rank_and_resumes_exactly(tmp_path):
+    from launch import accelerate_launch_command
+
+    common = ["-m", "hnmix.train", *TINY, "-bs", "4", "-s", "12", "-sp", "1", "-ss", "100", "--num_workers", "0",
+              "--eval_every", "0"]
+    straight = accelerate_launch([*common, "-do", str(tmp_path / "straight")])
+    assert straight.returncode == 0, straight.stderr[-3000:]
+
+    out = tmp_path / "stopped"
+    command, env = accelerate_launch_command([*common, "-do", str(out)])
+    launcher = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and not ((out / "metrics.jsonl").exists() and len(metrics(out)) >= 2):
+        time.sleep(0.05)
+    launcher.send_signal(signal.SIGTERM)
+    _, stderr = launcher.communicate(timeout=240)
+    [stopped_at] = checkpoints(out)
+    state = json.loads((out / "checkpoints" / stopped_at / "trainer_state.json").read_text())
+    assert 2 <= state["step"] < 12, stderr[-3000:]
+    assert state["num_processes"] == 2
+    first, second = state["queue_sha256_per_rank"]
+    assert first == second  # both ranks saved the same step with the same queue
+
+    resumed = accelerate_launch([*common, "-do", str(out), "--resume", "latest"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert losses(out) == losses(tmp_path / "straight")
