@@ -3,6 +3,7 @@
 Usage:
 
     python -m hnmix.bench train [--warmup_steps 3] [--measure_steps 10] [--images 512] [hnmix.train options]
+                                 (bare encoder loop, in-memory MoCo and MoCHi steps, the full trainer)
     python -m hnmix.bench mixing [--batch 256] [--queue 65536] [--dim 128] [--n_hard 1024]
                                  [--s1 1024] [--s2 512] [--temperature 0.2]
                                  [--repeats 5] [--warmup 1] [--device cuda|cpu]
@@ -48,6 +49,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
 import os
 import platform
 import resource
@@ -58,7 +60,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -492,34 +494,112 @@ def steady_images_per_s(records: list[dict[str, Any]]) -> float:
     return len(records) / sum(1.0 / r["images_per_s"] for r in records)
 
 
-def run_train(args: argparse.Namespace, trainer_argv: Sequence[str]) -> dict[str, Any]:
-    """The full trainer (data pipeline included) for warmup + measured steps, in this process."""
-    from hnmix.config import parse_config
+def _seconds_per_step(step: Callable[[], None], *, warmup: int, measure: int, device: torch.device) -> float:
+    """Median wall time of `step` over `measure` calls after `warmup` untimed ones."""
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(measure):
+        _synchronize(device)
+        start = time.perf_counter()
+        step()
+        _synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def in_memory_images_per_s(config, *, device: torch.device, bare: bool, warmup: int, measure: int) -> float:
+    """images/s on fixed in-memory views, no data pipeline, one process.
+
+    bare=True: only the query encoder's forward + backward and the key encoder's forward (the
+    ceiling of any MoCo trainer). bare=False: the trainer's step (MoCo forward with the queue and
+    mixing as configured, loss, backward, clipping, AdamW, momentum update).
+    """
+    from hnmix.train import build_model, seed_lr_schedule  # bench may import the trainer; not the reverse
+
+    moco = build_model(config).to(device)
+    optimizer = torch.optim.AdamW(moco.encoder_q.parameters(), lr=config.lr_base, weight_decay=0.01)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, seed_lr_schedule(config))
+    generator = torch.Generator().manual_seed(0)
+    views = [torch.randn(config.batch_size, 3, config.img_size, config.img_size, generator=generator).to(device)
+             for _ in range(2)]
+    labels = torch.arange(config.batch_size, device=device) % 10
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.mixed_precision or "no")
+    step_number = [max(config.start1_hard, config.start2_hard)]  # mixing active
+
+    def step() -> None:
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            if bare:
+                moco.encoder_q(views[0]).sum().backward()
+                with torch.no_grad():
+                    moco.encoder_k(views[1])
+            else:
+                ids = torch.arange(config.batch_size, device=device) + step_number[0] * config.batch_size
+                loss, _ = moco(views[0], views[1], ids, labels, step=step_number[0])
+                loss.backward()
+        if not bare:
+            torch.nn.utils.clip_grad_norm_(moco.encoder_q.parameters(), config.clip_grad or math.inf)
+            optimizer.step()
+            scheduler.step()
+            moco.momentum_update()
+        optimizer.zero_grad(set_to_none=True)
+        step_number[0] += 1
+
+    return config.batch_size / _seconds_per_step(step, warmup=warmup, measure=measure, device=device)
+
+
+def full_trainer_images_per_s(config, *, images: int, warmup: int, measure: int) -> float:
+    """images/s of `hnmix.train.train` itself (data pipeline included), from its metrics.jsonl."""
     from hnmix.train import train
 
-    console = Console()
-    steps = args.warmup_steps + args.measure_steps
     with tempfile.TemporaryDirectory(prefix="hnmix-bench-") as tmp:
-        argv = [*SEED_TRAIN_OPTIONS, "--num_workers", str(os.cpu_count() or 1), "--eval_every", "0", *trainer_argv]
-        if "--dataset" not in argv:
-            console.log(f"writing {args.images} generated JPEGs")
-            argv += ["--dataset", str(write_jpeg_folder(Path(tmp) / "images", count=args.images))]
-        argv += ["--dir_out", str(Path(tmp) / "out"), "--steps", str(steps), "--steps_print", "1",
-                 "--steps_save", str(steps), "--keep_checkpoints", "1"]
-        config = parse_config(argv)
+        if config.dataset == GENERATED:
+            Console().log(f"writing {images} generated JPEGs")
+            config = replace(config, dataset=str(write_jpeg_folder(Path(tmp) / "images", count=images)))
+        steps = warmup + measure
+        config = replace(config, dir_out=str(Path(tmp) / "out"), steps=steps, steps_print=1, steps_save=steps,
+                         keep_checkpoints=1, stop_at=None, resume=None)
         train(config)
         records = [json.loads(line) for line in (Path(tmp) / "out/metrics.jsonl").read_text().splitlines()]
-    measured = records[args.warmup_steps:]
-    result = {"trainer_images_per_s": steady_images_per_s(measured), "warmup_steps": args.warmup_steps,
-              "measured_steps": len(measured), "config": config.to_dict(), "torch": torch.__version__,
-              "device": device_description(torch.device("cuda" if torch.cuda.is_available() and config.device != "cpu" else "cpu"))}
+    return steady_images_per_s(records[warmup:])
+
+
+GENERATED = "generated-jpegs"  # --dataset default of `bench train`: JPEGs written for the run
+
+
+def run_train(args: argparse.Namespace, trainer_argv: Sequence[str]) -> dict[str, Any]:
+    """The trainer against its ceiling: bare encoder loop, in-memory MoCo and MoCHi, full trainer."""
+    from hnmix.config import parse_config
+
+    argv = [*SEED_TRAIN_OPTIONS, "--num_workers", str(os.cpu_count() or 1), "--eval_every", "0",
+            "--dataset", GENERATED, *trainer_argv]
+    config = parse_config(argv)
+    device = torch.device("cpu" if config.device == "cpu" or not torch.cuda.is_available() else "cuda")
+    plain = replace(config, s1_hard=0, s2_hard=0)
+    timing = dict(warmup=args.warmup_steps, measure=args.measure_steps)
+    rows = {
+        "bare loop (encoder fwd+bwd, key fwd; in-memory)": in_memory_images_per_s(config, device=device, bare=True, **timing),
+        "plain MoCo step, in-memory (s1 = s2 = 0)": in_memory_images_per_s(plain, device=device, bare=False, **timing),
+        "MoCHi step, in-memory": in_memory_images_per_s(config, device=device, bare=False, **timing),
+        "full trainer (data pipeline)": full_trainer_images_per_s(config, images=args.images, **timing),
+    }
+    ceiling = rows["bare loop (encoder fwd+bwd, key fwd; in-memory)"]
     table = Table(title=f"hnmix.train, {config.arch} {config.img_size}px, batch {config.batch_size}, "
-                        f"K={config.k_moco}, n_hard={config.n_hard}, s1={config.s1_hard}, s2={config.s2_hard}")
-    table.add_column("measured steps", justify="right")
-    table.add_column("images/s (full trainer)", justify="right")
-    table.add_row(str(len(measured)), f"{result['trainer_images_per_s']:.1f}")
+                        f"K={config.k_moco}, n_hard={config.n_hard}, s1={config.s1_hard}, s2={config.s2_hard}, "
+                        f"{config.mixed_precision or 'accelerate default'} precision, {device_description(device)}")
+    table.add_column("run")
+    table.add_column("images/s", justify="right")
+    table.add_column("of the bare loop", justify="right")
+    for name, images_per_s in rows.items():
+        table.add_row(name, f"{images_per_s:.1f}", f"{images_per_s / ceiling:.0%}")
+    console = Console()
     console.print(table)
-    return result
+    mochi_cost = rows["plain MoCo step, in-memory (s1 = s2 = 0)"] / rows["MoCHi step, in-memory"] - 1
+    console.print(f"MoCHi costs {mochi_cost:+.1%} over plain MoCo (in-memory steps)")
+    return {"images_per_s": rows, "ratio_to_bare_loop": {k: v / ceiling for k, v in rows.items()},
+            "mochi_cost_over_moco": mochi_cost, "trainer_images_per_s": rows["full trainer (data pipeline)"],
+            "warmup_steps": args.warmup_steps, "measured_steps": args.measure_steps, "config": config.to_dict(),
+            "torch": torch.__version__, "device": device_description(device)}
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -89,9 +89,11 @@ def test_train_benchmark_runs_the_full_trainer_on_generated_jpegs(tmp_path):
     ]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "images/s (full trainer)" in done.stdout
+    assert "full trainer (data pipeline)" in done.stdout and "MoCHi costs" in done.stdout
     result = json.loads(out.read_text())
     assert result["trainer_images_per_s"] > 0 and result["measured_steps"] == 2
+    assert len(result["images_per_s"]) == 4 and all(v > 0 for v in result["images_per_s"].values())
+    assert result["ratio_to_bare_loop"]["bare loop (encoder fwd+bwd, key fwd; in-memory)"] == 1.0
     assert result["config"]["n_hard"] == 32 and result["config"]["arch"] == "test_resnet"  # seed n_hard kept
 
 
