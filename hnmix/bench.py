@@ -4,6 +4,7 @@ Usage:
 
     python -m hnmix.bench train [--warmup_steps 3] [--measure_steps 10] [--images 512] [hnmix.train options]
                                  (bare encoder loop, in-memory MoCo and MoCHi steps, the full trainer)
+    python -m hnmix.bench data [--max_workers W] [--img_size 224] [--jpeg_size 768x512] [--images 256]
     python -m hnmix.bench mixing [--batch 256] [--queue 65536] [--dim 128] [--n_hard 1024]
                                  [--s1 1024] [--s2 512] [--temperature 0.2]
                                  [--repeats 5] [--warmup 1] [--device cuda|cpu]
@@ -473,14 +474,18 @@ SEED_TRAIN_OPTIONS = ["-i", "64", "-bs", "32", "-a", "resnet18", "-km", "4096", 
                       "-s2h", "16", "-st1h", "1", "-st2h", "1"]
 
 
-def write_jpeg_folder(directory: Path, *, count: int, seed: int = 0, classes: int = 8) -> Path:
-    """`count` JPEGs of Caltech-256-like sizes (about 300 x 250, varying) in `classes` class folders.
+def write_jpeg_folder(directory: Path, *, count: int, seed: int = 0, classes: int = 8,
+                      size: Optional[tuple[int, int]] = None) -> Path:
+    """`count` JPEGs in `classes` class folders: of Caltech-256-like sizes (about 300 x 250,
+    varying) or all of `size` (width, height).
 
     Their content is smooth random colour fields: decoding cost is what matters here.
     """
     rng = np.random.default_rng(seed)
     for index in range(count):
         width, height = int(rng.integers(200, 500)), int(rng.integers(160, 400))
+        if size is not None:
+            width, height = size
         coarse = rng.integers(0, 256, size=(height // 16 + 1, width // 16 + 1, 3), dtype=np.uint8)
         image = Image.fromarray(coarse).resize((width, height), Image.BILINEAR)
         folder = directory / f"class_{index % classes}"
@@ -567,6 +572,50 @@ def full_trainer_images_per_s(config, *, images: int, warmup: int, measure: int)
 GENERATED = "generated-jpegs"  # --dataset default of `bench train`: JPEGs written for the run
 
 
+def worker_pipeline_images_per_s(directory: Path, *, img_size: int, workers: int, batches: int, batch_size: int) -> float:
+    """Images/s (each giving two views) of decode + MoCo v2 augmentation in `workers` DataLoader
+    workers, over `batches` batches after the first (which includes the workers' start-up)."""
+    from hnmix.augment import moco_v2_transform
+    from hnmix.data import TwoViewDataset, load_image_dataset, make_train_loader, resolve_columns
+
+    dataset = load_image_dataset(str(directory))
+    image_column, label_column = resolve_columns(dataset)
+    views = TwoViewDataset(dataset, image_column=image_column, label_column=label_column,
+                           transform=moco_v2_transform(img_size), seed=0)
+    loader = make_train_loader(views, batch_size=batch_size, num_workers=workers, seed=0)
+    iterator = iter(loader)
+    next(iterator)
+    start = time.perf_counter()
+    seen = 0
+    for _ in range(batches):
+        try:
+            seen += next(iterator)[0].shape[0]
+        except StopIteration:  # one more epoch
+            iterator = iter(loader)
+    return seen / (time.perf_counter() - start)
+
+
+def run_data(args: argparse.Namespace) -> dict[str, Any]:
+    """The worker pipeline's images/s for 1..W workers, on generated JPEGs."""
+    size = tuple(int(v) for v in args.jpeg_size.split("x")) if args.jpeg_size else None
+    rows = {}
+    with tempfile.TemporaryDirectory(prefix="hnmix-bench-") as tmp:
+        directory = write_jpeg_folder(Path(tmp) / "images", count=args.images, size=size)
+        for workers in range(1, args.max_workers + 1):
+            rows[workers] = worker_pipeline_images_per_s(directory, img_size=args.img_size, workers=workers,
+                                                         batches=args.batches, batch_size=args.batch_size)
+    table = Table(title=f"DataLoader workers: decode + MoCo v2 augmentation, two {args.img_size}px views, "
+                        f"{args.jpeg_size or 'Caltech-256-like'} JPEGs")
+    for column in ("workers", "images/s", "per core"):
+        table.add_column(column, justify="right")
+    for workers, images_per_s in rows.items():
+        table.add_row(str(workers), f"{images_per_s:.0f}", f"{images_per_s / workers:.0f}")
+    Console().print(table)
+    return {"images_per_s": rows, "per_core_images_per_s": {w: v / w for w, v in rows.items()},
+            "img_size": args.img_size, "jpeg_size": args.jpeg_size or "caltech-like", "torch": torch.__version__,
+            "cpu": _cpu_model()}
+
+
 def run_train(args: argparse.Namespace, trainer_argv: Sequence[str]) -> dict[str, Any]:
     """The trainer against its ceiling: bare encoder loop, in-memory MoCo and MoCHi, full trainer."""
     from hnmix.config import parse_config
@@ -645,6 +694,15 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--measure_steps", type=int, default=10, help="steps measured")
     train.add_argument("--images", type=int, default=512, help="generated JPEGs when no --dataset is given")
     train.set_defaults(func=run_train)
+    data = commands.add_parser("data", parents=[common], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                               help="images/s of the DataLoader worker pipeline for 1..W workers")
+    data.add_argument("--max_workers", type=int, default=os.cpu_count() or 1)
+    data.add_argument("--img_size", type=int, default=224)
+    data.add_argument("--jpeg_size", default=None, help="WxH of every generated JPEG, e.g. 768x512 (default: varied)")
+    data.add_argument("--images", type=int, default=256)
+    data.add_argument("--batches", type=int, default=8, help="batches measured per worker count")
+    data.add_argument("--batch_size", type=int, default=32)
+    data.set_defaults(func=run_data)
     # Hidden (no help=): the CPU peak-memory measurement of one variant in a fresh process.
     peak = commands.add_parser("_mixing_peak", parents=[_mixing_options()])
     peak.add_argument("--variant", choices=VARIANTS, required=True)
