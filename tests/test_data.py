@@ -41,13 +41,7 @@ def offline_hub(monkeypatch):
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny convolutions (the blur) are ~30x slower with 2 intra-op threads on a 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture

@@ -29,13 +29,7 @@ ONE_LEVEL = 1 / 255
 ALL_PERMUTATIONS = list(itertools.permutations(range(4)))
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Grouped convolutions are much slower with 2 intra-op threads on a 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def varied_images(size: int = 32, seed: int = 0) -> torch.Tensor:
