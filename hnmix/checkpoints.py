@@ -15,7 +15,7 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 from accelerate import Accelerator
 from accelerate.utils import gather_object
@@ -109,11 +109,9 @@ def save_checkpoint(accelerator: Accelerator, root: Path, step: int, files: dict
     return final
 
 
-def prune_checkpoints(root: Path, keep: int, on_remove: Optional[Callable[[Path], None]] = None) -> None:
+def prune_checkpoints(root: Path, keep: int) -> None:
     """Delete all but the newest `keep` complete checkpoints (keep=0: keep all)."""
     if keep < 1:
         return
     for old in complete_checkpoints(root)[:-keep]:
         shutil.rmtree(old)
-        if on_remove:
-            on_remove(old)
