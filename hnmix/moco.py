@@ -45,6 +45,15 @@ def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
+def exchange_dtype(images: torch.Tensor) -> torch.dtype:
+    """The dtype `images` cross ranks in: autocast's for their device type when it is on (the
+    encoder's first layer casts to it anyway), else their own."""
+    device_type = images.device.type
+    if images.is_floating_point() and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return images.dtype
+
+
 def unwrap(module: nn.Module) -> nn.Module:
     """The module inside DDP (`.module`) and torch.compile (`._orig_mod`) wrappers."""
     while True:
@@ -258,12 +267,22 @@ class MoCo(nn.Module):
         return s1, s2
 
     @torch.no_grad()
-    def momentum_update(self) -> None:
+    def momentum_update(self, apply: Optional[torch.Tensor] = None) -> None:
         """encoder_k <- m * encoder_k + (1 - m) * encoder_q, parameters only (BN statistics are
-        the key encoder's own, as in MoCo)."""
+        the key encoder's own, as in MoCo).
+
+        apply: [] bool on the parameters' device, or None (always update). When given, the update
+        happens only where it is True, decided on the device without a host synchronisation, so
+        that a step the optimizer skipped also leaves the key encoder as it was. The lerp weight
+        is then a tensor, (1 - m) or 0: the same arithmetic, one kernel per parameter on CUDA.
+        """
         k_params = list(self.encoder_k.parameters())
         q_params = [p.detach() for p in unwrap(self.encoder_q).parameters()]
-        torch._foreach_lerp_(k_params, q_params, 1.0 - self.m_moco)
+        if apply is None:
+            torch._foreach_lerp_(k_params, q_params, 1.0 - self.m_moco)
+            return
+        weight = apply.to(k_params[0].dtype) * (1.0 - self.m_moco)
+        torch._foreach_lerp_(k_params, q_params, [weight] * len(k_params))
 
     @torch.no_grad()
     def encode_keys(self, view_k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -273,11 +292,12 @@ class MoCo(nn.Module):
         of an image: across ranks (MoCo's shuffle BN: gather, a permutation broadcast from rank 0,
         each rank encodes its slice, gather, un-shuffle), or within one process when `bn_splits`
         > 1 (each split normalises on its own). Models without BatchNorm skip the shuffle.
+        Under autocast the images cross ranks in its dtype (`exchange_dtype`); keys are float32.
         """
         world, rank = world_size_and_rank()
         B = view_k.shape[0]
         if world > 1 and self.shuffle_keys:
-            images = all_gather_cat(view_k)
+            images = all_gather_cat(view_k.to(exchange_dtype(view_k)))
             order = torch.randperm(images.shape[0], device=view_k.device)
             dist.broadcast(order, src=0)
             keys_in_order = all_gather_cat(self.encoder_k(images[order.view(world, B)[rank]]))

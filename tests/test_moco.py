@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from hnmix.mixing import MixedLogits
-from hnmix.moco import KeyQueue, MoCo, MoCoEncoder, convert_split_batchnorm, step_statistics
+from hnmix.moco import KeyQueue, MoCo, MoCoEncoder, convert_split_batchnorm, exchange_dtype, step_statistics
 
 IMAGE = 32
 
@@ -55,6 +55,33 @@ def test_key_encoder_is_a_frozen_copy_updated_by_ema_once_per_call():
     moco.momentum_update()
     for old, p_q, p_k in zip(before, moco.encoder_q.parameters(), moco.encoder_k.parameters()):
         torch.testing.assert_close(p_k, 0.75 * old + 0.25 * p_q)
+
+
+def test_momentum_update_applies_only_where_told_and_otherwise_as_without_the_flag():
+    moco, plain = small_moco(m_moco=0.75), small_moco(m_moco=0.75)
+    for model in (moco, plain):
+        with torch.no_grad():
+            for p in model.encoder_q.parameters():
+                p.add_(1.0)
+    before = copy.deepcopy(moco.encoder_k.state_dict())
+    moco.momentum_update(torch.tensor(False))
+    for name, value in moco.encoder_k.state_dict().items():
+        assert torch.equal(value, before[name]), name
+    moco.momentum_update(torch.tensor(True))
+    plain.momentum_update()
+    for name, value in moco.encoder_k.state_dict().items():
+        assert torch.equal(value, plain.encoder_k.state_dict()[name]), name  # bit-identical
+    assert not torch.equal(moco.encoder_k.head[0].weight, before["head.0.weight"])
+
+
+def test_images_cross_ranks_in_the_autocast_dtype_else_their_own():
+    x = images(2, 0)
+    assert exchange_dtype(x) == torch.float32 and exchange_dtype(x.double()) == torch.float64
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert exchange_dtype(x) == torch.bfloat16
+        assert exchange_dtype(torch.zeros(2, dtype=torch.long)) == torch.long
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=False):
+        assert exchange_dtype(x) == torch.float32
 
 
 def test_queue_wraps_around_and_keeps_ids_and_labels_with_their_keys():

@@ -40,3 +40,10 @@ def test_shuffle_bn_mixes_ranks_and_unshuffles_each_sample_to_its_own_key(ranks)
     for r in ranks:
         assert r["unshuffle_error"] < 1e-5
         assert r["global_matches_local"]
+
+
+def test_under_bf16_autocast_images_cross_ranks_in_bf16_and_keys_stay_float32(ranks):
+    for r in ranks:
+        assert r["bf16_exchanged_dtype"] == torch.bfloat16
+        assert r["bf16_key_dtypes"] == (torch.float32, torch.float32)
+        assert r["bf16_unshuffle_error"] < 1e-5  # the encoder casts to bf16 either way: nothing lost

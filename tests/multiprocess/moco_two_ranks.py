@@ -3,7 +3,8 @@
 Writes OUT/rank{R}.pt with the queue buffers, the ids each rank fed, how many of the images the
 key encoder saw on this rank came from the other rank, and the largest difference between the
 un-shuffled keys and keys computed without any shuffle (key encoder in eval mode, so a sample's
-key does not depend on its batch).
+key does not depend on its batch), the latter also under bf16 autocast with the dtype the images
+crossed ranks in.
 """
 
 import sys
@@ -58,6 +59,10 @@ def main(out_dir: Path) -> None:
     with torch.no_grad():
         local, global_keys = inner.encode_keys(view_k)
         reference = inner.encoder_k(view_k)
+        seen.clear()
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # images cross ranks in bf16, keys stay float32
+            local_bf16, global_bf16 = inner.encode_keys(view_k)
+            reference_bf16 = inner.encoder_k(view_k)
     torch.save(
         {
             "world": world,
@@ -66,6 +71,9 @@ def main(out_dir: Path) -> None:
             "cross_rank_images": cross_rank_images,
             "unshuffle_error": (local - reference).abs().max().item(),
             "global_matches_local": torch.equal(global_keys[rank * BATCH : (rank + 1) * BATCH], local),
+            "bf16_exchanged_dtype": seen[0].dtype,
+            "bf16_key_dtypes": (local_bf16.dtype, global_bf16.dtype),
+            "bf16_unshuffle_error": (local_bf16 - reference_bf16).abs().max().item(),
         },
         out_dir / f"rank{rank}.pt",
     )

@@ -1,0 +1,136 @@
+"""The optimizer and the non-finite step guard, both free of host synchronisation per step.
+
+`make_optimizer` builds timm's AdamW (no weight decay on biases and norm layers) with torch's
+fused kernel where the device has one (CUDA, and CPU too since torch 2.4), else the foreach one.
+
+`NonFiniteGuard` skips the optimizer step (and, through `MoCo.momentum_update(apply)`, the key
+encoder's update) on a step whose gradient norm is inf or NaN, and stops a run once
+`max_nonfinite_steps` steps in a row were skipped. With a fused optimizer the decision stays on
+the device: the guard hands the optimizer a `found_inf` tensor, the contract torch's GradScaler
+uses for fused optimizers, and the kernel leaves parameters, moments and step counters as they
+were. The counts stay on the device too, and are read only by `check`, which the trainer calls
+where it reads the device anyway (log lines, checkpoints). fp16 runs do not use the guard:
+Accelerate's GradScaler skips those steps itself.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+import torch.nn as nn
+from timm.optim import create_optimizer_v2
+
+from hnmix.errors import TrainingDivergedError
+
+try:
+    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+except ImportError:  # a torch without the helper: fused AdamW was CUDA-only then
+
+    def _get_fused_kernels_supported_devices() -> list[str]:
+        return ["cuda"]
+
+
+def fused_available(device: Union[torch.device, str]) -> bool:
+    """Whether torch has fused AdamW kernels for parameters on `device`'s type."""
+    return torch.device(device).type in _get_fused_kernels_supported_devices()
+
+
+def make_optimizer(module: nn.Module, *, lr: float, weight_decay: float,
+                   device: Union[torch.device, str]) -> torch.optim.Optimizer:
+    """AdamW over `module`'s trainable parameters, grouped by timm (biases and 1-D parameters
+    without weight decay), fused where `device` (where the parameters will train) supports it,
+    else foreach. The parameters may still be elsewhere: a fused optimizer checks their device at
+    its first step."""
+    implementation = {"fused": True} if fused_available(device) else {"foreach": True}
+    return create_optimizer_v2(module, opt="adamw", lr=lr, weight_decay=weight_decay, **implementation)
+
+
+def innermost_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """The torch optimizer inside wrappers such as Accelerate's `AcceleratedOptimizer`."""
+    while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
+class NonFiniteGuard:
+    """Steps `optimizer` only when the gradient norm is finite; counts the skipped steps.
+
+    step(grad_norm) each training step, in place of `optimizer.step()`. Device-side counters,
+    int64 [3]: skipped steps in all, the current run of consecutive skipped steps, and the number
+    of steps after the one where a run first reached `max_nonfinite_steps` (-1 while none has),
+    from which `check` names that step.
+
+    With a fused optimizer (`fused` is True) a step has no host synchronisation. Other optimizers
+    cannot skip on the device, so the guard reads the norm's finiteness on the host (`.item()`),
+    one synchronisation per step.
+
+    enabled=False (fp16 with a GradScaler) makes `step` a plain `optimizer.step()` that counts
+    nothing and returns None.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, max_nonfinite_steps: int, *,
+                 device: Union[torch.device, str], enabled: bool = True) -> None:
+        if enabled and getattr(optimizer, "scaler", None) is not None:
+            raise ValueError("NonFiniteGuard is for bf16/fp32: under fp16 the GradScaler skips non-finite steps; "
+                             "pass enabled=False")
+        if max_nonfinite_steps < 1:
+            raise ValueError(f"max_nonfinite_steps must be >= 1, got {max_nonfinite_steps}")
+        self.optimizer, self.max_nonfinite_steps, self.enabled = optimizer, max_nonfinite_steps, enabled
+        self.inner = innermost_optimizer(optimizer)
+        self.fused = bool(getattr(self.inner, "_step_supports_amp_scaling", False))
+        self.counters = torch.tensor([0, 0, -1], dtype=torch.long, device=device)
+
+    def step(self, grad_norm: torch.Tensor) -> Optional[torch.Tensor]:
+        """Step the optimizer unless `grad_norm` ([] float, the norm after clipping, equal on
+        every rank) is inf or NaN. Returns `applied`, [] bool on the norm's device (None when
+        disabled), for `MoCo.momentum_update(applied)`."""
+        if not self.enabled:
+            self.optimizer.step()
+            return None
+        applied = torch.isfinite(grad_norm)
+        nonfinite = (~applied).long().to(self.counters.device)  # [] 0 or 1
+        total, run, since_limit = self.counters.unbind()
+        run = (run + 1) * nonfinite
+        reached_now = torch.where(run >= self.max_nonfinite_steps, 0, -1)
+        since_limit = torch.where(since_limit >= 0, since_limit + 1, reached_now)  # stays >= 0 once reached
+        self.counters = torch.stack([total + nonfinite, run, since_limit])
+        if self.fused:
+            # A float32 1.0 makes the fused kernel leave everything, step counters included, as it was.
+            self.inner.found_inf = nonfinite.float()
+            try:
+                self.optimizer.step()
+            finally:
+                self.inner.__dict__.pop("found_inf", None)
+        elif applied.item():
+            self.optimizer.step()
+        return applied
+
+    def read(self) -> tuple[int, int, int]:
+        """(skipped steps, current run, steps since the run reached the limit or -1): one host read."""
+        total, run, since_limit = self.counters.tolist()
+        return total, run, since_limit
+
+    def check(self, steps_done: int, last_checkpoint: Optional[Union[str, Path]] = None) -> int:
+        """The number of skipped steps, one host read; raises TrainingDivergedError if a run of
+        `max_nonfinite_steps` skipped steps in a row happened at any step so far, even one that
+        later steps ended. `steps_done` counts the steps so far (one per `step` call), to name the
+        step the run reached the limit; `last_checkpoint` is the one to resume from."""
+        total, _, since_limit = self.read()
+        if since_limit >= 0:
+            raise TrainingDivergedError(
+                f"{self.max_nonfinite_steps} steps in a row up to step {steps_done - since_limit} had a non-finite "
+                f"loss or gradient; the last good checkpoint is {last_checkpoint or 'none (no checkpoint yet)'}: "
+                "resume from it with a lower --lr_base or --clip_grad, or bf16/fp32 instead of fp16")
+        return total
+
+    def state(self) -> dict[str, int]:
+        """Plain ints for the trainer state (JSON); call `check` first so that no diverged run is saved."""
+        total, run, _ = self.read()
+        return {"skipped_steps": total, "nonfinite_in_a_row": run}
+
+    def load_state(self, state: dict) -> None:
+        """Restore `state()`'s counts; missing keys (older checkpoints) count as 0."""
+        values = [int(state.get("skipped_steps", 0)), int(state.get("nonfinite_in_a_row", 0)), -1]
+        self.counters = torch.tensor(values, dtype=torch.long, device=self.counters.device)
