@@ -1,7 +1,7 @@
-"""Per-image transforms: the MoCo v2 augmentation, the evaluation crop, and a two-view wrapper.
+"""Per-image transforms: the photometric half of the MoCo v2 augmentation, the evaluation crop.
 
-`moco_v2_transform` and `eval_transform` take one RGB `PIL.Image.Image` (see
-`hnmix.data.to_rgb`) and return a float32 tensor `[3, img_size, img_size]`, normalised with the
+`moco_v2_photometric` (applied to a cropped view) and `eval_transform` take one RGB
+`PIL.Image.Image` (see `hnmix.images.to_rgb`) and return a float32 tensor `[3, img_size, img_size]`, normalised with the
 ImageNet mean and std. All randomness comes from torch's global CPU generator (torchvision v1
 transforms and `RandomGaussianBlur` draw with `torch.rand`, `torch.randint`,
 `torch.empty().uniform_`), so `torch.manual_seed` makes a draw repeatable; the caller
@@ -76,26 +76,26 @@ def gaussian_blur(image: torch.Tensor, kernel_size: int, sigma: float) -> torch.
     return batch[0]
 
 
-def moco_v2_transform(img_size: int) -> ImageTransform:
-    """The MoCo v2 augmentation of one RGB image -> [3, img_size, img_size] float32, normalised.
+def moco_v2_photometric(img_size: int) -> ImageTransform:
+    """The photometric half of the MoCo v2 augmentation: one cropped RGB view [img_size x img_size]
+    -> [3, img_size, img_size] float32, normalised.
 
-    Recipe (Chen et al. 2020, "Improved Baselines with Momentum Contrastive Learning"):
-    RandomResizedCrop(scale 0.2-1.0); ColorJitter(0.4, 0.4, 0.4, 0.1) with p=0.8;
-    RandomGrayscale p=0.2; GaussianBlur sigma ~ U[0.1, 2.0] with p=0.5; horizontal flip p=0.5;
+    Recipe (Chen et al. 2020, "Improved Baselines with Momentum Contrastive Learning"), after
+    RandomResizedCrop(scale 0.2-1.0) and the horizontal flip (`hnmix.geometric.two_crops`; the
+    flip commutes with every step here): ColorJitter(0.4, 0.4, 0.4, 0.1) with p=0.8;
+    RandomGrayscale p=0.2; GaussianBlur sigma ~ U[0.1, 2.0] with p=0.5;
     Normalize(IMAGENET_MEAN, IMAGENET_STD). The conversion to a [0, 1] tensor happens before the
-    blur (not after the flip): the blur then works in float, separably, and the random draws come
-    in the recipe's order. Each call is an independent draw from torch's global RNG.
+    blur, which then works in float, separably. Each call is an independent draw from torch's
+    global RNG. `hnmix.photometric` is the same half, batched on the accelerator.
     """
     _check_img_size(img_size)
     return transforms.Compose(
         [
-            transforms.RandomResizedCrop(img_size, scale=(0.2, 1.0)),
             transforms.RandomApply([transforms.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
             transforms.RandomGrayscale(p=0.2),
             transforms.ToTensor(),
             # Kernel: odd, ~10% of the image side, at least 3 (see blur_kernel_size).
             transforms.RandomApply([RandomGaussianBlur(blur_kernel_size(img_size), sigma=(0.1, 2.0))], p=0.5),
-            transforms.RandomHorizontalFlip(),
             transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
         ]
     )
@@ -104,7 +104,7 @@ def moco_v2_transform(img_size: int) -> ImageTransform:
 def eval_transform(img_size: int) -> ImageTransform:
     """Deterministic evaluation view: resize the short side to img_size * 256/224, center crop.
 
-    One RGB image -> [3, img_size, img_size] float32, normalised like `moco_v2_transform`.
+    One RGB image -> [3, img_size, img_size] float32, normalised like `moco_v2_photometric`.
     """
     _check_img_size(img_size)
     return transforms.Compose(
@@ -115,16 +115,3 @@ def eval_transform(img_size: int) -> ImageTransform:
             transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
         ]
     )
-
-
-class TwoViews:
-    """Apply a random per-image transform twice: image -> (view_q, view_k), two independent draws."""
-
-    def __init__(self, transform: ImageTransform):
-        self.transform = transform
-
-    def __call__(self, image: Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.transform(image), self.transform(image)
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.transform!r})"

@@ -5,6 +5,9 @@ Usage:
     python -m hnmix.bench train [--warmup_steps 3] [--measure_steps 10] [--images 512] [hnmix.train options]
                                  (bare encoder loop, in-memory MoCo and MoCHi steps, the full trainer)
     python -m hnmix.bench data [--max_workers W] [--img_size 224] [--jpeg_size 768x512] [--images 256]
+                               [--device cuda|cpu]
+                                 (worker pipeline for 1..W workers, both --augment_device modes;
+                                  the batched photometric half on the device)
     python -m hnmix.bench mixing [--batch 256] [--queue 65536] [--dim 128] [--n_hard 1024]
                                  [--s1 1024] [--s2 512] [--temperature 0.2]
                                  [--repeats 5] [--warmup 1] [--device cuda|cpu]
@@ -49,6 +52,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import io
 import json
 import math
 import os
@@ -517,36 +521,46 @@ def in_memory_images_per_s(config, *, device: torch.device, bare: bool, warmup: 
     """images/s on fixed in-memory views, no data pipeline, one process.
 
     bare=True: only the query encoder's forward + backward and the key encoder's forward (the
-    ceiling of any MoCo trainer). bare=False: the trainer's step (MoCo forward with the queue and
-    mixing as configured, loss, backward, clipping, AdamW, momentum update).
+    ceiling of any MoCo trainer). bare=False: the trainer's step as `hnmix.train` runs it: the
+    batched photometric half when it runs on the accelerator (`--augment_device`), MoCo forward
+    with the queue and mixing as configured, loss, backward, clipping, the guarded fused AdamW,
+    momentum update and schedule.
     """
-    from hnmix.train import build_model, seed_lr_schedule  # bench may import the trainer; not the reverse
+    from hnmix.optim import NonFiniteGuard, make_optimizer  # bench may import the trainer; not the reverse
+    from hnmix.photometric import StepPhotometric
+    from hnmix.train import build_model, seed_lr_schedule
 
     moco = build_model(config).to(device)
-    optimizer = torch.optim.AdamW(moco.encoder_q.parameters(), lr=config.lr_base, weight_decay=0.01)
+    optimizer = make_optimizer(moco.encoder_q, lr=config.lr_base, weight_decay=0.01, device=device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, seed_lr_schedule(config))
+    guard = NonFiniteGuard(optimizer, config.max_nonfinite_steps, device=device)
     generator = torch.Generator().manual_seed(0)
-    views = [torch.randn(config.batch_size, 3, config.img_size, config.img_size, generator=generator).to(device)
-             for _ in range(2)]
+    on_accelerator = config.augment_device == "accelerator" or (config.augment_device is None and device.type != "cpu")
+    photometric = StepPhotometric(config.img_size, seed=0, rank=0, device=device) if on_accelerator and not bare else None
+    shape = (config.batch_size, 3, config.img_size, config.img_size)
+    if photometric:
+        views = [torch.randint(0, 256, shape, dtype=torch.uint8, generator=generator).to(device) for _ in range(2)]
+    else:
+        views = [torch.randn(shape, generator=generator).to(device) for _ in range(2)]
     labels = torch.arange(config.batch_size, device=device) % 10
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.mixed_precision or "no")
     step_number = [max(config.start1_hard, config.start2_hard)]  # mixing active
 
     def step() -> None:
+        view_q, view_k = photometric(*views, step_number[0]) if photometric else views
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             if bare:
-                moco.encoder_q(views[0]).sum().backward()
+                moco.encoder_q(view_q).sum().backward()
                 with torch.no_grad():
-                    moco.encoder_k(views[1])
+                    moco.encoder_k(view_k)
             else:
                 ids = torch.arange(config.batch_size, device=device) + step_number[0] * config.batch_size
-                loss, _ = moco(views[0], views[1], ids, labels, step=step_number[0])
+                loss, _ = moco(view_q, view_k, ids, labels, step=step_number[0])
                 loss.backward()
         if not bare:
-            torch.nn.utils.clip_grad_norm_(moco.encoder_q.parameters(), config.clip_grad or math.inf)
-            optimizer.step()
+            grad_norm = torch.nn.utils.clip_grad_norm_(moco.encoder_q.parameters(), config.clip_grad or math.inf)
+            moco.momentum_update(guard.step(grad_norm))
             scheduler.step()
-            moco.momentum_update()
         optimizer.zero_grad(set_to_none=True)
         step_number[0] += 1
 
@@ -572,16 +586,18 @@ def full_trainer_images_per_s(config, *, images: int, warmup: int, measure: int)
 GENERATED = "generated-jpegs"  # --dataset default of `bench train`: JPEGs written for the run
 
 
-def worker_pipeline_images_per_s(directory: Path, *, img_size: int, workers: int, batches: int, batch_size: int) -> float:
-    """Images/s (each giving two views) of decode + MoCo v2 augmentation in `workers` DataLoader
-    workers, over `batches` batches after the first (which includes the workers' start-up)."""
-    from hnmix.augment import moco_v2_transform
+def worker_pipeline_images_per_s(directory: Path, *, img_size: int, workers: int, batches: int, batch_size: int,
+                                 photometric_in_workers: bool) -> float:
+    """Images/s (each giving two views) of `workers` DataLoader workers over `batches` batches
+    after the first (which includes the workers' start-up): decode, crop and flip to uint8 views
+    (for `--augment_device accelerator`), or with the photometric half per image too (`cpu`)."""
+    from hnmix.augment import moco_v2_photometric
     from hnmix.data import TwoViewDataset, load_image_dataset, make_train_loader, resolve_columns
 
     dataset = load_image_dataset(str(directory))
     image_column, label_column = resolve_columns(dataset)
-    views = TwoViewDataset(dataset, image_column=image_column, label_column=label_column,
-                           transform=moco_v2_transform(img_size), seed=0)
+    views = TwoViewDataset(dataset, image_column=image_column, label_column=label_column, img_size=img_size, seed=0,
+                           photometric=moco_v2_photometric(img_size) if photometric_in_workers else None)
     loader = make_train_loader(views, batch_size=batch_size, num_workers=workers, seed=0)
     iterator = iter(loader)
     next(iterator)
@@ -595,23 +611,68 @@ def worker_pipeline_images_per_s(directory: Path, *, img_size: int, workers: int
     return seen / (time.perf_counter() - start)
 
 
+def decode_images_per_s(directory: Path, *, passes: int = 2) -> float:
+    """Images/s of PIL decoding the JPEGs at full size on one core: the floor of any per-image
+    pipeline that needs the full-size pixels."""
+    files = sorted(directory.rglob("*.jpg"))
+    blobs = [file.read_bytes() for file in files]
+    start = time.perf_counter()
+    for _ in range(passes):
+        for blob in blobs:
+            with Image.open(io.BytesIO(blob)) as image:
+                image.load()
+    return passes * len(blobs) / (time.perf_counter() - start)
+
+
+def batched_photometric_images_per_s(*, img_size: int, batch_size: int, device: torch.device, repeats: int) -> float:
+    """Images/s (two views each) of the batched photometric half on `device`, as the trainer runs it
+    with `--augment_device accelerator`: uint8 [B, 3, S, S] twice -> float32, normalised."""
+    from hnmix.photometric import StepPhotometric
+
+    generator = torch.Generator().manual_seed(0)
+    views = [torch.randint(0, 256, (batch_size, 3, img_size, img_size), dtype=torch.uint8, generator=generator).to(device)
+             for _ in range(2)]
+    photometric = StepPhotometric(img_size, seed=0, rank=0, device=device)
+    step = iter(range(1_000_000))
+    seconds = _seconds_per_step(lambda: photometric(*views, next(step)), warmup=1, measure=repeats, device=device)
+    return batch_size / seconds
+
+
 def run_data(args: argparse.Namespace) -> dict[str, Any]:
-    """The worker pipeline's images/s for 1..W workers, on generated JPEGs."""
+    """The worker pipeline's images/s for 1..W workers on generated JPEGs, in both augmentation
+    modes, with the decoding floor and the batched photometric half on the current device."""
     size = tuple(int(v) for v in args.jpeg_size.split("x")) if args.jpeg_size else None
-    rows = {}
+    device = torch.device(args.device)
+    modes = {"accelerator": False, "cpu": True}  # --augment_device -> photometric half in the workers?
+    rows: dict[str, dict[int, float]] = {mode: {} for mode in modes}
     with tempfile.TemporaryDirectory(prefix="hnmix-bench-") as tmp:
         directory = write_jpeg_folder(Path(tmp) / "images", count=args.images, size=size)
-        for workers in range(1, args.max_workers + 1):
-            rows[workers] = worker_pipeline_images_per_s(directory, img_size=args.img_size, workers=workers,
-                                                         batches=args.batches, batch_size=args.batch_size)
-    table = Table(title=f"DataLoader workers: decode + MoCo v2 augmentation, two {args.img_size}px views, "
-                        f"{args.jpeg_size or 'Caltech-256-like'} JPEGs")
-    for column in ("workers", "images/s", "per core"):
+        decode_floor = decode_images_per_s(directory)
+        for mode, photometric_in_workers in modes.items():
+            for workers in range(1, args.max_workers + 1):
+                rows[mode][workers] = worker_pipeline_images_per_s(
+                    directory, img_size=args.img_size, workers=workers, batches=args.batches,
+                    batch_size=args.batch_size, photometric_in_workers=photometric_in_workers)
+    photometric = batched_photometric_images_per_s(img_size=args.img_size, batch_size=args.batch_size, device=device,
+                                                   repeats=args.repeats)
+    table = Table(title=f"Data pipeline: two {args.img_size}px views per image, {args.jpeg_size or 'Caltech-256-like'} "
+                        "JPEGs (images/s)")
+    for column in ("pipeline", "workers", "images/s", "per core"):
         table.add_column(column, justify="right")
-    for workers, images_per_s in rows.items():
-        table.add_row(str(workers), f"{images_per_s:.0f}", f"{images_per_s / workers:.0f}")
+    table.add_row("JPEG decode alone, full size (the floor)", "1", f"{decode_floor:.0f}", f"{decode_floor:.0f}")
+    titles = {"accelerator": "workers: decode, crop, flip -> uint8", "cpu": "workers: + photometric per image"}
+    for mode, per_workers in rows.items():
+        for workers, images_per_s in per_workers.items():
+            table.add_row(titles[mode], str(workers), f"{images_per_s:.0f}", f"{images_per_s / workers:.0f}")
+    table.add_row(f"batched photometric on {device_description(device)}, batch {args.batch_size}", "-",
+                  f"{photometric:.0f}", "-")
     Console().print(table)
-    return {"images_per_s": rows, "per_core_images_per_s": {w: v / w for w, v in rows.items()},
+    return {"images_per_s": rows["accelerator"], "per_core_images_per_s": {w: v / w for w, v in rows["accelerator"].items()},
+            "photometric_in_workers": {"images_per_s": rows["cpu"],
+                                       "per_core_images_per_s": {w: v / w for w, v in rows["cpu"].items()}},
+            "decode_only_images_per_s": decode_floor,
+            "batched_photometric": {"images_per_s": photometric, "device": device_description(device),
+                                    "batch_size": args.batch_size},
             "img_size": args.img_size, "jpeg_size": args.jpeg_size or "caltech-like", "torch": torch.__version__,
             "cpu": _cpu_model()}
 
@@ -702,6 +763,8 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--images", type=int, default=256)
     data.add_argument("--batches", type=int, default=8, help="batches measured per worker count")
     data.add_argument("--batch_size", type=int, default=32)
+    data.add_argument("--device", default=_default_device(), help="device of the batched photometric row")
+    data.add_argument("--repeats", type=int, default=3, help="timed batches of the batched photometric row")
     data.set_defaults(func=run_data)
     # Hidden (no help=): the CPU peak-memory measurement of one variant in a fresh process.
     peak = commands.add_parser("_mixing_peak", parents=[_mixing_options()])

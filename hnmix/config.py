@@ -19,6 +19,7 @@ import yaml
 from hnmix.errors import ConfigError
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
+AUGMENT_DEVICES = ("cpu", "accelerator")
 
 
 def option(default: Any, help: str, *, alias: Optional[str] = None, choices: Optional[Sequence[Any]] = None,
@@ -38,6 +39,13 @@ class TrainConfig:
     label_column: Optional[str] = option(None, "Column holding class labels (default: `label` if present; `none`: no labels).", group="data")
     synthetic_size: int = option(512, "Number of images of `--dataset synthetic`.", group="data")
     num_workers: int = option(4, "DataLoader worker processes per training process.", group="data")
+    augment_device: Optional[str] = option(
+        None,
+        "Where the photometric half of the MoCo v2 augmentation (colour jitter, grayscale, blur) runs: `accelerator` "
+        "(batched, after the workers' crops) or `cpu` (per image in the DataLoader workers) (default: accelerator "
+        "when it is a GPU, else cpu).",
+        choices=AUGMENT_DEVICES, group="data",
+    )
     max_bad_fraction: float = option(0.1, "Stop when more than this fraction of the images read could not be (each is replaced and counted).", group="data")
     # TRAINING
     steps: int = option(25000, "Number of optimizer steps.", alias="-s")
@@ -58,6 +66,7 @@ class TrainConfig:
     clip_grad: float = option(5.0, "Clip the gradient norm to this value (0: no clipping).", alias="-cg")
     max_nonfinite_steps: int = option(10, "Stop after this many consecutive steps with a non-finite loss or gradient (each is skipped; fp16 uses loss scaling instead).")
     mixed_precision: Optional[str] = option(None, "no|fp16|bf16 (default: the accelerate config).", choices=MIXED_PRECISION)
+    compile: bool = option(False, "torch.compile the two encoders (the queue, the mixing and the loss stay eager).")
     keep_checkpoints: int = option(3, "Keep the newest N checkpoints (0: keep all).")
     report_to: str = option("none", "Trackers for Accelerate: none, all, tensorboard, wandb, ... (comma separated).")
     config: Optional[str] = option(None, "YAML file of options (long names as keys); flags override it.")
@@ -94,7 +103,7 @@ class TrainConfig:
 RESUMABLE_CHANGES = ("steps", "stop_at", "steps_print", "steps_save", "keep_checkpoints", "num_workers", "resume", "config",
                      "report_to", "dir_data", "dir_out", "device", "eval_every", "eval_max_samples",
                      "push_to_hub", "hub_model_id", "hub_private", "hub_strategy", "max_bad_fraction",
-                     "max_nonfinite_steps")
+                     "max_nonfinite_steps", "augment_device", "compile")
 
 
 def _field_type(f: dataclasses.Field) -> type:

@@ -15,6 +15,7 @@ import ast
 import io
 import json
 import logging
+import random
 import re
 from pathlib import Path
 from typing import Iterator, Optional
@@ -24,9 +25,11 @@ import numpy as np
 import torch
 import torch.utils.data
 from datasets.exceptions import DatasetGenerationError, DatasetsError
-from PIL import Image, ImageOps
+from PIL import Image
 
-from hnmix.augment import ImageTransform, TwoViews
+from hnmix.augment import ImageTransform
+from hnmix.geometric import two_crops
+from hnmix.images import open_image
 from hnmix.errors import DataError, describe, first_line, network_error_types
 
 logger = logging.getLogger(__name__)
@@ -34,45 +37,6 @@ logger = logging.getLogger(__name__)
 _HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?")
 _WAY_OUT = "pass --dataset PATH (a local copy) or --dataset synthetic"
 _SYNTHETIC_SPLITS = ("train", "validation", "test")
-
-
-# ----------------------------------------------------------------------------- images
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Any PIL image -> 8-bit RGB, upright.
-
-    - EXIF orientation is applied first (`ImageOps.exif_transpose`).
-    - Alpha (RGBA, LA, PA, P or L/RGB with a transparency key) is composited onto BLACK:
-      a fully transparent pixel becomes (0, 0, 0) whatever colour it hides. (A plain
-      `convert("RGB")` would drop the alpha band and keep the hidden colours.)
-    - 16/32-bit integer grey (I;16, I;16B, I;16L, I, e.g. 16-bit PNGs) is scaled 0..65535 ->
-      0..255 (values outside are clipped); PIL's own conversion clips at 255 instead, which turns
-      most of a 16-bit image white.
-    - F (float grey) follows PIL: values are taken on the 0..255 scale and clipped.
-    - 1, L, P, CMYK, YCbCr, ... use PIL's conversion (CMYK without an ICC profile transform).
-    """
-    image = ImageOps.exif_transpose(image)
-    mode = image.mode
-    if mode == "RGB" and "transparency" not in image.info:
-        return image
-    if mode == "I" or mode.startswith("I;16"):
-        grey = np.asarray(image).astype(np.int64).clip(0, 65535)
-        grey = ((grey * 255 + 32767) // 65535).astype(np.uint8)  # rounded 0..65535 -> 0..255
-        return Image.fromarray(grey).convert("RGB")
-    if mode == "F":
-        return image.convert("L").convert("RGB")
-    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
-        rgba = image.convert("RGBA")
-        black = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
-        return Image.alpha_composite(black, rgba).convert("RGB")
-    try:
-        return image.convert("RGB")
-    except ValueError as error:
-        raise DataError(
-            f"an image in mode {mode} cannot be converted to RGB ({first_line(error)}); "
-            "convert the dataset's images to RGB, L or RGBA"
-        ) from None
 
 
 # ----------------------------------------------------------------------------- synthetic data
@@ -375,11 +339,14 @@ def _feature_name(feature: object) -> str:
 # ----------------------------------------------------------------------------- two views
 
 
-def sample_seed(seed: int, epoch: int, index: int) -> int:
-    """A well-mixed 63-bit seed for sample `index` in `epoch` of a run seeded with `seed`."""
-    stream = np.random.SeedSequence(seed % 2**64, spawn_key=(epoch, index))
-    return int(stream.generate_state(1, np.uint64)[0] >> np.uint64(1))
+def sample_rng(seed: int, epoch: int, index: int) -> random.Random:
+    """The random stream of sample `index` in `epoch` of a run seeded with `seed` (a string seed:
+    Python hashes it with SHA-512, so neighbouring samples get unrelated streams)."""
+    return random.Random(f"{seed}:{epoch}:{index}")
 
+
+# How PIL and datasets fail on a file that is not a readable image.
+DECODE_ERRORS = (OSError, SyntaxError, ValueError)
 
 # An unreadable image is replaced by another, drawn from (seed, epoch, index); this many failures
 # in a row mean the dataset itself is broken.
@@ -402,17 +369,24 @@ class TwoViewDataset(torch.utils.data.Dataset):
     """Row i of a `datasets.Dataset` as two augmented views, its index and its label.
 
     `__getitem__(epoch * len(self) + index)` (the encoding `EpochSampler` yields) returns
-    (view_q [3, H, W] float32, view_k [3, H, W] float32, index: int, label: int, unreadable: int),
-    label -1 when there is no label column (or the row's label is missing). An image that cannot
-    be read (truncated, empty, not an image, a decompression bomb) is replaced by another drawn
-    from (seed, epoch, index), so batches keep their size; `unreadable` counts the replacements.
+    (view_q [3, S, S], view_k [3, S, S], index: int, label: int, unreadable: int), S = img_size,
+    label -1 when there is no label column (or the row's label is missing). The views are
+    - uint8, cropped and flipped only, when `photometric` is None: the photometric half then
+      runs batched on the accelerator (`hnmix.photometric`);
+    - `photometric(view)` of each cropped view otherwise (`hnmix.augment.moco_v2_photometric`:
+      float32, normalised): the whole MoCo v2 augmentation in the worker.
+    The image is decoded once for both views, at a reduced size when the crops allow
+    (`hnmix.geometric.two_crops`). An image that cannot be read (truncated, empty, not an image,
+    a decompression bomb) is replaced by another drawn from (seed, epoch, index), so batches keep
+    their size; `unreadable` counts the replacements.
 
-    Why the views are seeded per sample: both views are drawn with torch's CPU generator
-    reseeded to `sample_seed(seed, epoch, index)`, inside `torch.random.fork_rng`. So the same
-    sample in the same epoch gets the same two views whichever DataLoader worker, process or
-    number of workers loads it, a resumed run reproduces them exactly, and the caller's RNG state
-    is left as it was. Only the CPU generator is reseeded (`torch.default_generator`, not
-    `torch.manual_seed`, which would also reseed every CUDA generator of the caller).
+    Why the views are seeded per sample: every draw comes from `sample_rng(seed, epoch, index)`
+    (the per-image photometric transforms from torch's CPU generator seeded from it, inside
+    `torch.random.fork_rng`). So the same sample in the same epoch gets the same two views
+    whichever DataLoader worker, process or number of workers loads it, a resumed run reproduces
+    them exactly, and the caller's RNG state is left as it was. Only the CPU generator is
+    reseeded (`torch.default_generator`, not `torch.manual_seed`, which would also reseed every
+    CUDA generator of the caller).
     """
 
     def __init__(
@@ -421,15 +395,18 @@ class TwoViewDataset(torch.utils.data.Dataset):
         *,
         image_column: str,
         label_column: Optional[str],
-        transform: ImageTransform,
+        img_size: int,
         seed: int,
+        photometric: Optional[ImageTransform] = None,
     ):
         resolve_columns(dataset, image_column, label_column if label_column is not None else "none")
         kept = [image_column] + ([label_column] if label_column is not None and label_column != image_column else [])
-        self.dataset = dataset.select_columns(kept)
+        # Undecoded cells: the image is opened lazily, so that a JPEG can be decoded at a reduced size.
+        self.dataset = dataset.select_columns(kept).cast_column(image_column, datasets.Image(decode=False))
         self.image_column = image_column
         self.label_column = label_column
-        self.two_views = TwoViews(transform)
+        self.img_size = img_size
+        self.photometric = photometric
         self.seed = seed
 
     def __len__(self) -> int:
@@ -442,14 +419,15 @@ class TwoViewDataset(torch.utils.data.Dataset):
         if encoded_index < 0:
             raise IndexError(f"encoded index must be >= 0, got {encoded_index}")
         epoch, index = divmod(encoded_index, len(self))
-        row, image, unreadable = None, None, 0
-        while image is None:
+        unreadable = 0
+        while True:
             try:
                 row = self._read_row(index)
-                image = to_rgb(row[self.image_column])
+                views = self._two_views(row[self.image_column], index, sample_rng(self.seed, epoch, index))
+                break
             except (DataError, OSError, Image.DecompressionBombError) as error:
                 unreadable += 1
-                replacement = sample_seed(self.seed + unreadable, epoch, index) % len(self)
+                replacement = sample_rng(self.seed + unreadable, epoch, index).randrange(len(self))
                 if unreadable > MAX_REPLACEMENTS:
                     raise DataError(f"{MAX_REPLACEMENTS} images in a row could not be read, the last one "
                                     f"image {index} ({first_line(error)}); check the dataset's files") from None
@@ -458,19 +436,42 @@ class TwoViewDataset(torch.utils.data.Dataset):
         label = -1
         if self.label_column is not None and row[self.label_column] is not None:
             label = int(row[self.label_column])
+        return *views, index, label, unreadable
+
+    def _two_views(self, cell: Optional[dict], index: int, rng: random.Random) -> tuple[torch.Tensor, torch.Tensor]:
+        image = self._open(cell, index)
+        try:
+            views = two_crops(image, self.img_size, rng)
+        except DECODE_ERRORS as error:
+            raise self._unreadable(index, error) from None
+        finally:
+            image.close()
+        if self.photometric is None:
+            return views[0], views[1]
+        # torchvision's transforms draw from torch's global CPU generator: seed it from the
+        # sample's stream, and leave the caller's state as it was.
         with torch.random.fork_rng(devices=[]):
-            torch.default_generator.manual_seed(sample_seed(self.seed, epoch, index))
-            view_q, view_k = self.two_views(image)
-        return view_q, view_k, index, label, unreadable
+            torch.default_generator.manual_seed(rng.getrandbits(63))
+            return tuple(self.photometric(Image.fromarray(view.permute(1, 2, 0).numpy())) for view in views)
+
+    def _open(self, cell: Optional[dict], index: int) -> Image.Image:
+        """The undecoded image of row `index` (header read), or a DataError naming it."""
+        if cell is None:
+            raise DataError(f"image {index} of the dataset is missing (an empty cell); remove the row")
+        try:
+            return open_image(cell)
+        except DECODE_ERRORS as error:
+            raise self._unreadable(index, error) from None
 
     def _read_row(self, index: int) -> dict:
         try:
             return self.dataset[index]
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
-            raise DataError(
-                f"image {index} of the dataset{self._where(index)} cannot be decoded ({describe(error)}); "
-                "remove or replace it"
-            ) from None
+        except DECODE_ERRORS as error:
+            raise self._unreadable(index, error) from None
+
+    def _unreadable(self, index: int, error: BaseException) -> DataError:
+        return DataError(f"image {index} of the dataset{self._where(index)} cannot be decoded "
+                         f"({describe(error)}); remove or replace it")
 
     def _where(self, index: int) -> str:
         """' (path)' of row `index`'s image file when the dataset stored one, else ''."""

@@ -24,7 +24,8 @@ import torch.utils.data
 from accelerate import Accelerator
 
 from hnmix.augment import eval_transform
-from hnmix.data import TwoViewDataset, load_image_dataset, resolve_columns, to_rgb
+from hnmix.data import DECODE_ERRORS, TwoViewDataset, load_image_dataset, resolve_columns
+from hnmix.images import to_rgb
 from hnmix.errors import ConfigError, DataError
 
 logger = logging.getLogger("hnmix.eval_data")
@@ -288,18 +289,24 @@ class EvalImages(TwoViewDataset):
     """Row i of a labelled `datasets.Dataset` -> (image [3, S, S] float32, label int).
 
     The image is read and checked like a training sample (`TwoViewDataset`'s reading, with its
-    one-line error for an undecodable image), made RGB by `hnmix.data.to_rgb` and cropped by the
+    one-line error for an undecodable image), made RGB by `hnmix.images.to_rgb` and cropped by the
     deterministic `hnmix.augment.eval_transform(img_size)`.
     """
 
     def __init__(self, dataset: datasets.Dataset, *, image_column: str, label_column: str, img_size: int):
-        transform = eval_transform(img_size)
-        super().__init__(dataset, image_column=image_column, label_column=label_column, transform=transform, seed=0)
-        self.transform = transform
+        super().__init__(dataset, image_column=image_column, label_column=label_column, img_size=img_size, seed=0)
+        self.transform = eval_transform(img_size)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        row = self._read_row(int(index))
-        return self.transform(to_rgb(row[self.image_column])), int(row[self.label_column])
+        index = int(index)
+        row = self._read_row(index)
+        image = self._open(row[self.image_column], index)
+        try:
+            return self.transform(to_rgb(image)), int(row[self.label_column])
+        except DECODE_ERRORS as error:
+            raise self._unreadable(index, error) from None
+        finally:
+            image.close()
 
 
 def make_eval_loader(images: EvalImages, *, batch_size: int, num_workers: int) -> torch.utils.data.DataLoader:

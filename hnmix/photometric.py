@@ -18,6 +18,7 @@ kernel is symmetric and reflect padding is mirror-symmetric), so the order of th
 from __future__ import annotations
 
 import math
+import random
 from typing import NamedTuple, Optional
 
 import torch
@@ -123,33 +124,28 @@ def apply_photometric(
     return batch.to(dtype=out_dtype, memory_format=memory_format)
 
 
-class BatchedPhotometric:
-    """`images -> apply_photometric(images, fresh params)`: a new independent draw on every call.
+class StepPhotometric:
+    """The photometric half for a training step: both views of this rank's batch, on their device.
 
-    The parameters are drawn on the images' device from `generator` (which must live there),
-    or from torch's default generator for that device when it is None.
+    `(view_q, view_k, step) -> (view_q, view_k)`, uint8 [B, 3, S, S] each -> float32, normalised.
+    The parameters come from a generator on the views' device reseeded from (seed, step, rank)
+    at every step: independent per sample, view, step and rank, and a resumed run draws exactly
+    what the uninterrupted one did, with no generator state to checkpoint. Reseeding is host-side
+    work; nothing here waits for the device.
     """
 
-    def __init__(
-        self,
-        img_size: int,
-        *,
-        generator: Optional[torch.Generator] = None,
-        out_dtype: torch.dtype = torch.float32,
-    ):
+    def __init__(self, img_size: int, *, seed: int, rank: int, device: torch.device | str):
         self.img_size = img_size
-        self.kernel_size = blur_kernel_size(img_size)
-        self.generator = generator
-        self.out_dtype = out_dtype
+        self.seed = seed
+        self.rank = rank
+        self.generator = torch.Generator(device=device)
 
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 [N, 3, H, W] -> [N, 3, H, W] in out_dtype, normalised."""
-        params = photometric_params(images.shape[0], self.img_size, generator=self.generator, device=images.device)
-        return apply_photometric(images, params, out_dtype=self.out_dtype)
-
-    def __repr__(self) -> str:
-        name = type(self).__name__
-        return f"{name}(img_size={self.img_size}, kernel_size={self.kernel_size}, out_dtype={self.out_dtype})"
+    def __call__(self, view_q: torch.Tensor, view_k: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        self.generator.manual_seed(random.Random(f"{self.seed}:{step}:{self.rank}").getrandbits(63))
+        both = torch.cat([view_q, view_k])
+        params = photometric_params(both.shape[0], self.img_size, generator=self.generator, device=both.device)
+        view_q, view_k = apply_photometric(both, params).chunk(2)
+        return view_q, view_k
 
 
 def per_sample(values: torch.Tensor) -> torch.Tensor:

@@ -33,9 +33,8 @@ from accelerate.utils import LoggerType, broadcast_object_list, gather_object, s
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from timm.optim import create_optimizer_v2
 
-from hnmix.augment import moco_v2_transform
+from hnmix.augment import moco_v2_photometric
 from hnmix.checkpoints import (
     checkpoints_root,
     prune_checkpoints,
@@ -53,12 +52,14 @@ from hnmix.config import (
     parse_config,
 )
 from hnmix.data import TwoViewDataset, load_image_dataset, make_train_loader, resolve_columns
-from hnmix.errors import ConfigError, DataError, HnmixError, HubError, TrainingDivergedError
+from hnmix.errors import ConfigError, DataError, HnmixError, HubError
 from hnmix.eval_data import NO_LABELS, load_eval_splits
 from hnmix.evaluate import KnnMonitor
 from hnmix.hub import HubPusher, export_encoder, write_model_card
 from hnmix.metrics import RunningCount, StatsWindow, append_record, drop_records_after
 from hnmix.moco import MoCo, MoCoEncoder
+from hnmix.optim import NonFiniteGuard, make_optimizer
+from hnmix.photometric import StepPhotometric
 from hnmix.preemption import EXIT_STOPPED, StopSignal
 
 logger = get_logger("hnmix")
@@ -173,13 +174,23 @@ def quiet_other_processes(accelerator: Accelerator) -> None:
         huggingface_hub.utils.disable_progress_bars()
 
 
+def augment_on_accelerator(config: TrainConfig, accelerator: Accelerator) -> bool:
+    """`--augment_device`, resolved: its default is the accelerator when that is a GPU."""
+    if config.augment_device is None:
+        return accelerator.device.type != "cpu"
+    return config.augment_device == "accelerator"
+
+
 def build_data(config: TrainConfig, accelerator: Accelerator):
+    """The training DataLoader and whether the data has labels. The workers crop and flip; the
+    photometric half runs there too unless the trainer runs it on the accelerator."""
     with accelerator.main_process_first():
         dataset = load_image_dataset(config.dataset, split=config.split, cache_dir=config.dir_data,
                                      seed=config.seed, synthetic_size=config.synthetic_size)
     image_column, label_column = resolve_columns(dataset, config.image_column, config.label_column)
-    views = TwoViewDataset(dataset, image_column=image_column, label_column=label_column,
-                           transform=moco_v2_transform(config.img_size), seed=config.seed)
+    photometric = None if augment_on_accelerator(config, accelerator) else moco_v2_photometric(config.img_size)
+    views = TwoViewDataset(dataset, image_column=image_column, label_column=label_column, img_size=config.img_size,
+                           seed=config.seed, photometric=photometric)
     loader = make_train_loader(views, batch_size=config.batch_size, num_workers=config.num_workers, seed=config.seed)
     return loader, label_column is not None
 
@@ -206,13 +217,21 @@ def build_knn_monitor(config: TrainConfig, accelerator: Accelerator) -> Optional
 
 
 def build_model(config: TrainConfig) -> MoCo:
+    """The MoCo model of `config`, identical on every rank. With --compile both encoders are
+    compiled in place (`nn.Module.compile`: the state-dict keys stay those of the eager model, so
+    checkpoints and the export do not depend on the option); the queue update, mixing and loss
+    stay eager."""
     set_seed(config.seed)  # the same initial weights on every rank
-    return MoCo(
+    moco = MoCo(
         MoCoEncoder(config.arch, config.dim_moco),
         dim_moco=config.dim_moco, k_moco=config.k_moco, m_moco=config.m_moco, t_moco=config.t_moco,
         n_hard=config.n_hard, s1_hard=config.s1_hard, s2_hard=config.s2_hard,
         start1_hard=config.start1_hard, start2_hard=config.start2_hard, bn_splits=config.bn_splits,
     )
+    if config.compile:
+        moco.encoder_q.compile()
+        moco.encoder_k.compile()
+    return moco
 
 
 def checkpoint_to_resume(config: TrainConfig) -> Optional[Path]:
@@ -230,13 +249,14 @@ def checkpoint_to_resume(config: TrainConfig) -> Optional[Path]:
 
 
 def load_training_state(accelerator: Accelerator, checkpoint: Path, window: StatsWindow, bad_images: RunningCount,
-                        metrics_path: Path) -> int:
+                        guard: NonFiniteGuard, metrics_path: Path) -> int:
     """Restore everything `save_training_state` saved; returns the step. Records of later steps
     (logged before a crash, not covered by the checkpoint) leave metrics.jsonl."""
     accelerator.load_state(str(checkpoint))
     state = read_trainer_state(checkpoint)
     window.load_state(state["stats_window"], accelerator.device)
     bad_images.counted = state["bad_samples"]
+    guard.load_state(state)
     if accelerator.is_main_process:
         drop_records_after(metrics_path, state["step"])
     logger.info(f"Resumed from {checkpoint} at step {state['step']}")
@@ -270,13 +290,12 @@ def publish_encoder(config: TrainConfig, moco: MoCo, results: dict) -> Path:
 
 
 def save_training_state(accelerator: Accelerator, moco: MoCo, window: StatsWindow, bad_images: RunningCount,
-                        config: TrainConfig, step: int, epoch: int, skipped_steps: int) -> Path:
+                        guard: NonFiniteGuard, config: TrainConfig, step: int, epoch: int) -> Path:
     """A checkpoint of every rank at `step`, then retention. Every rank calls it."""
     root = checkpoints_root(config.dir_out)
     state = {"step": step, "epoch": epoch, "num_processes": accelerator.num_processes,
              "queue_sha256_per_rank": gather_object([moco.queue.fingerprint()]),
-             "stats_window": window.state(accelerator), "bad_samples": bad_images.total(accelerator),
-             "skipped_steps": skipped_steps}
+             "stats_window": window.state(accelerator), "bad_samples": bad_images.total(accelerator)} | guard.state()
     checkpoint = save_checkpoint(accelerator, root, step, {
         TRAINER_STATE: json.dumps(state, indent=1), CONFIG_FILE: config_to_yaml(config)})
     if accelerator.is_main_process:
@@ -297,17 +316,24 @@ def train(config: TrainConfig) -> int:
     pusher = start_hub_pusher(config, accelerator)
 
     loader, has_labels = build_data(config, accelerator)
+    photometric = None
+    if augment_on_accelerator(config, accelerator):
+        photometric = StepPhotometric(config.img_size, seed=config.seed, rank=accelerator.process_index,
+                                      device=accelerator.device)
     monitor = build_knn_monitor(config, accelerator)
     model = build_model(config)
-    optimizer = create_optimizer_v2(model.encoder_q, opt="adamw", lr=config.lr_base, weight_decay=0.01)
+    optimizer = make_optimizer(model.encoder_q, lr=config.lr_base, weight_decay=0.01, device=accelerator.device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, seed_lr_schedule(config))
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
     moco: MoCo = accelerator.unwrap_model(model)
     steps_per_epoch = len(loader)
+    # fp16 runs with a loss scaler, which skips the steps with inf/NaN gradients itself.
+    guard = NonFiniteGuard(optimizer, config.max_nonfinite_steps, device=accelerator.device,
+                           enabled=accelerator.mixed_precision != "fp16")
 
     metrics_path = dir_out / "metrics.jsonl"
     window, bad_images = StatsWindow(), RunningCount()
-    step = load_training_state(accelerator, checkpoint, window, bad_images, metrics_path) if checkpoint else 0
+    step = load_training_state(accelerator, checkpoint, window, bad_images, guard, metrics_path) if checkpoint else 0
     if accelerator.is_main_process:
         (dir_out / CONFIG_FILE).write_text(config_to_yaml(config))
     accelerator.init_trackers("hnmix", config={k: str(v) if v is None else v for k, v in config.to_dict().items()})
@@ -316,7 +342,8 @@ def train(config: TrainConfig) -> int:
     end = config.stop_at or config.steps
     logger.info(f"Training {config.arch} on {config.dataset} ({steps_per_epoch} steps per epoch) with "
                 f"{accelerator.num_processes} process(es), global batch {global_batch}, "
-                f"mixed precision {accelerator.mixed_precision}, from step {step} to {end} of {config.steps}")
+                f"mixed precision {accelerator.mixed_precision}, photometric augmentation on "
+                f"{'the accelerator' if photometric else 'the CPU workers'}, from step {step} to {end} of {config.steps}")
     results: dict = {"steps": config.steps, "global_batch": global_batch}
     saved = checkpoint
     progress = Progress(
@@ -327,9 +354,6 @@ def train(config: TrainConfig) -> int:
     task = progress.add_task("train", total=config.steps, completed=step, speed="-", loss="-", lr="-", knn="-")
     window_start, window_steps = time.perf_counter(), 0
     stopping = False
-    # fp16 runs with a loss scaler, which skips the steps with inf/NaN gradients itself.
-    check_finite = accelerator.mixed_precision != "fp16"
-    nonfinite_in_a_row, skipped_steps = 0, (read_trainer_state(checkpoint).get("skipped_steps", 0) if checkpoint else 0)
 
     model.train()
     with progress, StopSignal() as stop:
@@ -337,22 +361,14 @@ def train(config: TrainConfig) -> int:
             epoch, skip = divmod(step, steps_per_epoch)
             loader.set_epoch(epoch)
             for view_q, view_k, ids, labels, unreadable in accelerator.skip_first_batches(loader, skip) if skip else loader:
+                if photometric:
+                    view_q, view_k = photometric(view_q, view_k, step)
                 loss, stats = model(view_q, view_k, ids, labels if has_labels else None, step=step)
                 accelerator.backward(loss)
+                # The norm is equal on every rank (DDP averaged the gradients, NaN/inf included): a
+                # non-finite one skips both updates everywhere, decided on the device.
                 grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.clip_grad or math.inf)
-                if check_finite and not torch.isfinite(grad_norm).item():
-                    # Equal on every rank: DDP has averaged the gradients, NaN/inf included.
-                    nonfinite_in_a_row += 1
-                    skipped_steps += 1
-                    if nonfinite_in_a_row >= config.max_nonfinite_steps:
-                        raise TrainingDivergedError(
-                            f"{nonfinite_in_a_row} steps in a row up to step {step + 1} had a non-finite loss or "
-                            f"gradient; the last good checkpoint is {saved or 'none (no checkpoint yet)'}: resume from "
-                            "it with a lower --lr_base or --clip_grad, or bf16/fp32 instead of fp16")
-                else:
-                    nonfinite_in_a_row = 0
-                    optimizer.step()
-                    moco.momentum_update()
+                moco.momentum_update(guard.step(grad_norm))
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 window.add(stats)
@@ -370,7 +386,7 @@ def train(config: TrainConfig) -> int:
                                "images_per_s": global_batch * window_steps / (time.perf_counter() - window_start)}
                     record |= window.mean_over_processes(accelerator)
                     record["bad_samples"] = bad_images.total(accelerator)
-                    record["skipped_steps"] = skipped_steps
+                    record["skipped_steps"] = guard.check(step, saved)
                     check_bad_fraction(record["bad_samples"], step * global_batch, config.max_bad_fraction,
                                        len(loader.dataset))
                     window_start, window_steps = time.perf_counter(), 0
@@ -378,8 +394,8 @@ def train(config: TrainConfig) -> int:
                     log_step(accelerator, {"step": step, "epoch": epoch} | record, metrics_path, progress, task)
                 stopping = stop.requested()
                 if step % config.steps_save == 0 or step == end or stopping:
-                    saved = save_training_state(accelerator, moco, window, bad_images, config, step, epoch,
-                                                skipped_steps)
+                    guard.check(step, saved)  # a diverged run is never saved
+                    saved = save_training_state(accelerator, moco, window, bad_images, guard, config, step, epoch)
                     if pusher and step < end and not stopping:
                         pusher.on_save(step, encoder_dir=publish_encoder(config, moco, results), checkpoint_dir=saved)
                 if step >= end or stopping:

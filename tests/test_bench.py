@@ -109,12 +109,18 @@ def test_write_jpeg_folder_gives_class_folders_of_varied_jpegs(tmp_path):
     assert len(sizes) > 1 and all(200 <= w < 500 and 160 <= h < 400 for w, h in sizes)
 
 
-def test_data_benchmark_reports_each_worker_count(tmp_path):
+def test_data_benchmark_reports_each_worker_count_both_modes_and_the_batched_photometric(tmp_path):
     out = tmp_path / "data.json"
     command = [sys.executable, "-m", "hnmix.bench", "data", "--max_workers", "2", "--img_size", "32", "--images", "24",
-               "--batches", "2", "--batch_size", "4", "--jpeg_size", "96x64", "--json", str(out)]
+               "--batches", "2", "--batch_size", "4", "--jpeg_size", "96x64", "--device", "cpu", "--repeats", "1",
+               "--json", str(out)]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(out.read_text())
     assert set(result["per_core_images_per_s"]) == {"1", "2"} and all(v > 0 for v in result["images_per_s"].values())
+    in_workers = result["photometric_in_workers"]
+    assert set(in_workers["per_core_images_per_s"]) == {"1", "2"} and all(v > 0 for v in in_workers["images_per_s"].values())
+    assert result["decode_only_images_per_s"] > 0
+    assert result["batched_photometric"]["images_per_s"] > 0 and result["batched_photometric"]["batch_size"] == 4
     assert result["jpeg_size"] == "96x64"
+    assert "batched photometric" in done.stdout and "JPEG decode alone" in done.stdout

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision import transforms
 
 from data_images import (
     gradient_16bit,
@@ -17,7 +18,8 @@ from data_images import (
     write_image_folder,
     write_odd_mode_images,
 )
-from hnmix.augment import eval_transform, moco_v2_transform
+
+from hnmix.augment import moco_v2_photometric
 from hnmix.data import (
     EpochSampler,
     TwoViewDataset,
@@ -25,9 +27,9 @@ from hnmix.data import (
     make_synthetic_dataset,
     make_train_loader,
     resolve_columns,
-    to_rgb,
 )
 from hnmix.errors import DataError
+from hnmix.images import to_rgb
 
 SPLIT_ROWS = {"train": 7, "validation": 3, "test": 2}
 
@@ -246,7 +248,7 @@ def test_awkward_images_go_through_two_view_dataset_end_to_end(tmp_path, cache_d
     modes = {row["image"].mode for row in dataset}
     assert {"L", "CMYK", "RGBA", "P", "I;16", "1", "LA", "RGB"} <= modes
     two_views = TwoViewDataset(
-        dataset, image_column="image", label_column="label", transform=moco_v2_transform(16), seed=0
+        dataset, image_column="image", label_column="label", img_size=16, seed=0, photometric=moco_v2_photometric(16)
     )
     for index in range(len(two_views)):
         view_q, view_k, returned_index, label, unreadable = two_views[index]
@@ -327,7 +329,7 @@ def test_label_column_choice():
 def synthetic_two_views(seed: int = 0, label_column: str | None = "label", size: int = 16) -> TwoViewDataset:
     dataset = make_synthetic_dataset(size, seed=0, image_size=32)
     return TwoViewDataset(
-        dataset, image_column="image", label_column=label_column, transform=moco_v2_transform(24), seed=seed
+        dataset, image_column="image", label_column=label_column, img_size=24, seed=seed, photometric=moco_v2_photometric(24)
     )
 
 
@@ -366,13 +368,19 @@ def test_labels_are_minus_one_without_a_label_column():
     assert synthetic_two_views()[2][3] == make_synthetic_dataset(16, seed=0, image_size=32)[2]["label"]
 
 
-def test_eval_transform_also_fits_two_view_dataset():
+def test_without_photometric_the_views_are_the_uint8_crops_the_photometric_mode_starts_from():
+    """Both modes draw the same crops and flips for a sample: the per-image photometric half
+    only comes after them (here replaced by a plain conversion, to compare)."""
     dataset = make_synthetic_dataset(4, seed=0, image_size=32)
-    two_views = TwoViewDataset(
-        dataset, image_column="image", label_column="label", transform=eval_transform(24), seed=0
-    )
-    view_q, view_k, _, _, _ = two_views[1]
-    assert view_q.shape == (3, 24, 24) and torch.equal(view_q, view_k)
+    crops_only = TwoViewDataset(dataset, image_column="image", label_column="label", img_size=24, seed=3)
+    converted = TwoViewDataset(dataset, image_column="image", label_column="label", img_size=24, seed=3,
+                               photometric=transforms.PILToTensor())
+    for encoded in (1, 4 + 1):
+        view_q, view_k, _, _, _ = crops_only[encoded]
+        assert view_q.dtype == torch.uint8 and view_q.shape == view_k.shape == (3, 24, 24)
+        assert not torch.equal(view_q, view_k)
+        same_q, same_k, _, _, _ = converted[encoded]
+        assert torch.equal(view_q, same_q) and torch.equal(view_k, same_k)
 
 
 # ----------------------------------------------------------------------------- sampler and loader
@@ -424,7 +432,7 @@ def test_an_unreadable_image_is_replaced_counted_and_named(tmp_path, cache_dir, 
     (root / "b" / "empty.jpg").write_bytes(b"")
     dataset = load_image_dataset(str(root), cache_dir=cache_dir)
     two_views = TwoViewDataset(
-        dataset, image_column="image", label_column="label", transform=moco_v2_transform(8), seed=0
+        dataset, image_column="image", label_column="label", img_size=8, seed=0
     )
     broken = next(i for i in range(len(dataset)) if two_views._where(i).endswith("broken.png)"))
     with caplog.at_level("WARNING"):
@@ -450,7 +458,7 @@ def test_a_dataset_of_unreadable_images_fails_loudly_from_a_worker(tmp_path, cac
         (root / "a" / f"{i}.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
     dataset = load_image_dataset(str(root), cache_dir=cache_dir)
     two_views = TwoViewDataset(dataset, image_column="image", label_column=None,
-                               transform=moco_v2_transform(8), seed=0)
+                               img_size=8, seed=0)
     loader = make_train_loader(two_views, batch_size=2, num_workers=2, seed=0)
     with pytest.raises(DataError, match="images in a row could not be read"):
         list(loader)
@@ -462,7 +470,7 @@ def test_a_one_pixel_image_gives_views_and_a_decompression_bomb_is_replaced(tmp_
     Image.new("RGB", (64, 64), (10, 200, 10)).save(root / "b" / "bomb.png")
     dataset = load_image_dataset(str(root), cache_dir=cache_dir)
     two_views = TwoViewDataset(dataset, image_column="image", label_column="label",
-                               transform=moco_v2_transform(8), seed=0)
+                               img_size=8, seed=0)
     where = {i: two_views._where(i) for i in range(len(dataset))}
     tiny = next(i for i, w in where.items() if w.endswith("tiny.png)"))
     bomb = next(i for i, w in where.items() if w.endswith("bomb.png)"))

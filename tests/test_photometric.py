@@ -19,7 +19,7 @@ from hnmix.photometric import (
     CONTRAST,
     HUE,
     SATURATION,
-    BatchedPhotometric,
+    StepPhotometric,
     PhotometricParams,
     apply_photometric,
     photometric_params,
@@ -234,7 +234,7 @@ def test_every_sample_gets_its_own_parameters():
     neighbours = torch.corrcoef(torch.stack((many.brightness[0::2], many.brightness[1::2])))[0, 1]
     assert abs(neighbours.item()) < 0.05
     image = varied_images()[:1].repeat(2, 1, 1, 1)
-    out = BatchedPhotometric(32, generator=torch.Generator().manual_seed(3))(image)
+    out = apply_photometric(image, photometric_params(2, 32, generator=torch.Generator().manual_seed(3)))
     assert not torch.equal(out[0], out[1])
 
 
@@ -246,19 +246,6 @@ def test_seeded_generator_repeats_the_draw_exactly():
         assert torch.equal(getattr(first, field), getattr(again, field)), field
     assert not torch.equal(first.brightness, other.brightness)
     assert first.kernel_size == blur_kernel_size(32)
-
-
-def test_batched_photometric_repeats_with_a_seed_and_uses_the_global_rng_without_one():
-    images = varied_images()
-    seeded = [BatchedPhotometric(32, generator=torch.Generator().manual_seed(1))(images) for _ in range(2)]
-    assert torch.equal(seeded[0], seeded[1])
-    augment = BatchedPhotometric(32)
-    torch.manual_seed(11)
-    first = augment(images)
-    second = augment(images)
-    torch.manual_seed(11)
-    assert torch.equal(augment(images), first)
-    assert not torch.equal(first, second), "each call is a new draw"
 
 
 def test_runs_in_float32_under_autocast_and_returns_the_requested_dtype():
@@ -293,3 +280,19 @@ def test_rejects_a_batch_it_cannot_read():
         apply_photometric(images[:, :1], params)
     with pytest.raises(ValueError, match="drawn for 8"):
         apply_photometric(images[:4], params)
+
+
+def test_step_photometric_is_seeded_by_seed_step_and_rank():
+    """The trainer's batched half redraws the same parameters for the same (seed, step, rank), so a
+    resumed run augments exactly as the uninterrupted one; another step or rank draws anew."""
+    generator = torch.Generator().manual_seed(0)
+    view_q, view_k = (torch.randint(0, 256, (3, 3, 16, 16), dtype=torch.uint8, generator=generator) for _ in range(2))
+    first = StepPhotometric(16, seed=1, rank=0, device="cpu")
+    out_q, out_k = first(view_q, view_k, step=5)
+    assert out_q.shape == out_k.shape == (3, 3, 16, 16) and out_q.dtype == torch.float32
+    again_q, again_k = StepPhotometric(16, seed=1, rank=0, device="cpu")(view_q, view_k, step=5)
+    assert torch.equal(out_q, again_q) and torch.equal(out_k, again_k)
+    for other in (first(view_q, view_k, step=6), StepPhotometric(16, seed=1, rank=1, device="cpu")(view_q, view_k, step=5)):
+        assert not torch.equal(out_q, other[0])
+    same_input_views = first(view_q, view_q, step=5)
+    assert not torch.equal(same_input_views[0], same_input_views[1])  # the two views get their own parameters

@@ -90,6 +90,34 @@ def test_resume_continues_with_identical_losses(straight_run, tmp_path):
     assert [r["lr"] for r in metrics(tmp_path)] == [r["lr"] for r in metrics(straight_run)]
 
 
+def test_photometric_augmentation_on_the_accelerator_trains_and_resumes_exactly(tmp_path):
+    """--augment_device accelerator (here the CPU): the workers deliver uint8 crops, the trainer
+    jitters, greys, blurs and normalises them batched, with parameters seeded by (seed, step,
+    rank): a resumed run redraws them, so its losses are those of the uninterrupted run."""
+    straight, halves = tmp_path / "straight", tmp_path / "halves"
+    options = [*TINY, "-s", "6", "-sp", "1", "-ss", "100", "--eval_every", "0", "--augment_device", "accelerator"]
+    result = run_train(*options, "--num_workers", "1", "-do", str(straight))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "photometric augmentation on the accelerator" in " ".join(result.stderr.split())  # rich wraps lines
+    first = run_train(*options, "--num_workers", "0", "--stop_at", "3", "-do", str(halves))
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = run_train(*options, "--num_workers", "0", "-do", str(halves), "--resume", "latest")
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert len(losses(straight)) == 6 and losses(halves) == losses(straight)
+
+
+def test_compiled_encoders_train_and_save_the_eager_state_dict(straight_run, tmp_path):
+    """--compile compiles the encoders in place: training runs, and the checkpoint holds the same
+    keys as an eager run's, so either can resume the other."""
+    result = run_train(*TINY, "-s", "2", "-sp", "1", "-ss", "100", "--eval_every", "0", "--num_workers", "0",
+                       "--compile", "-do", str(tmp_path), timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert all(np.isfinite(loss) for loss in losses(tmp_path).values())
+    compiled = load_file(tmp_path / "checkpoints/step_00000002/model.safetensors")
+    eager = load_file(straight_run / "checkpoints/step_00000004/model.safetensors")
+    assert set(compiled) == set(eager)
+
+
 def test_sigkill_mid_run_then_resume_latest_logs_the_same_losses(straight_run, tmp_path):
     env = os.environ | {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen([sys.executable, "-m", "hnmix.train", *TINY, "-s", "12", "-sp", "1", "-ss", "4",
@@ -112,7 +140,7 @@ def test_sigkill_mid_run_then_resume_latest_logs_the_same_losses(straight_run, t
 
 def test_two_real_processes_share_one_queue(tmp_path):
     result = accelerate_launch(["-m", "hnmix.train", *TINY, "-bs", "4", "-s", "6", "-sp", "2", "-ss", "3",
-                                "--num_workers", "1", "-do", str(tmp_path)])
+                                "--num_workers", "1", "--augment_device", "accelerator", "-do", str(tmp_path)])
     assert result.returncode == 0, result.stderr[-3000:]
     state = json.loads((tmp_path / "checkpoints/step_00000006/trainer_state.json").read_text())
     assert state["num_processes"] == 2
