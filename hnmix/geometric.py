@@ -40,6 +40,8 @@ CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
 FLIP_P = 0.5
 DRAFT_REDUCTIONS = (8, 4, 2)  # the JPEG DCT scalings PIL's draft offers, largest first
 _TRANSPOSED_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that swap width and height
+_REVERSED_X = (2, 3, 6, 7)  # EXIF orientations whose upright x runs against the stored pixels
+_REVERSED_Y = (3, 4, 7, 8)  # ... whose upright y does
 
 
 class Crop(NamedTuple):
@@ -100,18 +102,25 @@ def two_crops(image: Image.Image, img_size: int, rng: random.Random) -> list[tor
     crops = [random_resized_crop(width, height, rng) for _ in range(2)]
     flips = [rng.random() < FLIP_P for _ in range(2)]
     reduction = draft_reduction(crops, img_size)
+    orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
+    stored_size = image.size
     if reduction > 1:
         # Requesting size // r makes PIL's JPEG decoder pick the reduction r (the same on both
         # axes); other formats, and images already decoded, ignore it.
-        image.draft("RGB", (image.size[0] // reduction, image.size[1] // reduction))
+        image.draft("RGB", (stored_size[0] // reduction, stored_size[1] // reduction))
+    if image.size == stored_size:
+        reduction = 1
     upright = to_rgb(image)
     pixels = _channels_last(upright)  # [1, 3, h, w] uint8
-    scale_y, scale_x = pixels.shape[2] / height, pixels.shape[3] / width
+    # Reduced pixel i covers full pixels [r*i, r*i + r) of the stored image, the last one partly:
+    # on an upright axis that runs against the stored one, the partial pixel comes first.
+    pad_y = reduction * pixels.shape[2] - height if orientation in _REVERSED_Y else 0
+    pad_x = reduction * pixels.shape[3] - width if orientation in _REVERSED_X else 0
     views = []
     for crop, flip in zip(crops, flips):
-        top, left = round(crop.top * scale_y), round(crop.left * scale_x)
-        bottom = max(top + 1, round((crop.top + crop.height) * scale_y))
-        right = max(left + 1, round((crop.left + crop.width) * scale_x))
+        top, left = round((crop.top + pad_y) / reduction), round((crop.left + pad_x) / reduction)
+        bottom = max(top + 1, round((crop.top + crop.height + pad_y) / reduction))
+        right = max(left + 1, round((crop.left + crop.width + pad_x) / reduction))
         view = F.interpolate(pixels[:, :, top:bottom, left:right], size=(img_size, img_size), mode="bilinear",
                              antialias=True, align_corners=False)[0]
         views.append(view.flip(-1) if flip else view)

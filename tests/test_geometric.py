@@ -320,12 +320,6 @@ def test_two_crops_decodes_a_large_jpeg_reduced_and_keeps_the_crop_box(orientati
     check_reduced_decode(smooth_jpegs(2048, 1536, orientation), size, monkeypatch)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="two_crops maps the box with scale ceil(W/r)/W instead of 1/r: on a side that is not a "
-    "multiple of r the box drifts by up to a reduced pixel towards the far edge (the partial DCT "
-    "block), past the documented r/2 full pixels",
-)
 @pytest.mark.parametrize("orientation", [1, 6])
 def test_two_crops_keeps_the_crop_box_when_the_size_is_not_a_multiple_of_the_reduction(
     orientation, smooth_jpegs, monkeypatch
