@@ -29,7 +29,7 @@ from PIL import Image
 
 from hnmix.augment import ImageTransform
 from hnmix.geometric import two_crops
-from hnmix.images import open_image
+from hnmix.images import encoded_bytes, open_image
 from hnmix.errors import DataError, describe, first_line, network_error_types
 
 logger = logging.getLogger(__name__)
@@ -345,8 +345,8 @@ def sample_rng(seed: int, epoch: int, index: int) -> random.Random:
     return random.Random(f"{seed}:{epoch}:{index}")
 
 
-# How PIL and datasets fail on a file that is not a readable image.
-DECODE_ERRORS = (OSError, SyntaxError, ValueError)
+# How PIL and datasets fail on a file that is not a readable image (or one too large to be).
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 # An unreadable image is replaced by another, drawn from (seed, epoch, index); this many failures
 # in a row mean the dataset itself is broken.
@@ -425,7 +425,7 @@ class TwoViewDataset(torch.utils.data.Dataset):
                 row = self._read_row(index)
                 views = self._two_views(row[self.image_column], index, sample_rng(self.seed, epoch, index))
                 break
-            except (DataError, OSError, Image.DecompressionBombError) as error:
+            except (DataError, *DECODE_ERRORS) as error:
                 unreadable += 1
                 replacement = sample_rng(self.seed + unreadable, epoch, index).randrange(len(self))
                 if unreadable > MAX_REPLACEMENTS:
@@ -439,9 +439,10 @@ class TwoViewDataset(torch.utils.data.Dataset):
         return *views, index, label, unreadable
 
     def _two_views(self, cell: Optional[dict], index: int, rng: random.Random) -> tuple[torch.Tensor, torch.Tensor]:
-        image = self._open(cell, index)
+        encoded = encoded_bytes(cell) if cell is not None else None
+        image = self._open(cell, index, encoded)
         try:
-            views = two_crops(image, self.img_size, rng)
+            views = two_crops(image, self.img_size, rng, encoded)
         except DECODE_ERRORS as error:
             raise self._unreadable(index, error) from None
         finally:
@@ -454,12 +455,12 @@ class TwoViewDataset(torch.utils.data.Dataset):
             torch.default_generator.manual_seed(rng.getrandbits(63))
             return tuple(self.photometric(Image.fromarray(view.permute(1, 2, 0).numpy())) for view in views)
 
-    def _open(self, cell: Optional[dict], index: int) -> Image.Image:
+    def _open(self, cell: Optional[dict], index: int, encoded: Optional[bytes] = None) -> Image.Image:
         """The undecoded image of row `index` (header read), or a DataError naming it."""
         if cell is None:
             raise DataError(f"image {index} of the dataset is missing (an empty cell); remove the row")
         try:
-            return open_image(cell)
+            return open_image(cell, encoded)
         except DECODE_ERRORS as error:
             raise self._unreadable(index, error) from None
 

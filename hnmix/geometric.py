@@ -1,14 +1,14 @@
 """The geometric half of the MoCo v2 augmentation, per image: decode once, crop and flip twice.
 
-`two_crops(image, img_size, rng)` takes an image as `PIL.Image.open` left it (header read,
-pixels not yet decoded) and returns two uint8 views [3, img_size, img_size], each a
+`two_crops(image, img_size, rng, encoded)` takes an image as `PIL.Image.open` left it (header
+read, pixels not yet decoded), with its file's bytes, and returns two uint8 views [3, img_size, img_size], each a
 RandomResizedCrop (scale 0.2-1.0, ratio 3/4-4/3, antialiased bilinear) and a horizontal flip
 with p=0.5. The draws follow torchvision's `RandomResizedCrop.get_params` but come from a
 `random.Random` seeded per sample: the ten tries of torchvision's draw through torch's global
 generator cost more than the crop itself.
 
 Why the crops are drawn before decoding: a JPEG can be decoded at 1/2, 1/4 or 1/8 of its size
-(PIL's `draft`, libjpeg's DCT scaling), which saves most of the inverse DCT and colour
+(libjpeg's DCT scaling, through simplejpeg or PIL's `draft`), which saves most of the inverse DCT and colour
 conversion. The reduction is used only when both crops keep at least img_size pixels on each
 side at the reduced size, so a view is never upsampled from a reduced decode where the full one
 would have been downsampled; the crop box is then rounded to whole pixels of the reduced image
@@ -26,14 +26,14 @@ from __future__ import annotations
 import math
 import random
 import warnings
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import ExifTags, Image
 
-from hnmix.images import to_rgb
+from hnmix.images import decode_jpeg_upright, to_rgb
 
 CROP_SCALE = (0.2, 1.0)
 CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
@@ -92,26 +92,31 @@ def draft_reduction(crops: list[Crop], img_size: int) -> int:
     return next((r for r in DRAFT_REDUCTIONS if smallest_side >= r * img_size), 1)
 
 
-def two_crops(image: Image.Image, img_size: int, rng: random.Random) -> list[torch.Tensor]:
+def two_crops(image: Image.Image, img_size: int, rng: random.Random,
+              encoded: Optional[bytes] = None) -> list[torch.Tensor]:
     """A lazily opened image -> two uint8 views [3, img_size, img_size], cropped, resized, maybe flipped.
 
-    The image is made upright 8-bit RGB by `hnmix.images.to_rgb`. An image that was already
-    decoded works too; it is then simply not decoded at a reduced size (draft is a no-op).
+    `encoded`, the image file's bytes, lets a JPEG be decoded by `hnmix.images.decode_jpeg_upright`
+    (faster); other images, or without it, are decoded by PIL and made upright 8-bit RGB by
+    `hnmix.images.to_rgb`. An image that PIL already decoded works too; it is then simply not
+    decoded at a reduced size.
     """
     width, height = upright_size(image)
     crops = [random_resized_crop(width, height, rng) for _ in range(2)]
     flips = [rng.random() < FLIP_P for _ in range(2)]
     reduction = draft_reduction(crops, img_size)
     orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
-    stored_size = image.size
-    if reduction > 1:
-        # Requesting size // r makes PIL's JPEG decoder pick the reduction r (the same on both
-        # axes); other formats, and images already decoded, ignore it.
-        image.draft("RGB", (stored_size[0] // reduction, stored_size[1] // reduction))
-    if image.size == stored_size:
-        reduction = 1
-    upright = to_rgb(image)
-    pixels = _channels_last(upright)  # [1, 3, h, w] uint8
+    pixels = decode_jpeg_upright(image, encoded, reduction) if encoded is not None else None  # [h, w, 3]
+    if pixels is None:
+        stored_size = image.size
+        if reduction > 1:
+            # Requesting size // r makes PIL's JPEG decoder pick the reduction r (the same on
+            # both axes); other formats, and images already decoded, ignore it.
+            image.draft("RGB", (stored_size[0] // reduction, stored_size[1] // reduction))
+        if image.size == stored_size:
+            reduction = 1
+        pixels = _pixels(to_rgb(image))
+    pixels = pixels.permute(2, 0, 1).unsqueeze(0)  # [1, 3, h, w], channels-last strides
     # Reduced pixel i covers full pixels [r*i, r*i + r) of the stored image, the last one partly:
     # on an upright axis that runs against the stored one, the partial pixel comes first.
     pad_y = reduction * pixels.shape[2] - height if orientation in _REVERSED_Y else 0
@@ -127,8 +132,8 @@ def two_crops(image: Image.Image, img_size: int, rng: random.Random) -> list[tor
     return views
 
 
-def _channels_last(image: Image.Image) -> torch.Tensor:
-    """RGB PIL image -> uint8 [1, 3, H, W] with channels-last strides, sharing PIL's bytes."""
+def _pixels(image: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> uint8 [H, W, 3], sharing PIL's bytes."""
     with warnings.catch_warnings():  # read-only: the pixels are only read, never written
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        return torch.from_numpy(np.asarray(image)).permute(2, 0, 1).unsqueeze(0)
+        return torch.from_numpy(np.asarray(image))

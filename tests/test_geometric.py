@@ -22,7 +22,7 @@ from torchvision import transforms
 
 import hnmix.geometric
 from hnmix.geometric import Crop, draft_reduction, random_resized_crop, two_crops, upright_size
-from hnmix.images import open_image, to_rgb
+from hnmix.images import decode_jpeg_upright, open_image, to_rgb
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -232,8 +232,9 @@ def test_two_crops_match_torchvision_on_a_png(noise_png):
     assert reductions == {1, 2}  # the seeds cover both cases
 
 
+@pytest.mark.parametrize("with_bytes", [False, True], ids=["pil", "simplejpeg"])
 @pytest.mark.parametrize("orientation", range(1, 9))
-def test_two_crops_come_from_the_upright_image(orientation):
+def test_two_crops_come_from_the_upright_image(orientation, with_bytes):
     """A JPEG with an EXIF orientation: the crops are drawn on the upright size and cut from the
     upright pixels, i.e. they match resized_crop of ImageOps.exif_transpose(image) within one level.
     The picture is red on its left half and blue on the right (with a green ramp downwards), so
@@ -250,7 +251,7 @@ def test_two_crops_come_from_the_upright_image(orientation):
     for seed in range(4):
         crops, flips = replay(seed, *upright.size)
         assert draft_reduction(crops, size) == 1
-        views = two_crops(lazy(data), size, random.Random(seed))
+        views = two_crops(lazy(data), size, random.Random(seed), data if with_bytes else None)
         for view, reference in zip(views, reference_views(upright, crops, flips, size)):
             assert abs_diff(view, reference).max() <= 1, seed
 
@@ -279,7 +280,7 @@ def smooth_jpegs():
     return get
 
 
-def check_reduced_decode(data: bytes, size: int, monkeypatch) -> None:
+def check_reduced_decode(data: bytes, size: int, monkeypatch, with_bytes: bool = False) -> None:
     """two_crops decodes `data` at the reduction its crops allow (>1), and every view stays within
     a mean of 2.5 levels per pixel of torchvision's crop of the full decode (2 over all views).
 
@@ -293,7 +294,13 @@ def check_reduced_decode(data: bytes, size: int, monkeypatch) -> None:
         decoded_sizes.append(upright.size)
         return upright
 
+    def spy_decode(image, encoded, reduction):
+        pixels = decode_jpeg_upright(image, encoded, reduction)
+        decoded_sizes.append((pixels.shape[1], pixels.shape[0]))
+        return pixels
+
     monkeypatch.setattr(hnmix.geometric, "to_rgb", spy_to_rgb)
+    monkeypatch.setattr(hnmix.geometric, "decode_jpeg_upright", spy_decode)
     upright = full_upright(data)
     width, height = upright.size
     differences = []
@@ -301,33 +308,75 @@ def check_reduced_decode(data: bytes, size: int, monkeypatch) -> None:
         crops, flips = replay(seed, width, height)
         reduction = draft_reduction(crops, size)
         assert reduction > 1
-        views = two_crops(lazy(data), size, random.Random(seed))
-        # PIL's JPEG draft decodes ceil(size / r) pixels on each side
+        views = two_crops(lazy(data), size, random.Random(seed), data if with_bytes else None)
+        # libjpeg's DCT scaling decodes ceil(size / r) pixels on each side
         assert decoded_sizes[-1] == (math.ceil(width / reduction), math.ceil(height / reduction))
         for view, reference in zip(views, reference_views(upright, crops, flips, size)):
             differences.append(abs_diff(view, reference).mean().item())
     assert max(differences) < 2.5 and np.mean(differences) < 2.0, differences
 
 
+@pytest.mark.parametrize("with_bytes", [False, True], ids=["pil", "simplejpeg"])
 @pytest.mark.parametrize(
     "orientation, size",
     [(1, 64), (6, 64), (1, 200)],  # reductions 8, 8 on the rotated image, 4
 )
-def test_two_crops_decodes_a_large_jpeg_reduced_and_keeps_the_crop_box(orientation, size, smooth_jpegs, monkeypatch):
+def test_two_crops_decodes_a_large_jpeg_reduced_and_keeps_the_crop_box(orientation, size, with_bytes, smooth_jpegs,
+                                                                      monkeypatch):
     """A 2048 x 1536 JPEG whose crops allow a reduction is decoded at 1/r of its size, and the
     crop box is rescaled to the reduced (and rotated) image: the views stay close to the crops of
     the full decode."""
-    check_reduced_decode(smooth_jpegs(2048, 1536, orientation), size, monkeypatch)
+    check_reduced_decode(smooth_jpegs(2048, 1536, orientation), size, monkeypatch, with_bytes)
 
 
+@pytest.mark.parametrize("with_bytes", [False, True], ids=["pil", "simplejpeg"])
 @pytest.mark.parametrize("orientation", [1, 6])
 def test_two_crops_keeps_the_crop_box_when_the_size_is_not_a_multiple_of_the_reduction(
-    orientation, smooth_jpegs, monkeypatch
+    orientation, with_bytes, smooth_jpegs, monkeypatch
 ):
     """2049 x 1537: the reduced decode is 257 x 193, its last pixel covering a single full pixel.
     A full pixel x sits at x / r in the reduced image (at (x + pad) / r on an axis the EXIF
     orientation reverses, pad = r * ceil(W / r) - W), not at x * ceil(W / r) / W."""
-    check_reduced_decode(smooth_jpegs(2049, 1537, orientation), 64, monkeypatch)
+    check_reduced_decode(smooth_jpegs(2049, 1537, orientation), 64, monkeypatch, with_bytes)
+
+
+# ----------------------------------------------------------------------------- decode_jpeg_upright
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L"])
+@pytest.mark.parametrize("reduction", [1, 2, 8])
+@pytest.mark.parametrize("orientation", [1, 3, 6, 8])
+def test_decode_jpeg_upright_gives_the_pixels_pil_gives(mode, reduction, orientation):
+    """simplejpeg and PIL run the same libjpeg-turbo: for a colour or grayscale JPEG, at full size
+    or DCT-scaled, the upright RGB pixels agree (within one level) with PIL's draft + to_rgb."""
+    pixels = smooth_pixels(203, 150)
+    data = encode(pixels if mode == "RGB" else pixels[..., 1], "JPEG", orientation)
+    decoded = decode_jpeg_upright(lazy(data), data, reduction)
+    reference = lazy(data)
+    if reduction > 1:
+        reference.draft("RGB", (reference.size[0] // reduction, reference.size[1] // reduction))
+    expected = torch.from_numpy(np.array(to_rgb(reference)))
+    assert decoded.dtype == torch.uint8 and decoded.shape == expected.shape
+    assert abs_diff(decoded, expected).max() <= 1
+
+
+def test_decode_jpeg_upright_leaves_cmyk_jpegs_and_other_formats_to_pil(noise_png):
+    """CMYK JPEGs and PNGs return None; two_crops then decodes them with PIL, from the same bytes."""
+    cmyk = io.BytesIO()
+    Image.fromarray(noise_pixels(40, 30)).convert("CMYK").save(cmyk, format="JPEG")
+    for data in (cmyk.getvalue(), noise_png):
+        assert decode_jpeg_upright(lazy(data), data) is None
+        views = two_crops(lazy(data), 16, random.Random(0), data)
+        assert len(views) == 2 and views[0].shape == (3, 16, 16)
+
+
+def test_a_truncated_jpeg_is_an_error_not_grey_pixels():
+    """libjpeg fills a truncated JPEG with grey and warns; simplejpeg's strict mode makes that a
+    ValueError, which the dataset reports and replaces like PIL's OSError."""
+    data = encode(noise_pixels(64, 48), "JPEG")
+    truncated = data[: len(data) // 2]
+    with pytest.raises(ValueError):
+        decode_jpeg_upright(lazy(truncated), truncated)
 
 
 def test_two_crops_of_an_already_decoded_jpeg_use_the_full_pixels(smooth_jpegs):
