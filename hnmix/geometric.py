@@ -38,7 +38,7 @@ from hnmix.images import decode_jpeg_upright, to_rgb
 CROP_SCALE = (0.2, 1.0)
 CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
 FLIP_P = 0.5
-DRAFT_REDUCTIONS = (8, 4, 2)  # the JPEG DCT scalings PIL's draft offers, largest first
+DRAFT_REDUCTIONS = (8, 4, 2)  # JPEG DCT scalings, largest first (libjpeg-turbo's fast ones; all PIL's draft offers)
 _TRANSPOSED_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that swap width and height
 _REVERSED_X = (2, 3, 6, 7)  # EXIF orientations whose upright x runs against the stored pixels
 _REVERSED_Y = (3, 4, 7, 8)  # ... whose upright y does
