@@ -536,7 +536,7 @@ def in_memory_images_per_s(config, *, device: torch.device, bare: bool, warmup: 
     guard = NonFiniteGuard(optimizer, config.max_nonfinite_steps, device=device)
     generator = torch.Generator().manual_seed(0)
     on_accelerator = config.augment_device == "accelerator" or (config.augment_device is None and device.type != "cpu")
-    photometric = StepPhotometric(config.img_size, seed=0, rank=0, device=device) if on_accelerator and not bare else None
+    photometric = StepPhotometric(config.img_size, seed=0, rank=0) if on_accelerator and not bare else None
     shape = (config.batch_size, 3, config.img_size, config.img_size)
     if photometric:
         views = [torch.randint(0, 256, shape, dtype=torch.uint8, generator=generator).to(device) for _ in range(2)]
@@ -634,7 +634,7 @@ def batched_photometric_images_per_s(*, img_size: int, batch_size: int, device: 
     generator = torch.Generator().manual_seed(0)
     views = [torch.randint(0, 256, (batch_size, 3, img_size, img_size), dtype=torch.uint8, generator=generator).to(device)
              for _ in range(2)]
-    photometric = StepPhotometric(img_size, seed=0, rank=0, device=device)
+    photometric = StepPhotometric(img_size, seed=0, rank=0)
     step = iter(range(1_000_000))
     seconds = _seconds_per_step(lambda: photometric(*views, next(step)), warmup=1, measure=repeats, device=device)
     return batch_size / seconds

@@ -13,6 +13,13 @@ for the same parameters the two agree within 1/255 per pixel (tests/test_photome
 ops are torchvision's float-tensor ops (`transforms.v2.functional`), not its PIL ops, which
 round to uint8 after every step. The flip done earlier commutes with every op here (the blur
 kernel is symmetric and reflect padding is mirror-symmetric), so the order of the recipe holds.
+
+Why the parameters are drawn on the host: which samples run which op at which position of
+their jitter order, and which get blurred, is then known without reading the device, so each
+op runs on exactly the samples that need it (gathered with `index_select`, written back with
+`index_copy_`) and the step still never waits for the device. Computing every op for the whole
+batch at each of the four positions and selecting would cost about five times as much: the hue
+adjustment (an HSV round trip) and the 23-tap blur dominate.
 """
 
 from __future__ import annotations
@@ -64,24 +71,19 @@ class PhotometricParams(NamedTuple):
     kernel_size: int
 
 
-def photometric_params(
-    n: int,
-    img_size: int,
-    *,
-    generator: Optional[torch.Generator] = None,
-    device: torch.device | str = "cpu",
-) -> PhotometricParams:
-    """Draw the MoCo v2 photometric parameters for n images of side img_size, independently per sample.
+def photometric_params(n: int, img_size: int, *, generator: Optional[torch.Generator] = None) -> PhotometricParams:
+    """Draw the MoCo v2 photometric parameters for n images of side img_size, independently per
+    sample, on the host (CPU tensors, see the module docstring).
 
-    Every draw comes from `generator` (which must live on `device`), or from torch's default
-    generator for `device` when it is None; a seeded generator repeats the draw exactly.
+    Every draw comes from `generator` (a CPU generator), or from torch's default CPU generator
+    when it is None; a seeded generator repeats the draw exactly.
     """
 
     def uniform(low: float, high: float) -> torch.Tensor:
-        return torch.rand(n, generator=generator, device=device).mul_(high - low).add_(low)
+        return torch.rand(n, generator=generator).mul_(high - low).add_(low)
 
     def bernoulli(p: float) -> torch.Tensor:
-        return torch.rand(n, generator=generator, device=device) < p
+        return torch.rand(n, generator=generator) < p
 
     return PhotometricParams(
         jitter_applied=bernoulli(JITTER_P),
@@ -90,7 +92,7 @@ def photometric_params(
         saturation=uniform(*SATURATION_RANGE),
         hue=uniform(*HUE_RANGE),
         # argsort of i.i.d. uniforms is a uniformly random permutation per row.
-        order=torch.rand(n, 4, generator=generator, device=device).argsort(dim=1),
+        order=torch.rand(n, 4, generator=generator).argsort(dim=1),
         grayscale=bernoulli(GRAYSCALE_P),
         blur_applied=bernoulli(BLUR_P),
         sigma=uniform(*SIGMA_RANGE),
@@ -103,22 +105,35 @@ def apply_photometric(
 ) -> torch.Tensor:
     """uint8 [N, 3, H, W] -> [N, 3, H, W] in out_dtype: jitter, grayscale, blur, ImageNet-normalised.
 
-    Deterministic given `params` (drawn for N images). The math runs in float32 whatever the
-    autocast state; the cast to out_dtype is the last step. A channels_last input gives a
-    channels_last output.
+    Deterministic given `params` (drawn for N images, on the host). The math runs in float32
+    whatever the autocast state; the cast to out_dtype is the last step. A channels_last input
+    gives a channels_last output.
     """
     if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(f"expected a uint8 batch [N, 3, H, W], got {images.dtype} {list(images.shape)}")
     if params.brightness.shape[0] != images.shape[0]:
         raise ValueError(f"params were drawn for {params.brightness.shape[0]} images, the batch has {images.shape[0]}")
     channels_last = images.is_contiguous(memory_format=torch.channels_last) and not images.is_contiguous()
-    with torch.autocast(device_type=images.device.type, enabled=False):
+    device = images.device
+    # Every sample's op at every jitter position, then the blurred ones: host-side row sets,
+    # sent to the device in one copy, as are the per-sample values.
+    jitter_steps = [(op, rows) for position in range(4) for op in range(4)
+                    if len(rows := (params.jitter_applied & (params.order[:, position] == op)).nonzero().flatten())]
+    blurred = params.blur_applied.nonzero().flatten()
+    row_sets = _to_device(torch.cat([rows for _, rows in jitter_steps] + [blurred]), device).split(
+        [len(rows) for _, rows in jitter_steps] + [len(blurred)])
+    values = _to_device(torch.stack([params.brightness, params.contrast, params.saturation, params.hue,
+                                     params.sigma, params.grayscale.float()]), device)  # [6, N]
+    with torch.autocast(device_type=device.type, enabled=False):
         batch = images.contiguous().to(torch.float32).div_(255)
-        batch = color_jitter(batch, params)
-        batch = torch.where(per_sample(params.grayscale), rgb_to_grayscale(batch).expand_as(batch), batch)
-        batch = torch.where(
-            per_sample(params.blur_applied), gaussian_blur(batch, params.kernel_size, params.sigma), batch
-        )
+        for (op, _), rows in zip(jitter_steps, row_sets):  # ops numbered as the rows of `values`
+            adjusted = JITTER_OPS[op](batch.index_select(0, rows), values[op].index_select(0, rows))
+            batch.index_copy_(0, rows, adjusted)
+        batch = torch.where(per_sample(values[5].bool()), rgb_to_grayscale(batch).expand_as(batch), batch)
+        if len(blurred):
+            rows = row_sets[-1]
+            sigma = values[4].index_select(0, rows)
+            batch.index_copy_(0, rows, gaussian_blur(batch.index_select(0, rows), params.kernel_size, sigma))
         batch = normalize(batch)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     return batch.to(dtype=out_dtype, memory_format=memory_format)
@@ -128,22 +143,22 @@ class StepPhotometric:
     """The photometric half for a training step: both views of this rank's batch, on their device.
 
     `(view_q, view_k, step) -> (view_q, view_k)`, uint8 [B, 3, S, S] each -> float32, normalised.
-    The parameters come from a generator on the views' device reseeded from (seed, step, rank)
-    at every step: independent per sample, view, step and rank, and a resumed run draws exactly
-    what the uninterrupted one did, with no generator state to checkpoint. Reseeding is host-side
-    work; nothing here waits for the device.
+    The parameters are drawn on the host from a generator reseeded from (seed, step, rank) at
+    every step: independent per sample, view, step and rank, and a resumed run draws exactly
+    what the uninterrupted one did, with no generator state to checkpoint. Nothing here waits
+    for the device.
     """
 
-    def __init__(self, img_size: int, *, seed: int, rank: int, device: torch.device | str):
+    def __init__(self, img_size: int, *, seed: int, rank: int):
         self.img_size = img_size
         self.seed = seed
         self.rank = rank
-        self.generator = torch.Generator(device=device)
+        self.generator = torch.Generator()
 
     def __call__(self, view_q: torch.Tensor, view_k: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         self.generator.manual_seed(random.Random(f"{self.seed}:{step}:{self.rank}").getrandbits(63))
         both = torch.cat([view_q, view_k])
-        params = photometric_params(both.shape[0], self.img_size, generator=self.generator, device=both.device)
+        params = photometric_params(both.shape[0], self.img_size, generator=self.generator)
         view_q, view_k = apply_photometric(both, params).chunk(2)
         return view_q, view_k
 
@@ -153,26 +168,12 @@ def per_sample(values: torch.Tensor) -> torch.Tensor:
     return values.view(-1, 1, 1, 1)
 
 
-def color_jitter(batch: torch.Tensor, params: PhotometricParams) -> torch.Tensor:
-    """float [N, 3, H, W] in [0, 1] -> jittered, each sample's four ops in its own `params.order`.
-
-    At position j every sample runs the one op that its order[:, j] names; samples without
-    jitter run none. Brightness, contrast and saturation get factor 1 where they do not run:
-    x * 1 + y * 0 is exactly x, so no select is needed. Hue has no exact identity (the HSV round
-    trip moves values by an ulp), so it is computed for the batch and selected with a mask.
-    """
-    for position in range(4):
-        runs = [params.jitter_applied & (params.order[:, position] == op) for op in range(4)]  # 4 x [N] bool
-        batch = adjust_brightness(batch, _factor_or_one(runs[BRIGHTNESS], params.brightness))
-        batch = adjust_contrast(batch, _factor_or_one(runs[CONTRAST], params.contrast))
-        batch = adjust_saturation(batch, _factor_or_one(runs[SATURATION], params.saturation))
-        batch = torch.where(per_sample(runs[HUE]), adjust_hue(batch, params.hue), batch)
-    return batch
-
-
-def _factor_or_one(runs: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    """runs [N] bool, factor [N] -> factor where the op runs, 1 (the identity factor) elsewhere."""
-    return torch.where(runs, factor, torch.ones_like(factor))
+def _to_device(values: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device`; to a GPU through pinned memory, so that the copy is queued
+    behind the running work instead of waiting for it."""
+    if device.type == "cuda":
+        return values.pin_memory().to(device, non_blocking=True)
+    return values.to(device)
 
 
 def rgb_to_grayscale(batch: torch.Tensor) -> torch.Tensor:
@@ -245,6 +246,10 @@ def _hsv_to_rgb(hue: torch.Tensor, saturation: torch.Tensor, value: torch.Tensor
     ramp = torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
     value = value.unsqueeze(-3)
     return ramp.mul_(value * saturation.unsqueeze(-3)).neg_().add_(value)
+
+
+# The jitter ops by number: float [M, 3, H, W] in [0, 1], values [M] -> adjusted.
+JITTER_OPS = {BRIGHTNESS: adjust_brightness, CONTRAST: adjust_contrast, SATURATION: adjust_saturation, HUE: adjust_hue}
 
 
 def gaussian_kernels(kernel_size: int, sigma: torch.Tensor) -> torch.Tensor:

@@ -318,8 +318,7 @@ def train(config: TrainConfig) -> int:
     loader, has_labels = build_data(config, accelerator)
     photometric = None
     if augment_on_accelerator(config, accelerator):
-        photometric = StepPhotometric(config.img_size, seed=config.seed, rank=accelerator.process_index,
-                                      device=accelerator.device)
+        photometric = StepPhotometric(config.img_size, seed=config.seed, rank=accelerator.process_index)
     monitor = build_knn_monitor(config, accelerator)
     model = build_model(config)
     optimizer = make_optimizer(model.encoder_q, lr=config.lr_base, weight_decay=0.01, device=accelerator.device)

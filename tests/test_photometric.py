@@ -287,12 +287,12 @@ def test_step_photometric_is_seeded_by_seed_step_and_rank():
     resumed run augments exactly as the uninterrupted one; another step or rank draws anew."""
     generator = torch.Generator().manual_seed(0)
     view_q, view_k = (torch.randint(0, 256, (3, 3, 16, 16), dtype=torch.uint8, generator=generator) for _ in range(2))
-    first = StepPhotometric(16, seed=1, rank=0, device="cpu")
+    first = StepPhotometric(16, seed=1, rank=0)
     out_q, out_k = first(view_q, view_k, step=5)
     assert out_q.shape == out_k.shape == (3, 3, 16, 16) and out_q.dtype == torch.float32
-    again_q, again_k = StepPhotometric(16, seed=1, rank=0, device="cpu")(view_q, view_k, step=5)
+    again_q, again_k = StepPhotometric(16, seed=1, rank=0)(view_q, view_k, step=5)
     assert torch.equal(out_q, again_q) and torch.equal(out_k, again_k)
-    for other in (first(view_q, view_k, step=6), StepPhotometric(16, seed=1, rank=1, device="cpu")(view_q, view_k, step=5)):
+    for other in (first(view_q, view_k, step=6), StepPhotometric(16, seed=1, rank=1)(view_q, view_k, step=5)):
         assert not torch.equal(out_q, other[0])
     same_input_views = first(view_q, view_q, step=5)
     assert not torch.equal(same_input_views[0], same_input_views[1])  # the two views get their own parameters
