@@ -1,8 +1,8 @@
 """Per-image transforms: the photometric half of the MoCo v2 augmentation, the evaluation crop.
 
 `moco_v2_photometric` (applied to a cropped view) and `eval_transform` take one RGB
-`PIL.Image.Image` (see `hnmix.images.to_rgb`) and return a float32 tensor `[3, img_size, img_size]`, normalised with the
-ImageNet mean and std. All randomness comes from torch's global CPU generator (torchvision v1
+`PIL.Image.Image` (see `hnmix.images.to_rgb`) and return a float32 tensor
+`[3, img_size, img_size]`, normalised with the ImageNet mean and std. All randomness comes from torch's global CPU generator (torchvision v1
 transforms and `RandomGaussianBlur` draw with `torch.rand`, `torch.randint`,
 `torch.empty().uniform_`), so `torch.manual_seed` makes a draw repeatable; the caller
 (`hnmix.data.TwoViewDataset`) seeds it per sample. This module knows nothing about MoCo.

@@ -528,14 +528,14 @@ def in_memory_images_per_s(config, *, device: torch.device, bare: bool, warmup: 
     """
     from hnmix.optim import NonFiniteGuard, make_optimizer  # bench may import the trainer; not the reverse
     from hnmix.photometric import StepPhotometric
-    from hnmix.train import build_model, seed_lr_schedule
+    from hnmix.train import augment_on_accelerator, build_model, seed_lr_schedule
 
     moco = build_model(config).to(device)
     optimizer = make_optimizer(moco.encoder_q, lr=config.lr_base, weight_decay=0.01, device=device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, seed_lr_schedule(config))
     guard = NonFiniteGuard(optimizer, config.max_nonfinite_steps, device=device)
     generator = torch.Generator().manual_seed(0)
-    on_accelerator = config.augment_device == "accelerator" or (config.augment_device is None and device.type != "cpu")
+    on_accelerator = augment_on_accelerator(config, device)
     photometric = StepPhotometric(config.img_size, seed=0, rank=0) if on_accelerator and not bare else None
     shape = (config.batch_size, 3, config.img_size, config.img_size)
     if photometric:

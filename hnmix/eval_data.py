@@ -25,8 +25,8 @@ from accelerate import Accelerator
 
 from hnmix.augment import eval_transform
 from hnmix.data import DECODE_ERRORS, TwoViewDataset, load_image_dataset, resolve_columns
-from hnmix.images import to_rgb
 from hnmix.errors import ConfigError, DataError
+from hnmix.images import to_rgb
 
 logger = logging.getLogger("hnmix.eval_data")
 

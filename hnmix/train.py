@@ -174,21 +174,22 @@ def quiet_other_processes(accelerator: Accelerator) -> None:
         huggingface_hub.utils.disable_progress_bars()
 
 
-def augment_on_accelerator(config: TrainConfig, accelerator: Accelerator) -> bool:
-    """`--augment_device`, resolved: its default is the accelerator when that is a GPU."""
+def augment_on_accelerator(config: TrainConfig, device: torch.device) -> bool:
+    """`--augment_device`, resolved for the accelerator `device`: its default is the accelerator
+    when that is a GPU."""
     if config.augment_device is None:
-        return accelerator.device.type != "cpu"
+        return device.type != "cpu"
     return config.augment_device == "accelerator"
 
 
-def build_data(config: TrainConfig, accelerator: Accelerator):
-    """The training DataLoader and whether the data has labels. The workers crop and flip; the
-    photometric half runs there too unless the trainer runs it on the accelerator."""
+def build_data(config: TrainConfig, accelerator: Accelerator, *, photometric_in_workers: bool):
+    """The training DataLoader and whether the data has labels. The workers crop and flip, and
+    run the photometric half too when `photometric_in_workers`."""
     with accelerator.main_process_first():
         dataset = load_image_dataset(config.dataset, split=config.split, cache_dir=config.dir_data,
                                      seed=config.seed, synthetic_size=config.synthetic_size)
     image_column, label_column = resolve_columns(dataset, config.image_column, config.label_column)
-    photometric = None if augment_on_accelerator(config, accelerator) else moco_v2_photometric(config.img_size)
+    photometric = moco_v2_photometric(config.img_size) if photometric_in_workers else None
     views = TwoViewDataset(dataset, image_column=image_column, label_column=label_column, img_size=config.img_size,
                            seed=config.seed, photometric=photometric)
     loader = make_train_loader(views, batch_size=config.batch_size, num_workers=config.num_workers, seed=config.seed)
@@ -315,10 +316,10 @@ def train(config: TrainConfig) -> int:
     checkpoint = checkpoint_to_resume(config)
     pusher = start_hub_pusher(config, accelerator)
 
-    loader, has_labels = build_data(config, accelerator)
-    photometric = None
-    if augment_on_accelerator(config, accelerator):
-        photometric = StepPhotometric(config.img_size, seed=config.seed, rank=accelerator.process_index)
+    on_accelerator = augment_on_accelerator(config, accelerator.device)
+    loader, has_labels = build_data(config, accelerator, photometric_in_workers=not on_accelerator)
+    photometric = (StepPhotometric(config.img_size, seed=config.seed, rank=accelerator.process_index)
+                   if on_accelerator else None)
     monitor = build_knn_monitor(config, accelerator)
     model = build_model(config)
     optimizer = make_optimizer(model.encoder_q, lr=config.lr_base, weight_decay=0.01, device=accelerator.device)
