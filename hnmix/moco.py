@@ -24,7 +24,6 @@ import torch.nn.functional as F
 
 from hnmix.mixing import MixedLogits, mix_logits, validate_mixing_sizes
 
-
 # ----------------------------------------------------------------------------- distributed
 
 

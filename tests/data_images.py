@@ -1,4 +1,5 @@
-"""Small image files and dataset folders for tests/test_data.py, written into a tmp_path."""
+"""Small image files and dataset folders for the data tests (tests/data/), written into a tmp_path,
+and the helpers those tests share."""
 
 from __future__ import annotations
 
@@ -6,7 +7,10 @@ from pathlib import Path
 
 import datasets
 import numpy as np
+import pytest
 from PIL import Image
+
+from hnmix.errors import DataError
 
 PALETTE = [0, 0, 0, 255, 0, 0, 0, 255, 0, 0, 0, 255] + [128, 128, 128] * 252  # black, red, green, blue, grey...
 
@@ -84,3 +88,16 @@ def write_caltech_like_repo(root: Path, rows_per_split: dict[str, int]) -> Path:
         dataset = datasets.Dataset.from_dict(table, features=hub_like_features())
         dataset.to_parquet(str(root / "data" / f"{split}-00000-of-00001.parquet"))
     return root
+
+
+def raises_one_line(function, *args, **kwargs) -> str:
+    """Call `function`, expect a DataError with a one-line message, return the message."""
+    with pytest.raises(DataError) as caught:
+        function(*args, **kwargs)
+    message = str(caught.value)
+    assert "\n" not in message, message
+    return message
+
+
+def pixels(image: Image.Image) -> np.ndarray:
+    return np.asarray(image, dtype=np.int64)

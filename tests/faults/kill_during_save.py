@@ -8,7 +8,7 @@ from pathlib import Path
 
 from accelerate import Accelerator
 
-from hnmix import train
+from hnmix.train.loop import main
 
 real_save_state = Accelerator.save_state
 saves = 0
@@ -25,4 +25,4 @@ def save_state_then_die(self, output_dir=None, **kwargs):
 
 if __name__ == "__main__":
     Accelerator.save_state = save_state_then_die
-    sys.exit(train.main(sys.argv[1:]))
+    sys.exit(main(sys.argv[1:]))

@@ -19,11 +19,12 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
-from hnmix.data import make_synthetic_dataset
-from hnmix.eval_data import EvalImages, extract_features, load_eval_splits, make_eval_loader
-from hnmix.evaluate import KnnMonitor
-from hnmix.evaluate import main as evaluate_main
-from hnmix.probes import knn_accuracy
+from hnmix.data.synthetic import make_synthetic_dataset
+from hnmix.evaluate.cli import main as evaluate_main
+from hnmix.evaluate.features import EvalImages, extract_features, make_eval_loader
+from hnmix.evaluate.monitor import KnnMonitor
+from hnmix.evaluate.probes import knn_accuracy
+from hnmix.evaluate.splits import load_eval_splits
 
 SIZE, BATCH, IMG, K = 37, 4, 32, 5
 CLI_ARGS = ["test_resnet", "--dataset", "synthetic", "--synthetic_size", str(SIZE), "--img_size", str(IMG),

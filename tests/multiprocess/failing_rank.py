@@ -4,7 +4,8 @@ here, not in the library): the whole job must come down promptly with that error
 import os
 import sys
 
-from hnmix import moco, train
+from hnmix import moco
+from hnmix.train.loop import main
 
 original_forward = moco.MoCo.forward
 calls = 0
@@ -20,4 +21,4 @@ def failing_forward(self, *args, **kwargs):
 
 if __name__ == "__main__":
     moco.MoCo.forward = failing_forward
-    sys.exit(train.main(sys.argv[1:]))
+    sys.exit(main(sys.argv[1:]))

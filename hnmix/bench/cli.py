@@ -1,0 +1,103 @@
+"""Benchmarks of hnmix, run as a module.
+
+Usage:
+
+    python -m hnmix.bench train [--warmup_steps 3] [--measure_steps 10] [--images 512] [hnmix.train options]
+                                 (bare encoder loop, in-memory MoCo and MoCHi steps, the full trainer)
+    python -m hnmix.bench data [--max_workers W] [--img_size 224] [--jpeg_size 768x512] [--images 256]
+                               [--device cuda|cpu]
+                                 (worker pipeline for 1..W workers, both --augment_device modes;
+                                  the batched photometric half on the device)
+    python -m hnmix.bench mixing [--batch 256] [--queue 65536] [--dim 128] [--n_hard 1024]
+                                 [--s1 1024] [--s2 512] [--temperature 0.2]
+                                 [--repeats 5] [--warmup 1] [--device cuda|cpu]
+                                 [--dtype float32|bfloat16] [--json PATH]
+
+Each benchmark is a module of this package: `hnmix.bench.mixing`, `hnmix.bench.train`,
+`hnmix.bench.data`; this one is the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from hnmix.bench.data import run_data
+from hnmix.bench.mixing import DTYPES, VARIANTS, run_mixing, run_mixing_peak
+from hnmix.bench.system import write_json
+from hnmix.bench.train import run_train
+
+
+def _default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _mixing_options() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--batch", type=int, default=256, help="B, queries per step")
+    p.add_argument("--queue", type=int, default=65536, help="K, queue size")
+    p.add_argument("--dim", type=int, default=128, help="d, embedding size")
+    p.add_argument("--n_hard", type=int, default=1024, help="hard negatives per query")
+    p.add_argument("--s1", type=int, default=1024, help="type-1 synthetic negatives per query")
+    p.add_argument("--s2", type=int, default=512, help="type-2 synthetic negatives per query")
+    p.add_argument("--temperature", type=float, default=0.2)
+    p.add_argument("--repeats", type=int, default=5, help="timed calls (median reported)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed calls first")
+    p.add_argument("--device", default=_default_device())
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="dtype of q and k")
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", type=Path, default=None, help="write the results as JSON here")
+    parser = argparse.ArgumentParser(prog="python -m hnmix.bench", description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    mixing = commands.add_parser(
+        "mixing", parents=[common, _mixing_options()], help="time and memory of MoCo vs MoCHi logits",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    mixing.set_defaults(func=run_mixing)
+    train = commands.add_parser(
+        "train", parents=[common], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        help="images/s of the full trainer; options it does not know go to hnmix.train "
+             "(default: the seed configuration on generated JPEGs)",
+    )
+    train.add_argument("--warmup_steps", type=int, default=3, help="steps not measured")
+    train.add_argument("--measure_steps", type=int, default=10, help="steps measured")
+    train.add_argument("--images", type=int, default=512, help="generated JPEGs when no --dataset is given")
+    train.set_defaults(func=run_train)
+    data = commands.add_parser("data", parents=[common], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                               help="images/s of the DataLoader worker pipeline for 1..W workers")
+    data.add_argument("--max_workers", type=int, default=os.cpu_count() or 1)
+    data.add_argument("--img_size", type=int, default=224)
+    data.add_argument("--jpeg_size", default=None, help="WxH of every generated JPEG, e.g. 768x512 (default: varied)")
+    data.add_argument("--images", type=int, default=256)
+    data.add_argument("--batches", type=int, default=8, help="batches measured per worker count")
+    data.add_argument("--batch_size", type=int, default=32)
+    data.add_argument("--device", default=_default_device(), help="device of the batched photometric row")
+    data.add_argument("--repeats", type=int, default=3, help="timed batches of the batched photometric row")
+    data.set_defaults(func=run_data)
+    # Hidden (no help=): the CPU peak-memory measurement of one variant in a fresh process.
+    peak = commands.add_parser("_mixing_peak", parents=[_mixing_options()])
+    peak.add_argument("--variant", choices=VARIANTS, required=True)
+    peak.set_defaults(func=run_mixing_peak)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args, rest = build_parser().parse_known_args(argv)
+    if args.func is run_train:
+        payload = run_train(args, rest)
+    elif rest:
+        build_parser().error(f"unrecognized arguments: {' '.join(rest)}")
+    else:
+        payload = args.func(args)
+    if payload is not None and getattr(args, "json", None) is not None:
+        write_json(args.json, payload)
+    return 0

@@ -1,0 +1,178 @@
+"""`python -m hnmix.bench train`: the trainer against its ceiling.
+
+Rows: the bare encoder loop (query forward + backward, key forward: the ceiling of any MoCo
+trainer), in-memory plain MoCo and MoCHi steps as the trainer runs them, and the full trainer
+with its data pipeline (from its metrics.jsonl). Options it does not know go to `hnmix.train`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from rich.console import Console
+from rich.table import Table
+
+from hnmix.bench.system import _synchronize, device_description
+
+# The seed implementation's documented command line (issue: trainer), minus its data paths.
+SEED_TRAIN_OPTIONS = ["-i", "64", "-bs", "32", "-a", "resnet18", "-km", "4096", "-nh", "32", "-s1h", "16",
+                      "-s2h", "16", "-st1h", "1", "-st2h", "1"]
+
+
+def write_jpeg_folder(directory: Path, *, count: int, seed: int = 0, classes: int = 8,
+                      size: Optional[tuple[int, int]] = None) -> Path:
+    """`count` JPEGs in `classes` class folders: of Caltech-256-like sizes (about 300 x 250,
+    varying) or all of `size` (width, height).
+
+    Their content is smooth random colour fields: decoding cost is what matters here.
+    """
+    rng = np.random.default_rng(seed)
+    for index in range(count):
+        width, height = int(rng.integers(200, 500)), int(rng.integers(160, 400))
+        if size is not None:
+            width, height = size
+        coarse = rng.integers(0, 256, size=(height // 16 + 1, width // 16 + 1, 3), dtype=np.uint8)
+        image = Image.fromarray(coarse).resize((width, height), Image.BILINEAR)
+        folder = directory / f"class_{index % classes}"
+        folder.mkdir(parents=True, exist_ok=True)
+        image.save(folder / f"{index:05d}.jpg", quality=90)
+    return directory
+
+
+def steady_images_per_s(records: list[dict[str, Any]]) -> float:
+    """Throughput over records of one step each: steps / sum of the seconds each step took."""
+    return len(records) / sum(1.0 / r["images_per_s"] for r in records)
+
+
+def _seconds_per_step(step: Callable[[], None], *, warmup: int, measure: int, device: torch.device) -> float:
+    """Median wall time of `step` over `measure` calls after `warmup` untimed ones."""
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(measure):
+        _synchronize(device)
+        start = time.perf_counter()
+        step()
+        _synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def in_memory_images_per_s(config, *, device: torch.device, bare: bool, warmup: int, measure: int) -> float:
+    """images/s on fixed in-memory views, no data pipeline, one process.
+
+    bare=True: only the query encoder's forward + backward and the key encoder's forward (the
+    ceiling of any MoCo trainer). bare=False: the trainer's step as `hnmix.train` runs it: the
+    batched photometric half when it runs on the accelerator (`--augment_device`), MoCo forward
+    with the queue and mixing as configured, loss, backward, clipping, the guarded fused AdamW,
+    momentum update and schedule.
+    """
+    from hnmix.data.photometric import StepPhotometric
+    from hnmix.train.components import augment_on_accelerator, build_model
+    from hnmix.train.optim import (  # bench may import the trainer; not the reverse
+        NonFiniteGuard,
+        make_optimizer,
+    )
+    from hnmix.train.schedule import seed_lr_schedule
+
+    moco = build_model(config).to(device)
+    optimizer = make_optimizer(moco.encoder_q, lr=config.lr_base, weight_decay=0.01, device=device)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, seed_lr_schedule(config))
+    guard = NonFiniteGuard(optimizer, config.max_nonfinite_steps, device=device)
+    generator = torch.Generator().manual_seed(0)
+    on_accelerator = augment_on_accelerator(config, device)
+    photometric = StepPhotometric(config.img_size, seed=0, rank=0) if on_accelerator and not bare else None
+    shape = (config.batch_size, 3, config.img_size, config.img_size)
+    if photometric:
+        views = [torch.randint(0, 256, shape, dtype=torch.uint8, generator=generator).to(device) for _ in range(2)]
+    else:
+        views = [torch.randn(shape, generator=generator).to(device) for _ in range(2)]
+    labels = torch.arange(config.batch_size, device=device) % 10
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.mixed_precision or "no")
+    step_number = [max(config.start1_hard, config.start2_hard)]  # mixing active
+
+    def step() -> None:
+        view_q, view_k = photometric(*views, step_number[0]) if photometric else views
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            if bare:
+                moco.encoder_q(view_q).sum().backward()
+                with torch.no_grad():
+                    moco.encoder_k(view_k)
+            else:
+                ids = torch.arange(config.batch_size, device=device) + step_number[0] * config.batch_size
+                loss, _ = moco(view_q, view_k, ids, labels, step=step_number[0])
+                loss.backward()
+        if not bare:
+            grad_norm = torch.nn.utils.clip_grad_norm_(moco.encoder_q.parameters(), config.clip_grad or math.inf)
+            moco.momentum_update(guard.step(grad_norm))
+            scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step_number[0] += 1
+
+    return config.batch_size / _seconds_per_step(step, warmup=warmup, measure=measure, device=device)
+
+
+def full_trainer_images_per_s(config, *, images: int, warmup: int, measure: int) -> float:
+    """images/s of `hnmix.train.loop.train` itself (data pipeline included), from its metrics.jsonl."""
+    from hnmix.train.loop import train
+
+    with tempfile.TemporaryDirectory(prefix="hnmix-bench-") as tmp:
+        if config.dataset == GENERATED:
+            Console().log(f"writing {images} generated JPEGs")
+            config = replace(config, dataset=str(write_jpeg_folder(Path(tmp) / "images", count=images)))
+        steps = warmup + measure
+        config = replace(config, dir_out=str(Path(tmp) / "out"), steps=steps, steps_print=1, steps_save=steps,
+                         keep_checkpoints=1, stop_at=None, resume=None)
+        train(config)
+        records = [json.loads(line) for line in (Path(tmp) / "out/metrics.jsonl").read_text().splitlines()]
+    return steady_images_per_s(records[warmup:])
+
+
+GENERATED = "generated-jpegs"  # --dataset default of `bench train`: JPEGs written for the run
+
+
+def run_train(args: argparse.Namespace, trainer_argv: Sequence[str]) -> dict[str, Any]:
+    """The trainer against its ceiling: bare encoder loop, in-memory MoCo and MoCHi, full trainer."""
+    from hnmix.train.config import parse_config
+
+    argv = [*SEED_TRAIN_OPTIONS, "--num_workers", str(os.cpu_count() or 1), "--eval_every", "0",
+            "--dataset", GENERATED, *trainer_argv]
+    config = parse_config(argv)
+    device = torch.device("cpu" if config.device == "cpu" or not torch.cuda.is_available() else "cuda")
+    plain = replace(config, s1_hard=0, s2_hard=0)
+    timing = dict(warmup=args.warmup_steps, measure=args.measure_steps)
+    rows = {
+        "bare loop (encoder fwd+bwd, key fwd; in-memory)": in_memory_images_per_s(config, device=device, bare=True, **timing),
+        "plain MoCo step, in-memory (s1 = s2 = 0)": in_memory_images_per_s(plain, device=device, bare=False, **timing),
+        "MoCHi step, in-memory": in_memory_images_per_s(config, device=device, bare=False, **timing),
+        "full trainer (data pipeline)": full_trainer_images_per_s(config, images=args.images, **timing),
+    }
+    ceiling = rows["bare loop (encoder fwd+bwd, key fwd; in-memory)"]
+    table = Table(title=f"hnmix.train, {config.arch} {config.img_size}px, batch {config.batch_size}, "
+                        f"K={config.k_moco}, n_hard={config.n_hard}, s1={config.s1_hard}, s2={config.s2_hard}, "
+                        f"{config.mixed_precision or 'accelerate default'} precision, {device_description(device)}")
+    table.add_column("run")
+    table.add_column("images/s", justify="right")
+    table.add_column("of the bare loop", justify="right")
+    for name, images_per_s in rows.items():
+        table.add_row(name, f"{images_per_s:.1f}", f"{images_per_s / ceiling:.0%}")
+    console = Console()
+    console.print(table)
+    mochi_cost = rows["plain MoCo step, in-memory (s1 = s2 = 0)"] / rows["MoCHi step, in-memory"] - 1
+    console.print(f"MoCHi costs {mochi_cost:+.1%} over plain MoCo (in-memory steps)")
+    return {"images_per_s": rows, "ratio_to_bare_loop": {k: v / ceiling for k, v in rows.items()},
+            "mochi_cost_over_moco": mochi_cost, "trainer_images_per_s": rows["full trainer (data pipeline)"],
+            "warmup_steps": args.warmup_steps, "measured_steps": args.measure_steps, "config": config.to_dict(),
+            "torch": torch.__version__, "device": device_description(device)}

@@ -1,0 +1,238 @@
+"""`--dataset` as a `datasets.Dataset`: a Hub id, a local folder laid out like one, an image folder,
+a `save_to_disk` directory, or `synthetic`; and which of its columns hold the image and the label.
+
+Logging goes through the standard `logging` module: data is loaded on every process and in
+DataLoader workers, where no Accelerate state exists.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import logging
+import re
+from pathlib import Path
+from typing import Optional
+
+import datasets
+from datasets.exceptions import DatasetGenerationError, DatasetsError
+
+from hnmix.data.synthetic import (
+    _SYNTHETIC_SPLITS,
+    _synthetic_split_seed,
+    make_synthetic_dataset,
+)
+from hnmix.errors import DataError, describe, first_line, network_error_types
+
+logger = logging.getLogger(__name__)
+
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?")
+
+
+_WAY_OUT = "pass --dataset PATH (a local copy) or --dataset synthetic"
+
+
+def load_image_dataset(
+    source: str,
+    *,
+    split: str = "train",
+    cache_dir: Optional[str] = None,
+    seed: int = 0,
+    synthetic_size: int = 512,
+) -> datasets.Dataset:
+    """Load `--dataset` as one split of a `datasets.Dataset`.
+
+    source:
+    - "synthetic": `make_synthetic_dataset(synthetic_size, ...)` (a folder named "synthetic" is
+      reached as ./synthetic). Split "train" uses `seed`; "validation" and "test" use seeds
+      derived from it, so the three splits differ; other splits are a DataError.
+    - an existing directory written by `save_to_disk` (has dataset_dict.json or state.json):
+      `datasets.load_from_disk`, then the split. A Dataset saved alone has no splits and is
+      accepted as split "train" only.
+    - any other existing directory: `datasets.load_dataset(source, split=...)`, the same call as
+      for a Hub id. It reads a copy of a Hub dataset repo (parquet shards under data/, e.g.
+      data/train-00000-of-00001.parquet) or an image folder with one subfolder per class
+      (label becomes a ClassLabel named after the folders).
+    - a Hub id ("name" or "owner/name"): `datasets.load_dataset`, through `cache_dir`. Without
+      network this fails (HF_HUB_OFFLINE=1: at once; no DNS: ~25 s of huggingface_hub retries)
+      unless the dataset is already in the cache.
+
+    Raises DataError (one line, with the way out) for a missing path, an unreachable or unknown
+    Hub dataset, an unknown split (listing the available ones) and an empty split.
+    """
+    if source == "synthetic":
+        if split not in _SYNTHETIC_SPLITS:
+            raise DataError(
+                f"split {split!r} does not exist in the synthetic dataset; "
+                f"available splits: {', '.join(_SYNTHETIC_SPLITS)}"
+            )
+        dataset = make_synthetic_dataset(synthetic_size, seed=_synthetic_split_seed(seed, split))
+    else:
+        path = Path(source).expanduser()
+        if path.is_dir():
+            if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
+                dataset = _load_saved_to_disk(path, split)
+            else:
+                dataset = _load_with_datasets(str(path), split, cache_dir, from_hub=False)
+        elif path.exists():
+            raise DataError(
+                f"dataset path {source} is a file, not a directory; pass the folder that holds it "
+                "(parquet shards under data/, one subfolder per class, or a save_to_disk folder)"
+            )
+        elif _HUB_ID.fullmatch(source):
+            dataset = _load_with_datasets(source, split, cache_dir, from_hub=True)
+        else:
+            raise DataError(
+                f"dataset path {source} does not exist; pass an existing directory, a Hub id "
+                "(owner/name), or --dataset synthetic"
+            )
+    if not isinstance(dataset, datasets.Dataset):
+        raise DataError(f"dataset {source} split {split!r} is not a map-style datasets.Dataset; pass a single split")
+    if len(dataset) == 0:
+        raise DataError(f"dataset {source} split {split!r} has no rows; pass a dataset or split that holds images")
+    logger.info("dataset %s split %s: %d rows, columns %s", source, split, len(dataset), dataset.column_names)
+    return dataset
+
+
+def _load_saved_to_disk(path: Path, split: str) -> datasets.Dataset:
+    """One split of a `save_to_disk` folder. The split's own folder is loaded (not the whole
+    DatasetDict), and a split saved with no rows is reported before `load_from_disk` sees it:
+    datasets 5.2 writes 0 shards for an empty Dataset and then fails to read them (IndexError)."""
+    if (path / "dataset_dict.json").is_file():
+        splits = _read_json(path / "dataset_dict.json").get("splits") or []
+        if split not in splits:
+            raise DataError(
+                f"split {split!r} does not exist in {path}; available splits: {', '.join(splits) or 'none'}"
+            )
+        folder = path / split
+    elif split != "train":
+        raise DataError(
+            f"split {split!r} does not exist in {path}: it holds one Dataset saved without splits, "
+            "usable as split 'train' only"
+        )
+    else:
+        folder = path
+    if _read_json(folder / "state.json").get("_data_files") == []:
+        raise DataError(f"dataset {path} split {split!r} has no rows; pass a dataset or split that holds images")
+    try:
+        loaded = datasets.load_from_disk(str(folder))
+    except (OSError, DatasetsError, ValueError) as error:
+        raise DataError(
+            f"cannot read the save_to_disk folder {folder} ({describe(error)}); save it again with save_to_disk"
+        ) from None
+    if not isinstance(loaded, datasets.Dataset):
+        raise DataError(f"{folder} does not hold a single split; pass the folder written by save_to_disk")
+    return loaded
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        content = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise DataError(
+            f"cannot read {path} ({describe(error)}); save the dataset again with save_to_disk"
+        ) from None
+    if not isinstance(content, dict):
+        raise DataError(f"{path} is not a save_to_disk metadata file; save the dataset again with save_to_disk")
+    return content
+
+
+def _load_with_datasets(source: str, split: str, cache_dir: Optional[str], *, from_hub: bool) -> datasets.Dataset:
+    """`datasets.load_dataset(source, split=...)` with its user-caused failures as one-line DataErrors."""
+    if from_hub:
+        logger.info("loading dataset %s (split %s) from the Hugging Face Hub or its cache", source, split)
+    try:
+        return datasets.load_dataset(source, split=split, cache_dir=cache_dir)
+    except ValueError as error:
+        available = _available_splits(error)
+        if available is None:  # e.g. a Hub dataset with several configs and none chosen
+            raise DataError(f"datasets cannot load {source} ({describe(error)}); {_WAY_OUT}") from None
+        raise DataError(
+            f"split {split!r} does not exist in dataset {source}; available splits: {', '.join(available)}"
+        ) from None
+    except DatasetGenerationError as error:
+        raise DataError(
+            f"datasets could not read the files of {source} ({describe(error)}); check or re-download them"
+        ) from None
+    except (*network_error_types(), DatasetsError) as error:
+        if not from_hub:
+            raise DataError(
+                f"datasets could not load the directory {source} ({describe(error)}); it must hold parquet "
+                "shards under data/, one subfolder of images per class, or be a save_to_disk folder"
+            ) from None
+        raise DataError(
+            f"could not load dataset {source!r} from the Hugging Face Hub ({describe(error)}); "
+            f"no local directory of that name exists either; {_WAY_OUT}"
+        ) from None
+
+
+def _available_splits(error: ValueError) -> Optional[list[str]]:
+    """The split names in datasets' 'Unknown split "x". Should be one of [...]' error, else None."""
+    message = str(error)
+    if "Unknown split" not in message:
+        return None
+    match = re.search(r"one of (\[.*?\])", message)
+    if match:
+        try:
+            return [str(name) for name in ast.literal_eval(match.group(1))]
+        except (ValueError, SyntaxError):
+            pass
+    return [first_line(error)]
+
+
+def resolve_columns(
+    dataset: datasets.Dataset, image_column: str = "image", label_column: Optional[str] = None
+) -> tuple[str, Optional[str]]:
+    """The (image column, label column or None) to read from `dataset`.
+
+    image_column must exist and hold images (a datasets.Image feature).
+    label_column None means auto: "label" if it holds integer class ids, else the first
+    ClassLabel column, else no labels. "none" means no labels. An explicitly named label column
+    must exist and hold integers (ClassLabel or an integer Value).
+    """
+    columns = dataset.column_names
+    if image_column not in columns:
+        raise DataError(
+            f"image column {image_column!r} is not in the dataset (columns: {', '.join(columns)}); "
+            "pass --image_column NAME"
+        )
+    if not isinstance(dataset.features[image_column], datasets.Image):
+        raise DataError(
+            f"column {image_column!r} holds {_feature_name(dataset.features[image_column])}, not images; "
+            "pass --image_column NAME of an image column"
+        )
+    if label_column is None:
+        if "label" in columns and _is_integer_label(dataset.features["label"]):
+            return image_column, "label"
+        for name in columns:
+            if isinstance(dataset.features[name], datasets.ClassLabel):
+                return image_column, name
+        return image_column, None
+    if label_column.lower() == "none":
+        return image_column, None
+    if label_column not in columns:
+        raise DataError(
+            f"label column {label_column!r} is not in the dataset (columns: {', '.join(columns)}); "
+            "pass --label_column NAME, or --label_column none to train without labels"
+        )
+    if not _is_integer_label(dataset.features[label_column]):
+        raise DataError(
+            f"label column {label_column!r} holds {_feature_name(dataset.features[label_column])}, not integer "
+            "class ids; pass --label_column NAME of a ClassLabel or integer column, or --label_column none"
+        )
+    return image_column, label_column
+
+
+def _is_integer_label(feature: object) -> bool:
+    if isinstance(feature, datasets.ClassLabel):
+        return True
+    return isinstance(feature, datasets.Value) and feature.dtype in (
+        "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
+    )
+
+
+def _feature_name(feature: object) -> str:
+    if isinstance(feature, datasets.Value):
+        return f"{feature.dtype} values"
+    return type(feature).__name__

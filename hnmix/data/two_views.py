@@ -1,0 +1,230 @@
+"""Row i of a dataset as two augmented views, its index and its label, fed to a DataLoader.
+
+`TwoViewDataset` reads row i as an RGB image and draws two views seeded by (seed, epoch, i);
+`EpochSampler` and `make_train_loader` feed it to a DataLoader. This module knows nothing about
+MoCo. Logging goes through the standard `logging` module (DataLoader workers have no Accelerate
+state).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from typing import Iterator, Optional
+
+import datasets
+import torch
+import torch.utils.data
+from PIL import Image
+
+from hnmix.data.geometric import two_crops
+from hnmix.data.images import encoded_bytes, open_image
+from hnmix.data.sources import resolve_columns
+from hnmix.data.transforms import ImageTransform
+from hnmix.errors import DataError, describe, first_line
+
+logger = logging.getLogger(__name__)
+
+
+def sample_rng(seed: int, epoch: int, index: int) -> random.Random:
+    """The random stream of sample `index` in `epoch` of a run seeded with `seed` (a string seed:
+    Python hashes it with SHA-512, so neighbouring samples get unrelated streams)."""
+    return random.Random(f"{seed}:{epoch}:{index}")
+
+
+# How PIL and datasets fail on a file that is not a readable image (or one too large to be).
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+# An unreadable image is replaced by another, drawn from (seed, epoch, index); this many failures
+# in a row mean the dataset itself is broken.
+MAX_REPLACEMENTS = 10
+
+
+_WARNINGS_PER_PROCESS = 5
+
+
+_warned = 0
+
+
+def _warn_unreadable(index: int, error: BaseException, replacement: int) -> None:
+    """Name the first few unreadable images of this (worker) process in a warning."""
+    global _warned
+    _warned += 1
+    if _warned <= _WARNINGS_PER_PROCESS:
+        more = "; further ones are only counted (bad_samples in metrics.jsonl)" if _warned == _WARNINGS_PER_PROCESS else ""
+        what = first_line(error) if isinstance(error, DataError) else f"image {index} cannot be read ({describe(error)})"
+        logger.warning(f"{what}; using image {replacement} instead{more}")
+
+
+class TwoViewDataset(torch.utils.data.Dataset):
+    """Row i of a `datasets.Dataset` as two augmented views, its index and its label.
+
+    `__getitem__(epoch * len(self) + index)` (the encoding `EpochSampler` yields) returns
+    (view_q [3, S, S], view_k [3, S, S], index: int, label: int, unreadable: int), S = img_size,
+    label -1 when there is no label column (or the row's label is missing). The views are
+    - uint8, cropped and flipped only, when `photometric` is None: the photometric half then
+      runs batched on the accelerator (`hnmix.data.photometric`);
+    - `photometric(view)` of each cropped view otherwise (`hnmix.data.transforms.moco_v2_photometric`:
+      float32, normalised): the whole MoCo v2 augmentation in the worker.
+    The image is decoded once for both views, at a reduced size when the crops allow
+    (`hnmix.data.geometric.two_crops`). An image that cannot be read (truncated, empty, not an image,
+    a decompression bomb) is replaced by another drawn from (seed, epoch, index), so batches keep
+    their size; `unreadable` counts the replacements.
+
+    Why the views are seeded per sample: every draw comes from `sample_rng(seed, epoch, index)`
+    (the per-image photometric transforms from torch's CPU generator seeded from it, inside
+    `torch.random.fork_rng`). So the same sample in the same epoch gets the same two views
+    whichever DataLoader worker, process or number of workers loads it, a resumed run reproduces
+    them exactly, and the caller's RNG state is left as it was. Only the CPU generator is
+    reseeded (`torch.default_generator`, not `torch.manual_seed`, which would also reseed every
+    CUDA generator of the caller).
+    """
+
+    def __init__(
+        self,
+        dataset: datasets.Dataset,
+        *,
+        image_column: str,
+        label_column: Optional[str],
+        img_size: int,
+        seed: int,
+        photometric: Optional[ImageTransform] = None,
+    ):
+        resolve_columns(dataset, image_column, label_column if label_column is not None else "none")
+        kept = [image_column] + ([label_column] if label_column is not None and label_column != image_column else [])
+        # Undecoded cells: the image is opened lazily, so that a JPEG can be decoded at a reduced size.
+        self.dataset = dataset.select_columns(kept).cast_column(image_column, datasets.Image(decode=False))
+        self.image_column = image_column
+        self.label_column = label_column
+        self.img_size = img_size
+        self.photometric = photometric
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, encoded_index: int) -> tuple[torch.Tensor, torch.Tensor, int, int, int]:
+        """(view_q, view_k, index, label, unreadable): `unreadable` counts the images that could
+        not be read and were replaced (index and label are then the replacement's)."""
+        encoded_index = int(encoded_index)
+        if encoded_index < 0:
+            raise IndexError(f"encoded index must be >= 0, got {encoded_index}")
+        epoch, index = divmod(encoded_index, len(self))
+        unreadable = 0
+        while True:
+            try:
+                row = self._read_row(index)
+                views = self._two_views(row[self.image_column], index, sample_rng(self.seed, epoch, index))
+                break
+            except (DataError, *DECODE_ERRORS) as error:
+                unreadable += 1
+                replacement = sample_rng(self.seed + unreadable, epoch, index).randrange(len(self))
+                if unreadable > MAX_REPLACEMENTS:
+                    raise DataError(f"{MAX_REPLACEMENTS} images in a row could not be read, the last one "
+                                    f"image {index} ({first_line(error)}); check the dataset's files") from None
+                _warn_unreadable(index, error, replacement)
+                index = replacement
+        label = -1
+        if self.label_column is not None and row[self.label_column] is not None:
+            label = int(row[self.label_column])
+        return *views, index, label, unreadable
+
+    def _two_views(self, cell: Optional[dict], index: int, rng: random.Random) -> tuple[torch.Tensor, torch.Tensor]:
+        encoded = encoded_bytes(cell) if cell is not None else None
+        image = self._open(cell, index, encoded)
+        try:
+            views = two_crops(image, self.img_size, rng, encoded)
+        except DECODE_ERRORS as error:
+            raise self._unreadable(index, error) from None
+        finally:
+            image.close()
+        if self.photometric is None:
+            return views[0], views[1]
+        # torchvision's transforms draw from torch's global CPU generator: seed it from the
+        # sample's stream, and leave the caller's state as it was.
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(rng.getrandbits(63))
+            return tuple(self.photometric(Image.fromarray(view.permute(1, 2, 0).numpy())) for view in views)
+
+    def _open(self, cell: Optional[dict], index: int, encoded: Optional[bytes] = None) -> Image.Image:
+        """The undecoded image of row `index` (header read), or a DataError naming it."""
+        if cell is None:
+            raise DataError(f"image {index} of the dataset is missing (an empty cell); remove the row")
+        try:
+            return open_image(cell, encoded)
+        except DECODE_ERRORS as error:
+            raise self._unreadable(index, error) from None
+
+    def _read_row(self, index: int) -> dict:
+        try:
+            return self.dataset[index]
+        except DECODE_ERRORS as error:
+            raise self._unreadable(index, error) from None
+
+    def _unreadable(self, index: int, error: BaseException) -> DataError:
+        return DataError(f"image {index} of the dataset{self._where(index)} cannot be decoded "
+                         f"({describe(error)}); remove or replace it")
+
+    def _where(self, index: int) -> str:
+        """' (path)' of row `index`'s image file when the dataset stored one, else ''."""
+        try:
+            cell = self.dataset.with_format("arrow")[index][self.image_column][0].as_py()
+            path = cell.get("path") if isinstance(cell, dict) else None
+        except Exception:  # only decorates an error message
+            path = None
+        return f" ({path})" if path else ""
+
+
+class EpochSampler(torch.utils.data.Sampler[int]):
+    """A shuffled pass over `num_samples` items that encodes the epoch in each index.
+
+    Yields `epoch * num_samples + i` for i in `torch.randperm(num_samples)` drawn from a generator
+    seeded with `seed + epoch`: the same order on every process, and `TwoViewDataset` can recover
+    (epoch, i) to seed the views. Call `set_epoch` before each pass (Accelerate's prepared
+    DataLoader does it with its own pass counter).
+    """
+
+    def __init__(self, num_samples: int, seed: int):
+        self.num_samples = num_samples
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        order = torch.randperm(self.num_samples, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        return iter((order + self.epoch * self.num_samples).tolist())
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
+def make_train_loader(
+    dataset: TwoViewDataset, *, batch_size: int, num_workers: int, seed: int
+) -> torch.utils.data.DataLoader:
+    """The training DataLoader: EpochSampler order, full batches only (drop_last).
+
+    Batches: (view_q [B, 3, H, W] float32, view_k [B, 3, H, W] float32, index [B] int64,
+    label [B] int64). The loader has its own seeded generator, so making an iterator does not
+    consume the global RNG. An exception in a worker is re-raised by the DataLoader in the main
+    process with the same type; its message then holds the worker's traceback (the original
+    one-line message is its last line).
+    """
+    if len(dataset) < batch_size:
+        raise DataError(
+            f"the dataset has {len(dataset)} images, fewer than one batch of {batch_size} (incomplete "
+            f"batches are dropped); lower --batch_size to at most {len(dataset)} or use more images"
+        )
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=EpochSampler(len(dataset), seed),
+        drop_last=True,
+        num_workers=num_workers,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=num_workers > 0,
+        prefetch_factor=4 if num_workers > 0 else None,
+        generator=torch.Generator().manual_seed(seed),
+    )

@@ -1,0 +1,117 @@
+"""Features of a frozen backbone over evaluation images.
+
+- `EvalImages`, `make_eval_loader`: a split as deterministic, evaluation-transformed images.
+- `extract_features`: a backbone run over a DataLoader prepared by Accelerate, gathered across
+  processes so that every sample counts once, in dataset order.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+import datasets
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.utils.data
+from accelerate import Accelerator
+
+from hnmix.data.images import to_rgb
+from hnmix.data.transforms import eval_transform
+from hnmix.data.two_views import DECODE_ERRORS, TwoViewDataset
+from hnmix.errors import DataError
+
+
+@contextmanager
+def main_process_buffers(module: nn.Module, accelerator: Accelerator) -> Iterator[None]:
+    """Within the block every rank holds the main process's buffers (BatchNorm running statistics);
+    afterwards each rank has its own back.
+
+    The trainer runs DDP without buffer broadcasts, so ranks drift apart; checkpoints and the
+    exported encoder carry the main process's, and so does an evaluation.
+    """
+    buffers = [b for b in module.buffers() if b.numel()]
+    if accelerator.num_processes == 1 or not buffers or not dist.is_initialized():
+        yield
+        return
+    own = [b.detach().clone() for b in buffers]
+    for buffer in buffers:
+        dist.broadcast(buffer.data, src=0)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, saved in zip(buffers, own):
+                buffer.copy_(saved)
+
+
+@torch.no_grad()
+def extract_features(
+    backbone: nn.Module, loader: torch.utils.data.DataLoader, accelerator: Accelerator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run `backbone` over `loader` -> (features [N, D] float32, labels [N] int64) on every rank.
+
+    `loader` yields (images [B, 3, H, W], labels [B]) and must be prepared by `accelerator`
+    (`accelerator.prepare(loader)`): each process then sees a shard, and
+    `accelerator.gather_for_metrics` puts the shards back together in dataset order, dropping the
+    samples Accelerate repeats to even out the last batch, so each of the N samples counts once.
+    The backbone runs in eval mode, without gradients, under `accelerator.autocast()`, with the
+    main process's buffers (`main_process_buffers`); its training mode and buffers are restored
+    afterwards. Results stay on `accelerator.device`.
+    """
+    was_training = backbone.training
+    backbone.eval()
+    features, labels = [], []
+    try:
+        with main_process_buffers(backbone, accelerator):
+            for images, batch_labels in loader:
+                with accelerator.autocast():
+                    batch_features = backbone(images.to(accelerator.device))
+                batch_features = batch_features.float().flatten(1)
+                batch_labels = batch_labels.to(accelerator.device).long()
+                batch_features, batch_labels = accelerator.gather_for_metrics((batch_features, batch_labels))
+                features.append(batch_features)
+                labels.append(batch_labels)
+    finally:
+        backbone.train(was_training)
+    if not features:
+        raise DataError("the evaluation loader yielded no batches; pass a split that holds images")
+    return torch.cat(features), torch.cat(labels)
+
+
+class EvalImages(TwoViewDataset):
+    """Row i of a labelled `datasets.Dataset` -> (image [3, S, S] float32, label int).
+
+    The image is read and checked like a training sample (`TwoViewDataset`'s reading, with its
+    one-line error for an undecodable image), made RGB by `hnmix.data.images.to_rgb` and cropped by the
+    deterministic `hnmix.data.transforms.eval_transform(img_size)`.
+    """
+
+    def __init__(self, dataset: datasets.Dataset, *, image_column: str, label_column: str, img_size: int):
+        super().__init__(dataset, image_column=image_column, label_column=label_column, img_size=img_size, seed=0)
+        self.transform = eval_transform(img_size)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        index = int(index)
+        row = self._read_row(index)
+        image = self._open(row[self.image_column], index)
+        try:
+            return self.transform(to_rgb(image)), int(row[self.label_column])
+        except DECODE_ERRORS as error:
+            raise self._unreadable(index, error) from None
+        finally:
+            image.close()
+
+
+def make_eval_loader(images: EvalImages, *, batch_size: int, num_workers: int) -> torch.utils.data.DataLoader:
+    """Batches (images [B, 3, S, S] float32, labels [B] int64) in dataset order, the last one
+    possibly smaller. Prepare it with `accelerator.prepare` before `extract_features`.
+
+    The loader has a generator of its own: a DataLoader without one draws its workers' base seed
+    from the global RNG on every pass, and an evaluation in the middle of training would then
+    change the training's later random draws.
+    """
+    return torch.utils.data.DataLoader(images, batch_size=batch_size, shuffle=False, drop_last=False,
+                                       num_workers=num_workers, pin_memory=torch.cuda.is_available(),
+                                       generator=torch.Generator().manual_seed(0))

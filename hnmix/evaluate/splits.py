@@ -1,0 +1,213 @@
+"""The labelled splits a frozen encoder is evaluated on.
+
+`load_eval_splits`: the kNN bank / linear-probe train split, the held-out split (the dataset's
+`validation` split, else a fixed stratified part of the train split) and `test`.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from typing import Any, Optional, Union
+
+import datasets
+import numpy as np
+
+from hnmix.data.sources import load_image_dataset, resolve_columns
+from hnmix.errors import ConfigError, DataError
+
+logger = logging.getLogger(__name__)
+
+
+DEFAULT_SEED = 69420  # hnmix.train.config's default: the same synthetic images and held-out split as training
+
+
+NO_LABELS = ("kNN/linear evaluation needs a label column; pass --label_column, or --eval_every 0 to train "
+             "without the kNN monitor")
+
+
+@dataclass
+class EvalSplits:
+    """Labelled splits to evaluate on, each already bounded by `max_samples`.
+
+    train: the kNN bank and the linear classifier's training split.
+    held_out: the kNN queries and the linear probe's validation split.
+    test: the linear probe's test split; None when the dataset has none (held_out doubles as test).
+    The *_source fields say where each came from, for reports.
+    """
+
+    train: datasets.Dataset
+    held_out: datasets.Dataset
+    test: Optional[datasets.Dataset]
+    image_column: str
+    label_column: str
+    num_classes: int
+    train_source: str
+    held_out_source: str
+    test_source: Optional[str]
+
+    def sizes(self, *, with_test: bool = True) -> dict[str, int]:
+        sizes = {"train": len(self.train), "held_out": len(self.held_out)}
+        if with_test:
+            sizes["test"] = len(self.test) if self.test is not None else len(self.held_out)
+        return sizes
+
+    def describe(self, *, with_test: bool = True) -> dict[str, Any]:
+        """Where each split came from, its size, the columns and the class count (JSON-ready)."""
+        roles = {"train": self.train_source, "held_out": self.held_out_source}
+        if with_test:
+            roles["test"] = self.test_source or "none: the held-out split doubles as test"
+        return roles | {"sizes": self.sizes(with_test=with_test), "image_column": self.image_column,
+                        "label_column": self.label_column, "num_classes": self.num_classes}
+
+
+_MISSING_SPLIT = re.compile(r"^split '[^']*' does not exist|has no rows;")
+
+
+def _optional_split(source: str, split: str, label_column: str, **load: Any) -> Optional[datasets.Dataset]:
+    """`load_image_dataset(source, split=split)`, or None when that split is missing, empty or unlabelled.
+
+    hnmix.data.sources reports a missing split as a DataError that begins "split 'NAME' does not exist";
+    any other DataError (network, unreadable files) is raised. A split without `label_column`, or
+    whose labels are all missing or negative (Hub test splits often carry -1), counts as missing.
+    """
+    try:
+        dataset = load_image_dataset(source, split=split, **load)
+    except DataError as error:
+        if _MISSING_SPLIT.search(str(error)):
+            logger.info("dataset %s has no usable %s split", source, split)
+            return None
+        raise
+    if label_column not in dataset.column_names:
+        logger.info("dataset %s: split %s has no %r column; not used", source, split, label_column)
+        return None
+    values = dataset.select_columns([label_column]).with_format("arrow")[:][label_column]
+    if values.null_count == len(values) or not any(v is not None and v >= 0 for v in values.to_pylist()):
+        logger.info("dataset %s: split %s is unlabelled (all labels missing or negative); not used", source, split)
+        return None
+    return dataset
+
+
+def _labels(dataset: datasets.Dataset, column: str, name: str) -> np.ndarray:
+    """The label column as [N] int64; a missing or negative label is a DataError."""
+    values = dataset.select_columns([column]).with_format("arrow")[:][column]
+    if values.null_count:
+        raise DataError(f"{values.null_count} rows of the {name} split have no {column!r} label; "
+                        "pass a dataset whose evaluation splits are fully labelled, or turn evaluation off")
+    labels = np.asarray(values, dtype=np.int64)
+    if len(labels) and labels.min() < 0:
+        raise DataError(f"the {name} split has negative labels in column {column!r}; "
+                        "pass --label_column NAME of a column of class ids 0..C-1")
+    return labels
+
+
+def _check_split_size(eval_split_size: Union[int, float]) -> None:
+    if isinstance(eval_split_size, bool) or not (
+        (isinstance(eval_split_size, int) and eval_split_size >= 1)
+        or (isinstance(eval_split_size, float) and 0.0 < eval_split_size < 1.0)
+    ):
+        raise ConfigError(f"eval_split_size must be a fraction in (0, 1) or a count >= 1, got {eval_split_size!r}; "
+                          "pass e.g. --eval_split_size 0.1")
+
+
+def stratified_holdout(
+    dataset: datasets.Dataset, label_column: str, size: Union[int, float], *, seed: int
+) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """(rest, held_out): a fixed, seeded, stratified part of `dataset` (`size`: fraction or count).
+
+    The split is `datasets.Dataset.train_test_split(test_size=size, stratify_by_column=...,
+    seed=seed)`, run on an in-memory table of the labels alone (as a ClassLabel with the ids
+    unchanged), then applied with `select`: the same split as on the full dataset, without
+    rewriting its images or needing its label column to be a ClassLabel already.
+    """
+    _check_split_size(size)
+    labels = _labels(dataset, label_column, "train")
+    table = datasets.Dataset.from_dict(
+        {"label": labels, "row": np.arange(len(labels))},
+        features=datasets.Features({"label": datasets.ClassLabel(num_classes=int(labels.max()) + 1),
+                                    "row": datasets.Value("int64")}),
+    )
+    try:
+        parts = table.train_test_split(test_size=size, stratify_by_column="label", seed=seed, keep_in_memory=True)
+    except ValueError as error:
+        raise DataError(f"cannot hold out a stratified eval split of size {size} from {len(labels)} rows "
+                        f"({str(error).splitlines()[0]}); pass another --eval_split_size, or a dataset "
+                        "with a validation split") from None
+    rest, held_out = (sorted(parts[name]["row"]) for name in ("train", "test"))
+    return (dataset.select(rest, keep_in_memory=True), dataset.select(held_out, keep_in_memory=True))
+
+
+def bounded_subset(dataset: datasets.Dataset, max_samples: Optional[int], *, seed: int, salt: int = 0) -> datasets.Dataset:
+    """At most `max_samples` rows: a seeded uniform draw without replacement, kept in dataset order."""
+    if max_samples is None or len(dataset) <= max_samples:
+        return dataset
+    rng = np.random.default_rng(np.random.SeedSequence(seed % 2**64, spawn_key=(salt,)))
+    return dataset.select(np.sort(rng.choice(len(dataset), max_samples, replace=False)), keep_in_memory=True)
+
+
+def load_eval_splits(
+    source: str,
+    *,
+    split: str = "train",
+    image_column: str = "image",
+    label_column: Optional[str] = None,
+    eval_split_size: Union[int, float] = 0.1,
+    max_samples: Optional[int] = None,
+    seed: int = DEFAULT_SEED,
+    cache_dir: Optional[str] = None,
+    synthetic_size: int = 512,
+    with_test: bool = False,
+) -> EvalSplits:
+    """The labelled splits of `--dataset` (any form `hnmix.data.sources.load_image_dataset` takes).
+
+    - train: split `split`.
+    - held_out: the dataset's `validation` split when it exists (and is not `split`), else
+      `stratified_holdout(train, eval_split_size, seed)`, which train then loses.
+    - test (with_test): the `test` split when it exists (and is not `split`), else None.
+    A validation or test split without labels (all missing or negative) counts as missing.
+    Each is then cut to `max_samples` rows (`bounded_subset`, seeded). Labels come from
+    `label_column` (resolved as in training); a dataset without one is a DataError, as are
+    some-but-not-all missing labels and a label outside a ClassLabel's classes. num_classes is
+    the ClassLabel's count, else the largest label of any split + 1.
+    """
+    if max_samples is not None and max_samples < 1:
+        raise ConfigError(f"eval_max_samples must be >= 1, got {max_samples}; pass a positive count or leave it out")
+    _check_split_size(eval_split_size)
+    load = dict(cache_dir=cache_dir, seed=seed, synthetic_size=synthetic_size)
+    train = load_image_dataset(source, split=split, **load)
+    image_column, label_column = resolve_columns(train, image_column, label_column)
+    if label_column is None:
+        raise DataError(NO_LABELS)
+    train_source = f"{source} split {split}"
+    validation = _optional_split(source, "validation", label_column, **load) if split != "validation" else None
+    if validation is not None:
+        held_out, held_out_source = validation, f"{source} split validation"
+    else:
+        train, held_out = stratified_holdout(train, label_column, eval_split_size, seed=seed)
+        held_out_source = f"{source} split {split}: stratified held-out part of size {eval_split_size}, seed {seed}"
+        train_source += " without its held-out part"
+    test, test_source = None, None
+    if with_test and split != "test":
+        test = _optional_split(source, "test", label_column, **load)
+        test_source = f"{source} split test" if test is not None else None
+
+    feature = train.features[label_column]
+    named = {"train": train, "held_out": held_out} | ({"test": test} if test is not None else {})
+    for name, dataset in named.items():
+        resolve_columns(dataset, image_column, label_column)
+    labels = {name: _labels(dataset, label_column, name) for name, dataset in named.items()}
+    if isinstance(feature, datasets.ClassLabel):
+        num_classes = feature.num_classes
+        for name, values in labels.items():
+            if values.max() >= num_classes:
+                raise DataError(f"the {name} split has label {values.max()} but column {label_column!r} of the train "
+                                f"split has classes 0..{num_classes - 1}; pass a dataset whose splits share their classes")
+    else:
+        num_classes = max(int(values.max()) for values in labels.values()) + 1
+    train, held_out = (bounded_subset(d, max_samples, seed=seed, salt=i) for i, d in enumerate((train, held_out)))
+    test = bounded_subset(test, max_samples, seed=seed, salt=2) if test is not None else None
+    splits = EvalSplits(train, held_out, test, image_column, label_column, num_classes,
+                        train_source, held_out_source, test_source)
+    logger.info("evaluation splits: %s (%d classes)", splits.sizes(with_test=with_test), num_classes)
+    return splits

@@ -1,0 +1,174 @@
+"""The model card (`README.md`) the Hub shows for an exported encoder: metadata, training setup,
+evaluation, how to load it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
+
+MODEL_CARD_TAGS = ("image-feature-extraction", "timm", "self-supervised", "moco", "mochi", "hnmix")
+
+
+PAPER_URL = "https://arxiv.org/abs/2010.01028"
+
+
+# (option, what it means) in the order the card lists them.
+_MOCO_PARAMETERS = (
+    ("dim_moco", "projection output size (the head is not part of this model)"),
+    ("k_moco", "queue size K (negatives per query)"),
+    ("m_moco", "momentum of the key encoder"),
+    ("t_moco", "softmax temperature"),
+)
+
+
+_MOCHI_PARAMETERS = (
+    ("n_hard", "hardest queue negatives mixed per query"),
+    ("s1_hard", "type-1 synthetic negatives per query (two hard negatives mixed)"),
+    ("s2_hard", "type-2 synthetic negatives per query (query mixed with a hard negative)"),
+    ("start1_hard", "first step with type-1 negatives"),
+    ("start2_hard", "first step with type-2 negatives"),
+)
+
+
+# (results key prefix, row name); accuracies are percentages, `{prefix}_top1` / `{prefix}_top5`.
+_EVALUATIONS = (("knn", "kNN"), ("linear", "linear probe"))
+
+
+def dataset_is_hub_id(dataset: str) -> bool:
+    """True when `dataset` names a Hub dataset: not `synthetic`, not an existing or path-like
+    local path, and a valid repo id (`name` or `owner/name`)."""
+    if dataset == "synthetic" or dataset.startswith(("/", ".", "~")) or Path(dataset).exists():
+        return False
+    try:
+        validate_repo_id(dataset)
+    except HFValidationError:
+        return False
+    return True
+
+
+def write_model_card(directory: str | Path, *, config: dict[str, Any], results: Optional[dict[str, Any]] = None,
+                     repo_id: Optional[str] = None) -> Path:
+    """Write `directory/README.md`, the Hub model card of an exported encoder; returns its path.
+
+    config: the training options (`TrainConfig.to_dict()`); only the dataset, split, arch,
+    img_size, steps, batch and MoCo/MoCHi options are used, never paths or the environment.
+    results: optional `knn_top1`, `knn_top5`, `knn_k`, `linear_top1`, `linear_top5` (accuracies in
+    percent, 0-100), `steps` (steps actually trained), `global_batch`, `num_processes`,
+    `eval_split`. repo_id: the Hub id the loading example names (else a placeholder).
+    """
+    results = dict(results or {})
+    dataset = str(config.get("dataset", ""))
+    card_data = ModelCardData(
+        library_name="timm",
+        tags=list(MODEL_CARD_TAGS),
+        datasets=[dataset] if dataset_is_hub_id(dataset) else None,
+        pipeline_tag="image-feature-extraction",
+    )
+    card = ModelCard(f"---\n{card_data.to_yaml()}\n---\n{_card_body(config, results, repo_id)}")
+    path = Path(directory) / "README.md"
+    card.save(path)
+    return path
+
+
+def _card_body(config: dict[str, Any], results: dict[str, Any], repo_id: Optional[str]) -> str:
+    arch = config.get("arch", "unknown")
+    title = repo_id.split("/")[-1] if repo_id else f"{arch} trained with hnmix"
+    sections = [
+        f"# {title}\n",
+        f"An image encoder (`{arch}`, timm) trained without labels with MoCo v2 and MoCHi hard negative "
+        f"mixing ([Kalantidis et al., *Hard Negative Mixing for Contrastive Learning*, NeurIPS 2020]({PAPER_URL})), "
+        "trained with hnmix. It has no classifier (`num_classes=0`): it maps an image to one "
+        "feature vector, for retrieval, kNN, clustering or a linear probe. The projection head and the "
+        "momentum encoder used in training are not included.\n",
+        "## Training\n",
+        _training_table(config, results),
+        "## Evaluation\n\n" + _evaluation_table(results) if _has_evaluation(results) else "",
+        "## How to use\n",
+        _usage(repo_id, config),
+        "## Citation\n",
+        "```bibtex\n@inproceedings{kalantidis2020hard,\n"
+        "  title={Hard Negative Mixing for Contrastive Learning},\n"
+        "  author={Kalantidis, Yannis and Sariyildiz, Mert Bulent and Pion, Noe and Weinzaepfel, Philippe and Larlus, Diane},\n"
+        "  booktitle={Advances in Neural Information Processing Systems (NeurIPS)},\n  year={2020}\n}\n```\n",
+    ]
+    return "\n".join(section for section in sections if section)
+
+
+def _describe_dataset(config: dict[str, Any]) -> str:
+    dataset = str(config.get("dataset", ""))
+    if dataset_is_hub_id(dataset):
+        name = f"[`{dataset}`](https://huggingface.co/datasets/{dataset})"
+    elif dataset == "synthetic":
+        name = "`synthetic` (images generated in memory by hnmix, for demos and tests)"
+    else:
+        name = "a local dataset"
+    split = config.get("split")
+    return f"{name}, split `{split}`" if split else name
+
+
+def _training_table(config: dict[str, Any], results: dict[str, Any]) -> str:
+    rows = [("dataset", _describe_dataset(config), ""), ("architecture", f"`{config.get('arch')}`", "timm model name")]
+    if config.get("img_size") is not None:
+        rows.append(("image size", f"{config['img_size']} x {config['img_size']}", ""))
+    scheduled = config.get("steps")
+    trained = results.get("steps", config.get("stop_at") or scheduled)
+    if trained is not None:
+        rows.append(("optimizer steps", f"{trained}", f"of {scheduled} scheduled" if scheduled and trained != scheduled else ""))
+    global_batch = results.get("global_batch", config.get("global_batch"))
+    processes = results.get("num_processes", config.get("num_processes"))
+    if global_batch is None and processes and config.get("batch_size"):
+        global_batch = config["batch_size"] * processes
+    if global_batch is not None:
+        rows.append(("global batch", f"{global_batch}", f"{processes} processes" if processes else ""))
+    elif config.get("batch_size") is not None:
+        rows.append(("batch per process", f"{config['batch_size']}", ""))
+    for name, meaning in _MOCO_PARAMETERS + _MOCHI_PARAMETERS:
+        if name in config:
+            rows.append((f"`{name}`", f"{config[name]}", meaning))
+    lines = ["| setting | value | meaning |", "|---|---|---|"] + [f"| {key} | {value} | {meaning} |"
+                                                                 for key, value, meaning in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _has_evaluation(results: dict[str, Any]) -> bool:
+    return any(f"{prefix}_top{k}" in results for prefix, _ in _EVALUATIONS for k in (1, 5))
+
+
+def _format_accuracy(value: Any) -> str:
+    return "–" if value is None else f"{float(value):.2f}"
+
+
+def _evaluation_table(results: dict[str, Any]) -> str:
+    lines = ["| protocol | top-1 (%) | top-5 (%) |", "|---|---|---|"]
+    for prefix, label in _EVALUATIONS:
+        if f"{prefix}_top1" in results or f"{prefix}_top5" in results:
+            if prefix == "knn" and results.get("knn_k"):
+                label = f"kNN (k={results['knn_k']})"
+            lines.append(f"| {label} | {_format_accuracy(results.get(f'{prefix}_top1'))} "
+                         f"| {_format_accuracy(results.get(f'{prefix}_top5'))} |")
+    note = f"\nOn split `{results['eval_split']}`.\n" if results.get("eval_split") else ""
+    return "\n".join(lines) + "\n" + note
+
+
+def _usage(repo_id: Optional[str], config: dict[str, Any]) -> str:
+    name = f"hf-hub:{repo_id}" if repo_id else "hf-hub:USER/MODEL"
+    size = config.get("img_size")
+    preprocessing = (f"resize to {round(size * 256 / 224)}, centre crop {size}, ImageNet mean and std"
+                     if size else "resize, centre crop, ImageNet mean and std")
+    return (
+        f"The preprocessing ({preprocessing}) is recorded in `config.json`; timm resolves it:\n\n"
+        "```python\n"
+        "import timm\nimport torch\nfrom PIL import Image\n\n"
+        f'model = timm.create_model("{name}", pretrained=True, num_classes=0).eval()\n'
+        "data_config = timm.data.resolve_model_data_config(model)\n"
+        "transform = timm.data.create_transform(**data_config, is_training=False)\n"
+        'image = Image.open("image.jpg").convert("RGB")\n'
+        "with torch.no_grad():\n"
+        "    features = model(transform(image).unsqueeze(0))  # [1, model.num_features]\n"
+        "```\n"
+    )

@@ -1,0 +1,214 @@
+"""The parts of a run, built from its `TrainConfig`, and the checks made before any compute.
+
+The Accelerator, logging, the training data, the kNN monitor, the model and the Hub pusher; the
+checks of dir_out, arch and trackers. `hnmix.train.loop.train` calls them in order.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import warnings
+from datetime import timedelta
+from difflib import get_close_matches
+from pathlib import Path
+from typing import Optional
+
+import timm
+import torch
+from accelerate import (
+    Accelerator,
+    DataLoaderConfiguration,
+    DistributedDataParallelKwargs,
+    InitProcessGroupKwargs,
+)
+from accelerate.logging import get_logger
+from accelerate.tracking import get_available_trackers
+from accelerate.utils import LoggerType, broadcast_object_list, set_seed
+from rich.console import Console
+from rich.logging import RichHandler
+
+from hnmix.data.sources import load_image_dataset, resolve_columns
+from hnmix.data.transforms import moco_v2_photometric
+from hnmix.data.two_views import TwoViewDataset, make_train_loader
+from hnmix.errors import ConfigError, DataError, HubError
+from hnmix.evaluate.monitor import KnnMonitor
+from hnmix.evaluate.splits import NO_LABELS, load_eval_splits
+from hnmix.hub.card import write_model_card
+from hnmix.hub.export import export_encoder
+from hnmix.hub.pusher import HubPusher
+from hnmix.moco import MoCo, MoCoEncoder
+from hnmix.train.config import (
+    TrainConfig,
+)
+
+logger = get_logger("hnmix")
+# A collective that waits longer than this means a rank is gone: fail then rather than after the
+# backend's default. Long enough for the main process to download Caltech-256 (~1.2 GB) while the
+# others wait in `main_process_first`, for checkpoint saves and for kNN evaluations.
+COLLECTIVE_TIMEOUT_S = 1200
+console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
+
+
+def check_writable(directory: Path) -> None:
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / f".write-probe-{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as error:
+        raise ConfigError(f"dir_out {directory} is not writable ({error.strerror or error}); "
+                          "choose another --dir_out") from None
+
+
+def check_arch(arch: str) -> None:
+    if ":" in arch or timm.is_model(arch):  # hf-hub:/local-dir: names are resolved by timm itself
+        return
+    close = get_close_matches(arch, timm.list_models(), n=3)
+    hint = f"; did you mean {', '.join(close)}?" if close else "; see timm.list_models()"
+    raise ConfigError(f"option arch: unknown timm model {arch!r}{hint}")
+
+
+def requested_trackers(report_to: str) -> list[str]:
+    """The tracker names of `--report_to`, each known to Accelerate and installed."""
+    names = [t.strip() for t in report_to.split(",") if t.strip() and t.strip() != "none"]
+    available = {str(t) for t in get_available_trackers()}
+    for name in names:
+        if name == "all":
+            continue
+        if name not in {str(t) for t in LoggerType}:
+            raise ConfigError(f"option report_to: unknown tracker {name!r}; one of "
+                              f"{', '.join(sorted(str(t) for t in LoggerType))}")
+        if name not in available:
+            raise ConfigError(f"option report_to: tracker {name!r} is not installed; pip install {name} "
+                              "or leave it out of --report_to")
+    return names
+
+
+def make_accelerator(config: TrainConfig) -> Accelerator:
+    if config.device not in (None, "cpu"):
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ConfigError("option device selects a GPU for one process only; "
+                              "under accelerate launch use its --gpu_ids")
+        os.environ["CUDA_VISIBLE_DEVICES"] = config.device
+    trackers = requested_trackers(config.report_to)
+    # torch 2.14 renames the option; Accelerate's kwargs handler only knows the old name, which
+    # keeps its meaning (no buffer broadcast in forward; every rank builds identical buffers).
+    warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated", category=FutureWarning)
+    try:
+        return Accelerator(
+            mixed_precision=config.mixed_precision,
+            cpu=config.device == "cpu",
+            log_with=trackers or None,
+            project_dir=config.dir_out,
+            step_scheduler_with_optimizer=False,  # the schedule counts optimizer steps, not samples
+            kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False),
+                             InitProcessGroupKwargs(timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S))],
+            dataloader_config=DataLoaderConfiguration(non_blocking=True),
+        )
+    except (ValueError, ImportError) as error:
+        raise ConfigError(f"cannot set up Accelerate: {str(error).splitlines()[0]}") from None
+
+
+def quiet_other_processes(accelerator: Accelerator) -> None:
+    import datasets
+    import huggingface_hub
+
+    logging.getLogger("accelerate").setLevel(logging.WARNING)  # its per-save INFO lines drown ours
+    if accelerator.is_main_process:
+        logging.basicConfig(level=logging.INFO, format="%(message)s", datefmt="[%X]",
+                            handlers=[RichHandler(console=console, show_path=False)], force=True)
+        datasets.logging.set_verbosity_warning()
+    else:
+        logging.basicConfig(level=logging.ERROR, force=True)
+        datasets.logging.set_verbosity_error()
+        datasets.disable_progress_bars()
+        huggingface_hub.utils.disable_progress_bars()
+
+
+def augment_on_accelerator(config: TrainConfig, device: torch.device) -> bool:
+    """`--augment_device`, resolved for the accelerator `device`: its default is the accelerator
+    when that is a GPU."""
+    if config.augment_device is None:
+        return device.type != "cpu"
+    return config.augment_device == "accelerator"
+
+
+def build_data(config: TrainConfig, accelerator: Accelerator, *, photometric_in_workers: bool):
+    """The training DataLoader and whether the data has labels. The workers crop and flip, and
+    run the photometric half too when `photometric_in_workers`."""
+    with accelerator.main_process_first():
+        dataset = load_image_dataset(config.dataset, split=config.split, cache_dir=config.dir_data,
+                                     seed=config.seed, synthetic_size=config.synthetic_size)
+    image_column, label_column = resolve_columns(dataset, config.image_column, config.label_column)
+    photometric = moco_v2_photometric(config.img_size) if photometric_in_workers else None
+    views = TwoViewDataset(dataset, image_column=image_column, label_column=label_column, img_size=config.img_size,
+                           seed=config.seed, photometric=photometric)
+    loader = make_train_loader(views, batch_size=config.batch_size, num_workers=config.num_workers, seed=config.seed)
+    return loader, label_column is not None
+
+
+def build_knn_monitor(config: TrainConfig, accelerator: Accelerator) -> Optional[KnnMonitor]:
+    """The kNN monitor on the held-out split, or None when off or the data has no labels."""
+    if not config.eval_every:
+        return None
+    try:
+        with accelerator.main_process_first():
+            splits = load_eval_splits(
+                config.dataset, split=config.split, image_column=config.image_column,
+                label_column=config.label_column, eval_split_size=config.eval_split_size,
+                max_samples=config.eval_max_samples or None, seed=config.seed, cache_dir=config.dir_data,
+                synthetic_size=config.synthetic_size)
+    except DataError as error:
+        if str(error) != NO_LABELS:
+            raise
+        logger.warning("The dataset has no labels: training without the kNN monitor")
+        return None
+    logger.info(f"kNN monitor every {config.eval_every} steps: {splits.describe()}")
+    return KnnMonitor.from_splits(splits, accelerator, img_size=config.img_size, batch_size=config.batch_size,
+                                  num_workers=config.num_workers, k=config.knn_k, temperature=config.knn_temperature)
+
+
+def build_model(config: TrainConfig) -> MoCo:
+    """The MoCo model of `config`, identical on every rank. With --compile both encoders are
+    compiled in place (`nn.Module.compile`: the state-dict keys stay those of the eager model, so
+    checkpoints and the export do not depend on the option); the queue update, mixing and loss
+    stay eager."""
+    set_seed(config.seed)  # the same initial weights on every rank
+    moco = MoCo(
+        MoCoEncoder(config.arch, config.dim_moco),
+        dim_moco=config.dim_moco, k_moco=config.k_moco, m_moco=config.m_moco, t_moco=config.t_moco,
+        n_hard=config.n_hard, s1_hard=config.s1_hard, s2_hard=config.s2_hard,
+        start1_hard=config.start1_hard, start2_hard=config.start2_hard, bn_splits=config.bn_splits,
+    )
+    if config.compile:
+        moco.encoder_q.compile()
+        moco.encoder_k.compile()
+    return moco
+
+
+def start_hub_pusher(config: TrainConfig, accelerator: Accelerator) -> Optional[HubPusher]:
+    """The main process's pusher, checked (token, repo id, network) before any compute; a failed
+    check stops every rank with the same line."""
+    if not config.push_to_hub:
+        return None
+    pusher, problem = None, None
+    if accelerator.is_main_process:
+        pusher = HubPusher(config.hub_model_id, private=config.hub_private, strategy=config.hub_strategy,
+                           staging_dir=Path(config.dir_out) / ".hub-staging")
+        try:
+            pusher.check()
+        except HubError as error:
+            problem = str(error)
+    problem = broadcast_object_list([problem])[0]
+    if problem:
+        raise HubError(problem)
+    return pusher
+
+
+def publish_encoder(config: TrainConfig, moco: MoCo, results: dict) -> Path:
+    """Export the query backbone (timm layout) with its model card to dir_out/encoder."""
+    encoder_dir = export_encoder(moco.encoder_q.backbone, Path(config.dir_out) / "encoder", img_size=config.img_size)
+    write_model_card(encoder_dir, config=config.to_dict(), results=results, repo_id=config.hub_model_id)
+    return encoder_dir

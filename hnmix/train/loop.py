@@ -1,0 +1,211 @@
+"""The training loop: `python -m hnmix.train` / `accelerate launch -m hnmix.train` run `main`.
+
+Accelerate owns devices, mixed precision, processes and checkpoint state. The whole `MoCo`
+module is prepared as one model, so one `model.safetensors` holds both encoders and the queue.
+DDP runs with `broadcast_buffers=False`: the queue is identical on every rank by construction
+(every rank enqueues the gathered global batch), so broadcasting K x d floats every step would
+be wasted bandwidth, and the BatchNorm running statistics do not enter a training-mode forward.
+They are per rank during training; checkpoints and the exported encoder carry the main
+process's. Only the query encoder has trainable parameters, so only its gradients are synced.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+)
+
+from hnmix.data.photometric import StepPhotometric
+from hnmix.errors import DataError, HnmixError
+from hnmix.moco import MoCo
+from hnmix.train.components import (
+    augment_on_accelerator,
+    build_data,
+    build_knn_monitor,
+    build_model,
+    check_arch,
+    check_writable,
+    console,
+    make_accelerator,
+    publish_encoder,
+    quiet_other_processes,
+    start_hub_pusher,
+)
+from hnmix.train.config import (
+    CONFIG_FILE,
+    TrainConfig,
+    check_queue_fits_global_batch,
+    config_to_yaml,
+    parse_config,
+)
+from hnmix.train.metrics import RunningCount, StatsWindow, append_record
+from hnmix.train.optim import NonFiniteGuard, make_optimizer
+from hnmix.train.preemption import EXIT_STOPPED, StopSignal
+from hnmix.train.schedule import seed_lr_schedule
+from hnmix.train.state import (
+    checkpoint_to_resume,
+    load_training_state,
+    save_training_state,
+)
+
+logger = get_logger("hnmix")
+HUB_WAIT_S = 900  # the end of training waits this long for the last upload
+HUB_WAIT_ON_STOP_S = 60  # a run stopped by a signal (preemption grace periods are short)
+
+
+def check_bad_fraction(bad: int, seen: int, max_bad_fraction: float, dataset_size: int) -> None:
+    """Stop when too many images were unreadable; judged once enough were read to tell (the whole
+    dataset, or 1000 images), so that one bad file in the first batch does not end a run."""
+    if seen >= min(dataset_size, 1000) and bad / seen > max_bad_fraction:
+        raise DataError(f"{bad} of the {seen} images read so far could not be read ({bad / seen:.1%} > "
+                        f"--max_bad_fraction {max_bad_fraction}); fix or remove them, or raise --max_bad_fraction")
+
+
+def train(config: TrainConfig) -> int:
+    """Train as `config` says; returns 0, or EXIT_STOPPED after a signal and a checkpoint."""
+    accelerator = make_accelerator(config)
+    quiet_other_processes(accelerator)
+    dir_out = Path(config.dir_out)
+    check_writable(dir_out)
+    check_arch(config.arch)
+    check_queue_fits_global_batch(config, accelerator.num_processes)
+    checkpoint = checkpoint_to_resume(config)
+    pusher = start_hub_pusher(config, accelerator)
+
+    on_accelerator = augment_on_accelerator(config, accelerator.device)
+    loader, has_labels = build_data(config, accelerator, photometric_in_workers=not on_accelerator)
+    photometric = (StepPhotometric(config.img_size, seed=config.seed, rank=accelerator.process_index)
+                   if on_accelerator else None)
+    monitor = build_knn_monitor(config, accelerator)
+    model = build_model(config)
+    optimizer = make_optimizer(model.encoder_q, lr=config.lr_base, weight_decay=0.01, device=accelerator.device)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, seed_lr_schedule(config))
+    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    moco: MoCo = accelerator.unwrap_model(model)
+    steps_per_epoch = len(loader)
+    # fp16 runs with a loss scaler, which skips the steps with inf/NaN gradients itself.
+    guard = NonFiniteGuard(optimizer, config.max_nonfinite_steps, device=accelerator.device,
+                           enabled=accelerator.mixed_precision != "fp16")
+
+    metrics_path = dir_out / "metrics.jsonl"
+    window, bad_images = StatsWindow(), RunningCount()
+    step = load_training_state(accelerator, checkpoint, window, bad_images, guard, metrics_path) if checkpoint else 0
+    if accelerator.is_main_process:
+        (dir_out / CONFIG_FILE).write_text(config_to_yaml(config))
+    accelerator.init_trackers("hnmix", config={k: str(v) if v is None else v for k, v in config.to_dict().items()})
+
+    global_batch = config.batch_size * accelerator.num_processes
+    end = config.stop_at or config.steps
+    logger.info(f"Training {config.arch} on {config.dataset} ({steps_per_epoch} steps per epoch) with "
+                f"{accelerator.num_processes} process(es), global batch {global_batch}, "
+                f"mixed precision {accelerator.mixed_precision}, photometric augmentation on "
+                f"{'the accelerator' if photometric else 'the CPU workers'}, from step {step} to {end} of {config.steps}")
+    results: dict = {"steps": config.steps, "global_batch": global_batch}
+    saved = checkpoint
+    progress = Progress(
+        TextColumn("step"), MofNCompleteColumn(), BarColumn(),
+        TextColumn("{task.fields[speed]} img/s  loss {task.fields[loss]}  lr {task.fields[lr]}  kNN {task.fields[knn]}"),
+        TimeRemainingColumn(), console=console, disable=not accelerator.is_main_process,
+    )
+    task = progress.add_task("train", total=config.steps, completed=step, speed="-", loss="-", lr="-", knn="-")
+    window_start, window_steps = time.perf_counter(), 0
+    stopping = False
+
+    model.train()
+    with progress, StopSignal() as stop:
+        while step < end and not stopping:
+            epoch, skip = divmod(step, steps_per_epoch)
+            loader.set_epoch(epoch)
+            for view_q, view_k, ids, labels, unreadable in accelerator.skip_first_batches(loader, skip) if skip else loader:
+                if photometric:
+                    view_q, view_k = photometric(view_q, view_k, step)
+                loss, stats = model(view_q, view_k, ids, labels if has_labels else None, step=step)
+                accelerator.backward(loss)
+                # The norm is equal on every rank (DDP averaged the gradients, NaN/inf included): a
+                # non-finite one skips both updates everywhere, decided on the device.
+                grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.clip_grad or math.inf)
+                moco.momentum_update(guard.step(grad_norm))
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                window.add(stats)
+                bad_images.add(unreadable)
+                step += 1
+                window_steps += 1
+                progress.update(task, completed=step)
+
+                record = {}
+                if monitor and (step % config.eval_every == 0 or step == end):
+                    record = monitor.evaluate(moco.encoder_q.backbone, accelerator)
+                    results |= record
+                if step % config.steps_print == 0 or step == end:
+                    record |= {"lr": scheduler.get_last_lr()[0],
+                               "images_per_s": global_batch * window_steps / (time.perf_counter() - window_start)}
+                    record |= window.mean_over_processes(accelerator)
+                    record["bad_samples"] = bad_images.total(accelerator)
+                    record["skipped_steps"] = guard.check(step, saved)
+                    check_bad_fraction(record["bad_samples"], step * global_batch, config.max_bad_fraction,
+                                       len(loader.dataset))
+                    window_start, window_steps = time.perf_counter(), 0
+                if record:
+                    log_step(accelerator, {"step": step, "epoch": epoch} | record, metrics_path, progress, task)
+                stopping = stop.requested()
+                if step % config.steps_save == 0 or step == end or stopping:
+                    guard.check(step, saved)  # a diverged run is never saved
+                    saved = save_training_state(accelerator, moco, window, bad_images, guard, config, step, epoch)
+                    if pusher and step < end and not stopping:
+                        pusher.on_save(step, encoder_dir=publish_encoder(config, moco, results), checkpoint_dir=saved)
+                if step >= end or stopping:
+                    break
+
+    if accelerator.is_main_process:
+        encoder_dir = publish_encoder(config, moco, results)
+        logger.info(f"Exported the encoder to {encoder_dir}: timm.create_model('local-dir:{encoder_dir}', pretrained=True)")
+        if pusher and not stopping:
+            pusher.on_train_end(step, encoder_dir=encoder_dir, checkpoint_dir=saved)
+        if pusher:
+            logger.info(f"Waiting for the upload to {config.hub_model_id}")
+            pusher.wait(timeout=HUB_WAIT_ON_STOP_S if stopping else HUB_WAIT_S)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    if stopping:
+        logger.warning(f"Stopped by {stop.received.name if stop.received else 'a signal on another rank'} "
+                       f"after step {step}, saved in {saved}; continue with --resume latest")
+        return EXIT_STOPPED
+    return 0
+
+
+def log_step(accelerator: Accelerator, record: dict, metrics_path: Path, progress: Progress, task) -> None:
+    accelerator.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+    if not accelerator.is_main_process:
+        return
+    append_record(metrics_path, record)
+    if "loss" in record:
+        progress.update(task, speed=f"{record['images_per_s']:.0f}", loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
+    if "knn_top1" in record:
+        progress.update(task, knn=f"{record['knn_top1']:.1f}")
+    details = "  ".join(f"{k} {v:.4g}" for k, v in record.items() if k not in ("step", "epoch"))
+    logger.info(f"step {record['step']}/{progress.tasks[0].total}  epoch {record['epoch']}  {details}")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    try:
+        return train(parse_config(argv))
+    except HnmixError as error:
+        if os.environ.get("RANK", "0") == "0":
+            # An error raised in a DataLoader worker arrives with the worker's traceback before it.
+            line = str(error).strip().splitlines()[-1]
+            console.print(f"hnmix: error: {line}", markup=False, highlight=False, soft_wrap=True)
+        return 2

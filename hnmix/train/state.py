@@ -1,0 +1,83 @@
+"""What a checkpoint holds of a run beyond Accelerate's state, and which checkpoint to resume.
+
+`save_training_state` writes a checkpoint of every rank (Accelerate's state, `trainer_state.json`
+with the step, the statistics window, the counters and each rank's queue fingerprint, and the
+config); `load_training_state` restores it; `checkpoint_to_resume` resolves `--resume` and
+refuses an incompatible configuration.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import yaml
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import gather_object
+
+from hnmix.errors import ConfigError
+from hnmix.moco import MoCo
+from hnmix.train.checkpoints import (
+    TRAINER_STATE,
+    checkpoints_root,
+    prune_checkpoints,
+    read_trainer_state,
+    resolve_resume,
+    save_checkpoint,
+)
+from hnmix.train.config import (
+    CONFIG_FILE,
+    TrainConfig,
+    config_differences,
+    config_to_yaml,
+)
+from hnmix.train.metrics import RunningCount, StatsWindow, drop_records_after
+from hnmix.train.optim import NonFiniteGuard
+
+logger = get_logger("hnmix")
+
+
+def checkpoint_to_resume(config: TrainConfig) -> Optional[Path]:
+    """The checkpoint `--resume` names, or None; refuses one saved with an incompatible config."""
+    checkpoint = resolve_resume(config.resume, config.dir_out) if config.resume else None
+    if checkpoint is not None:
+        saved = yaml.safe_load((checkpoint / CONFIG_FILE).read_text())
+        differences = config_differences(saved, config)
+        if differences:
+            raise ConfigError(f"cannot resume {checkpoint} with a different configuration: {'; '.join(differences)}")
+        allowed = [d for d in config_differences(saved, config, resumable=True) if not d.startswith("resume:")]
+        if allowed:
+            logger.info(f"Resuming with changed options: {'; '.join(allowed)}")
+    return checkpoint
+
+
+def load_training_state(accelerator: Accelerator, checkpoint: Path, window: StatsWindow, bad_images: RunningCount,
+                        guard: NonFiniteGuard, metrics_path: Path) -> int:
+    """Restore everything `save_training_state` saved; returns the step. Records of later steps
+    (logged before a crash, not covered by the checkpoint) leave metrics.jsonl."""
+    accelerator.load_state(str(checkpoint))
+    state = read_trainer_state(checkpoint)
+    window.load_state(state["stats_window"], accelerator.device)
+    bad_images.counted = state["bad_samples"]
+    guard.load_state(state)
+    if accelerator.is_main_process:
+        drop_records_after(metrics_path, state["step"])
+    logger.info(f"Resumed from {checkpoint} at step {state['step']}")
+    return int(state["step"])
+
+
+def save_training_state(accelerator: Accelerator, moco: MoCo, window: StatsWindow, bad_images: RunningCount,
+                        guard: NonFiniteGuard, config: TrainConfig, step: int, epoch: int) -> Path:
+    """A checkpoint of every rank at `step`, then retention. Every rank calls it."""
+    root = checkpoints_root(config.dir_out)
+    state = {"step": step, "epoch": epoch, "num_processes": accelerator.num_processes,
+             "queue_sha256_per_rank": gather_object([moco.queue.fingerprint()]),
+             "stats_window": window.state(accelerator), "bad_samples": bad_images.total(accelerator)} | guard.state()
+    checkpoint = save_checkpoint(accelerator, root, step, {
+        TRAINER_STATE: json.dumps(state, indent=1), CONFIG_FILE: config_to_yaml(config)})
+    if accelerator.is_main_process:
+        prune_checkpoints(root, config.keep_checkpoints)
+    logger.info(f"Saved {checkpoint}")
+    return checkpoint

@@ -1,0 +1,126 @@
+"""`hnmix.bench`: the mixing benchmark runs end to end, and its materialising reference is right."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hnmix.bench.mixing import materialised_mochi_logits
+from hnmix.mixing import mochi_logits
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_mixing_benchmark_runs_and_writes_json(tmp_path):
+    out = tmp_path / "bench.json"
+    command = [
+        sys.executable, "-m", "hnmix.bench", "mixing", "--batch", "8", "--queue", "64", "--dim", "16",
+        "--n_hard", "8", "--s1", "4", "--s2", "4", "--repeats", "1", "--warmup", "0", "--device", "cpu",
+        "--json", str(out),
+    ]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "target <= 0.5" in done.stdout
+    result = json.loads(out.read_text())
+    assert set(result["variants"]) == {"moco", "hnmix", "materialised"}
+    for variant in result["variants"].values():
+        assert variant["ms_median"] > 0
+        assert variant["peak_extra_bytes"] >= 0
+    assert result["config"]["n_hard"] == 8 and result["torch"] == torch.__version__
+
+
+def _inputs(dtype, B=6, K=40, d=12):
+    g = torch.Generator().manual_seed(1)
+    q = F.normalize(torch.randn(B, d, generator=g), dim=1).to(dtype).requires_grad_()
+    k = F.normalize(torch.randn(B, d, generator=g), dim=1).to(dtype)
+    queue = F.normalize(torch.randn(K, d, generator=g), dim=1)
+    ids = torch.arange(B)
+    queue_ids = torch.randint(0, 3 * B, (K,), generator=g)  # some duplicates of the batch ids
+    return q, k, queue, ids, queue_ids
+
+
+def _logits_and_grad(fn, q, k, queue, ids, queue_ids, **sizes):
+    q = q.detach().clone().requires_grad_()
+    generator = torch.Generator().manual_seed(7)
+    logits = fn(q, k, queue, temperature=0.2, ids=ids, queue_ids=queue_ids, generator=generator, **sizes)
+    F.cross_entropy(logits, torch.zeros(q.shape[0], dtype=torch.long)).backward()
+    return logits.detach(), q.grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("sizes", [dict(n_hard=8, s1=5, s2=3), dict(n_hard=8, s1=0, s2=4), dict(n_hard=3, s1=6, s2=0)])
+def test_materialised_matches_mochi_logits(dtype, sizes):
+    inputs = _inputs(dtype)
+    fast, fast_grad = _logits_and_grad(mochi_logits, *inputs, **sizes)
+    slow, slow_grad = _logits_and_grad(materialised_mochi_logits, *inputs, **sizes)
+    assert slow.dtype == torch.float32 and slow.shape == fast.shape
+    torch.testing.assert_close(slow, fast, atol=1e-5, rtol=0)
+    torch.testing.assert_close(slow_grad, fast_grad, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("n_unmasked", [0, 1])
+def test_materialised_matches_mochi_logits_with_too_few_hard_negatives(n_unmasked):
+    """A row with < 2 unmasked queue entries gets -inf type-1 logits, with none also -inf type 2."""
+    q, k, queue, ids, _ = _inputs(torch.float32, K=8)
+    queue_ids = torch.zeros(8, dtype=torch.long)  # all duplicates of row 0 ...
+    queue_ids[:n_unmasked] = 100  # ... but these
+    sizes = dict(n_hard=8, s1=4, s2=3)
+    fast, fast_grad = _logits_and_grad(mochi_logits, q, k, queue, ids, queue_ids, **sizes)
+    slow, slow_grad = _logits_and_grad(materialised_mochi_logits, q, k, queue, ids, queue_ids, **sizes)
+    torch.testing.assert_close(slow, fast, atol=1e-5, rtol=0)
+    torch.testing.assert_close(slow_grad, fast_grad, atol=1e-5, rtol=1e-4)
+    type1, type2 = slow[0, 9:13], slow[0, 13:]
+    assert torch.isneginf(type1).all()
+    assert torch.isneginf(type2).all() == (n_unmasked == 0)
+    assert torch.isfinite(slow[1:]).all()
+
+
+def test_train_benchmark_runs_the_full_trainer_on_generated_jpegs(tmp_path):
+    out = tmp_path / "train.json"
+    command = [
+        sys.executable, "-m", "hnmix.bench", "train", "--warmup_steps", "1", "--measure_steps", "2",
+        "--images", "24", "--json", str(out),
+        # hnmix.train options, overriding the seed configuration to keep CI fast:
+        "-a", "test_resnet", "-i", "32", "-bs", "8", "-km", "64", "--num_workers", "1",
+    ]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "full trainer (data pipeline)" in done.stdout and "MoCHi costs" in done.stdout
+    result = json.loads(out.read_text())
+    assert result["trainer_images_per_s"] > 0 and result["measured_steps"] == 2
+    assert len(result["images_per_s"]) == 4 and all(v > 0 for v in result["images_per_s"].values())
+    assert result["ratio_to_bare_loop"]["bare loop (encoder fwd+bwd, key fwd; in-memory)"] == 1.0
+    assert result["config"]["n_hard"] == 32 and result["config"]["arch"] == "test_resnet"  # seed n_hard kept
+
+
+def test_write_jpeg_folder_gives_class_folders_of_varied_jpegs(tmp_path):
+    from PIL import Image
+
+    from hnmix.bench.train import write_jpeg_folder
+
+    write_jpeg_folder(tmp_path, count=10, classes=3)
+    files = sorted(tmp_path.glob("class_*/*.jpg"))
+    assert len(files) == 10 and len({f.parent.name for f in files}) == 3
+    sizes = {Image.open(f).size for f in files}
+    assert len(sizes) > 1 and all(200 <= w < 500 and 160 <= h < 400 for w, h in sizes)
+
+
+def test_data_benchmark_reports_each_worker_count_both_modes_and_the_batched_photometric(tmp_path):
+    out = tmp_path / "data.json"
+    command = [sys.executable, "-m", "hnmix.bench", "data", "--max_workers", "2", "--img_size", "32", "--images", "24",
+               "--batches", "2", "--batch_size", "4", "--jpeg_size", "96x64", "--device", "cpu", "--repeats", "1",
+               "--json", str(out)]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert set(result["per_core_images_per_s"]) == {"1", "2"} and all(v > 0 for v in result["images_per_s"].values())
+    in_workers = result["photometric_in_workers"]
+    assert set(in_workers["per_core_images_per_s"]) == {"1", "2"} and all(v > 0 for v in in_workers["images_per_s"].values())
+    assert result["decode_only_images_per_s"] > 0
+    assert result["batched_photometric"]["images_per_s"] > 0 and result["batched_photometric"]["batch_size"] == 4
+    assert result["jpeg_size"] == "96x64"
+    assert "batched photometric" in done.stdout and "JPEG decode alone" in done.stdout

@@ -1,0 +1,141 @@
+"""hnmix.train.config: the seed's option names, YAML files, precedence, and one-line validation errors."""
+
+import dataclasses
+
+import pytest
+import yaml
+
+from hnmix.errors import ConfigError
+from hnmix.train.config import (
+    TrainConfig,
+    build_parser,
+    check_queue_fits_global_batch,
+    config_differences,
+    config_to_yaml,
+    parse_config,
+)
+
+SEED_OPTIONS = {
+    # short alias: (long name, value on the command line, parsed value)
+    "-dd": ("dir_data", "DATA", "DATA"), "-do": ("dir_out", "OUT", "OUT"), "-i": ("img_size", "64", 64),
+    "-s": ("steps", "40", 40), "-bs": ("batch_size", "32", 32), "-ss": ("steps_save", "7", 7),
+    "-sp": ("steps_print", "3", 3), "-se": ("seed", "5", 5), "-d": ("device", "cpu", "cpu"),
+    "-lrb": ("lr_base", "0.1", 0.1), "-lrw": ("lr_warmup", "0.01", 0.01), "-lrm": ("lr_min", "0.001", 0.001),
+    "-cg": ("clip_grad", "1.5", 1.5), "-a": ("arch", "resnet18", "resnet18"), "-r": ("resume", "latest", "latest"),
+    "-dm": ("dim_moco", "64", 64), "-km": ("k_moco", "4096", 4096), "-mm": ("m_moco", "0.99", 0.99),
+    "-tm": ("t_moco", "0.2", 0.2), "-nh": ("n_hard", "32", 32), "-s1h": ("s1_hard", "16", 16),
+    "-s2h": ("s2_hard", "8", 8), "-st1h": ("start1_hard", "1", 1), "-st2h": ("start2_hard", "2", 2),
+}
+
+
+@pytest.mark.parametrize("alias", sorted(SEED_OPTIONS))
+def test_every_seed_option_keeps_its_short_and_long_name(alias):
+    name, text, value = SEED_OPTIONS[alias]
+    assert getattr(parse_config([alias, text]), name) == value
+    assert getattr(parse_config([f"--{name}", text]), name) == value
+
+
+def test_seed_defaults_stay_the_defaults():
+    config = parse_config([])
+    assert (config.img_size, config.steps, config.batch_size, config.steps_save, config.steps_print) == (224, 25000, 64, 1000, 500)
+    assert (config.lr_base, config.lr_warmup, config.lr_min, config.clip_grad, config.seed) == (2e-4, 2.5e-7, 2.5e-6, 5.0, 69420)
+    assert (config.arch, config.dim_moco, config.k_moco, config.m_moco, config.t_moco) == ("efficientnet_b2", 128, 8192, 0.999, 0.07)
+    assert (config.n_hard, config.s1_hard, config.s2_hard, config.start1_hard, config.start2_hard) == (32, 16, 16, 5000, 10000)
+
+
+def test_the_seed_command_line_is_accepted_as_it_is():
+    argv = "-dd DATA -do OUT -i 64 -s 40 -bs 32 -a resnet18 -km 4096 -nh 32 -s1h 16 -s2h 16 -st1h 1 -st2h 1".split()
+    config = parse_config(argv + ["--dataset", "images/"])
+    assert (config.dir_data, config.dir_out, config.img_size, config.k_moco, config.start2_hard) == ("DATA", "OUT", 64, 4096, 1)
+
+
+def test_help_names_every_option_and_says_what_device_still_means(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--help"])
+    text = capsys.readouterr().out
+    for name in TrainConfig.__dataclass_fields__:
+        assert f"--{name}" in text
+    assert "accelerate launch" in text and "--gpu_ids" in text
+
+
+def test_yaml_file_takes_long_names_and_flags_override_it(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("k_moco: 1024\nbatch_size: 16\nlr_base: 1\narch: resnet18\n")
+    config = parse_config(["--config", str(path), "--batch_size", "32"])
+    assert (config.k_moco, config.batch_size, config.arch) == (1024, 32, "resnet18")
+    assert config.lr_base == 1.0 and isinstance(config.lr_base, float)
+
+
+def test_resolved_config_round_trips_through_yaml(tmp_path):
+    config = parse_config(["-km", "1024", "--dataset", "synthetic"])
+    path = tmp_path / "config.yaml"
+    path.write_text(config_to_yaml(config))
+    reloaded = parse_config(["--config", str(path)])
+    assert reloaded.config == str(path)
+    assert dataclasses.replace(reloaded, config=None) == config == TrainConfig(**yaml.safe_load(path.read_text()))
+
+
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ("k_moco: [1, 2\n", "not valid YAML at line"),
+        ("- a\n- b\n", "must be a mapping"),
+        ("k_mocoo: 5\n", "unknown option(s) k_mocoo"),
+        ("k_moco: many\n", "option k_moco must be int"),
+        ("lr_base: fast\n", "option lr_base must be float"),
+        ("mixed_precision: fp8\n", "option mixed_precision must be one of"),
+        ("steps: 0\n", "option steps must be >= 1"),
+    ],
+)
+def test_bad_config_files_give_one_line_naming_the_problem(tmp_path, text, message):
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as error:
+        parse_config(["--config", str(path)])
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_missing_config_file():
+    with pytest.raises(ConfigError, match="does not exist"):
+        parse_config(["--config", "/nonexistent/run.yaml"])
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["-km", "32", "-nh", "64"], "n_hard must be <= k_moco=32"),
+        (["-nh", "1", "-s1h", "4"], "n_hard must be >= 2"),
+        (["-nh", "0", "-s1h", "0", "-s2h", "4"], "n_hard must be >= 1"),
+        (["-tm", "0"], "t_moco must be > 0"),
+        (["-mm", "1.5"], "m_moco must be in [0, 1]"),
+        (["-bs", "0"], "batch_size must be >= 1"),
+        (["--bn_splits", "3", "-bs", "64"], "bn_splits"),
+        (["-st1h", "-1"], "start1_hard must be >= 0"),
+        (["-d", "gpu0"], "device must be `cpu` or a GPU index"),
+    ],
+)
+def test_bad_values_give_one_line_naming_the_option(argv, message):
+    with pytest.raises(ConfigError) as error:
+        parse_config(argv)
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_malformed_flags_exit_with_argparse_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_config(["-km", "lots"])
+    assert exit_info.value.code == 2
+    assert "invalid int value" in capsys.readouterr().err
+
+
+def test_queue_must_be_a_multiple_of_the_global_batch():
+    config = parse_config(["-km", "1000", "-bs", "32"])
+    with pytest.raises(ConfigError, match=r"k_moco=1000 must be a multiple of the global batch 64 .*--k_moco 960"):
+        check_queue_fits_global_batch(config, num_processes=2)
+    check_queue_fits_global_batch(parse_config(["-km", "1024", "-bs", "32"]), num_processes=2)
+
+
+def test_config_differences_ignore_options_that_may_change_on_resume():
+    saved = parse_config(["-km", "1024"]).to_dict()
+    assert config_differences(saved, parse_config(["-km", "1024", "-s", "99", "-sp", "1", "-r", "latest"])) == []
+    assert config_differences(saved, parse_config(["-km", "2048", "-a", "resnet18"])) == [
+        "arch: 'efficientnet_b2' -> 'resnet18'", "k_moco: 1024 -> 2048"]
