@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import random
 from typing import Optional
 
 import timm
@@ -42,6 +43,16 @@ def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(tensor) for _ in range(world)]
     dist.all_gather(parts, tensor.contiguous())
     return torch.cat(parts)
+
+
+def mixing_generator(seed: int, step: int, rank: int, device: torch.device) -> torch.Generator:
+    """The source of MoCHi's draws (positions and coefficients) at `step` on `rank`: a generator on
+    `device` seeded from (seed, step, rank). Independent across ranks and steps, and a resumed run
+    draws exactly what the uninterrupted one did, with no generator state to save. Seeding a
+    generator is a host-side operation, also on CUDA."""
+    generator = torch.Generator(device=device)
+    generator.manual_seed(random.Random(f"mixing:{seed}:{step}:{rank}").getrandbits(63))
+    return generator
 
 
 def exchange_dtype(images: torch.Tensor) -> torch.dtype:
@@ -218,10 +229,18 @@ class MoCo(nn.Module):
       ids:            [B] int64 dataset indices (for the queue's duplicate mask).
       labels:         [B] int64 classes or None (only for the false-negative statistic).
       step:           the optimizer step, for the curriculum: type 1 from `start1_hard`,
-                      type 2 from `start2_hard`; 0 means from the first step.
+                      type 2 from `start2_hard`; 0 means from the first step. With `seed` it
+                      also seeds the mixing draws (`mixing_generator`, per rank).
       loss:           [] float32 cross entropy with target 0, whatever the autocast.
       stats:          dict of detached 0-dim tensors (no host synchronisation), see
                       `step_statistics`.
+
+    symmetric=True (MoCo v3, solo-learn's MoCo v2+): each view is also a query against the key
+    of the other; the loss and the statistics are the means of the two directions (so the loss
+    keeps the scale of the one-directional loss). Both directions score against the same queue,
+    and the queue is updated once per image, with the keys of `view_k`: enqueueing both views'
+    keys would put two near-identical keys of each image into the queue and halve its reach in
+    time. It costs a second forward of both encoders.
 
     The trainer runs forward under autocast for both encoders and calls `momentum_update`
     after each optimizer step.
@@ -241,6 +260,8 @@ class MoCo(nn.Module):
         start1_hard: int = 0,
         start2_hard: int = 0,
         bn_splits: int = 1,
+        symmetric: bool = False,
+        seed: int = 0,
     ) -> None:
         super().__init__()
         validate_mixing_sizes(queue_size=k_moco, temperature=t_moco, n_hard=n_hard, s1=s1_hard, s2=s2_hard)
@@ -251,6 +272,7 @@ class MoCo(nn.Module):
         self.m_moco, self.t_moco = m_moco, t_moco
         self.n_hard, self.s1_hard, self.s2_hard = n_hard, s1_hard, s2_hard
         self.start1_hard, self.start2_hard = start1_hard, start2_hard
+        self.symmetric, self.seed = symmetric, seed
         self.shuffle_keys = has_batchnorm(encoder_q)
         self.bn_splits = bn_splits
         if bn_splits > 1 and self.shuffle_keys:
@@ -266,21 +288,23 @@ class MoCo(nn.Module):
         return s1, s2
 
     @torch.no_grad()
-    def momentum_update(self, apply: Optional[torch.Tensor] = None) -> None:
+    def momentum_update(self, apply: Optional[torch.Tensor] = None, momentum: Optional[float] = None) -> None:
         """encoder_k <- m * encoder_k + (1 - m) * encoder_q, parameters only (BN statistics are
-        the key encoder's own, as in MoCo).
+        the key encoder's own, as in MoCo). m is `momentum` when given (a schedule's value for
+        this step), else `m_moco`.
 
         apply: [] bool on the parameters' device, or None (always update). When given, the update
         happens only where it is True, decided on the device without a host synchronisation, so
         that a step the optimizer skipped also leaves the key encoder as it was. The lerp weight
         is then a tensor, (1 - m) or 0: the same arithmetic, one kernel per parameter on CUDA.
         """
+        m = self.m_moco if momentum is None else momentum
         k_params = list(self.encoder_k.parameters())
         q_params = [p.detach() for p in unwrap(self.encoder_q).parameters()]
         if apply is None:
-            torch._foreach_lerp_(k_params, q_params, 1.0 - self.m_moco)
+            torch._foreach_lerp_(k_params, q_params, 1.0 - m)
             return
-        weight = apply.to(k_params[0].dtype) * (1.0 - self.m_moco)
+        weight = apply.to(k_params[0].dtype) * (1.0 - m)
         torch._foreach_lerp_(k_params, q_params, [weight] * len(k_params))
 
     @torch.no_grad()
@@ -321,18 +345,35 @@ class MoCo(nn.Module):
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         q = self.encoder_q(view_q)
         k, keys_all = self.encode_keys(view_k)
-        s1, s2 = self.mixing_sizes(step)
-        queue = self.queue
         # The clone keeps the logits' saved queue intact when enqueue writes in place below.
+        queue_keys = self.queue.keys.clone()
+        s1, s2 = self.mixing_sizes(step)
+        generator = mixing_generator(self.seed, step, world_size_and_rank()[1], q.device) if s1 or s2 else None
+        loss, stats = self.contrast(q, k, queue_keys, ids, labels, s1=s1, s2=s2, generator=generator)
+        if self.symmetric:
+            q_of_k = self.encoder_q(view_k)
+            k_of_q, _ = self.encode_keys(view_q)
+            loss_back, stats_back = self.contrast(q_of_k, k_of_q, queue_keys, ids, labels, s1=s1, s2=s2,
+                                                  generator=generator)
+            loss = (loss + loss_back) / 2
+            stats = {name: (value + stats_back[name]) / 2 for name, value in stats.items()}
+        stats["loss"] = loss.detach()
+        self.queue.enqueue(keys_all, all_gather_cat(ids), None if labels is None else all_gather_cat(labels))
+        return loss, stats
+
+    def contrast(self, q: torch.Tensor, k: torch.Tensor, queue_keys: torch.Tensor, ids: torch.Tensor,
+                 labels: Optional[torch.Tensor], *, s1: int, s2: int,
+                 generator: Optional[torch.Generator]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The loss of queries q [B, d] against their keys k [B, d] and `queue_keys` [K, d] with
+        s1 + s2 synthetic negatives each, and its step statistics."""
         mixed = mix_logits(
-            q, k, queue.keys.clone(), temperature=self.t_moco, n_hard=self.n_hard, s1=s1, s2=s2,
-            ids=ids, queue_ids=queue.ids,
+            q, k, queue_keys, temperature=self.t_moco, n_hard=self.n_hard, s1=s1, s2=s2,
+            ids=ids, queue_ids=self.queue.ids, generator=generator,
         )
         target = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
         loss = F.cross_entropy(mixed.logits, target)
-        stats = step_statistics(mixed, queue_size=queue.size, s1=s1, s2=s2, labels=labels, queue_labels=queue.labels)
-        stats["loss"] = loss.detach()
-        queue.enqueue(keys_all, all_gather_cat(ids), None if labels is None else all_gather_cat(labels))
+        stats = step_statistics(mixed, queue_size=self.queue.size, s1=s1, s2=s2, labels=labels,
+                                queue_labels=self.queue.labels)
         return loss, stats
 
 

@@ -81,6 +81,51 @@ def test_momentum_update_applies_only_where_told_and_otherwise_as_without_the_fl
     assert not torch.equal(moco.encoder_k.head[0].weight, before["head.0.weight"])
 
 
+def test_momentum_update_takes_a_scheduled_momentum_for_this_step():
+    moco = small_moco(m_moco=0.75)
+    with torch.no_grad():
+        for p in moco.encoder_q.parameters():
+            p.add_(1.0)
+    before = [p.clone() for p in moco.encoder_k.parameters()]
+    moco.momentum_update(torch.tensor(True), momentum=0.5)
+    for old, p_q, p_k in zip(before, moco.encoder_q.parameters(), moco.encoder_k.parameters()):
+        torch.testing.assert_close(p_k, 0.5 * old + 0.5 * p_q)
+
+
+def test_symmetric_loss_is_the_mean_of_both_directions_and_enqueues_each_image_once():
+    plain = dict(n_hard=0, s1_hard=0, s2_hard=0)
+    symmetric = small_moco(symmetric=True, **plain)
+    forward, backward = small_moco(**plain), small_moco(**plain)  # the same initial weights
+    x1, x2, ids = images(4, 1), images(4, 2), torch.arange(4)
+    loss, stats = symmetric(x1, x2, ids)
+    loss_forward, stats_forward = forward(x1, x2, ids)
+    loss_backward, stats_backward = backward(x2, x1, ids)
+    torch.testing.assert_close(loss, (loss_forward + loss_backward) / 2)
+    torch.testing.assert_close(stats["acc1"], (stats_forward["acc1"] + stats_backward["acc1"]) / 2)
+    # One enqueue of the batch, with the keys of view_k (those `forward` enqueued too).
+    assert symmetric.queue.ptr.item() == 4
+    torch.testing.assert_close(symmetric.queue.keys, forward.queue.keys)
+    loss.backward()
+    assert all(p.grad is not None for p in symmetric.encoder_q.parameters())
+
+
+def test_mixing_draws_are_a_function_of_seed_and_step():
+    """The same step of two models with the same seed draws the same mixes (a resumed run), another
+    step or seed draws others; the global RNG plays no part."""
+    x1, x2, ids = images(4, 1), images(4, 2), torch.arange(4)
+
+    def type1_logit(seed, step):
+        moco = small_moco(seed=seed)
+        moco.queue.keys.copy_(F.normalize(torch.randn(32, 16, generator=torch.Generator().manual_seed(3)), dim=1))
+        torch.manual_seed(step + 100 * seed)  # a different global RNG every call
+        with torch.no_grad():
+            return moco(x1, x2, ids, step=step)[1]["logit_type1"].item()
+
+    assert type1_logit(seed=1, step=5) == type1_logit(seed=1, step=5)
+    assert type1_logit(seed=1, step=5) != type1_logit(seed=1, step=6)
+    assert type1_logit(seed=1, step=5) != type1_logit(seed=2, step=5)
+
+
 def test_images_cross_ranks_in_the_autocast_dtype_else_their_own():
     x = images(2, 0)
     assert exchange_dtype(x) == torch.float32 and exchange_dtype(x.double()) == torch.float64

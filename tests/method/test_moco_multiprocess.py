@@ -47,3 +47,13 @@ def test_under_bf16_autocast_images_cross_ranks_in_bf16_and_keys_stay_float32(ra
         assert r["bf16_exchanged_dtype"] == torch.bfloat16
         assert r["bf16_key_dtypes"] == (torch.float32, torch.float32)
         assert r["bf16_unshuffle_error"] < 1e-5  # the encoder casts to bf16 either way: nothing lost
+
+
+
+def test_mixing_draws_differ_between_ranks_and_repeat_for_the_same_step_and_rank(ranks):
+    for name in ("logit_type1", "logit_type2"):
+        assert ranks[0]["mixing_first"][name] != ranks[1]["mixing_first"][name], name
+    # The real logits are the same on both ranks: only the draws differ.
+    assert ranks[0]["mixing_first"]["logit_pos"] == ranks[1]["mixing_first"]["logit_pos"]
+    for r in ranks:
+        assert r["mixing_first"] == r["mixing_again"]

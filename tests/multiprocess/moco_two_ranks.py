@@ -4,9 +4,11 @@ Writes OUT/rank{R}.pt with the queue buffers, the ids each rank fed, how many of
 key encoder saw on this rank came from the other rank, and the largest difference between the
 un-shuffled keys and keys computed without any shuffle (key encoder in eval mode, so a sample's
 key does not depend on its batch), the latter also under bf16 autocast with the dtype the images
-crossed ranks in.
+crossed ranks in; and the mixing statistics of one more step on inputs identical on both ranks,
+twice from the same queue (only the per-rank mixing draws can tell the ranks apart there).
 """
 
+import copy
 import sys
 from pathlib import Path
 
@@ -63,10 +65,22 @@ def main(out_dir: Path) -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16):  # images cross ranks in bf16, keys stay float32
             local_bf16, global_bf16 = inner.encode_keys(view_k)
             reference_bf16 = inner.encoder_k(view_k)
+    # Identical inputs and queue on both ranks, encoder_q in train mode (its BN normalises with
+    # the batch, so its per-rank running statistics play no part).
+    same = torch.Generator().manual_seed(7)
+    mix_q, mix_k = torch.randn(2, BATCH, 3, 32, 32, generator=same)
+    mix_ids = torch.arange(BATCH) + 5000
+    queue_before = copy.deepcopy(inner.queue.state_dict())
+    with torch.no_grad():
+        _, mixing_first = inner(mix_q, mix_k, mix_ids, step=STEPS)
+        inner.queue.load_state_dict(queue_before)
+        _, mixing_again = inner(mix_q, mix_k, mix_ids, step=STEPS)
     torch.save(
         {
+            "mixing_first": {name: value.item() for name, value in mixing_first.items()},
+            "mixing_again": {name: value.item() for name, value in mixing_again.items()},
             "world": world,
-            "queue": {name: buffer.cpu() for name, buffer in inner.queue.state_dict().items()},
+            "queue": {name: buffer.cpu() for name, buffer in queue_before.items()},  # after the training steps
             "fed_ids": torch.cat(fed_ids),
             "cross_rank_images": cross_rank_images,
             "unshuffle_error": (local - reference).abs().max().item(),
