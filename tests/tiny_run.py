@@ -10,7 +10,7 @@ from launch import REPO
 
 # A tiny real timm model and sizes that train in seconds on 2 CPU cores.
 TINY = ["--dataset", "synthetic", "--synthetic_size", "64", "-a", "test_resnet", "-i", "32", "-bs", "8",
-        "-dm", "16", "-km", "64", "-nh", "8", "-s1h", "4", "-s2h", "4", "-st1h", "0", "-st2h", "2"]
+        "-dm", "16", "-km", "64", "-nh", "8", "-s1h", "4", "-s2h", "4", "-st1h", "0", "-st2h", "1"]
 
 
 def run_train(*args, timeout=300, **popen):

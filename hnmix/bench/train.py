@@ -80,16 +80,17 @@ def in_memory_images_per_s(config, *, device: torch.device, bare: bool, warmup: 
     momentum update and schedule.
     """
     from hnmix.data.photometric import StepPhotometric
-    from hnmix.train.components import augment_on_accelerator, build_model
-    from hnmix.train.optim import (  # bench may import the trainer; not the reverse
-        NonFiniteGuard,
-        make_optimizer,
+    from hnmix.train.components import (  # bench may import the trainer; not the reverse
+        augment_on_accelerator,
+        build_model,
+        build_optimizer,
     )
-    from hnmix.train.schedule import seed_lr_schedule
+    from hnmix.train.optim import NonFiniteGuard
+    from hnmix.train.schedule import lr_schedule
 
-    moco = build_model(config).to(device)
-    optimizer = make_optimizer(moco.encoder_q, lr=config.lr_base, weight_decay=0.01, device=device)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, seed_lr_schedule(config))
+    moco = build_model(config, curriculum=(0, 0)).to(device)  # mixing from the first step
+    optimizer = build_optimizer(config, moco.encoder_q, device)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(config))
     guard = NonFiniteGuard(optimizer, config.max_nonfinite_steps, device=device)
     generator = torch.Generator().manual_seed(0)
     on_accelerator = augment_on_accelerator(config, device)
@@ -101,7 +102,7 @@ def in_memory_images_per_s(config, *, device: torch.device, bare: bool, warmup: 
         views = [torch.randn(shape, generator=generator).to(device) for _ in range(2)]
     labels = torch.arange(config.batch_size, device=device) % 10
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.mixed_precision or "no")
-    step_number = [max(config.start1_hard, config.start2_hard)]  # mixing active
+    step_number = [0]
 
     def step() -> None:
         view_q, view_k = photometric(*views, step_number[0]) if photometric else views

@@ -78,10 +78,13 @@ def write_model_card(directory: str | Path, *, config: dict[str, Any], results: 
 def _card_body(config: dict[str, Any], results: dict[str, Any], repo_id: Optional[str]) -> str:
     arch = config.get("arch", "unknown")
     title = repo_id.split("/")[-1] if repo_id else f"{arch} trained with hnmix"
+    mochi = (f"MoCo v2 and MoCHi hard negative mixing ([Kalantidis et al., *Hard Negative Mixing for Contrastive "
+             f"Learning*, NeurIPS 2020]({PAPER_URL}))")
+    if ("type1_from" in results or "type2_from" in results) and not _mixing_was_used(results):
+        mochi = "MoCo v2 (MoCHi's synthetic negatives were not used in the steps trained; see Training)"
     sections = [
         f"# {title}\n",
-        f"An image encoder (`{arch}`, timm) trained without labels with MoCo v2 and MoCHi hard negative "
-        f"mixing ([Kalantidis et al., *Hard Negative Mixing for Contrastive Learning*, NeurIPS 2020]({PAPER_URL})), "
+        f"An image encoder (`{arch}`, timm) trained without labels with {mochi}, "
         "trained with hnmix. It has no classifier (`num_classes=0`): it maps an image to one "
         "feature vector, for retrieval, kNN, clustering or a linear probe. The projection head and the "
         "momentum encoder used in training are not included.\n",
@@ -127,12 +130,38 @@ def _training_table(config: dict[str, Any], results: dict[str, Any]) -> str:
         rows.append(("global batch", f"{global_batch}", f"{processes} processes" if processes else ""))
     elif config.get("batch_size") is not None:
         rows.append(("batch per process", f"{config['batch_size']}", ""))
+    if config.get("optimizer"):
+        rows.append(("optimizer", _describe_optimizer(config), ""))
     for name, meaning in _MOCO_PARAMETERS + _MOCHI_PARAMETERS:
         if name in config:
             rows.append((f"`{name}`", f"{config[name]}", meaning))
+    if "type1_from" in results or "type2_from" in results:
+        rows.append(("negatives used", _describe_negatives(config, results), ""))
     lines = ["| setting | value | meaning |", "|---|---|---|"] + [f"| {key} | {value} | {meaning} |"
                                                                  for key, value, meaning in rows]
     return "\n".join(lines) + "\n"
+
+
+def _describe_optimizer(config: dict[str, Any]) -> str:
+    momentum = f", momentum {config.get('momentum')}" if config.get("optimizer") in ("sgd", "lars") else ""
+    per_256 = f" ({config['lr_per_256']} x global batch / 256)" if config.get("lr_per_256") else ""
+    return (f"{config['optimizer']}, peak lr {config.get('lr_base'):g}{per_256}, weight decay "
+            f"{config.get('weight_decay')}{momentum}, cosine schedule")
+
+
+def _mixing_was_used(results: dict[str, Any]) -> bool:
+    return results.get("type1_from") is not None or results.get("type2_from") is not None
+
+
+def _describe_negatives(config: dict[str, Any], results: dict[str, Any]) -> str:
+    """Which negatives the run really used: the queue always, each synthetic type from its first step."""
+    used = [f"the queue (K={config.get('k_moco')})"]
+    for kind, size in (("type1_from", "s1_hard"), ("type2_from", "s2_hard")):
+        if results.get(kind) is not None:
+            used.append(f"type {kind[4]} ({config.get(size)} per query) from step {results[kind]}")
+    if len(used) == 1:
+        return used[0] + " only: no synthetic negatives were mixed in the steps trained (plain MoCo)"
+    return "; ".join(used)
 
 
 def _has_evaluation(results: dict[str, Any]) -> bool:

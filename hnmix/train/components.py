@@ -6,6 +6,7 @@ checks of dir_out, arch and trackers. `hnmix.train.loop.train` calls them in ord
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import sys
@@ -17,6 +18,7 @@ from typing import Optional
 
 import timm
 import torch
+import torch.nn as nn
 from accelerate import (
     Accelerator,
     DataLoaderConfiguration,
@@ -39,9 +41,8 @@ from hnmix.hub.card import write_model_card
 from hnmix.hub.export import export_encoder
 from hnmix.hub.pusher import HubPusher
 from hnmix.moco import MoCo, MoCoEncoder
-from hnmix.train.config import (
-    TrainConfig,
-)
+from hnmix.train.config import TrainConfig, curriculum_problem, curriculum_steps
+from hnmix.train.optim import make_optimizer
 
 logger = get_logger("hnmix")
 # A collective that waits longer than this means a rank is gone: fail then rather than after the
@@ -170,22 +171,63 @@ def build_knn_monitor(config: TrainConfig, accelerator: Accelerator) -> Optional
                                   num_workers=config.num_workers, k=config.knn_k, temperature=config.knn_temperature)
 
 
-def build_model(config: TrainConfig) -> MoCo:
-    """The MoCo model of `config`, identical on every rank. With --compile both encoders are
-    compiled in place (`nn.Module.compile`: the state-dict keys stay those of the eager model, so
-    checkpoints and the export do not depend on the option); the queue update, mixing and loss
-    stay eager."""
+def resolve_lr(config: TrainConfig, num_processes: int) -> TrainConfig:
+    """`config` with lr_base = lr_per_256 x global batch / 256 when --lr_per_256 is given (logged)."""
+    if config.lr_per_256 is None:
+        return config
+    global_batch = config.batch_size * num_processes
+    lr_base = config.lr_per_256 * global_batch / 256
+    logger.info(f"Peak learning rate {lr_base:g} = lr_per_256 {config.lr_per_256:g} x global batch {global_batch} / 256")
+    return dataclasses.replace(config, lr_base=lr_base)
+
+
+def resolve_curriculum(config: TrainConfig, steps_per_epoch: int, *, resuming: bool) -> tuple[int, int]:
+    """The first steps of type-1 and type-2 mixing. A type asked for (s > 0) that would start at
+    or after the last step is refused with one line, or only warned about when a resumed run's
+    new --steps moved the end before it."""
+    starts = curriculum_steps(config, steps_per_epoch=steps_per_epoch)
+    for name, step in zip(("start1_hard", "start2_hard"), starts):
+        problem = curriculum_problem(config, name, step)
+        if problem and not resuming:
+            raise ConfigError(problem)
+        if problem:
+            logger.warning(problem.replace("option ", "After the change of --steps, option ", 1))
+    return starts
+
+
+def negatives_used(moco: MoCo, steps_trained: int) -> dict[str, Optional[int]]:
+    """The first step at which each synthetic type was used in the `steps_trained` steps so far,
+    None for a type never used: what the model card and the summary report."""
+    def first(size: int, start: int) -> Optional[int]:
+        return start if size and start < steps_trained else None
+
+    return {"type1_from": first(moco.s1_hard, moco.start1_hard), "type2_from": first(moco.s2_hard, moco.start2_hard)}
+
+
+def build_model(config: TrainConfig, curriculum: tuple[int, int]) -> MoCo:
+    """The MoCo model of `config`, identical on every rank; `curriculum`: the first steps of type-1
+    and type-2 mixing (`resolve_curriculum`). With --compile both encoders are compiled in place
+    (`nn.Module.compile`: the state-dict keys stay those of the eager model, so checkpoints and
+    the export do not depend on the option); the queue update, mixing and loss stay eager."""
     set_seed(config.seed)  # the same initial weights on every rank
+    start1_hard, start2_hard = curriculum
     moco = MoCo(
         MoCoEncoder(config.arch, config.dim_moco),
         dim_moco=config.dim_moco, k_moco=config.k_moco, m_moco=config.m_moco, t_moco=config.t_moco,
         n_hard=config.n_hard, s1_hard=config.s1_hard, s2_hard=config.s2_hard,
-        start1_hard=config.start1_hard, start2_hard=config.start2_hard, bn_splits=config.bn_splits,
+        start1_hard=start1_hard, start2_hard=start2_hard, bn_splits=config.bn_splits,
+        symmetric=config.symmetric, seed=config.seed,
     )
     if config.compile:
         moco.encoder_q.compile()
         moco.encoder_k.compile()
     return moco
+
+
+def build_optimizer(config: TrainConfig, module: nn.Module, device: torch.device) -> torch.optim.Optimizer:
+    """--optimizer over `module`'s trainable parameters at lr_base (`resolve_lr`)."""
+    return make_optimizer(module, name=config.optimizer, lr=config.lr_base, weight_decay=config.weight_decay,
+                          momentum=config.momentum, device=device)
 
 
 def start_hub_pusher(config: TrainConfig, accelerator: Accelerator) -> Optional[HubPusher]:
@@ -207,8 +249,10 @@ def start_hub_pusher(config: TrainConfig, accelerator: Accelerator) -> Optional[
     return pusher
 
 
-def publish_encoder(config: TrainConfig, moco: MoCo, results: dict) -> Path:
-    """Export the query backbone (timm layout) with its model card to dir_out/encoder."""
+def publish_encoder(config: TrainConfig, moco: MoCo, results: dict, steps_trained: int) -> Path:
+    """Export the query backbone (timm layout) with its model card to dir_out/encoder; the card
+    gives the steps trained and which synthetic negatives were used from which step."""
     encoder_dir = export_encoder(moco.encoder_q.backbone, Path(config.dir_out) / "encoder", img_size=config.img_size)
+    results = results | {"steps": steps_trained} | negatives_used(moco, steps_trained)
     write_model_card(encoder_dir, config=config.to_dict(), results=results, repo_id=config.hub_model_id)
     return encoder_dir

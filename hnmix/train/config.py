@@ -20,6 +20,9 @@ from hnmix.errors import ConfigError
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
 AUGMENT_DEVICES = ("cpu", "accelerator")
+OPTIMIZERS = ("adamw", "sgd", "lars")
+MOMENTUM_SCHEDULES = ("constant", "cosine")
+_START = re.compile(r"(\d+)(ep)?")
 
 
 def option(default: Any, help: str, *, alias: Optional[str] = None, choices: Optional[Sequence[Any]] = None,
@@ -60,8 +63,13 @@ class TrainConfig:
         "for a single-process run. Under `accelerate launch` use its --gpu_ids instead.",
         alias="-d",
     )
-    lr_base: float = option(2e-4, "Peak learning rate (AdamW, weight decay 0.01 except biases and norms).", alias="-lrb")
-    lr_warmup: float = option(2.5e-7, "Learning rate at step 0; linear warmup over the first 10% of steps.", alias="-lrw")
+    optimizer: str = option("adamw", "adamw (the seed's), sgd (momentum, no Nesterov: MoCo's) or lars; biases and norm layers get no weight decay (and no LARS adaptation).", choices=OPTIMIZERS)
+    weight_decay: float = option(0.01, "Weight decay (the seed's 0.01; MoCo v2 uses 1e-4 with sgd).")
+    momentum: float = option(0.9, "Momentum of sgd and lars.")
+    lr_base: float = option(2e-4, "Peak learning rate (the seed's, for AdamW); see --lr_per_256.", alias="-lrb")
+    lr_per_256: Optional[float] = option(None, "MoCo's convention: the peak learning rate is this value x global batch / 256 (e.g. 0.03 with sgd); replaces --lr_base, and the log names the value.")
+    lr_warmup: float = option(2.5e-7, "Learning rate at step 0, rising linearly over the warmup (--warmup_fraction).", alias="-lrw")
+    warmup_fraction: float = option(0.1, "Fraction of the steps spent in the linear warmup (the seed's 0.1; 0: none, as MoCo v2).")
     lr_min: float = option(2.5e-6, "Final learning rate of the cosine schedule.", alias="-lrm")
     clip_grad: float = option(5.0, "Clip the gradient norm to this value (0: no clipping).", alias="-cg")
     max_nonfinite_steps: int = option(10, "Stop after this many consecutive steps with a non-finite loss or gradient (each is skipped; fp16 uses loss scaling instead).")
@@ -76,12 +84,14 @@ class TrainConfig:
     dim_moco: int = option(128, "Output dimension of the projection head.", alias="-dm", group="model")
     k_moco: int = option(2**13, "Queue size K; a multiple of the global batch.", alias="-km", group="model")
     m_moco: float = option(0.999, "Momentum of the key encoder's moving average.", alias="-mm", group="model")
+    momentum_schedule: str = option("constant", "constant: m_moco throughout; cosine: from m_moco at the first step to 1 at the last (BYOL, MoCo v3).", choices=MOMENTUM_SCHEDULES, group="model")
+    symmetric: bool = option(False, "Each view is also a query against the other's key (MoCo v3, solo-learn's MoCo v2+); the loss is the mean of both directions, the queue gets each image's key once; twice the encoder work.", group="model")
     t_moco: float = option(0.07, "Softmax temperature.", alias="-tm", group="model")
     n_hard: int = option(32, "Mix from each query's n_hard hardest queue negatives.", alias="-nh", group="model")
     s1_hard: int = option(16, "Type-1 synthetic negatives per query (two hard negatives mixed).", alias="-s1h", group="model")
     s2_hard: int = option(16, "Type-2 synthetic negatives per query (query mixed with a hard negative).", alias="-s2h", group="model")
-    start1_hard: int = option(5000, "Step from which type 1 is used (0: from the first step).", alias="-st1h", group="model")
-    start2_hard: int = option(10000, "Step from which type 2 is used (0: from the first step).", alias="-st2h", group="model")
+    start1_hard: str = option("5000", "First step with type 1: a step (0: from the first step) or epochs, e.g. 10ep; it must come before the end of the run.", alias="-st1h", group="model")
+    start2_hard: str = option("10000", "First step with type 2: a step (0: from the first step) or epochs, e.g. 10ep; it must come before the end of the run.", alias="-st2h", group="model")
     bn_splits: int = option(1, "Split BatchNorm into this many groups on one process (simulates shuffle BN across GPUs).", group="model")
     # EVALUATION
     eval_every: int = option(1000, "kNN monitor every this many steps and at the end (0: off).", group="evaluation")
@@ -190,7 +200,7 @@ def validate(config: TrainConfig) -> None:
     for name in positive:
         if getattr(config, name) < 1:
             raise ConfigError(f"option {name} must be >= 1, got {getattr(config, name)}")
-    non_negative = ("num_workers", "keep_checkpoints", "n_hard", "s1_hard", "s2_hard", "start1_hard", "start2_hard")
+    non_negative = ("num_workers", "keep_checkpoints", "n_hard", "s1_hard", "s2_hard", "weight_decay", "momentum")
     for name in non_negative:
         if getattr(config, name) < 0:
             raise ConfigError(f"option {name} must be >= 0, got {getattr(config, name)}")
@@ -209,6 +219,21 @@ def validate(config: TrainConfig) -> None:
     for name in ("lr_base", "lr_warmup", "lr_min", "clip_grad"):
         if getattr(config, name) < 0:
             raise ConfigError(f"option {name} must be >= 0, got {getattr(config, name)}")
+    if config.lr_per_256 is not None and not config.lr_per_256 > 0:
+        raise ConfigError(f"option lr_per_256 must be > 0, got {config.lr_per_256}")
+    if not 0 <= config.warmup_fraction < 1:
+        raise ConfigError(f"option warmup_fraction must be in [0, 1), got {config.warmup_fraction}")
+    if not config.momentum < 1:
+        raise ConfigError(f"option momentum must be < 1, got {config.momentum}")
+    for name in ("start1_hard", "start2_hard"):
+        if not _START.fullmatch(getattr(config, name)):
+            raise ConfigError(f"option {name} must be a step (e.g. 5000) or a number of epochs (e.g. 10ep), "
+                              f"got {getattr(config, name)!r}")
+    if config.resume is None:  # a resumed run may have changed --steps: judged once the checkpoint is known
+        for name, step in zip(("start1_hard", "start2_hard"), curriculum_steps(config, steps_per_epoch=None)):
+            problem = curriculum_problem(config, name, step)
+            if problem:
+                raise ConfigError(problem)
     for name in ("eval_every", "eval_max_samples", "knn_k"):
         if getattr(config, name) < 0:
             raise ConfigError(f"option {name} must be >= 0, got {getattr(config, name)}")
@@ -224,6 +249,33 @@ def validate(config: TrainConfig) -> None:
         raise ConfigError(f"option stop_at must be in [1, steps={config.steps}], got {config.stop_at}")
     if config.device is not None and config.device != "cpu" and not config.device.isdigit():
         raise ConfigError(f"option device must be `cpu` or a GPU index, got {config.device!r}")
+
+
+def start_step(text: str, steps_per_epoch: Optional[int]) -> Optional[int]:
+    """`--start1_hard`/`--start2_hard` as a step: `N` is step N, `Nep` is N x steps_per_epoch
+    (None when steps_per_epoch is not known yet)."""
+    value, epochs = _START.fullmatch(text).groups()
+    if not epochs:
+        return int(value)
+    return None if steps_per_epoch is None else int(value) * steps_per_epoch
+
+
+def curriculum_steps(config: TrainConfig, *, steps_per_epoch: Optional[int]) -> tuple[Optional[int], Optional[int]]:
+    """(first step of type 1, of type 2), None where an epoch count awaits steps_per_epoch."""
+    return start_step(config.start1_hard, steps_per_epoch), start_step(config.start2_hard, steps_per_epoch)
+
+
+def curriculum_problem(config: TrainConfig, name: str, step: Optional[int]) -> Optional[str]:
+    """The line refusing a mixing type that is asked for (s > 0) but would start at or after the
+    last step, so that the run would silently train plain MoCo; else None."""
+    size_name = "s1_hard" if name == "start1_hard" else "s2_hard"
+    if step is None or not getattr(config, size_name) or step < config.steps:
+        return None
+    given = getattr(config, name)
+    shown = given if given.isdigit() else f"{given} = step {step}"
+    return (f"option {name}={shown} is at or past the end of the run (--steps {config.steps}): type-"
+            f"{size_name[1]} negatives would never be used; start it earlier (a step below {config.steps}, "
+            f"or epochs such as 10ep), or pass --{size_name} 0 to train without them")
 
 
 def check_queue_fits_global_batch(config: TrainConfig, num_processes: int) -> None:

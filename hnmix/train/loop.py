@@ -36,12 +36,15 @@ from hnmix.train.components import (
     build_data,
     build_knn_monitor,
     build_model,
+    build_optimizer,
     check_arch,
     check_writable,
     console,
     make_accelerator,
     publish_encoder,
     quiet_other_processes,
+    resolve_curriculum,
+    resolve_lr,
     start_hub_pusher,
 )
 from hnmix.train.config import (
@@ -52,9 +55,9 @@ from hnmix.train.config import (
     parse_config,
 )
 from hnmix.train.metrics import RunningCount, StatsWindow, append_record
-from hnmix.train.optim import NonFiniteGuard, make_optimizer
+from hnmix.train.optim import NonFiniteGuard
 from hnmix.train.preemption import EXIT_STOPPED, StopSignal
-from hnmix.train.schedule import seed_lr_schedule
+from hnmix.train.schedule import lr_schedule, momentum_schedule
 from hnmix.train.state import (
     checkpoint_to_resume,
     load_training_state,
@@ -82,6 +85,7 @@ def train(config: TrainConfig) -> int:
     check_writable(dir_out)
     check_arch(config.arch)
     check_queue_fits_global_batch(config, accelerator.num_processes)
+    config = resolve_lr(config, accelerator.num_processes)
     checkpoint = checkpoint_to_resume(config)
     pusher = start_hub_pusher(config, accelerator)
 
@@ -90,12 +94,14 @@ def train(config: TrainConfig) -> int:
     photometric = (StepPhotometric(config.img_size, seed=config.seed, rank=accelerator.process_index)
                    if on_accelerator else None)
     monitor = build_knn_monitor(config, accelerator)
-    model = build_model(config)
-    optimizer = make_optimizer(model.encoder_q, lr=config.lr_base, weight_decay=0.01, device=accelerator.device)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, seed_lr_schedule(config))
-    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    loader = accelerator.prepare(loader)
+    steps_per_epoch = len(loader)  # this process's share
+    model = build_model(config, resolve_curriculum(config, steps_per_epoch, resuming=checkpoint is not None))
+    optimizer = build_optimizer(config, model.encoder_q, accelerator.device)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(config))
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     moco: MoCo = accelerator.unwrap_model(model)
-    steps_per_epoch = len(loader)
+    momentum_at = momentum_schedule(config)
     # fp16 runs with a loss scaler, which skips the steps with inf/NaN gradients itself.
     guard = NonFiniteGuard(optimizer, config.max_nonfinite_steps, device=accelerator.device,
                            enabled=accelerator.mixed_precision != "fp16")
@@ -113,7 +119,7 @@ def train(config: TrainConfig) -> int:
                 f"{accelerator.num_processes} process(es), global batch {global_batch}, "
                 f"mixed precision {accelerator.mixed_precision}, photometric augmentation on "
                 f"{'the accelerator' if photometric else 'the CPU workers'}, from step {step} to {end} of {config.steps}")
-    results: dict = {"steps": config.steps, "global_batch": global_batch}
+    results: dict = {"global_batch": global_batch}
     saved = checkpoint
     progress = Progress(
         TextColumn("step"), MofNCompleteColumn(), BarColumn(),
@@ -137,7 +143,7 @@ def train(config: TrainConfig) -> int:
                 # The norm is equal on every rank (DDP averaged the gradients, NaN/inf included): a
                 # non-finite one skips both updates everywhere, decided on the device.
                 grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.clip_grad or math.inf)
-                moco.momentum_update(guard.step(grad_norm))
+                moco.momentum_update(guard.step(grad_norm), momentum_at(step))
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 window.add(stats)
@@ -156,6 +162,7 @@ def train(config: TrainConfig) -> int:
                     record |= window.mean_over_processes(accelerator)
                     record["bad_samples"] = bad_images.total(accelerator)
                     record["skipped_steps"] = guard.check(step, saved)
+                    record |= dict(zip(("s1_in_use", "s2_in_use"), moco.mixing_sizes(step - 1)))
                     check_bad_fraction(record["bad_samples"], step * global_batch, config.max_bad_fraction,
                                        len(loader.dataset))
                     window_start, window_steps = time.perf_counter(), 0
@@ -166,12 +173,12 @@ def train(config: TrainConfig) -> int:
                     guard.check(step, saved)  # a diverged run is never saved
                     saved = save_training_state(accelerator, moco, window, bad_images, guard, config, step, epoch)
                     if pusher and step < end and not stopping:
-                        pusher.on_save(step, encoder_dir=publish_encoder(config, moco, results), checkpoint_dir=saved)
+                        pusher.on_save(step, encoder_dir=publish_encoder(config, moco, results, step), checkpoint_dir=saved)
                 if step >= end or stopping:
                     break
 
     if accelerator.is_main_process:
-        encoder_dir = publish_encoder(config, moco, results)
+        encoder_dir = publish_encoder(config, moco, results, step)
         logger.info(f"Exported the encoder to {encoder_dir}: timm.create_model('local-dir:{encoder_dir}', pretrained=True)")
         if pusher and not stopping:
             pusher.on_train_end(step, encoder_dir=encoder_dir, checkpoint_dir=saved)

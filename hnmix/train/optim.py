@@ -1,7 +1,11 @@
 """The optimizer and the non-finite step guard, both free of host synchronisation per step.
 
-`make_optimizer` builds timm's AdamW (no weight decay on biases and norm layers) with torch's
-fused kernel where the device has one (CUDA, and CPU too since torch 2.4), else the foreach one.
+`make_optimizer` builds the optimizer through timm's `create_optimizer_v2` (no weight decay on
+biases and norm layers): AdamW (the seed's), SGD with momentum (MoCo's; timm's "momentum", since
+timm's "sgd" is Nesterov) or LARS (timm's; the groups without weight decay skip its trust-ratio
+adaptation, as in SimCLR and BYOL). AdamW and SGD use torch's fused kernels where the device has
+them (CUDA, and the CPU too in recent torch), else the foreach ones; timm's LARS has foreach
+kernels only.
 
 `NonFiniteGuard` skips the optimizer step (and, through `MoCo.momentum_update(apply)`, the key
 encoder's update) on a step whose gradient norm is inf or NaN, and stops a run once
@@ -9,7 +13,10 @@ encoder's update) on a step whose gradient norm is inf or NaN, and stops a run o
 the device: the guard hands the optimizer a `found_inf` tensor, the contract torch's GradScaler
 uses for fused optimizers, and the kernel leaves parameters, moments and step counters as they
 were. The counts stay on the device too, and are read only by `check`, which the trainer calls
-where it reads the device anyway (log lines, checkpoints). fp16 runs do not use the guard:
+where it reads the device anyway (log lines, checkpoints). LARS has no fused kernel, so under
+LARS the guard reads the norm's finiteness on the host: one synchronisation per step, which
+stalls the host until the step's backward is done (on a GPU, the data pipeline and kernel
+launches of the next step can no longer overlap it). fp16 runs do not use the guard:
 Accelerate's GradScaler skips those steps itself.
 """
 
@@ -33,18 +40,29 @@ except ImportError:  # a torch without the helper: fused AdamW was CUDA-only the
 
 
 def fused_available(device: Union[torch.device, str]) -> bool:
-    """Whether torch has fused AdamW kernels for parameters on `device`'s type."""
+    """Whether torch has fused AdamW and SGD kernels for parameters on `device`'s type."""
     return torch.device(device).type in _get_fused_kernels_supported_devices()
 
 
-def make_optimizer(module: nn.Module, *, lr: float, weight_decay: float,
-                   device: Union[torch.device, str]) -> torch.optim.Optimizer:
-    """AdamW over `module`'s trainable parameters, grouped by timm (biases and 1-D parameters
-    without weight decay), fused where `device` (where the parameters will train) supports it,
-    else foreach. The parameters may still be elsewhere: a fused optimizer checks their device at
-    its first step."""
-    implementation = {"fused": True} if fused_available(device) else {"foreach": True}
-    return create_optimizer_v2(module, opt="adamw", lr=lr, weight_decay=weight_decay, **implementation)
+# hnmix's names -> timm's: timm's "sgd" is Nesterov SGD, its "momentum" the plain SGD with momentum MoCo uses.
+TIMM_OPTIMIZERS = {"adamw": "adamw", "sgd": "momentum", "lars": "lars"}
+FUSED_OPTIMIZERS = ("adamw", "sgd")
+
+
+def make_optimizer(module: nn.Module, *, lr: float, weight_decay: float, device: Union[torch.device, str],
+                   name: str = "adamw", momentum: float = 0.9) -> torch.optim.Optimizer:
+    """`name` (adamw, sgd or lars) over `module`'s trainable parameters, grouped by timm (biases
+    and 1-D parameters without weight decay), fused where `device` (where the parameters will
+    train) supports it and the optimizer has a fused kernel, else foreach. The parameters may
+    still be elsewhere: a fused optimizer checks their device at its first step."""
+    if name not in TIMM_OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {', '.join(TIMM_OPTIMIZERS)}, got {name!r}")
+    options = {} if name == "adamw" else {"momentum": momentum}
+    if name in FUSED_OPTIMIZERS and fused_available(device):
+        options["fused"] = True
+    else:
+        options["foreach"] = True
+    return create_optimizer_v2(module, opt=TIMM_OPTIMIZERS[name], lr=lr, weight_decay=weight_decay, **options)
 
 
 def innermost_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:

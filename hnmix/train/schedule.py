@@ -1,20 +1,21 @@
-"""The learning-rate schedule, as a multiplier of `lr_base` per optimizer step (for `LambdaLR`).
-"""
+"""The schedules of a run, as functions of the optimizer step: the learning rate (as a multiplier
+of `lr_base`, for `LambdaLR`) and the key encoder's momentum."""
 
 from __future__ import annotations
 
 import math
+from typing import Callable
 
-from hnmix.train.config import (
-    TrainConfig,
-)
+from hnmix.train.config import TrainConfig
 
 
-def seed_lr_schedule(config: TrainConfig):
+def lr_schedule(config: TrainConfig) -> Callable[[int], float]:
     """The seed's schedule (timm CosineLRScheduler): linear warmup from lr_warmup to lr_base over
-    the first 10% of steps, cosine from lr_base to lr_min over all steps (warmup included, so the
-    cosine has already begun when warmup ends). Returns step -> multiplier of lr_base."""
-    warmup = int(0.1 * config.steps)
+    the first `warmup_fraction` of the steps (the seed's 10%), cosine from lr_base to lr_min over
+    all steps (warmup included, so the cosine has already begun when warmup ends). With
+    warmup_fraction 0 and lr_min 0 it is MoCo v2's cosine, per step rather than per epoch.
+    Returns step -> multiplier of lr_base."""
+    warmup = int(config.warmup_fraction * config.steps)
 
     def lr_at(step: int) -> float:
         if step < warmup:
@@ -26,3 +27,17 @@ def seed_lr_schedule(config: TrainConfig):
         return lr / config.lr_base
 
     return lr_at
+
+
+def momentum_schedule(config: TrainConfig) -> Callable[[int], float]:
+    """step -> the key encoder's momentum for the update after that step. constant: m_moco;
+    cosine (BYOL, MoCo v3): 1 - (1 - m_moco) (cos(pi step / steps) + 1) / 2, from m_moco at
+    step 0 to 1 at the last step."""
+    if config.momentum_schedule == "constant":
+        return lambda step: config.m_moco
+
+    def momentum_at(step: int) -> float:
+        progress = min(step, config.steps) / config.steps
+        return 1 - (1 - config.m_moco) * (math.cos(math.pi * progress) + 1) / 2
+
+    return momentum_at

@@ -18,13 +18,13 @@ from hnmix.train.config import (
 SEED_OPTIONS = {
     # short alias: (long name, value on the command line, parsed value)
     "-dd": ("dir_data", "DATA", "DATA"), "-do": ("dir_out", "OUT", "OUT"), "-i": ("img_size", "64", 64),
-    "-s": ("steps", "40", 40), "-bs": ("batch_size", "32", 32), "-ss": ("steps_save", "7", 7),
+    "-s": ("steps", "12000", 12000), "-bs": ("batch_size", "32", 32), "-ss": ("steps_save", "7", 7),
     "-sp": ("steps_print", "3", 3), "-se": ("seed", "5", 5), "-d": ("device", "cpu", "cpu"),
     "-lrb": ("lr_base", "0.1", 0.1), "-lrw": ("lr_warmup", "0.01", 0.01), "-lrm": ("lr_min", "0.001", 0.001),
     "-cg": ("clip_grad", "1.5", 1.5), "-a": ("arch", "resnet18", "resnet18"), "-r": ("resume", "latest", "latest"),
     "-dm": ("dim_moco", "64", 64), "-km": ("k_moco", "4096", 4096), "-mm": ("m_moco", "0.99", 0.99),
     "-tm": ("t_moco", "0.2", 0.2), "-nh": ("n_hard", "32", 32), "-s1h": ("s1_hard", "16", 16),
-    "-s2h": ("s2_hard", "8", 8), "-st1h": ("start1_hard", "1", 1), "-st2h": ("start2_hard", "2", 2),
+    "-s2h": ("s2_hard", "8", 8), "-st1h": ("start1_hard", "1", "1"), "-st2h": ("start2_hard", "2", "2"),
 }
 
 
@@ -40,13 +40,13 @@ def test_seed_defaults_stay_the_defaults():
     assert (config.img_size, config.steps, config.batch_size, config.steps_save, config.steps_print) == (224, 25000, 64, 1000, 500)
     assert (config.lr_base, config.lr_warmup, config.lr_min, config.clip_grad, config.seed) == (2e-4, 2.5e-7, 2.5e-6, 5.0, 69420)
     assert (config.arch, config.dim_moco, config.k_moco, config.m_moco, config.t_moco) == ("efficientnet_b2", 128, 8192, 0.999, 0.07)
-    assert (config.n_hard, config.s1_hard, config.s2_hard, config.start1_hard, config.start2_hard) == (32, 16, 16, 5000, 10000)
+    assert (config.n_hard, config.s1_hard, config.s2_hard, config.start1_hard, config.start2_hard) == (32, 16, 16, "5000", "10000")
 
 
 def test_the_seed_command_line_is_accepted_as_it_is():
     argv = "-dd DATA -do OUT -i 64 -s 40 -bs 32 -a resnet18 -km 4096 -nh 32 -s1h 16 -s2h 16 -st1h 1 -st2h 1".split()
     config = parse_config(argv + ["--dataset", "images/"])
-    assert (config.dir_data, config.dir_out, config.img_size, config.k_moco, config.start2_hard) == ("DATA", "OUT", 64, 4096, 1)
+    assert (config.dir_data, config.dir_out, config.img_size, config.k_moco, config.start2_hard) == ("DATA", "OUT", 64, 4096, "1")
 
 
 def test_help_names_every_option_and_says_what_device_still_means(capsys):
@@ -110,7 +110,12 @@ def test_missing_config_file():
         (["-mm", "1.5"], "m_moco must be in [0, 1]"),
         (["-bs", "0"], "batch_size must be >= 1"),
         (["--bn_splits", "3", "-bs", "64"], "bn_splits"),
-        (["-st1h", "-1"], "start1_hard must be >= 0"),
+        (["-st1h", "-1"], "start1_hard must be a step (e.g. 5000) or a number of epochs (e.g. 10ep)"),
+        (["-st2h", "3epochs"], "start2_hard must be a step (e.g. 5000) or a number of epochs (e.g. 10ep)"),
+        (["--optimizer", "lars", "--momentum", "1"], "momentum must be < 1"),
+        (["--lr_per_256", "0"], "lr_per_256 must be > 0"),
+        (["--warmup_fraction", "1"], "warmup_fraction must be in [0, 1)"),
+        (["--weight_decay", "-0.1"], "weight_decay must be >= 0"),
         (["-d", "gpu0"], "device must be `cpu` or a GPU index"),
     ],
 )
@@ -139,3 +144,36 @@ def test_config_differences_ignore_options_that_may_change_on_resume():
     assert config_differences(saved, parse_config(["-km", "1024", "-s", "99", "-sp", "1", "-r", "latest"])) == []
     assert config_differences(saved, parse_config(["-km", "2048", "-a", "resnet18"])) == [
         "arch: 'efficientnet_b2' -> 'resnet18'", "k_moco: 1024 -> 2048"]
+
+
+def test_a_mixing_start_at_or_past_the_end_is_refused_before_any_compute_with_the_way_out():
+    with pytest.raises(ConfigError) as error:
+        parse_config(["-s", "4000"])  # the seed's start1_hard 5000: MoCHi would silently never run
+    message = str(error.value)
+    assert "\n" not in message
+    assert "start1_hard=5000 is at or past the end of the run (--steps 4000)" in message
+    assert "--s1_hard 0" in message and "10ep" in message
+    with pytest.raises(ConfigError, match="start2_hard=4000 is at or past"):
+        parse_config(["-s", "4000", "-st1h", "0", "-st2h", "4000"])
+
+
+def test_a_late_start_is_accepted_when_that_type_is_off_or_the_run_resumes():
+    assert parse_config(["-s", "4000", "-s1h", "0", "-s2h", "0"]).steps == 4000
+    # Judged by the trainer once it knows whether a checkpoint exists (a changed --steps warns).
+    assert parse_config(["-s", "4000", "--resume", "latest"]).start1_hard == "5000"
+
+
+def test_starts_take_steps_or_epochs_and_yaml_integers():
+    from hnmix.train.config import curriculum_steps, start_step
+
+    assert start_step("0", None) == 0 and start_step("250", None) == 250
+    assert start_step("10ep", 96) == 960 and start_step("10ep", None) is None
+    config = parse_config(["-st1h", "2ep", "-st2h", "30"])
+    assert curriculum_steps(config, steps_per_epoch=7) == (14, 30)
+
+
+def test_new_training_options_keep_the_seed_behaviour_by_default():
+    config = parse_config([])
+    assert (config.optimizer, config.weight_decay, config.momentum) == ("adamw", 0.01, 0.9)
+    assert (config.lr_per_256, config.warmup_fraction) == (None, 0.1)
+    assert (config.momentum_schedule, config.symmetric) == ("constant", False)

@@ -229,3 +229,55 @@ def test_fused_guarded_step_does_not_synchronise_on_cuda():
         finally:
             torch.cuda.set_sync_debug_mode("default")
     assert guard.check(3) == 1
+
+
+def test_sgd_is_torchs_fused_momentum_sgd_without_nesterov_and_with_timms_groups():
+    moco = small_moco()
+    optimizer = make_optimizer(moco.encoder_q, name="sgd", lr=0.03, weight_decay=1e-4, momentum=0.9, device="cpu")
+    assert type(optimizer) is torch.optim.SGD
+    for group in optimizer.param_groups:
+        assert group["fused"] and not group["nesterov"] and group["momentum"] == 0.9 and group["lr"] == 0.03
+    decays = {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
+    for name, p in moco.encoder_q.named_parameters():
+        assert decays[id(p)] == (0.0 if p.ndim <= 1 else 1e-4), name
+
+
+def test_lars_adapts_only_the_groups_with_weight_decay():
+    from timm.optim import Lars
+
+    moco = small_moco()
+    optimizer = make_optimizer(moco.encoder_q, name="lars", lr=0.1, weight_decay=1e-6, momentum=0.9, device="cpu")
+    assert type(optimizer) is Lars
+    assert all(not g["always_adapt"] and g["momentum"] == 0.9 for g in optimizer.param_groups)
+    assert sorted(g["weight_decay"] for g in optimizer.param_groups) == [0.0, 1e-6]  # no decay, no trust ratio
+    assert not NonFiniteGuard(optimizer, 3, device="cpu").fused  # no fused kernel: one host read per step
+
+
+@pytest.mark.parametrize("name", ["sgd", "lars"])
+def test_guard_skips_nonfinite_steps_with_every_optimizer_leaving_momentum_buffers_alone(name):
+    moco = small_moco()
+    optimizer = make_optimizer(moco.encoder_q, name=name, lr=0.05, weight_decay=1e-4, momentum=0.9, device="cpu")
+    guard = NonFiniteGuard(optimizer, 10, device="cpu")
+    assert guard.fused == (name == "sgd")
+    for seed, poison in enumerate([None, NAN, None, INF]):
+        before = snapshot(moco, optimizer)
+        set_grads(moco, seed, poison)
+        applied = guard.step(grad_norm(moco))
+        moco.momentum_update(applied)
+        if poison is None:
+            assert not torch.equal(moco.encoder_q.head[0].weight, before[0]["encoder_q.head.0.weight"])
+        else:
+            assert_same(snapshot(moco, optimizer), before)
+    assert guard.state()["skipped_steps"] == 2
+
+
+def test_fused_sgd_guarded_step_reads_nothing_on_the_host(no_host_reads):
+    moco = small_moco()
+    optimizer = make_optimizer(moco.encoder_q, name="sgd", lr=0.05, weight_decay=1e-4, device="cpu")
+    guard = NonFiniteGuard(optimizer, 2, device="cpu")
+    for seed, poison in enumerate([None, NAN, None]):
+        set_grads(moco, seed, poison)
+        norm = grad_norm(moco)
+        with no_host_reads:
+            moco.momentum_update(guard.step(norm))
+    assert guard.state()["skipped_steps"] == 1

@@ -42,7 +42,7 @@ def test_a_run_writes_checkpoints_metrics_config_and_a_timm_encoder(straight_run
     assert [r["step"] for r in records] == list(range(1, 13))
     for key in ("epoch", "loss", "lr", "images_per_s", "acc1", "logit_pos", "logit_hardest", "hard_false_negative"):
         assert all(key in r for r in records), key
-    assert "logit_type2" not in records[0] and "logit_type2" in records[2]  # curriculum: type 2 from step 2
+    assert "logit_type2" not in records[0] and "logit_type2" in records[1]  # curriculum: type 2 from step 1 (0-based)
     assert records[-1]["epoch"] == 1  # 64 images / batch 8 = 8 steps per epoch
     # The kNN monitor ran at the end (eval_every 1000 > steps) on the held-out part of synthetic.
     assert 0 <= records[-1]["knn_top1"] <= records[-1]["knn_top5"] <= 100
