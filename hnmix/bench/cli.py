@@ -12,9 +12,12 @@ Usage:
                                  [--s1 1024] [--s2 512] [--temperature 0.2]
                                  [--repeats 5] [--warmup 1] [--device cuda|cpu]
                                  [--dtype float32|bfloat16] [--json PATH]
+    python -m hnmix.bench learn [--seeds N] [hnmix.train options]
+                                 (plain MoCo and MoCHi trained alike, kNN and linear probe of each
+                                  next to the untrained network)
 
 Each benchmark is a module of this package: `hnmix.bench.mixing`, `hnmix.bench.train`,
-`hnmix.bench.data`; this one is the command line.
+`hnmix.bench.data`, `hnmix.bench.learn`; this one is the command line.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from typing import Optional, Sequence
 import torch
 
 from hnmix.bench.data import run_data
+from hnmix.bench.learn import run_learn
 from hnmix.bench.mixing import DTYPES, VARIANTS, run_mixing, run_mixing_peak
 from hnmix.bench.system import write_json
 from hnmix.bench.train import run_train
@@ -50,6 +54,13 @@ def _mixing_options() -> argparse.ArgumentParser:
     p.add_argument("--device", default=_default_device())
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="dtype of q and k")
     return p
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -83,6 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--device", default=_default_device(), help="device of the batched photometric row")
     data.add_argument("--repeats", type=int, default=3, help="timed batches of the batched photometric row")
     data.set_defaults(func=run_data)
+    learn = commands.add_parser(
+        "learn", parents=[common], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        help="train plain MoCo and MoCHi alike, evaluate both next to the untrained network (kNN, linear "
+             "probe); options it does not know go to hnmix.train (default: a small recipe on synthetic-hard)",
+    )
+    learn.add_argument("--seeds", type=_positive_int, default=1, help="seeds per arm (mean and spread)")
+    learn.set_defaults(func=run_learn)
     # Hidden (no help=): the CPU peak-memory measurement of one variant in a fresh process.
     peak = commands.add_parser("_mixing_peak", parents=[_mixing_options()])
     peak.add_argument("--variant", choices=VARIANTS, required=True)
@@ -92,8 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args, rest = build_parser().parse_known_args(argv)
-    if args.func is run_train:
-        payload = run_train(args, rest)
+    if args.func in (run_train, run_learn):  # these pass the options they do not know to hnmix.train
+        payload = args.func(args, rest)
     elif rest:
         build_parser().error(f"unrecognized arguments: {' '.join(rest)}")
     else:

@@ -19,7 +19,9 @@ from datasets.exceptions import DatasetGenerationError, DatasetsError
 
 from hnmix.data.synthetic import (
     _SYNTHETIC_SPLITS,
+    SYNTHETIC_SOURCES,
     _synthetic_split_seed,
+    make_hard_synthetic_dataset,
     make_synthetic_dataset,
 )
 from hnmix.errors import DataError, describe, first_line, network_error_types
@@ -44,8 +46,8 @@ def load_image_dataset(
     """Load `--dataset` as one split of a `datasets.Dataset`.
 
     source:
-    - "synthetic": `make_synthetic_dataset(synthetic_size, ...)` (a folder named "synthetic" is
-      reached as ./synthetic). Split "train" uses `seed`; "validation" and "test" use seeds
+    - "synthetic" / "synthetic-hard": `make_synthetic_dataset` / `make_hard_synthetic_dataset`
+      with `synthetic_size` images (a folder of that name is reached as ./synthetic). Split "train" uses `seed`; "validation" and "test" use seeds
       derived from it, so the three splits differ; other splits are a DataError.
     - an existing directory written by `save_to_disk` (has dataset_dict.json or state.json):
       `datasets.load_from_disk`, then the split. A Dataset saved alone has no splits and is
@@ -61,13 +63,14 @@ def load_image_dataset(
     Raises DataError (one line, with the way out) for a missing path, an unreachable or unknown
     Hub dataset, an unknown split (listing the available ones) and an empty split.
     """
-    if source == "synthetic":
+    if source in SYNTHETIC_SOURCES:
         if split not in _SYNTHETIC_SPLITS:
             raise DataError(
-                f"split {split!r} does not exist in the synthetic dataset; "
+                f"split {split!r} does not exist in the {source} dataset; "
                 f"available splits: {', '.join(_SYNTHETIC_SPLITS)}"
             )
-        dataset = make_synthetic_dataset(synthetic_size, seed=_synthetic_split_seed(seed, split))
+        make = make_synthetic_dataset if source == "synthetic" else make_hard_synthetic_dataset
+        dataset = make(synthetic_size, seed=_synthetic_split_seed(seed, split))
     else:
         path = Path(source).expanduser()
         if path.is_dir():

@@ -1,6 +1,9 @@
-"""`--dataset synthetic`: a labelled image set generated in memory, deterministic given the seed.
+"""`--dataset synthetic` and `synthetic-hard`: labelled image sets generated in memory,
+deterministic given the seed.
 
-The tests and the offline demo rely on it; it loads through the same `datasets.Dataset` type as
+`synthetic` is easy (an untrained network already separates it): the tests and the offline demo
+rely on it. `synthetic-hard` leaves room to tell methods apart (`python -m hnmix.bench learn`).
+Both it loads through the same `datasets.Dataset` type as
 every other source (`hnmix.data.sources.load_image_dataset`).
 """
 
@@ -15,6 +18,7 @@ from PIL import Image
 from hnmix.errors import DataError
 
 _SYNTHETIC_SPLITS = ("train", "validation", "test")
+SYNTHETIC_SOURCES = ("synthetic", "synthetic-hard")  # --dataset names generated in memory
 
 
 def make_synthetic_dataset(
@@ -98,3 +102,75 @@ def _synthetic_split_seed(seed: int, split: str) -> int:
         return seed
     stream = np.random.SeedSequence(seed % 2**64, spawn_key=(_SYNTHETIC_SPLITS.index(split),))
     return int(stream.generate_state(1, np.uint64)[0])
+
+
+# ----------------------------------------------------------------------------- synthetic-hard
+
+_GLYPH_CELLS = 5
+_GLYPH_SEED = 20201001  # the classes are the same for every --seed; the seed draws the images
+_TEXTURES = 12
+
+
+def make_hard_synthetic_dataset(
+    size: int, *, seed: int, num_classes: int = 32, image_size: int = 64
+) -> datasets.Dataset:
+    """`--dataset synthetic-hard`: a generated labelled set that leaves a self-supervised method
+    room to show what it learns, deterministic given `seed`.
+
+    Class c is a glyph: a 5 x 5 pattern of cells (a fixed pattern per class, no two classes
+    equal or mirror images of each other, since the training views are flipped). Each image draws
+    the glyph at a random size (35-60% of the image side) and position, in a random colour, over
+    a background that blends two of 12 striped textures shared by all classes, with pixel noise.
+    Colour and texture therefore say nothing about the class, and an untrained network, whose
+    features mostly follow colour and texture, scores near chance; the class is only in the
+    glyph's shape, which a crop may cut (the cue is only partly preserved by the augmentation).
+    Labels are balanced and shuffled. Columns as `make_synthetic_dataset`.
+    """
+    if size < 1:
+        raise DataError(f"synthetic dataset size must be at least 1, got {size}; pass --synthetic_size N with N >= 1")
+    glyphs = _class_glyphs(num_classes)  # [C, 5, 5] bool
+    rng = np.random.default_rng(np.random.SeedSequence(seed % 2**64))
+    labels = rng.permutation(np.arange(size) % num_classes)
+    textures = _striped_textures(np.random.default_rng(_GLYPH_SEED), image_size)  # [T, S, S, 3] float32
+    pixels = np.empty((size, image_size, image_size, 3), np.uint8)
+    for i, label in enumerate(labels):
+        pair = rng.choice(_TEXTURES, 2, replace=False)
+        blend = rng.uniform(0.3, 0.7)
+        image = blend * textures[pair[0]] + (1 - blend) * textures[pair[1]]
+        cell = max(1, round(rng.uniform(0.35, 0.6) * image_size / _GLYPH_CELLS))
+        side = cell * _GLYPH_CELLS
+        top, left = rng.integers(0, image_size - side + 1, 2)
+        mask = np.kron(glyphs[label], np.ones((cell, cell), bool))  # [side, side]
+        colour = 255.0 * _hue_to_rgb(rng.uniform(0, 1, 1))[0] * rng.uniform(0.6, 1.0)
+        region = image[top:top + side, left:left + side]
+        region[mask] = 0.15 * region[mask] + 0.85 * colour
+        image += rng.standard_normal(image.shape, dtype=np.float32) * 10.0
+        pixels[i] = np.clip(image + 0.5, 0, 255)
+    features = datasets.Features({"image": datasets.Image(),
+                                  "label": datasets.ClassLabel(names=[f"glyph_{c}" for c in range(num_classes)])})
+    images = [{"bytes": _png_bytes(array), "path": None} for array in pixels]
+    return datasets.Dataset.from_dict({"image": images, "label": labels.tolist()}, features=features)
+
+
+def _class_glyphs(num_classes: int) -> np.ndarray:
+    """[C, 5, 5] bool: distinct patterns with 9-16 cells on, none equal to another's mirror image."""
+    rng = np.random.default_rng(_GLYPH_SEED)
+    glyphs: list[np.ndarray] = []
+    while len(glyphs) < num_classes:
+        glyph = rng.random((_GLYPH_CELLS, _GLYPH_CELLS)) < 0.5
+        if 9 <= glyph.sum() <= 16 and not any((glyph == g).all() or (glyph == g[:, ::-1]).all() for g in glyphs):
+            glyphs.append(glyph)
+    return np.stack(glyphs)
+
+
+def _striped_textures(rng: np.random.Generator, image_size: int) -> np.ndarray:
+    """[T, S, S, 3] float32 in [0, 255]: stripes of random angle, frequency and two colours."""
+    axis = np.linspace(0.0, 1.0, image_size, dtype=np.float32)
+    y, x = np.meshgrid(axis, axis, indexing="ij")
+    textures = []
+    for _ in range(_TEXTURES):
+        angle, cycles = rng.uniform(0, np.pi), rng.uniform(2, 10)
+        stripes = 0.5 + 0.5 * np.sin(2 * np.pi * cycles * (np.cos(angle) * x + np.sin(angle) * y))[..., None]
+        light, dark = 255.0 * _hue_to_rgb(rng.uniform(0, 1, 2)) * rng.uniform(0.4, 0.9, (2, 1))
+        textures.append(dark + stripes * (light - dark))
+    return np.stack(textures).astype(np.float32)

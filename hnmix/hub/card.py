@@ -11,6 +11,8 @@ from huggingface_hub import ModelCard, ModelCardData
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
+from hnmix.data.synthetic import SYNTHETIC_SOURCES
+
 MODEL_CARD_TAGS = ("image-feature-extraction", "timm", "self-supervised", "moco", "mochi", "hnmix")
 
 
@@ -40,9 +42,9 @@ _EVALUATIONS = (("knn", "kNN"), ("linear", "linear probe"))
 
 
 def dataset_is_hub_id(dataset: str) -> bool:
-    """True when `dataset` names a Hub dataset: not `synthetic`, not an existing or path-like
+    """True when `dataset` names a Hub dataset: not a generated one (`synthetic`...), not an existing or path-like
     local path, and a valid repo id (`name` or `owner/name`)."""
-    if dataset == "synthetic" or dataset.startswith(("/", ".", "~")) or Path(dataset).exists():
+    if dataset in SYNTHETIC_SOURCES or dataset.startswith(("/", ".", "~")) or Path(dataset).exists():
         return False
     try:
         validate_repo_id(dataset)
@@ -106,8 +108,8 @@ def _describe_dataset(config: dict[str, Any]) -> str:
     dataset = str(config.get("dataset", ""))
     if dataset_is_hub_id(dataset):
         name = f"[`{dataset}`](https://huggingface.co/datasets/{dataset})"
-    elif dataset == "synthetic":
-        name = "`synthetic` (images generated in memory by hnmix, for demos and tests)"
+    elif dataset in SYNTHETIC_SOURCES:
+        name = f"`{dataset}` (images generated in memory by hnmix, for demos, tests and benchmarks)"
     else:
         name = "a local dataset"
     split = config.get("split")

@@ -36,11 +36,11 @@ class TrainConfig:
     dir_data: Optional[str] = option(None, "Cache directory of `datasets` (default: the HF cache).", alias="-dd", group="data")
     dir_out: str = option("out", "Directory for checkpoints, metrics.jsonl, config.yaml and encoder/.", alias="-do", group="data")
     img_size: int = option(224, "Image size of both views.", alias="-i", group="data")
-    dataset: str = option("ilee0022/Caltech-256", "Hub id, local dataset repo, image folder, save_to_disk directory, or `synthetic`.", group="data")
+    dataset: str = option("ilee0022/Caltech-256", "Hub id, local dataset repo, image folder, save_to_disk directory, `synthetic` or `synthetic-hard` (generated).", group="data")
     split: str = option("train", "Split to train on.", group="data")
     image_column: str = option("image", "Column holding the images.", group="data")
     label_column: Optional[str] = option(None, "Column holding class labels (default: `label` if present; `none`: no labels).", group="data")
-    synthetic_size: int = option(512, "Number of images of `--dataset synthetic`.", group="data")
+    synthetic_size: int = option(512, "Number of images of each split of `--dataset synthetic` and `synthetic-hard`.", group="data")
     num_workers: int = option(4, "DataLoader worker processes per training process.", group="data")
     augment_device: Optional[str] = option(
         None,
@@ -128,7 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m hnmix.train",
         description="Train an image encoder with MoCo and hard negative mixing (MoCHi). "
-        "Run it as `accelerate launch -m hnmix.train ...` for several GPUs or nodes.",
+        "Run it as `accelerate launch -m hnmix.train ...` for several GPUs or nodes. The defaults are the "
+        "original implementation's (the seed's); the papers' recipes are YAML files in configs/ for --config.",
     )
     groups: dict[str, argparse._ArgumentGroup] = {}
     for f in fields(TrainConfig):

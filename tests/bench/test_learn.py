@@ -1,0 +1,46 @@
+"""python -m hnmix.bench learn at tiny sizes: both arms and the untrained network, for every seed,
+in one table and one JSON (correctness only: no timing, and accuracy only where the data makes
+it certain)."""
+
+import json
+import subprocess
+import sys
+
+from hnmix.bench.learn import LEARN_DEFAULTS, METRICS, arm_configs
+from hnmix.train.config import parse_config
+from launch import REPO
+
+TINY_LEARN = ["--dataset", "synthetic", "--synthetic_size", "64", "-a", "test_resnet", "-i", "32", "-bs", "16",
+              "-km", "64", "-dm", "16", "-nh", "8", "-s1h", "4", "-s2h", "4", "-s", "3", "-sp", "1",
+              "--num_workers", "0"]
+
+
+def test_the_arms_differ_only_in_the_synthetic_negatives():
+    config = parse_config([*LEARN_DEFAULTS, *TINY_LEARN])  # as bench learn reads its options
+    arms = arm_configs(config)
+    moco, mochi = arms["moco"].to_dict(), arms["mochi"].to_dict()
+    assert {k for k in moco if moco[k] != mochi[k]} == {"s1_hard", "s2_hard"}
+    assert (moco["s1_hard"], moco["s2_hard"], mochi["s1_hard"], mochi["s2_hard"]) == (0, 0, 4, 4)
+
+
+def test_learn_trains_and_evaluates_every_arm_for_every_seed(tmp_path):
+    out = tmp_path / "learn.json"
+    done = subprocess.run([sys.executable, "-m", "hnmix.bench", "learn", "--seeds", "2", "--json", str(out),
+                           *TINY_LEARN], cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env={"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+                               "PATH": "/usr/bin:/bin"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["seeds"] == [69420, 69421]
+    assert set(report["arms"]) == {"untrained", "moco", "mochi"}
+    for arm, summary in report["arms"].items():
+        assert len(summary["runs"]) == 2, arm
+        for name in METRICS:
+            values = [run[name] for run in summary["runs"]]
+            assert summary[name]["mean"] == sum(values) / 2
+            # `synthetic` (10 classes) is separable by an untrained network: every arm is far above chance.
+            if name == "knn_top1":
+                assert min(values) > 30, (arm, values)
+    assert report["mochi_minus_moco"]["knn_top1"] == (report["arms"]["mochi"]["knn_top1"]["mean"]
+                                                      - report["arms"]["moco"]["knn_top1"]["mean"])
+    assert "MoCo against MoCHi" in " ".join(done.stdout.split())
