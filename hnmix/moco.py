@@ -395,7 +395,8 @@ def step_statistics(
     logit_type1/2:        mean type-1 / type-2 logit (only while that type is active).
     synthetic_above_pos:  fraction of synthetic negatives scoring above the positive.
     hard_false_negative:  fraction of the n_hard hard negatives sharing the query's class (the
-                          paper's class-oracle false negatives), when labels are known.
+                          paper's class-oracle false negatives), among those whose class is known
+                          (queue label >= 0), when labels are given.
     """
     logits = mixed.logits
     pos = logits[:, 0]
@@ -415,6 +416,10 @@ def step_statistics(
         above = (synthetic > pos.unsqueeze(1)) & finite
         stats["synthetic_above_pos"] = above.sum() / finite.sum().clamp_min(1)
     if labels is not None and queue_labels is not None and mixed.hard_indices.numel():
-        same_class = (queue_labels[mixed.hard_indices] == labels.unsqueeze(1)) & mixed.hard_valid
-        stats["hard_false_negative"] = same_class.sum() / mixed.hard_valid.sum().clamp_min(1)
+        # Over the hard negatives whose class is known: slots not yet filled (or filled from a
+        # batch without labels) hold label -1, which says nothing about the class.
+        hard_labels = queue_labels[mixed.hard_indices]  # [B, n_hard]
+        known = mixed.hard_valid & (hard_labels >= 0) & (labels.unsqueeze(1) >= 0)
+        same_class = (hard_labels == labels.unsqueeze(1)) & known
+        stats["hard_false_negative"] = same_class.sum() / known.sum().clamp_min(1)
     return {name: value.float() for name, value in stats.items()}

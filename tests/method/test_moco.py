@@ -205,6 +205,20 @@ def test_step_statistics_from_known_logits():
     assert stats["hard_false_negative"] == 0.25  # only query 0's entry 0 (label 7) shares its class
 
 
+def test_hard_false_negatives_count_only_hard_negatives_of_known_class_and_valid_slots():
+    logits = torch.zeros(2, 1 + 4)
+    # Query 0 (class 7): slots 0 (7), 1 (unlabelled), 3 (masked). Query 1 (class -1: unknown): slots 2, 3.
+    hard = MixedLogits(logits, torch.tensor([[0, 1, 3], [2, 3, 0]]),
+                       torch.tensor([[True, True, False], [True, True, True]]))
+    stats = step_statistics(hard, queue_size=4, s1=0, s2=0, labels=torch.tensor([7, -1]),
+                            queue_labels=torch.tensor([7, -1, -1, 7]))
+    # Known pairs: query 0 with slot 0 only (slot 1 unlabelled, slot 3 masked); query 1 has no known class.
+    assert stats["hard_false_negative"] == 1.0
+    stats = step_statistics(hard, queue_size=4, s1=0, s2=0, labels=torch.tensor([8, -1]),
+                            queue_labels=torch.tensor([7, -1, -1, 7]))
+    assert stats["hard_false_negative"] == 0.0  # an unlabelled slot is not "the same class" as anything
+
+
 def _train(moco, optimizer, start_step, steps):
     losses = []
     for step in range(start_step, start_step + steps):
