@@ -202,20 +202,30 @@ class KeyQueue(nn.Module):
         return digest.hexdigest()
 
     @torch.no_grad()
-    def enqueue(self, keys: torch.Tensor, ids: torch.Tensor, labels: Optional[torch.Tensor] = None) -> None:
+    def enqueue(self, keys: torch.Tensor, ids: torch.Tensor, labels: Optional[torch.Tensor] = None,
+                apply: Optional[torch.Tensor] = None) -> None:
         """Write a global batch: keys [G, d], ids [G], labels [G] or None. K % G must be 0.
 
-        Index arithmetic stays on the device, so there is no host synchronisation.
+        apply: [] bool or None (always). Where False the queue stays exactly as it was (a skipped
+        step's keys may be NaN), decided on the device. Index arithmetic stays on the device too,
+        so there is no host synchronisation.
         """
         G = keys.shape[0]
         validate_queue_size(self.size, G)
         slots = (self.ptr + torch.arange(G, device=self.ptr.device)) % self.size
-        self.keys.index_copy_(0, slots, keys.to(self.keys.dtype))
-        self.ids.index_copy_(0, slots, ids.to(self.ids.dtype))
         if labels is None:
             labels = torch.full_like(self.labels[:G], -1)
-        self.labels.index_copy_(0, slots, labels.to(self.labels.dtype))
-        self.ptr.copy_((self.ptr + G) % self.size)
+        keys, ids, labels = keys.to(self.keys.dtype), ids.to(self.ids.dtype), labels.to(self.labels.dtype)
+        advance = G
+        if apply is not None:
+            keys = torch.where(apply, keys, self.keys[slots])
+            ids = torch.where(apply, ids, self.ids[slots])
+            labels = torch.where(apply, labels, self.labels[slots])
+            advance = apply.long() * G
+        self.keys.index_copy_(0, slots, keys)
+        self.ids.index_copy_(0, slots, ids)
+        self.labels.index_copy_(0, slots, labels)
+        self.ptr.copy_((self.ptr + advance) % self.size)
 
 
 # ----------------------------------------------------------------------------- MoCo
@@ -242,8 +252,12 @@ class MoCo(nn.Module):
     keys would put two near-identical keys of each image into the queue and halve its reach in
     time. It costs a second forward of both encoders.
 
-    The trainer runs forward under autocast for both encoders and calls `momentum_update`
-    after each optimizer step.
+    commit=False holds the step's effects back until `commit(keep)`, called after the optimizer
+    step: the keys are enqueued, and the BatchNorm running statistics both encoders updated in
+    this forward kept, only where `keep` (the step was not skipped); a skipped step's possibly
+    non-finite keys and statistics never stay. The trainer runs forward so, under autocast, and
+    calls `momentum_update` and `commit` after each optimizer step; commit=True (the default)
+    enqueues at once.
     """
 
     def __init__(
@@ -280,6 +294,7 @@ class MoCo(nn.Module):
         self.encoder_q = encoder_q
         self.encoder_k = copy.deepcopy(encoder_q).requires_grad_(False)
         self.queue = KeyQueue(k_moco, dim_moco)
+        self._held_back: Optional[tuple[tuple, list[torch.Tensor]]] = None  # see commit()
 
     def mixing_sizes(self, step: int) -> tuple[int, int]:
         """(s1, s2) in force at `step` under the curriculum."""
@@ -342,7 +357,9 @@ class MoCo(nn.Module):
         ids: torch.Tensor,
         labels: Optional[torch.Tensor] = None,
         step: int = 0,
+        commit: bool = True,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        statistics_before = [] if commit else [buffer.clone() for buffer in self.batchnorm_statistics()]
         q = self.encoder_q(view_q)
         k, keys_all = self.encode_keys(view_k)
         # The clone keeps the logits' saved queue intact when enqueue writes in place below.
@@ -358,8 +375,33 @@ class MoCo(nn.Module):
             loss = (loss + loss_back) / 2
             stats = {name: (value + stats_back[name]) / 2 for name, value in stats.items()}
         stats["loss"] = loss.detach()
-        self.queue.enqueue(keys_all, all_gather_cat(ids), None if labels is None else all_gather_cat(labels))
+        batch = (keys_all, all_gather_cat(ids), None if labels is None else all_gather_cat(labels))
+        if commit:
+            self.queue.enqueue(*batch)
+        else:
+            self._held_back = (batch, statistics_before)
         return loss, stats
+
+    def batchnorm_statistics(self) -> list[torch.Tensor]:
+        """The running statistics buffers of both encoders' BatchNorm layers (a forward in
+        training mode updates them)."""
+        return [buffer for module in self.modules() if isinstance(module, nn.modules.batchnorm._BatchNorm)
+                for buffer in (module.running_mean, module.running_var, module.num_batches_tracked)
+                if buffer is not None]
+
+    @torch.no_grad()
+    def commit(self, keep: torch.Tensor) -> None:
+        """Apply what the last `forward(..., commit=False)` held back, where `keep` ([] bool on the
+        model's device) is True: enqueue its global batch of keys, and keep the BatchNorm
+        statistics it updated; where False, queue and statistics stay as before that forward.
+        No host synchronisation."""
+        if self._held_back is None:
+            raise RuntimeError("commit() without a forward(..., commit=False) before it")
+        (keys, ids, labels), before = self._held_back
+        self._held_back = None
+        self.queue.enqueue(keys, ids, labels, apply=keep)
+        for buffer, old in zip(self.batchnorm_statistics(), before):
+            buffer.copy_(torch.where(keep, buffer, old))
 
     def contrast(self, q: torch.Tensor, k: torch.Tensor, queue_keys: torch.Tensor, ids: torch.Tensor,
                  labels: Optional[torch.Tensor], *, s1: int, s2: int,

@@ -113,11 +113,13 @@ def in_memory_images_per_s(config, *, device: torch.device, bare: bool, warmup: 
                     moco.encoder_k(view_k)
             else:
                 ids = torch.arange(config.batch_size, device=device) + step_number[0] * config.batch_size
-                loss, _ = moco(view_q, view_k, ids, labels, step=step_number[0])
+                loss, _ = moco(view_q, view_k, ids, labels, step=step_number[0], commit=False)
                 loss.backward()
         if not bare:
             grad_norm = torch.nn.utils.clip_grad_norm_(moco.encoder_q.parameters(), config.clip_grad or math.inf)
-            moco.momentum_update(guard.step(grad_norm))
+            applied = guard.step(grad_norm)
+            moco.momentum_update(applied)
+            moco.commit(applied)
             scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step_number[0] += 1

@@ -102,9 +102,7 @@ def train(config: TrainConfig) -> int:
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     moco: MoCo = accelerator.unwrap_model(model)
     momentum_at = momentum_schedule(config)
-    # fp16 runs with a loss scaler, which skips the steps with inf/NaN gradients itself.
-    guard = NonFiniteGuard(optimizer, config.max_nonfinite_steps, device=accelerator.device,
-                           enabled=accelerator.mixed_precision != "fp16")
+    guard = NonFiniteGuard(optimizer, config.max_nonfinite_steps, device=accelerator.device)
 
     metrics_path = dir_out / "metrics.jsonl"
     window, bad_images = StatsWindow(), RunningCount()
@@ -138,12 +136,14 @@ def train(config: TrainConfig) -> int:
             for view_q, view_k, ids, labels, unreadable in accelerator.skip_first_batches(loader, skip) if skip else loader:
                 if photometric:
                     view_q, view_k = photometric(view_q, view_k, step)
-                loss, stats = model(view_q, view_k, ids, labels if has_labels else None, step=step)
+                loss, stats = model(view_q, view_k, ids, labels if has_labels else None, step=step, commit=False)
                 accelerator.backward(loss)
                 # The norm is equal on every rank (DDP averaged the gradients, NaN/inf included): a
                 # non-finite one skips both updates everywhere, decided on the device.
                 grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.clip_grad or math.inf)
-                moco.momentum_update(guard.step(grad_norm), momentum_at(step))
+                applied = guard.step(grad_norm)
+                moco.momentum_update(applied, momentum_at(step))
+                moco.commit(applied)  # a skipped step enqueues nothing and keeps the BN statistics
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 window.add(stats)

@@ -16,8 +16,9 @@ were. The counts stay on the device too, and are read only by `check`, which the
 where it reads the device anyway (log lines, checkpoints). LARS has no fused kernel, so under
 LARS the guard reads the norm's finiteness on the host: one synchronisation per step, which
 stalls the host until the step's backward is done (on a GPU, the data pipeline and kernel
-launches of the next step can no longer overlap it). fp16 runs do not use the guard:
-Accelerate's GradScaler skips those steps itself.
+launches of the next step can no longer overlap it). Under fp16 Accelerate's GradScaler skips
+those steps itself (its own found_inf, from the same unscaled gradients); the guard then only
+counts them, so `skipped_steps` and `max_nonfinite_steps` mean the same in every precision.
 """
 
 from __future__ import annotations
@@ -82,31 +83,24 @@ class NonFiniteGuard:
 
     With a fused optimizer (`fused` is True) a step has no host synchronisation. Other optimizers
     cannot skip on the device, so the guard reads the norm's finiteness on the host (`.item()`),
-    one synchronisation per step.
-
-    enabled=False (fp16 with a GradScaler) makes `step` a plain `optimizer.step()` that counts
-    nothing and returns None.
+    one synchronisation per step. An optimizer with a GradScaler (Accelerate's under fp16:
+    `scaler_skips`) skips the step itself; the guard steps it and counts.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, max_nonfinite_steps: int, *,
-                 device: Union[torch.device, str], enabled: bool = True) -> None:
-        if enabled and getattr(optimizer, "scaler", None) is not None:
-            raise ValueError("NonFiniteGuard is for bf16/fp32: under fp16 the GradScaler skips non-finite steps; "
-                             "pass enabled=False")
+                 device: Union[torch.device, str]) -> None:
         if max_nonfinite_steps < 1:
             raise ValueError(f"max_nonfinite_steps must be >= 1, got {max_nonfinite_steps}")
-        self.optimizer, self.max_nonfinite_steps, self.enabled = optimizer, max_nonfinite_steps, enabled
+        self.optimizer, self.max_nonfinite_steps = optimizer, max_nonfinite_steps
+        self.scaler_skips = getattr(optimizer, "scaler", None) is not None
         self.inner = innermost_optimizer(optimizer)
         self.fused = bool(getattr(self.inner, "_step_supports_amp_scaling", False))
         self.counters = torch.tensor([0, 0, -1], dtype=torch.long, device=device)
 
-    def step(self, grad_norm: torch.Tensor) -> Optional[torch.Tensor]:
-        """Step the optimizer unless `grad_norm` ([] float, the norm after clipping, equal on
-        every rank) is inf or NaN. Returns `applied`, [] bool on the norm's device (None when
-        disabled), for `MoCo.momentum_update(applied)`."""
-        if not self.enabled:
-            self.optimizer.step()
-            return None
+    def step(self, grad_norm: torch.Tensor) -> torch.Tensor:
+        """Step the optimizer unless `grad_norm` ([] float, the norm after clipping (and, under
+        fp16, after unscaling), equal on every rank) is inf or NaN. Returns `applied`, [] bool on
+        the norm's device, for `MoCo.momentum_update(applied)` and `MoCo.commit(applied)`."""
         applied = torch.isfinite(grad_norm)
         nonfinite = (~applied).long().to(self.counters.device)  # [] 0 or 1
         total, run, since_limit = self.counters.unbind()
@@ -114,7 +108,9 @@ class NonFiniteGuard:
         reached_now = torch.where(run >= self.max_nonfinite_steps, 0, -1)
         since_limit = torch.where(since_limit >= 0, since_limit + 1, reached_now)  # stays >= 0 once reached
         self.counters = torch.stack([total + nonfinite, run, since_limit])
-        if self.fused:
+        if self.scaler_skips:
+            self.optimizer.step()  # the GradScaler skips a step with inf/NaN gradients
+        elif self.fused:
             # A float32 1.0 makes the fused kernel leave everything, step counters included, as it was.
             self.inner.found_inf = nonfinite.float()
             try:

@@ -171,6 +171,22 @@ def test_fused_guarded_step_reads_nothing_on_the_host(no_host_reads):
     assert guard.state()["skipped_steps"] == 2
 
 
+def test_a_whole_guarded_step_with_its_commit_reads_nothing_on_the_host(no_host_reads):
+    moco = small_moco()
+    guard = NonFiniteGuard(adamw(moco, True), 2, device="cpu")
+    views = torch.randn(2, 4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    for poison in (None, NAN):
+        loss, _ = moco(views[0], views[1], torch.arange(4), commit=False)
+        (loss * poison if poison is not None else loss).backward()
+        norm = grad_norm(moco)
+        with no_host_reads:
+            applied = guard.step(norm)
+            moco.momentum_update(applied)
+            moco.commit(applied)
+        moco.encoder_q.zero_grad()
+    assert moco.queue.ptr.item() == 4  # the NaN step enqueued nothing
+
+
 def test_non_fused_guard_falls_back_to_a_host_read(no_host_reads):
     moco = small_moco()
     guard = NonFiniteGuard(adamw(moco, False), 2, device="cpu")
@@ -198,19 +214,23 @@ def test_found_inf_lands_on_the_wrapped_optimizer_for_the_step_only():
     assert next(iter(inner.state.values()))["step"].item() == 1
 
 
-def test_guard_refuses_a_grad_scaler_and_when_disabled_just_steps():
+def test_under_a_grad_scaler_the_guard_counts_the_steps_the_scaler_skips():
+    """fp16: the GradScaler skips a step with inf/NaN gradients itself; the guard steps the
+    optimizer every time and counts, so skipped_steps and max_nonfinite_steps hold under fp16."""
     from accelerate.optimizer import AcceleratedOptimizer
 
     moco = small_moco()
     optimizer = AcceleratedOptimizer(adamw(moco, True), scaler=torch.amp.GradScaler("cpu"))
-    with pytest.raises(ValueError, match="enabled=False"):
-        NonFiniteGuard(optimizer, 2, device="cpu")
-    plain = adamw(moco, True)
-    guard = NonFiniteGuard(plain, 2, device="cpu", enabled=False)
-    set_grads(moco, 0)
-    assert guard.step(grad_norm(moco)) is None
-    assert next(iter(plain.state.values()))["step"].item() == 1
-    assert guard.check(1) == 0
+    guard = NonFiniteGuard(optimizer, 2, device="cpu")
+    assert guard.scaler_skips
+    stepped = []
+    optimizer.step = lambda *args, **kwargs: stepped.append(1)  # what the scaler would decide is its business
+    for seed, poison in enumerate([None, NAN, INF]):
+        set_grads(moco, seed, poison)
+        assert guard.step(grad_norm(moco)).item() == (poison is None)
+    assert len(stepped) == 3
+    with pytest.raises(TrainingDivergedError, match="2 steps in a row up to step 3"):
+        guard.check(3)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -321,6 +321,8 @@ def test_non_finite_steps_are_skipped_and_counted(tmp_path, monkeypatch):
     assert [r["skipped_steps"] for r in records] == [0, 0, 1, 2, 2, 2]
     weights = load_file(tmp_path / "checkpoints/step_00000006/model.safetensors")
     assert all(torch.isfinite(value).all() for value in weights.values() if value.is_floating_point())
+    # The two skipped steps enqueued nothing: 4 batches of 8 keys in the queue of 64.
+    assert weights["queue.ptr"].item() == 4 * 8 and (weights["queue.ids"] >= 0).sum().item() == 32
 
 
 def test_too_many_non_finite_steps_in_a_row_stop_and_name_the_last_good_checkpoint(tmp_path, monkeypatch):
