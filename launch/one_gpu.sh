@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
-# One GPU, bf16, Caltech-256 from the Hub. Extra arguments go to hnmix.train.
+# One GPU, bf16, the Caltech-256 recipe. Extra arguments go to hnmix.train.
+# The trainer is exec'd directly, not through `accelerate launch` (its single-process launcher
+# does not forward signals): SIGTERM or Ctrl-C reach the trainer, which saves and exits 75.
+# For one process this is the same run as `accelerate launch --config_file accelerate_config.yaml`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-exec accelerate launch --config_file accelerate_config.yaml -m hnmix.train \
-  --dataset ilee0022/Caltech-256 --dir_out runs/caltech256 "$@"
+exec python -m hnmix.train --mixed_precision bf16 --config configs/mochi_caltech256.yaml \
+  --dir_out runs/caltech256 "$@"

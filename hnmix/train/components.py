@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import shutil
 import sys
 import warnings
 from datetime import timedelta
@@ -43,6 +44,7 @@ from hnmix.hub.pusher import HubPusher
 from hnmix.moco import MoCo, MoCoEncoder
 from hnmix.train.config import TrainConfig, curriculum_problem, curriculum_steps
 from hnmix.train.optim import make_optimizer
+from hnmix.train.preemption import STOPPED_MARKER
 
 logger = get_logger("hnmix")
 # A collective that waits longer than this means a rank is gone: fail then rather than after the
@@ -61,6 +63,49 @@ def check_writable(directory: Path) -> None:
     except OSError as error:
         raise ConfigError(f"dir_out {directory} is not writable ({error.strerror or error}); "
                           "choose another --dir_out") from None
+
+
+# What a run writes into dir_out (besides the checkpoints it resumes from).
+RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "config.yaml", "encoder", "curves.png")
+
+
+def previous_run_outputs(directory: Path) -> list[str]:
+    """The names of a previous run's outputs in `directory` (an empty checkpoints/ does not count)."""
+    found = []
+    for name in RUN_OUTPUTS:
+        path = directory / name
+        if path.is_dir() and name == "checkpoints" and not any(path.iterdir()):
+            continue
+        if path.exists():
+            found.append(name)
+    return found
+
+
+def prepare_dir_out(config: TrainConfig, accelerator: Accelerator, *, resuming: bool) -> None:
+    """Before any compute: a fresh run (no checkpoint to resume) never writes over another run.
+    It is refused when dir_out holds one, unless --overwrite_dir_out (the old outputs are removed
+    first, as transformers' --overwrite_output_dir) or --resume auto found no checkpoint (a
+    requeued run that never saved: its partial records are removed). Snapshots of Hub uploads
+    left by a crash (`.hub-staging`, hard links to pruned checkpoints) and the STOPPED marker of
+    a signal stop are removed in any case.
+    Every rank checks; the main process removes, and the others wait for it."""
+    dir_out = Path(config.dir_out)
+    found = [] if resuming else previous_run_outputs(dir_out)
+    if found and not (config.overwrite_dir_out or config.resume == "auto"):
+        raise ConfigError(f"dir_out {dir_out} already holds a run ({', '.join(found)}); continue it with "
+                          "--resume latest (or --resume auto), choose another --dir_out, or pass --overwrite_dir_out "
+                          "to delete it and start afresh")
+    if accelerator.is_main_process:
+        for name in [*found, ".hub-staging", STOPPED_MARKER]:
+            path = dir_out / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+        if found:
+            logger.warning(f"Removed the previous run's {', '.join(found)} from {dir_out} "
+                           f"({'--overwrite_dir_out' if config.overwrite_dir_out else '--resume auto found no checkpoint'})")
+    accelerator.wait_for_everyone()
 
 
 def check_arch(arch: str) -> None:

@@ -35,6 +35,7 @@ class TrainConfig:
     # DATA
     dir_data: Optional[str] = option(None, "Cache directory of `datasets` (default: the HF cache).", alias="-dd", group="data")
     dir_out: str = option("out", "Directory for checkpoints, metrics.jsonl, config.yaml and encoder/.", alias="-do", group="data")
+    overwrite_dir_out: bool = option(False, "Delete a previous run in --dir_out before starting afresh (without it, a fresh run into a run's dir_out is refused).", group="data")
     img_size: int = option(224, "Image size of both views.", alias="-i", group="data")
     dataset: str = option("ilee0022/Caltech-256", "Hub id, local dataset repo, image folder, save_to_disk directory, `synthetic` or `synthetic-hard` (generated).", group="data")
     split: str = option("train", "Split to train on.", group="data")
@@ -110,7 +111,7 @@ class TrainConfig:
 
 
 # Options that may change when a run is resumed; everything else must match the checkpoint.
-RESUMABLE_CHANGES = ("steps", "stop_at", "steps_print", "steps_save", "keep_checkpoints", "num_workers", "resume", "config",
+RESUMABLE_CHANGES = ("overwrite_dir_out", "steps", "stop_at", "steps_print", "steps_save", "keep_checkpoints", "num_workers", "resume", "config",
                      "report_to", "dir_data", "dir_out", "device", "eval_every", "eval_max_samples",
                      "push_to_hub", "hub_model_id", "hub_private", "hub_strategy", "max_bad_fraction",
                      "max_nonfinite_steps", "augment_device", "compile")

@@ -29,7 +29,8 @@ from rich.progress import (
 )
 
 from hnmix.data.photometric import StepPhotometric
-from hnmix.errors import DataError, HnmixError
+from hnmix.errors import DataError, HnmixError, describe, first_line
+from hnmix.evaluate.monitor import KnnMonitor
 from hnmix.moco import MoCo
 from hnmix.train.components import (
     augment_on_accelerator,
@@ -41,6 +42,7 @@ from hnmix.train.components import (
     check_writable,
     console,
     make_accelerator,
+    prepare_dir_out,
     publish_encoder,
     quiet_other_processes,
     resolve_curriculum,
@@ -56,7 +58,13 @@ from hnmix.train.config import (
 )
 from hnmix.train.metrics import RunningCount, StatsWindow, append_record
 from hnmix.train.optim import NonFiniteGuard
-from hnmix.train.preemption import EXIT_STOPPED, StopSignal
+from hnmix.train.preemption import (
+    EXIT_STOPPED,
+    StopSignal,
+    follow_the_launcher,
+    shutdown_budget_s,
+    write_stopped_marker,
+)
 from hnmix.train.schedule import lr_schedule, momentum_schedule
 from hnmix.train.state import (
     checkpoint_to_resume,
@@ -79,6 +87,7 @@ def check_bad_fraction(bad: int, seen: int, max_bad_fraction: float, dataset_siz
 
 def train(config: TrainConfig) -> int:
     """Train as `config` says; returns 0, or EXIT_STOPPED after a signal and a checkpoint."""
+    follow_the_launcher()
     accelerator = make_accelerator(config)
     quiet_other_processes(accelerator)
     dir_out = Path(config.dir_out)
@@ -87,6 +96,7 @@ def train(config: TrainConfig) -> int:
     check_queue_fits_global_batch(config, accelerator.num_processes)
     config = resolve_lr(config, accelerator.num_processes)
     checkpoint = checkpoint_to_resume(config)
+    prepare_dir_out(config, accelerator, resuming=checkpoint is not None)
     pusher = start_hub_pusher(config, accelerator)
 
     on_accelerator = augment_on_accelerator(config, accelerator.device)
@@ -127,6 +137,7 @@ def train(config: TrainConfig) -> int:
     task = progress.add_task("train", total=config.steps, completed=step, speed="-", loss="-", lr="-", knn="-")
     window_start, window_steps = time.perf_counter(), 0
     stopping = False
+    final_record = None
 
     model.train()
     with progress, StopSignal() as stop:
@@ -153,9 +164,11 @@ def train(config: TrainConfig) -> int:
                 progress.update(task, completed=step)
 
                 record = {}
-                if monitor and (step % config.eval_every == 0 or step == end):
-                    record = monitor.evaluate(moco.encoder_q.backbone, accelerator)
+                if monitor and step % config.eval_every == 0 and step < end:  # the end's comes after the save
+                    evaluation_started = time.perf_counter()
+                    record = evaluate_without_stopping(monitor, moco, accelerator, step)
                     results |= record
+                    window_start += time.perf_counter() - evaluation_started  # images/s counts training only
                 if step % config.steps_print == 0 or step == end:
                     record |= {"lr": scheduler.get_last_lr()[0],
                                "images_per_s": global_batch * window_steps / (time.perf_counter() - window_start)}
@@ -166,7 +179,9 @@ def train(config: TrainConfig) -> int:
                     check_bad_fraction(record["bad_samples"], step * global_batch, config.max_bad_fraction,
                                        len(loader.dataset))
                     window_start, window_steps = time.perf_counter(), 0
-                if record:
+                if record and step == end:
+                    final_record = {"step": step, "epoch": epoch} | record  # logged with the final evaluation
+                elif record:
                     log_step(accelerator, {"step": step, "epoch": epoch} | record, metrics_path, progress, task)
                 stopping = stop.requested()
                 if step % config.steps_save == 0 or step == end or stopping:
@@ -177,21 +192,51 @@ def train(config: TrainConfig) -> int:
                 if step >= end or stopping:
                     break
 
+    # The checkpoint and the export come first: an evaluation that fails costs no training.
     if accelerator.is_main_process:
         encoder_dir = publish_encoder(config, moco, results, step)
         logger.info(f"Exported the encoder to {encoder_dir}: timm.create_model('local-dir:{encoder_dir}', pretrained=True)")
+    if final_record is not None:
+        if monitor:
+            final_record |= evaluate_without_stopping(monitor, moco, accelerator, step)
+            results |= {k: v for k, v in final_record.items() if k.startswith("knn_")}
+        log_step(accelerator, final_record, metrics_path, progress, task)
+        if monitor and accelerator.is_main_process:
+            publish_encoder(config, moco, results, step)  # the card with the final kNN
+    if accelerator.is_main_process:
         if pusher and not stopping:
             pusher.on_train_end(step, encoder_dir=encoder_dir, checkpoint_dir=saved)
         if pusher:
-            logger.info(f"Waiting for the upload to {config.hub_model_id}")
-            pusher.wait(timeout=HUB_WAIT_ON_STOP_S if stopping else HUB_WAIT_S)
+            timeout = hub_wait_on_stop(stop) if stopping else HUB_WAIT_S
+            logger.info(f"Waiting up to {timeout:.0f} s for the upload to {config.hub_model_id}")
+            pusher.wait(timeout=timeout)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     if stopping:
-        logger.warning(f"Stopped by {stop.received.name if stop.received else 'a signal on another rank'} "
-                       f"after step {step}, saved in {saved}; continue with --resume latest")
+        cause = stop.received.name if stop.received else "a signal on another rank"
+        if accelerator.is_main_process:
+            write_stopped_marker(dir_out, cause=cause, step=step, checkpoint=saved)
+        logger.warning(f"Stopped by {cause} after step {step}, saved in {saved}; continue with --resume latest")
         return EXIT_STOPPED
     return 0
+
+
+def evaluate_without_stopping(monitor: KnnMonitor, moco: MoCo, accelerator: Accelerator, step: int) -> dict:
+    """The kNN monitor's record at `step`; an error inside it becomes one warning and a
+    `knn_error` entry in the record, never the end of the run."""
+    try:
+        return monitor.evaluate(moco.encoder_q.backbone, accelerator)
+    except Exception as error:  # noqa: BLE001 - an evaluation must never cost the training
+        line = first_line(error) if isinstance(error, HnmixError) else describe(error)
+        logger.warning(f"The kNN evaluation at step {step} failed ({line}); training goes on without it")
+        return {"knn_error": line}
+
+
+def hub_wait_on_stop(stop: StopSignal) -> float:
+    """How long a run stopped by a signal waits for its last upload: HUB_WAIT_ON_STOP_S, less when
+    torch's elastic agent would SIGKILL the process sooner (5 s kept for the exit)."""
+    elapsed = time.monotonic() - (stop.received_at or time.monotonic())
+    return max(0.0, min(HUB_WAIT_ON_STOP_S, shutdown_budget_s() - elapsed - 5))
 
 
 def log_step(accelerator: Accelerator, record: dict, metrics_path: Path, progress: Progress, task) -> None:
@@ -203,7 +248,8 @@ def log_step(accelerator: Accelerator, record: dict, metrics_path: Path, progres
         progress.update(task, speed=f"{record['images_per_s']:.0f}", loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
     if "knn_top1" in record:
         progress.update(task, knn=f"{record['knn_top1']:.1f}")
-    details = "  ".join(f"{k} {v:.4g}" for k, v in record.items() if k not in ("step", "epoch"))
+    details = "  ".join(f"{k} {v:.4g}" if isinstance(v, (int, float)) else f"{k} {v}"
+                        for k, v in record.items() if k not in ("step", "epoch"))
     logger.info(f"step {record['step']}/{progress.tasks[0].total}  epoch {record['epoch']}  {details}")
 
 

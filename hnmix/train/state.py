@@ -9,6 +9,7 @@ refuses an incompatible configuration.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -71,6 +72,7 @@ def load_training_state(accelerator: Accelerator, checkpoint: Path, window: Stat
 def save_training_state(accelerator: Accelerator, moco: MoCo, window: StatsWindow, bad_images: RunningCount,
                         guard: NonFiniteGuard, config: TrainConfig, step: int, epoch: int) -> Path:
     """A checkpoint of every rank at `step`, then retention. Every rank calls it."""
+    started = time.perf_counter()
     root = checkpoints_root(config.dir_out)
     state = {"step": step, "epoch": epoch, "num_processes": accelerator.num_processes,
              "queue_sha256_per_rank": gather_object([moco.queue.fingerprint()]),
@@ -79,5 +81,5 @@ def save_training_state(accelerator: Accelerator, moco: MoCo, window: StatsWindo
         TRAINER_STATE: json.dumps(state, indent=1), CONFIG_FILE: config_to_yaml(config)})
     if accelerator.is_main_process:
         prune_checkpoints(root, config.keep_checkpoints)
-    logger.info(f"Saved {checkpoint}")
+    logger.info(f"Saved {checkpoint} in {time.perf_counter() - started:.1f} s")
     return checkpoint

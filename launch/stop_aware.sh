@@ -1,0 +1,27 @@
+# Sourced by the launch scripts: run_stop_aware DIR_OUT COMMAND... runs COMMAND (a launcher) in
+# the background, forwards SIGTERM and SIGINT to it, waits for it to end, and exits 75 when the
+# trainer stopped on a signal after saving (it leaves DIR_OUT/STOPPED), else with COMMAND's code.
+# Launchers do not pass 75 on themselves: torch's elastic agent exits 1 after a signal.
+# Workers get TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds between the agent's SIGTERM and its SIGKILL
+# (torch's default, 30, is shorter than a save plus hnmix's 60 s wait for a Hub upload).
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-150}
+
+run_stop_aware() {
+  local dir_out=$1
+  shift
+  rm -f "$dir_out/STOPPED"
+  "$@" &
+  local launcher=$! status=0
+  trap 'kill -TERM "$launcher" 2>/dev/null' TERM INT
+  wait "$launcher" || status=$?
+  while kill -0 "$launcher" 2>/dev/null; do  # a trapped signal ended `wait` early: wait again
+    status=0
+    wait "$launcher" || status=$?
+  done
+  trap - TERM INT
+  if [ -f "$dir_out/STOPPED" ]; then
+    cat "$dir_out/STOPPED" >&2
+    exit 75
+  fi
+  exit "$status"
+}
