@@ -17,17 +17,37 @@ from timm.models import save_for_hf
 from hnmix.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 
+# What timm's pretrained_cfg says about the ImageNet weights it ships (their tag, paper, origin,
+# licence, download location): none of it is true of an encoder hnmix trained.
+TIMM_WEIGHT_METADATA = ("url", "hf_hub_id", "hf_hub_filename", "tag", "license", "origin_url", "paper_ids",
+                        "paper_name", "notes", "description", "test_input_size", "test_crop_pct", "file")
+HNMIX_PAPER = "arXiv:2010.01028"  # MoCHi (Kalantidis et al., NeurIPS 2020)
+
+
+def encoder_pretrained_cfg(backbone: nn.Module, *, img_size: int) -> dict:
+    """The `pretrained_cfg` of an exported encoder: timm's architecture fields kept, its weights'
+    metadata replaced by hnmix's, and the preprocessing hnmix evaluates with (resize to
+    img_size * 256/224, centre crop img_size, ImageNet mean and std, bilinear)."""
+    cfg = {k: v for k, v in dict(backbone.pretrained_cfg).items() if k not in TIMM_WEIGHT_METADATA}
+    if tuple(cfg.get("input_size", ())[1:]) != (img_size, img_size):
+        cfg.pop("pool_size", None)  # the feature map of another input size
+    return cfg | {"tag": "hnmix", "paper_ids": HNMIX_PAPER, "input_size": (3, img_size, img_size),
+                  "crop_pct": 224 / 256, "crop_mode": "center", "mean": IMAGENET_MEAN, "std": IMAGENET_STD,
+                  "interpolation": "bilinear", "num_classes": 0}
+
+
 def export_encoder(backbone: nn.Module, directory: str | Path, *, img_size: int) -> Path:
     """Save `backbone` (a timm model) to `directory`; returns the directory.
 
-    The preprocessing recorded in config.json is the one hnmix evaluates with: resize to
-    img_size * 256/224, centre crop img_size, ImageNet mean and std. A channels_last backbone is
-    saved from a contiguous copy (safetensors stores contiguous tensors only).
+    config.json carries `encoder_pretrained_cfg` (not timm's claims about its own ImageNet
+    weights). It is set on a copy of the backbone, so `save_for_hf`'s plain signature works with
+    every timm the requirements allow. A channels_last backbone is saved contiguous (safetensors
+    stores contiguous tensors only).
     """
     directory = Path(directory)
+    exported = copy.copy(backbone)  # shallow: the same parameters, its own pretrained_cfg attribute
     if any(not p.is_contiguous() for p in backbone.parameters()):
-        backbone = copy.deepcopy(backbone).to(memory_format=torch.contiguous_format)
-    data_config = {"input_size": (3, img_size, img_size), "crop_pct": 224 / 256,
-                   "mean": IMAGENET_MEAN, "std": IMAGENET_STD, "interpolation": "bilinear"}
-    save_for_hf(backbone, str(directory), safe_serialization=True, data_config=data_config)
+        exported = copy.deepcopy(backbone).to(memory_format=torch.contiguous_format)
+    exported.pretrained_cfg = encoder_pretrained_cfg(backbone, img_size=img_size)
+    save_for_hf(exported, str(directory), safe_serialization=True)
     return directory

@@ -4,8 +4,8 @@
 biases and norm layers): AdamW (the seed's), SGD with momentum (MoCo's; timm's "momentum", since
 timm's "sgd" is Nesterov) or LARS (timm's; the groups without weight decay skip its trust-ratio
 adaptation, as in SimCLR and BYOL). AdamW and SGD use torch's fused kernels where the device has
-them (CUDA, and the CPU too in recent torch), else the foreach ones; timm's LARS has foreach
-kernels only.
+them (CUDA, and the CPU too in recent torch), else the foreach ones; timm's LARS picks its own
+(foreach where its timm has them).
 
 `NonFiniteGuard` skips the optimizer step (and, through `MoCo.momentum_update(apply)`, the key
 encoder's update) on a step whose gradient norm is inf or NaN, and stops a run once
@@ -59,10 +59,8 @@ def make_optimizer(module: nn.Module, *, lr: float, weight_decay: float, device:
     if name not in TIMM_OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {', '.join(TIMM_OPTIMIZERS)}, got {name!r}")
     options = {} if name == "adamw" else {"momentum": momentum}
-    if name in FUSED_OPTIMIZERS and fused_available(device):
-        options["fused"] = True
-    else:
-        options["foreach"] = True
+    if name in FUSED_OPTIMIZERS:  # torch's; timm's LARS takes no kernel choice before timm 1.0.31
+        options["fused" if fused_available(device) else "foreach"] = True
     return create_optimizer_v2(module, opt=TIMM_OPTIMIZERS[name], lr=lr, weight_decay=weight_decay, **options)
 
 

@@ -373,3 +373,16 @@ def test_the_exported_encoder_loads_back_from_the_pushed_repository(tmp_path):
     namespace: dict = {}
     exec(compile(example, "model_card_example", "exec"), namespace)
     assert namespace["features"].shape == (1, backbone.num_features)
+
+
+def test_the_exported_config_is_hnmixs_not_timms_imagenet_weights(tmp_path):
+    import json
+
+    backbone = timm.create_model("resnet18", num_classes=0)  # timm's cfg: tag a1_in1k, arXiv:2110.00476, apache-2.0
+    export_encoder(backbone, tmp_path, img_size=96)
+    cfg = json.loads((tmp_path / "config.json").read_text())["pretrained_cfg"]
+    assert cfg["tag"] == "hnmix" and cfg["paper_ids"] == "arXiv:2010.01028"
+    for claim in ("license", "origin_url", "hf_hub_id", "url", "test_input_size", "pool_size"):
+        assert claim not in cfg, claim
+    assert (cfg["input_size"], cfg["crop_pct"], cfg["interpolation"]) == ([3, 96, 96], 224 / 256, "bilinear")
+    assert backbone.pretrained_cfg["tag"] == "a1_in1k"  # the training model is left as it was
