@@ -95,7 +95,7 @@ def train(config: TrainConfig) -> int:
     check_arch(config.arch)
     check_queue_fits_global_batch(config, accelerator.num_processes)
     config = resolve_lr(config, accelerator.num_processes)
-    checkpoint = checkpoint_to_resume(config)
+    checkpoint = checkpoint_to_resume(config, accelerator.num_processes)
     prepare_dir_out(config, accelerator, resuming=checkpoint is not None)
     pusher = start_hub_pusher(config, accelerator)
 
@@ -164,12 +164,14 @@ def train(config: TrainConfig) -> int:
                 progress.update(task, completed=step)
 
                 record = {}
-                if monitor and step % config.eval_every == 0 and step < end:  # the end's comes after the save
+                if monitor and step % config.eval_every == 0 and step < config.steps:  # the last comes after the save
                     evaluation_started = time.perf_counter()
                     record = evaluate_without_stopping(monitor, moco, accelerator, step)
                     results |= record
                     window_start += time.perf_counter() - evaluation_started  # images/s counts training only
-                if step % config.steps_print == 0 or step == end:
+                # Not at --stop_at: its window goes into the checkpoint, so a resumed run logs as an
+                # uninterrupted one would.
+                if step % config.steps_print == 0 or step == config.steps:
                     record |= {"lr": scheduler.get_last_lr()[0],
                                "images_per_s": global_batch * window_steps / (time.perf_counter() - window_start)}
                     record |= window.mean_over_processes(accelerator)
@@ -179,7 +181,7 @@ def train(config: TrainConfig) -> int:
                     check_bad_fraction(record["bad_samples"], step * global_batch, config.max_bad_fraction,
                                        len(loader.dataset))
                     window_start, window_steps = time.perf_counter(), 0
-                if record and step == end:
+                if record and step == config.steps:
                     final_record = {"step": step, "epoch": epoch} | record  # logged with the final evaluation
                 elif record:
                     log_step(accelerator, {"step": step, "epoch": epoch} | record, metrics_path, progress, task)

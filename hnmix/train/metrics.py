@@ -42,13 +42,28 @@ class StatsWindow:
         self.sums, self.counts = {}, {}
         return means
 
-    def state(self, accelerator: Accelerator) -> dict[str, list]:
-        """{name: [sum averaged over processes, count]} for a checkpoint. Every rank calls it."""
-        return {name: [total, self.counts[name]] for name, total in self._sums_over_processes(accelerator).items()}
+    def state(self, accelerator: Accelerator) -> dict[str, Any]:
+        """For a checkpoint: every rank's own sums (so that a resume on as many processes adds to
+        exactly the same float32 values as the uninterrupted run) and the counts. Every rank calls it."""
+        names = sorted(self.sums)
+        if not names:
+            return {"names": [], "per_rank": [], "counts": {}}
+        per_rank = accelerator.gather(torch.stack([self.sums[n] for n in names]).float().unsqueeze(0))
+        return {"names": names, "per_rank": per_rank.tolist(), "counts": dict(self.counts)}
 
-    def load_state(self, state: dict[str, list], device: torch.device) -> None:
-        self.sums = {name: torch.tensor(total, dtype=torch.float32, device=device) for name, (total, _) in state.items()}
-        self.counts = {name: count for name, (_, count) in state.items()}
+    def load_state(self, state: dict[str, Any], device: torch.device, *, rank: int, world: int) -> None:
+        """Restore `state()`. On the same number of processes each rank gets its own sums back; on
+        another, every rank gets their mean, which keeps the window's mean over processes."""
+        if "per_rank" not in state:  # a checkpoint of hnmix 0.1: {name: [mean over ranks, count]}
+            state = {"names": sorted(state), "per_rank": [[state[n][0] for n in sorted(state)]],
+                     "counts": {n: count for n, (_, count) in state.items()}}
+        if not state["names"]:
+            self.sums, self.counts = {}, {}
+            return
+        rows = torch.tensor(state["per_rank"], dtype=torch.float32).reshape(-1, len(state["names"]))
+        mine = rows[rank] if rows.shape[0] == world else rows.mean(dim=0)
+        self.sums = {name: value.to(device) for name, value in zip(state["names"], mine)}
+        self.counts = dict(state["counts"])
 
 
 class RunningCount:

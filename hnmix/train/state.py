@@ -40,17 +40,34 @@ from hnmix.train.optim import NonFiniteGuard
 logger = get_logger("hnmix")
 
 
-def checkpoint_to_resume(config: TrainConfig) -> Optional[Path]:
-    """The checkpoint `--resume` names, or None; refuses one saved with an incompatible config."""
+def checkpoint_to_resume(config: TrainConfig, num_processes: int) -> Optional[Path]:
+    """The checkpoint `--resume` names, or None; refuses one saved with an incompatible config.
+
+    Another number of processes is allowed when the global batch stays the same (2 x 128 ->
+    4 x 64): the run goes on at the same sample of the same epoch order, with the saved queue.
+    Any other change of the global batch is refused with the batch the checkpoint needs."""
     checkpoint = resolve_resume(config.resume, config.dir_out) if config.resume else None
-    if checkpoint is not None:
-        saved = yaml.safe_load((checkpoint / CONFIG_FILE).read_text())
-        differences = config_differences(saved, config)
-        if differences:
-            raise ConfigError(f"cannot resume {checkpoint} with a different configuration: {'; '.join(differences)}")
-        allowed = [d for d in config_differences(saved, config, resumable=True) if not d.startswith("resume:")]
-        if allowed:
-            logger.info(f"Resuming with changed options: {'; '.join(allowed)}")
+    if checkpoint is None:
+        return None
+    saved = yaml.safe_load((checkpoint / CONFIG_FILE).read_text())
+    saved_processes = int(read_trainer_state(checkpoint).get("num_processes", num_processes))
+    saved_global, global_batch = saved["batch_size"] * saved_processes, config.batch_size * num_processes
+    if global_batch != saved_global:
+        per_process = f"--batch_size {saved_global // num_processes}" if saved_global % num_processes == 0 else (
+            f"a number of processes that divides {saved_global}")
+        raise ConfigError(f"cannot resume {checkpoint} with global batch {global_batch} ({config.batch_size} x "
+                          f"{num_processes} processes): it was trained with {saved_global} ({saved['batch_size']} x "
+                          f"{saved_processes}); keep the global batch, e.g. {per_process}")
+    differences = config_differences(saved | {"batch_size": config.batch_size}, config)
+    if differences:
+        raise ConfigError(f"cannot resume {checkpoint} with a different configuration: {'; '.join(differences)}")
+    allowed = [d for d in config_differences(saved, config, resumable=True) if not d.startswith("resume:")]
+    if saved_processes != num_processes:
+        allowed.append(f"processes: {saved_processes} -> {num_processes} (batch_size {saved['batch_size']} -> "
+                       f"{config.batch_size}, global batch {global_batch} unchanged; the views and shuffle BN of the "
+                       f"steps to come differ from the uninterrupted run's, the samples and the queue do not)")
+    if allowed:
+        logger.info(f"Resuming with changed options: {'; '.join(allowed)}")
     return checkpoint
 
 
@@ -60,7 +77,8 @@ def load_training_state(accelerator: Accelerator, checkpoint: Path, window: Stat
     (logged before a crash, not covered by the checkpoint) leave metrics.jsonl."""
     accelerator.load_state(str(checkpoint))
     state = read_trainer_state(checkpoint)
-    window.load_state(state["stats_window"], accelerator.device)
+    window.load_state(state["stats_window"], accelerator.device, rank=accelerator.process_index,
+                      world=accelerator.num_processes)
     bad_images.counted = state["bad_samples"]
     guard.load_state(state)
     if accelerator.is_main_process:
