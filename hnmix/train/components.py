@@ -132,6 +132,16 @@ def requested_trackers(report_to: str) -> list[str]:
     return names
 
 
+def use_deterministic_algorithms() -> None:
+    """torch's deterministic mode for --deterministic: deterministic kernels wherever torch has them
+    (among them `scatter_add_`, which the mixing backward and the kNN vote use, and cuDNN's
+    convolutions) and an error where it has none; cuBLAS needs its workspace configured before
+    its first call."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+
+
 def make_accelerator(config: TrainConfig) -> Accelerator:
     if config.device not in (None, "cpu"):
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:

@@ -76,6 +76,7 @@ class TrainConfig:
     max_nonfinite_steps: int = option(10, "Stop after this many consecutive steps with a non-finite loss or gradient (each is skipped; fp16 uses loss scaling instead).")
     mixed_precision: Optional[str] = option(None, "no|fp16|bf16 (default: the accelerate config).", choices=MIXED_PRECISION)
     compile: bool = option(False, "torch.compile the two encoders (the queue, the mixing and the loss stay eager).")
+    deterministic: bool = option(False, "torch's deterministic algorithms (cuDNN and cuBLAS included, CUBLAS_WORKSPACE_CONFIG set): a run and its resume repeat their losses exactly on CUDA too, somewhat slower.")
     keep_checkpoints: int = option(3, "Keep the newest N checkpoints (0: keep all).")
     report_to: str = option("none", "Trackers for Accelerate: none, all, tensorboard, wandb, ... (comma separated).")
     config: Optional[str] = option(None, "YAML file of options (long names as keys); flags override it.")
@@ -114,7 +115,7 @@ class TrainConfig:
 RESUMABLE_CHANGES = ("overwrite_dir_out", "steps", "stop_at", "steps_print", "steps_save", "keep_checkpoints", "num_workers", "resume", "config",
                      "report_to", "dir_data", "dir_out", "device", "eval_every", "eval_max_samples",
                      "push_to_hub", "hub_model_id", "hub_private", "hub_strategy", "max_bad_fraction",
-                     "max_nonfinite_steps", "augment_device", "compile")
+                     "max_nonfinite_steps", "augment_device", "compile", "deterministic")
 
 
 def _field_type(f: dataclasses.Field) -> type:

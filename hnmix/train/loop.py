@@ -48,6 +48,7 @@ from hnmix.train.components import (
     resolve_curriculum,
     resolve_lr,
     start_hub_pusher,
+    use_deterministic_algorithms,
 )
 from hnmix.train.config import (
     CONFIG_FILE,
@@ -56,6 +57,8 @@ from hnmix.train.config import (
     config_to_yaml,
     parse_config,
 )
+from hnmix.pictures.curves import CURVES_FILE, refresh_curves
+from hnmix.train.log_lines import format_details, format_record, tracker_locations
 from hnmix.train.metrics import RunningCount, StatsWindow, append_record
 from hnmix.train.optim import NonFiniteGuard
 from hnmix.train.preemption import (
@@ -71,6 +74,7 @@ from hnmix.train.state import (
     load_training_state,
     save_training_state,
 )
+from hnmix.train.summary import print_summary
 
 logger = get_logger("hnmix")
 HUB_WAIT_S = 900  # the end of training waits this long for the last upload
@@ -88,6 +92,8 @@ def check_bad_fraction(bad: int, seen: int, max_bad_fraction: float, dataset_siz
 def train(config: TrainConfig) -> int:
     """Train as `config` says; returns 0, or EXIT_STOPPED after a signal and a checkpoint."""
     follow_the_launcher()
+    if config.deterministic:
+        use_deterministic_algorithms()
     accelerator = make_accelerator(config)
     quiet_other_processes(accelerator)
     dir_out = Path(config.dir_out)
@@ -126,7 +132,8 @@ def train(config: TrainConfig) -> int:
     logger.info(f"Training {config.arch} on {config.dataset} ({steps_per_epoch} steps per epoch) with "
                 f"{accelerator.num_processes} process(es), global batch {global_batch}, "
                 f"mixed precision {accelerator.mixed_precision}, photometric augmentation on "
-                f"{'the accelerator' if photometric else 'the CPU workers'}, from step {step} to {end} of {config.steps}")
+                f"{'the accelerator' if photometric else 'the CPU workers'}, deterministic algorithms "
+                f"{'on' if torch.are_deterministic_algorithms_enabled() else 'off'}, from step {step} to {end} of {config.steps}")
     results: dict = {"global_batch": global_batch}
     saved = checkpoint
     progress = Progress(

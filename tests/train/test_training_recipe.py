@@ -85,3 +85,14 @@ def test_the_command_line_refuses_a_late_start_with_one_line_and_exit_2(tmp_path
     result = run_train(*TINY, "-s", "2", "-st2h", "5", "-do", str(tmp_path))
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("hnmix: error: option start2_hard=5 is at or past")
+
+
+def test_deterministic_runs_under_torchs_deterministic_mode_and_repeats_its_losses(tmp_path):
+    options = [*TINY, *QUIET, "-s", "3", "--deterministic"]
+    first = run_train(*options, "-do", str(tmp_path / "a"), "-sp", "1")
+    second = run_train(*options, "-do", str(tmp_path / "b"), "-sp", "1")
+    assert first.returncode == 0 and second.returncode == 0, first.stderr[-2000:]
+    assert losses(tmp_path / "a") == losses(tmp_path / "b")
+    assert "deterministic algorithms on" in " ".join(first.stderr.split())
+    probe = run_train("--help")  # the option is documented
+    assert "--deterministic" in probe.stdout
