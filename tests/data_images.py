@@ -101,3 +101,14 @@ def raises_one_line(function, *args, **kwargs) -> str:
 
 def pixels(image: Image.Image) -> np.ndarray:
     return np.asarray(image, dtype=np.int64)
+
+
+def write_folder_with_corrupt_files(root: Path, *, good: int, corrupt: int) -> Path:
+    """An image folder of two classes: `good` PNGs and `corrupt` truncated JPEGs in class_0."""
+    for i in range(good):
+        folder = root / f"class_{i % 2}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (40, 36), (7 * i % 256, 100, 50)).save(folder / f"{i}.png")
+    for i in range(corrupt):
+        (root / "class_0" / f"truncated_{i}.jpg").write_bytes(b"\xff\xd8\xff\xe0 then nothing")
+    return root

@@ -3,10 +3,17 @@
 - `EvalImages`, `make_eval_loader`: a split as deterministic, evaluation-transformed images.
 - `extract_features`: a backbone run over a DataLoader prepared by Accelerate, gathered across
   processes so that every sample counts once, in dataset order.
+
+An image that cannot be read is skipped and counted, never the end of an evaluation (or of the
+training that runs one): `EvalImages` returns it as a blank image labelled `UNREADABLE`, and
+`extract_features` drops those rows and says how many it dropped.
+
+Logging goes through the standard `logging` module (DataLoader workers have no Accelerate state).
 """
 
 from __future__ import annotations
 
+import logging
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -20,7 +27,24 @@ from accelerate import Accelerator
 from hnmix.data.images import to_rgb
 from hnmix.data.transforms import eval_transform
 from hnmix.data.two_views import DECODE_ERRORS, TwoViewDataset
-from hnmix.errors import DataError
+from hnmix.errors import DataError, first_line
+
+logger = logging.getLogger(__name__)
+UNREADABLE = -1  # the label of an image that could not be read
+_WARNINGS_PER_PROCESS = 5
+_warned = 0
+
+
+class ExtractedFeatures(tuple):
+    """(features [N, D] float32, labels [N] int64) of the readable images, in dataset order, with
+    `skipped`: how many images of the split could not be read (left out)."""
+
+    skipped: int
+
+    def __new__(cls, features: torch.Tensor, labels: torch.Tensor, skipped: int) -> "ExtractedFeatures":
+        extracted = super().__new__(cls, (features, labels))
+        extracted.skipped = skipped
+        return extracted
 
 
 @contextmanager
@@ -49,8 +73,9 @@ def main_process_buffers(module: nn.Module, accelerator: Accelerator) -> Iterato
 @torch.no_grad()
 def extract_features(
     backbone: nn.Module, loader: torch.utils.data.DataLoader, accelerator: Accelerator
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run `backbone` over `loader` -> (features [N, D] float32, labels [N] int64) on every rank.
+) -> ExtractedFeatures:
+    """Run `backbone` over `loader` -> (features [N, D] float32, labels [N] int64) on every rank,
+    without the images that could not be read (their number: `.skipped`).
 
     `loader` yields (images [B, 3, H, W], labels [B]) and must be prepared by `accelerator`
     (`accelerator.prepare(loader)`): each process then sees a shard, and
@@ -77,7 +102,12 @@ def extract_features(
         backbone.train(was_training)
     if not features:
         raise DataError("the evaluation loader yielded no batches; pass a split that holds images")
-    return torch.cat(features), torch.cat(labels)
+    features, labels = torch.cat(features), torch.cat(labels)
+    readable = labels != UNREADABLE
+    skipped = int((~readable).sum())
+    if skipped == labels.numel():
+        raise DataError(f"none of the {skipped} evaluation images could be read; check the split's image files")
+    return ExtractedFeatures(features[readable], labels[readable], skipped)
 
 
 class EvalImages(TwoViewDataset):
@@ -93,15 +123,27 @@ class EvalImages(TwoViewDataset):
         self.transform = eval_transform(img_size)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        """(image [3, S, S], label); a blank image labelled UNREADABLE when it cannot be read."""
         index = int(index)
         row = self._read_row(index)
-        image = self._open(row[self.image_column], index)
         try:
-            return self.transform(to_rgb(image)), int(row[self.label_column])
-        except DECODE_ERRORS as error:
-            raise self._unreadable(index, error) from None
-        finally:
-            image.close()
+            image = self._open(row[self.image_column], index)
+            try:
+                return self.transform(to_rgb(image)), int(row[self.label_column])
+            finally:
+                image.close()
+        except (DataError, *DECODE_ERRORS) as error:
+            _warn_skipped(error if isinstance(error, DataError) else self._unreadable(index, error))
+            return torch.zeros(3, self.img_size, self.img_size), UNREADABLE
+
+
+def _warn_skipped(error: DataError) -> None:
+    """Name the first few unreadable evaluation images of this (worker) process."""
+    global _warned
+    _warned += 1
+    if _warned <= _WARNINGS_PER_PROCESS:
+        more = "; further ones are only counted" if _warned == _WARNINGS_PER_PROCESS else ""
+        logger.warning(f"{first_line(error)}; skipped in the evaluation (eval_bad_samples){more}")
 
 
 def make_eval_loader(images: EvalImages, *, batch_size: int, num_workers: int) -> torch.utils.data.DataLoader:

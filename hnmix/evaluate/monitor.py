@@ -46,13 +46,17 @@ class KnnMonitor:
 
     def evaluate(self, backbone: nn.Module, accelerator: Accelerator) -> dict[str, float]:
         """{"knn_top1", "knn_top5"} in percent for `backbone` (e.g. `MoCoEncoder.backbone`:
-        features before the projection head). Call it on every rank."""
-        bank_features, bank_labels = extract_features(backbone, self.bank_loader, accelerator)
-        query_features, query_labels = extract_features(backbone, self.query_loader, accelerator)
+        features before the projection head), and "eval_bad_samples" (images of either split that
+        could not be read, left out) when there were any. Call it on every rank."""
+        bank = extract_features(backbone, self.bank_loader, accelerator)
+        queries = extract_features(backbone, self.query_loader, accelerator)
+        (bank_features, bank_labels), (query_features, query_labels) = bank, queries
         result = None
         if accelerator.is_main_process:
             result = knn_accuracy(bank_features, bank_labels, query_features, query_labels,
                                   num_classes=self.num_classes, k=self.k, temperature=self.temperature)
+            if bank.skipped + queries.skipped:
+                result["eval_bad_samples"] = bank.skipped + queries.skipped
         return broadcast_from_main(result, accelerator)
 
 

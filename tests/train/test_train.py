@@ -14,6 +14,7 @@ import timm
 import torch
 from PIL import Image
 from safetensors.torch import load_file
+from data_images import write_folder_with_corrupt_files
 from tiny_run import TINY, checkpoints, losses, metrics, run_train
 
 from launch import REPO, accelerate_launch
@@ -251,16 +252,6 @@ def test_a_failed_save_stops_with_one_line_and_keeps_the_previous_checkpoint(tmp
     assert checkpoints(tmp_path) == ["step_00000002"]  # the partial step-4 save is gone
     assert load_file(tmp_path / "checkpoints/step_00000002/model.safetensors")["queue.ptr"].item() == 16
     assert [r["step"] for r in metrics(tmp_path)] == [1, 2, 3, 4]
-
-
-def write_folder_with_corrupt_files(root: Path, *, good: int, corrupt: int) -> Path:
-    for i in range(good):
-        folder = root / f"class_{i % 2}"
-        folder.mkdir(parents=True, exist_ok=True)
-        Image.new("RGB", (40, 36), (7 * i % 256, 100, 50)).save(folder / f"{i}.png")
-    for i in range(corrupt):
-        (root / "class_0" / f"truncated_{i}.jpg").write_bytes(b"\xff\xd8\xff\xe0 then nothing")
-    return root
 
 
 def test_five_percent_corrupt_files_train_to_the_end_and_are_counted(tmp_path):
