@@ -1,12 +1,16 @@
-"""`python -m hnmix.evaluate MODEL --protocol knn|linear`: frozen-feature evaluation from the command line.
+"""`python -m hnmix.evaluate MODEL --protocol knn|linear|lincls`: evaluation of a frozen encoder from the command line.
 
-The math is in `hnmix.evaluate.probes`, the splits and features in `hnmix.evaluate.splits` and
-`hnmix.evaluate.features`, the models in `hnmix.evaluate.models`. Protocol, in short: the kNN
-bank is the train split and its queries the held-out split (the dataset's `validation` split,
-else a fixed stratified part of the train split). The linear probe trains on the train split,
-picks lr and weight decay on the held-out split, and reports on `test` (when there is no test
-split the held-out split doubles as test, which flatters the number; the JSON says which split
-played which role).
+The math is in `hnmix.evaluate.probes` and `hnmix.evaluate.lincls`, the splits and features in
+`hnmix.evaluate.splits` and `hnmix.evaluate.features`, the models in `hnmix.evaluate.models`.
+Protocols, in short:
+- knn (fast): the bank is the train split and its queries the held-out split (the dataset's
+  `validation` split, else a fixed stratified part of the train split).
+- linear (fast probe, precomputed centre-crop features): trains on the train split, picks lr and
+  weight decay on a selection split and reports on `test`; without a test split it reports the
+  held-out split and selects on a second stratified part of the train split, so the reported
+  split never takes part in the choice (the JSON says which split played which role).
+- lincls (the papers' linear evaluation, `hnmix.evaluate.lincls`): SGD on augmented views of the
+  train split through the frozen backbone, reported on `test`, else the held-out split.
 
 Logging goes through the standard `logging` module; results on several processes are computed on
 the main process and broadcast, so every rank returns the same numbers.
@@ -32,6 +36,13 @@ from accelerate.utils import set_seed
 
 from hnmix.errors import ConfigError, HnmixError
 from hnmix.evaluate.features import EvalImages, extract_features, make_eval_loader
+from hnmix.evaluate.lincls import (
+    SCHEDULES,
+    AugmentedImages,
+    LinclsSettings,
+    check_lincls_dir,
+    train_lincls,
+)
 from hnmix.evaluate.models import LoadedModel, load_backbone
 from hnmix.evaluate.monitor import broadcast_from_main
 from hnmix.evaluate.probes import (
@@ -40,12 +51,18 @@ from hnmix.evaluate.probes import (
     knn_accuracy,
     train_linear_probe,
 )
-from hnmix.evaluate.splits import DEFAULT_SEED, load_eval_splits
+from hnmix.evaluate.splits import DEFAULT_SEED, EvalSplits, load_eval_splits
 
 logger = logging.getLogger("hnmix.evaluate")  # not __name__: that is "__main__" under python -m
 
 
 DEFAULT_DATASET = "ilee0022/Caltech-256"
+
+
+def default_num_workers() -> int:
+    """4, or fewer on a machine with fewer usable cores (more only compete, and torch warns)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(4, cores))
 
 
 def _split_size(text: str) -> Union[int, float]:
@@ -69,14 +86,19 @@ def _float_list(text: str) -> tuple[float, ...]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m hnmix.evaluate",
-        description="kNN or linear-probe accuracy of a frozen encoder on a labelled dataset. "
-        "Run it as `accelerate launch -m hnmix.evaluate ...` to share the feature extraction among processes.",
+        description="Accuracy of a frozen encoder on a labelled dataset: kNN and a fast linear probe, or the "
+        "linear evaluation that MoCo, MoCHi, solo-learn and lightly report (lincls). "
+        "Run it as `accelerate launch -m hnmix.evaluate ...` to share the work among processes.",
     )
     parser.add_argument("model", help="a checkpoint directory (DIR_OUT/checkpoints/step_N), an exported encoder "
                         "folder (DIR_OUT/encoder), a Hub id (hf-hub:owner/name or owner/name) or a timm model name")
-    parser.add_argument("--protocol", choices=("knn", "linear"), default="knn", help="(default: knn)")
+    parser.add_argument("--protocol", choices=("knn", "linear", "lincls"), default="knn",
+                        help="knn and linear are fast probes on precomputed centre-crop features; lincls trains "
+                        "a linear classifier on augmented views through the frozen backbone, the number the "
+                        "papers report (default: knn)")
     parser.add_argument("--pretrained", action="store_true", help="a timm model name: use timm's pretrained weights")
-    data = parser.add_argument_group("DATA (defaults: a checkpoint's training config, else the values shown)")
+    data = parser.add_argument_group("DATA (defaults: the training run's config.yaml (a checkpoint's, or the one "
+                                     "beside an exported encoder, else its model card), else the values shown)")
     data.add_argument("--dataset", help=f"Hub id, local dataset repo, image folder, save_to_disk directory, or "
                       f"`synthetic` (default: {DEFAULT_DATASET})")
     data.add_argument("--split", help="the train split: kNN bank / linear training data (default: train)")
@@ -86,16 +108,18 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--dir_data", help="cache directory of `datasets`")
     data.add_argument("--seed", type=int, help=f"seed of synthetic data, the held-out split, subsets, the linear "
                       f"probe and a random-init timm model (default: {DEFAULT_SEED})")
-    data.add_argument("--img_size", type=int, help="evaluation crop (default: the checkpoint's img_size, the "
-                      "encoder's input_size, else 224)")
+    data.add_argument("--img_size", "-i", type=int, help="evaluation crop (default: the training run's img_size, "
+                      "the encoder's input_size, else 224)")
     data.add_argument("--eval_split_size", type=_split_size, default=0.1, help="held-out part of the train split "
                       "when there is no validation split: a fraction or a count (default: 0.1)")
     data.add_argument("--eval_max_samples", type=int, help="at most this many images per split, a seeded subset "
                           "(default: all)")
     data.add_argument("--batch_size", type=int, default=128, help="per process (default: 128)")
-    data.add_argument("--num_workers", type=int, default=4, help="DataLoader workers per process (default: 4)")
+    workers = default_num_workers()
+    data.add_argument("--num_workers", type=int, default=workers,
+                      help=f"DataLoader workers per process (default: 4, at most the CPU cores: {workers} here)")
     data.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), help="(default: the accelerate config)")
-    proto = parser.add_argument_group("PROTOCOLS")
+    proto = parser.add_argument_group("FAST PROBES (--protocol knn, linear: precomputed centre-crop features)")
     proto.add_argument("--knn_k", type=int, default=200, help="neighbours (default: 200)")
     proto.add_argument("--knn_temperature", type=float, default=0.1, help="vote weight exp(sim / T) (default: 0.1)")
     proto.add_argument("--linear_lrs", type=_float_list, default=LINEAR_LRS,
@@ -104,8 +128,30 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"L2 penalties to choose from (default: {','.join(map(str, LINEAR_WEIGHT_DECAYS))})")
     proto.add_argument("--linear_epochs", type=int, default=10, help="(default: 10)")
     proto.add_argument("--linear_batch_size", type=int, default=256, help="(default: 256)")
+    lincls = parser.add_argument_group(
+        "LINCLS (--protocol lincls; defaults: facebookresearch/moco main_lincls.py)",
+        "A linear classifier on the frozen backbone (eval mode: BatchNorm keeps its running statistics), trained "
+        "with SGD on RandomResizedCrop(img_size, scale 0.08-1) + flip views, recomputed every epoch; top-1/top-5 "
+        "on the test split (else the held-out split) through the centre crop. Saved after every epoch.")
+    lincls.add_argument("--lincls_epochs", type=int, default=100, help="(default: 100)")
+    lincls.add_argument("--lincls_lr", type=float, default=30.0, help="SGD learning rate (default: 30.0)")
+    lincls.add_argument("--lincls_batch_size", type=int, default=256,
+                        help="global batch, all processes together (default: 256)")
+    lincls.add_argument("--lincls_weight_decay", type=float, default=0.0, help="(default: 0)")
+    lincls.add_argument("--lincls_momentum", type=float, default=0.9, help="(default: 0.9)")
+    lincls.add_argument("--lincls_schedule", choices=SCHEDULES, default="step",
+                        help="step: lr x0.1 at 60%% and 80%% of the epochs (60 and 80 of 100); cosine: per-epoch "
+                        "cosine decay to 0 (default: step)")
+    lincls.add_argument("--lincls_dir", help="where the classifier (classifier.safetensors), its training state and "
+                        "metrics.jsonl go (default: MODEL/lincls for a checkpoint or encoder directory; required "
+                        "for a Hub or timm model)")
+    lincls.add_argument("--resume", action="store_true", help="continue the lincls run saved in --lincls_dir "
+                        "(after its last complete epoch); a finished run is only evaluated again")
+    lincls.add_argument("--lincls_stop_at", type=int, help="stop after this many epochs without changing the "
+                        "schedule, to --resume later (default: lincls_epochs)")
     parser.add_argument("--json", help="where to write the results (default: MODEL/evaluation_PROTOCOL.json for a "
-                        "checkpoint or encoder directory, no file for a Hub or timm model)")
+                        "checkpoint or encoder directory; LINCLS_DIR/evaluation_lincls.json for lincls on a Hub or timm model; "
+                        "else no file)")
     return parser
 
 
@@ -122,10 +168,21 @@ class EvalOptions:
     dir_data: Optional[str]
     seed: int
     img_size: int
+    lincls: Optional[LinclsSettings] = None  # --protocol lincls only
+    lincls_dir: Optional[Path] = None
+
+    def lincls_identity(self, model: LoadedModel) -> dict[str, Any]:
+        """What a resumed lincls run must share with the saved one: its settings and its data."""
+        assert self.lincls is not None
+        return self.lincls.identity() | {
+            "arch": model.arch, "dataset": self.dataset, "split": self.split, "image_column": self.image_column,
+            "label_column": self.label_column, "synthetic_size": self.synthetic_size, "img_size": self.img_size,
+            "eval_split_size": self.args.eval_split_size, "eval_max_samples": self.args.eval_max_samples}
 
 
-def resolve_options(args: argparse.Namespace, model: LoadedModel) -> EvalOptions:
-    """Flags win; then a checkpoint's training config; then hnmix's defaults."""
+def resolve_options(args: argparse.Namespace, model: LoadedModel, num_processes: int = 1) -> EvalOptions:
+    """Flags win; then the training run's config (a checkpoint's, or the one beside an exported
+    encoder); then hnmix's defaults. Bad values are one-line ConfigErrors."""
     trained = model.train_config
 
     def pick(name: str, default: Any) -> Any:
@@ -150,14 +207,31 @@ def resolve_options(args: argparse.Namespace, model: LoadedModel) -> EvalOptions
         raise ConfigError(f"option knn_temperature must be > 0, got {args.knn_temperature}")
     if args.protocol == "linear" and not (args.linear_lrs and args.linear_weight_decays):
         raise ConfigError("options linear_lrs and linear_weight_decays need at least one value each")
+    if args.protocol == "lincls":
+        options.lincls = LinclsSettings(
+            epochs=args.lincls_epochs, lr=args.lincls_lr, batch_size=args.lincls_batch_size,
+            weight_decay=args.lincls_weight_decay, momentum=args.lincls_momentum, schedule=args.lincls_schedule,
+            seed=options.seed, stop_at=args.lincls_stop_at)
+        options.lincls.check(num_processes)
+        if args.lincls_dir:
+            options.lincls_dir = Path(args.lincls_dir).expanduser()
+        elif model.kind in ("checkpoint", "encoder"):
+            options.lincls_dir = Path(model.source) / "lincls"
+        else:
+            raise ConfigError(f"--protocol lincls on {model.source} needs --lincls_dir DIR: where the classifier "
+                              "and its training state are saved")
+    elif args.resume or args.lincls_stop_at is not None or args.lincls_dir:
+        raise ConfigError("options resume, lincls_stop_at and lincls_dir belong to --protocol lincls")
     return options
 
 
-def default_json_path(args: argparse.Namespace, model: LoadedModel) -> Optional[Path]:
+def default_json_path(args: argparse.Namespace, model: LoadedModel, options: EvalOptions) -> Optional[Path]:
     if args.json:
         return Path(args.json)
     if model.kind in ("checkpoint", "encoder"):
         return Path(model.source) / f"evaluation_{args.protocol}.json"
+    if options.lincls_dir is not None:
+        return options.lincls_dir / "evaluation_lincls.json"
     return None
 
 
@@ -168,34 +242,63 @@ def run_evaluation(args: argparse.Namespace) -> dict[str, Any]:
     set_seed(args.seed if args.seed is not None else DEFAULT_SEED)  # a random-init baseline: the same weights on every rank
     with accelerator.main_process_first():
         model = load_backbone(args.model, pretrained=args.pretrained)
-    options = resolve_options(args, model)
-    json_path = default_json_path(args, model)
+    options = resolve_options(args, model, accelerator.num_processes)
+    json_path = default_json_path(args, model, options)
     if json_path is not None:
         _check_writable(json_path)  # on every rank, before the work: all ranks stop together
+    resume_from = None
+    if options.lincls is not None:
+        resume_from = check_lincls_dir(options.lincls_dir, options.lincls_identity(model), resume=args.resume)
     with accelerator.main_process_first():
         splits = load_eval_splits(
             options.dataset, split=options.split, image_column=options.image_column,
             label_column=options.label_column, eval_split_size=args.eval_split_size,
             max_samples=args.eval_max_samples, seed=options.seed, cache_dir=options.dir_data,
-            synthetic_size=options.synthetic_size, with_test=args.protocol == "linear",
+            synthetic_size=options.synthetic_size, with_test=args.protocol == "lincls",
+            with_selection=args.protocol == "linear",
         )
     backbone = model.backbone.to(accelerator.device)
+    settings: dict[str, Any] = {"img_size": options.img_size, "batch_size": args.batch_size,
+                                "eval_split_size": args.eval_split_size, "eval_max_samples": args.eval_max_samples,
+                                "seed": options.seed, "mixed_precision": accelerator.mixed_precision,
+                                "num_processes": accelerator.num_processes}
+    roles = {"knn": ("train", "held_out"), "linear": ("train", "selection", "test"), "lincls": ("train", "test")}
+    if options.lincls is not None:
+        started = time.perf_counter()
+        columns = dict(image_column=splits.image_column, label_column=splits.label_column, img_size=options.img_size)
+        metrics = train_lincls(
+            backbone, AugmentedImages(splits.train, **columns, seed=options.seed),
+            EvalImages(splits.reported, **columns), accelerator, num_classes=splits.num_classes,
+            settings=options.lincls, lincls_dir=options.lincls_dir, resume_from=resume_from,
+            identity=options.lincls_identity(model), num_workers=args.num_workers, eval_batch_size=args.batch_size,
+            metadata={"arch": model.arch, "model": model.source, "num_classes": str(splits.num_classes),
+                      "img_size": str(options.img_size)})
+        metrics["seconds_protocol"] = time.perf_counter() - started
+        settings |= {f"lincls_{k}": v for k, v in options.lincls.identity().items() if k != "seed"}
+        settings |= {"lincls_milestones": list(options.lincls.milestones()) if options.lincls.schedule == "step"
+                     else None, "lincls_stop_at": options.lincls.stop_at, "lincls_resumed": resume_from is not None}
+        return _finish(accelerator, args, model, options, splits, roles["lincls"], metrics, settings, json_path)
+
+    unreadable = [0]  # images skipped over all splits
 
     def features_of(dataset: datasets.Dataset) -> tuple[torch.Tensor, torch.Tensor]:
         images = EvalImages(dataset, image_column=splits.image_column, label_column=splits.label_column,
                             img_size=options.img_size)
         loader = accelerator.prepare(make_eval_loader(images, batch_size=args.batch_size, num_workers=args.num_workers))
-        return extract_features(backbone, loader, accelerator)
+        extracted = extract_features(backbone, loader, accelerator)
+        unreadable[0] += extracted.skipped
+        return extracted
 
     started = time.perf_counter()
     train_f, train_y = features_of(splits.train)
-    held_f, held_y = features_of(splits.held_out)
-    test_f, test_y = features_of(splits.test) if splits.test is not None else (held_f, held_y)
+    if args.protocol == "knn":
+        held_f, held_y = features_of(splits.held_out)
+    else:
+        selection_f, selection_y = features_of(splits.selection)
+        test_f, test_y = features_of(splits.reported)
     extraction_s = time.perf_counter() - started
-    settings: dict[str, Any] = {"img_size": options.img_size, "batch_size": args.batch_size,
-                                "eval_split_size": args.eval_split_size, "eval_max_samples": args.eval_max_samples,
-                                "seed": options.seed, "mixed_precision": accelerator.mixed_precision,
-                                "num_processes": accelerator.num_processes}
+    if unreadable[0]:
+        logger.warning(f"{unreadable[0]} image(s) could not be read and were left out (the first are named above)")
     metrics = None
     if accelerator.is_main_process:
         started = time.perf_counter()
@@ -207,17 +310,25 @@ def run_evaluation(args: argparse.Namespace) -> dict[str, Any]:
             settings |= {"linear_lrs": list(args.linear_lrs), "linear_weight_decays": list(args.linear_weight_decays),
                          "linear_epochs": args.linear_epochs, "linear_batch_size": args.linear_batch_size,
                          "linear_features": "standardised with the fitting split's mean and std",
-                         "linear_refit_on_train_and_val": splits.test is not None}
-            metrics = train_linear_probe(train_f, train_y, held_f, held_y, test_f, test_y,
+                         "linear_refit_on_train_and_selection": True}
+            # The selection split is never the reported one (see load_eval_splits' with_selection).
+            metrics = train_linear_probe(train_f, train_y, selection_f, selection_y, test_f, test_y,
                                          num_classes=splits.num_classes, lrs=args.linear_lrs,
                                          weight_decays=args.linear_weight_decays, epochs=args.linear_epochs,
                                          batch_size=args.linear_batch_size, seed=options.seed,
-                                         refit_on_train_and_val=splits.test is not None)
-        metrics |= {"seconds_features": extraction_s, "seconds_protocol": time.perf_counter() - started}
+                                         refit_on_train_and_val=True)
+        metrics |= {"seconds_features": extraction_s, "seconds_protocol": time.perf_counter() - started,
+                    "eval_bad_samples": unreadable[0]}
     metrics = broadcast_from_main(metrics, accelerator)
+    return _finish(accelerator, args, model, options, splits, roles[args.protocol], metrics, settings, json_path)
+
+
+def _finish(accelerator: Accelerator, args: argparse.Namespace, model: LoadedModel, options: EvalOptions,
+            splits: EvalSplits, roles: Sequence[str], metrics: dict[str, Any], settings: dict[str, Any],
+            json_path: Optional[Path]) -> dict[str, Any]:
+    """The report (`metrics` + what was evaluated, on which splits, how), written and printed by the main process."""
     report = {**metrics, "protocol": args.protocol, "model": model.describe(),
-              "dataset": {"source": options.dataset, "split": options.split,
-                          **splits.describe(with_test=args.protocol == "linear")},
+              "dataset": {"source": options.dataset, "split": options.split, **splits.describe(roles)},
               "settings": settings, "json": str(json_path) if json_path else None}
     if accelerator.is_main_process:
         if json_path is not None:
@@ -277,12 +388,16 @@ def _print_table(report: dict[str, Any]) -> None:
     table.add_column("", style="bold")
     table.add_column("")
     table.add_row("model", f"{report['model']['source']} ({report['model']['arch']})")
+    if report["model"].get("run_config"):
+        table.add_row("run config", report["model"]["run_config"])
     table.add_row("dataset", f"{dataset['source']}, {dataset['num_classes']} classes")
     for role in dataset["sizes"]:
         table.add_row(role, f"{dataset['sizes'][role]} images: {dataset[role]}")
     for name, value in report.items():
-        if name.startswith(("knn_", "linear_")) and isinstance(value, float):
+        if name.startswith(("knn_", "linear_", "lincls_")) and isinstance(value, (int, float)):
             table.add_row(name, f"{value:.2f}" if name.endswith(("top1", "top5")) else f"{value:g}")
+    if report.get("lincls_dir"):
+        table.add_row("lincls_dir", report["lincls_dir"])
     if report["json"]:
         table.add_row("json", report["json"])
     Console(soft_wrap=True).print(table)

@@ -28,11 +28,13 @@ class LoadedModel:
     source: str
     arch: str
     img_size: Optional[int]  # what it was trained / configured for, when known
-    train_config: dict[str, Any] = field(default_factory=dict)  # a checkpoint's config.yaml
+    train_config: dict[str, Any] = field(default_factory=dict)  # the training run's options, when known
+    train_config_source: Optional[str] = None  # the file they were read from
 
     def describe(self) -> dict[str, Any]:
         return {"source": self.source, "kind": self.kind, "arch": self.arch,
-                "num_features": getattr(self.backbone, "num_features", None)}
+                "num_features": getattr(self.backbone, "num_features", None),
+                "run_config": self.train_config_source}
 
 
 _HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -44,7 +46,8 @@ def load_backbone(model: str, *, pretrained: bool = False) -> LoadedModel:
     - a checkpoint directory (model.safetensors with `encoder_q.backbone.*` keys + config.yaml
       naming `arch`): that architecture with those weights;
     - an exported encoder folder (config.json + model.safetensors, timm's `save_for_hf` layout):
-      `timm.create_model("local-dir:PATH", pretrained=True)`;
+      `timm.create_model("local-dir:PATH", pretrained=True)`, with the run's options from
+      `run_config_of_encoder` (DIR_OUT/config.yaml beside it, else its model card);
     - `hf-hub:owner/name` or `owner/name` (when no such local path exists): timm's `hf-hub:`;
     - a timm model name: random weights, or timm's own with `pretrained`.
     The classifier is always dropped (num_classes=0).
@@ -57,7 +60,11 @@ def load_backbone(model: str, *, pretrained: bool = False) -> LoadedModel:
             return _load_checkpoint(path)
         if (path / "model.safetensors").is_file() and (path / "config.json").is_file():
             backbone = _create(f"local-dir:{path}", pretrained=True, what=f"the encoder folder {path}")
-            return LoadedModel(backbone, "encoder", str(path), _arch_of(backbone), _input_size(backbone))
+            arch = _arch_of(backbone)
+            config, config_source = run_config_of_encoder(path, arch)
+            img_size = config.get("img_size")
+            img_size = img_size if isinstance(img_size, int) and not isinstance(img_size, bool) else _input_size(backbone)
+            return LoadedModel(backbone, "encoder", str(path), arch, img_size, config, config_source)
         hints = [str(path / name) for name in ("encoder", "checkpoints") if (path / name).is_dir()]
         hint = f" (found {', '.join(hints)})" if hints else ""
         raise ConfigError(f"{model} is neither a checkpoint directory (model.safetensors + config.yaml) nor an "
@@ -122,7 +129,52 @@ def _load_checkpoint(path: Path) -> LoadedModel:
         raise ConfigError(f"the weights in {path} do not fit {arch} ({describe(error)}); "
                           "pass a checkpoint written by hnmix.train") from None
     img_size = config.get("img_size")
-    return LoadedModel(backbone, "checkpoint", str(path), arch, img_size if isinstance(img_size, int) else None, config)
+    return LoadedModel(backbone, "checkpoint", str(path), arch, img_size if isinstance(img_size, int) else None,
+                       config, str(path / "config.yaml"))
+
+
+def run_config_of_encoder(path: Path, arch: str) -> tuple[dict[str, Any], Optional[str]]:
+    """The training options of the run that exported the encoder folder `path`, and where they came from.
+
+    1. `path.parent / "config.yaml"` (DIR_OUT/config.yaml beside DIR_OUT/encoder/, written by
+       hnmix.train): all of it, when it is a mapping that names this encoder's `arch` (timm's
+       architecture, a `.tag` ignored) and a `dataset`;
+    2. else the model card `path / "README.md"` (a copied or downloaded encoder folder): the
+       dataset (`synthetic` or a Hub id; "a local dataset" names no path), its split and the image
+       size, from the card's training table (`hnmix.hub.card`). The card does not record the seed
+       or `synthetic_size`, so those take hnmix's defaults;
+    3. else nothing: ({}, None).
+    """
+    config_path = path.parent / "config.yaml"
+    try:
+        config = yaml.safe_load(config_path.read_text()) if config_path.is_file() else None
+    except (OSError, yaml.YAMLError, UnicodeDecodeError):
+        config = None
+    if (isinstance(config, dict) and isinstance(config.get("dataset"), str)
+            and str(config.get("arch", "")).split(".")[0] == arch.split(".")[0]):
+        return config, str(config_path)
+    card = _card_config(path / "README.md")
+    return (card, str(path / "README.md")) if card else ({}, None)
+
+
+_CARD_DATASET = re.compile(r"^\| dataset \| \[?`([^`]+)`[^|]*?(?:, split `([^`]+)`)? \|", re.MULTILINE)
+_CARD_IMAGE_SIZE = re.compile(r"^\| image size \| (\d+) x \d+ \|", re.MULTILINE)
+
+
+def _card_config(card_path: Path) -> dict[str, Any]:
+    """{dataset, split, img_size} as far as the model card written by `hnmix.hub.card` gives them."""
+    try:
+        text = card_path.read_text() if card_path.is_file() else ""
+    except (OSError, UnicodeDecodeError):
+        return {}
+    config: dict[str, Any] = {}
+    if dataset := _CARD_DATASET.search(text):
+        config["dataset"] = dataset.group(1)
+        if dataset.group(2):
+            config["split"] = dataset.group(2)
+    if size := _CARD_IMAGE_SIZE.search(text):
+        config["img_size"] = int(size.group(1))
+    return config
 
 
 def _arch_of(backbone: nn.Module) -> str:

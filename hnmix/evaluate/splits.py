@@ -1,7 +1,8 @@
 """The labelled splits a frozen encoder is evaluated on.
 
 `load_eval_splits`: the kNN bank / linear-probe train split, the held-out split (the dataset's
-`validation` split, else a fixed stratified part of the train split) and `test`.
+`validation` split, else a fixed stratified part of the train split), `test`, and for the fast
+linear probe a selection split (where it picks lr and weight decay) that is never the reported one.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass
-from typing import Any, Optional, Union
+from typing import Any, Optional, Sequence, Union
 
 import datasets
 import numpy as np
@@ -31,9 +32,12 @@ NO_LABELS = ("kNN/linear evaluation needs a label column; pass --label_column, o
 class EvalSplits:
     """Labelled splits to evaluate on, each already bounded by `max_samples`.
 
-    train: the kNN bank and the linear classifier's training split.
-    held_out: the kNN queries and the linear probe's validation split.
-    test: the linear probe's test split; None when the dataset has none (held_out doubles as test).
+    train: the kNN bank and the linear classifiers' training split.
+    held_out: the kNN queries; the split reported when there is no test split.
+    test: the dataset's test split, when asked for and present, else None.
+    selection (with_selection only): where the fast linear probe picks lr and weight decay; the
+      held-out split when there is a test split, else a stratified part of the train split, so it
+      is never the reported split.
     The *_source fields say where each came from, for reports.
     """
 
@@ -46,20 +50,34 @@ class EvalSplits:
     train_source: str
     held_out_source: str
     test_source: Optional[str]
+    selection: Optional[datasets.Dataset] = None
+    selection_source: Optional[str] = None
 
-    def sizes(self, *, with_test: bool = True) -> dict[str, int]:
-        sizes = {"train": len(self.train), "held_out": len(self.held_out)}
-        if with_test:
-            sizes["test"] = len(self.test) if self.test is not None else len(self.held_out)
-        return sizes
+    @property
+    def reported(self) -> datasets.Dataset:
+        """The split a protocol with a test role reports on: `test`, else `held_out`."""
+        return self.test if self.test is not None else self.held_out
 
-    def describe(self, *, with_test: bool = True) -> dict[str, Any]:
-        """Where each split came from, its size, the columns and the class count (JSON-ready)."""
-        roles = {"train": self.train_source, "held_out": self.held_out_source}
-        if with_test:
-            roles["test"] = self.test_source or "none: the held-out split doubles as test"
-        return roles | {"sizes": self.sizes(with_test=with_test), "image_column": self.image_column,
-                        "label_column": self.label_column, "num_classes": self.num_classes}
+    @property
+    def reported_source(self) -> str:
+        if self.test is not None:
+            return str(self.test_source)
+        return f"{self.held_out_source} (no test split: the held-out split is reported)"
+
+    def _role(self, role: str) -> tuple[Optional[datasets.Dataset], Optional[str]]:
+        if role == "test":
+            return self.reported, self.reported_source
+        return getattr(self, role), getattr(self, f"{role}_source")
+
+    def sizes(self, roles: Sequence[str] = ("train", "held_out")) -> dict[str, int]:
+        """Images per role; roles among train, held_out, selection and test (= `reported`)."""
+        return {role: len(self._role(role)[0]) for role in roles if self._role(role)[0] is not None}
+
+    def describe(self, roles: Sequence[str] = ("train", "held_out")) -> dict[str, Any]:
+        """Where each role's split came from, its size, the columns and the class count (JSON-ready)."""
+        sources = {role: self._role(role)[1] for role in roles if self._role(role)[0] is not None}
+        return sources | {"sizes": self.sizes(roles), "image_column": self.image_column,
+                          "label_column": self.label_column, "num_classes": self.num_classes}
 
 
 _MISSING_SPLIT = re.compile(r"^split '[^']*' does not exist|has no rows;")
@@ -158,13 +176,17 @@ def load_eval_splits(
     cache_dir: Optional[str] = None,
     synthetic_size: int = 512,
     with_test: bool = False,
+    with_selection: bool = False,
 ) -> EvalSplits:
     """The labelled splits of `--dataset` (any form `hnmix.data.sources.load_image_dataset` takes).
 
     - train: split `split`.
     - held_out: the dataset's `validation` split when it exists (and is not `split`), else
       `stratified_holdout(train, eval_split_size, seed)`, which train then loses.
-    - test (with_test): the `test` split when it exists (and is not `split`), else None.
+    - test (with_test or with_selection): the `test` split when it exists (and is not `split`), else None.
+    - selection (with_selection): held_out when there is a test split; else
+      `stratified_holdout(train, eval_split_size, seed)` of what train kept, which train then loses
+      too: the split the fast linear probe selects on is then disjoint from the one it reports.
     A validation or test split without labels (all missing or negative) counts as missing.
     Each is then cut to `max_samples` rows (`bounded_subset`, seeded). Labels come from
     `label_column` (resolved as in training); a dataset without one is a DataError, as are
@@ -188,9 +210,18 @@ def load_eval_splits(
         held_out_source = f"{source} split {split}: stratified held-out part of size {eval_split_size}, seed {seed}"
         train_source += " without its held-out part"
     test, test_source = None, None
-    if with_test and split != "test":
+    if (with_test or with_selection) and split != "test":
         test = _optional_split(source, "test", label_column, **load)
         test_source = f"{source} split test" if test is not None else None
+    selection, selection_source, carved = None, None, False
+    if with_selection and test is not None:
+        selection, selection_source = held_out, held_out_source
+    elif with_selection:
+        train, selection = stratified_holdout(train, label_column, eval_split_size, seed=seed)
+        selection_source = (f"{source} split {split}: a second stratified part of size {eval_split_size} of "
+                            f"what the held-out part left, seed {seed}")
+        train_source += " and its selection part"
+        carved = True
 
     feature = train.features[label_column]
     named = {"train": train, "held_out": held_out} | ({"test": test} if test is not None else {})
@@ -207,7 +238,11 @@ def load_eval_splits(
         num_classes = max(int(values.max()) for values in labels.values()) + 1
     train, held_out = (bounded_subset(d, max_samples, seed=seed, salt=i) for i, d in enumerate((train, held_out)))
     test = bounded_subset(test, max_samples, seed=seed, salt=2) if test is not None else None
+    if selection is not None:
+        selection = bounded_subset(selection, max_samples, seed=seed, salt=3) if carved else held_out
     splits = EvalSplits(train, held_out, test, image_column, label_column, num_classes,
-                        train_source, held_out_source, test_source)
-    logger.info("evaluation splits: %s (%d classes)", splits.sizes(with_test=with_test), num_classes)
+                        train_source, held_out_source, test_source, selection, selection_source)
+    roles = ("train", "held_out") + (("selection",) if with_selection else ()) + \
+        (("test",) if with_test or with_selection else ())
+    logger.info("evaluation splits: %s (%d classes)", splits.sizes(roles), num_classes)
     return splits

@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib.util
 import io
 import json
-import logging
 import math
 import os
 import subprocess
@@ -13,13 +12,11 @@ import sys
 from pathlib import Path
 
 import datasets
-import huggingface_hub.constants
 import numpy as np
 import pytest
 import timm
 import torch
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState, GradientState
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -35,28 +32,6 @@ from launch import REPO, accelerate_launch
 
 TINY_DATA = ["--dataset", "synthetic", "--synthetic_size", "24", "--img_size", "32", "--batch_size", "8",
              "--num_workers", "0"]
-
-
-@pytest.fixture(autouse=True)
-def offline_hub(monkeypatch):
-    """No test reaches the network (see tests/data/conftest.py)."""
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_and_logging():
-    """The CLI runs in this process: give every test a fresh Accelerate state and the hnmix logger back."""
-    hnmix_logger = logging.getLogger("hnmix")
-    handlers, level = list(hnmix_logger.handlers), hnmix_logger.level
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny convolutions are slower with 2 threads on a 2-core machine
-    yield
-    torch.set_num_threads(threads)
-    hnmix_logger.handlers[:], hnmix_logger.level = handlers, level
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
 
 
 # ----------------------------------------------------------------------------- kNN
@@ -206,7 +181,8 @@ def test_without_a_validation_split_the_held_out_part_is_stratified_and_fixed(tm
 def test_a_validation_split_is_the_held_out_split_and_test_is_used_when_asked():
     splits = load_eval_splits("synthetic", synthetic_size=20, seed=0, with_test=True)
     assert (splits.held_out_source, splits.test_source) == ("synthetic split validation", "synthetic split test")
-    assert splits.sizes() == {"train": 20, "held_out": 20, "test": 20}
+    assert splits.sizes(("train", "held_out", "test")) == {"train": 20, "held_out": 20, "test": 20}
+    assert splits.sizes() == {"train": 20, "held_out": 20}  # the kNN monitor's roles
 
 
 def test_an_unlabelled_test_split_counts_as_missing(tmp_path):
@@ -221,7 +197,9 @@ def test_an_unlabelled_test_split_counts_as_missing(tmp_path):
     }).save_to_disk(str(tmp_path / "dict"))
     splits = load_eval_splits(str(tmp_path / "dict"), with_test=True)
     assert splits.test is None and splits.held_out_source.endswith("split validation")
-    assert splits.describe()["test"] == "none: the held-out split doubles as test" and splits.num_classes == 3
+    reported = f"{tmp_path / 'dict'} split validation (no test split: the held-out split is reported)"
+    assert splits.describe(("train", "test"))["test"] == reported
+    assert splits.num_classes == 3
 
 
 def test_evaluation_without_labels_is_a_one_line_data_error(tmp_path):
@@ -277,7 +255,9 @@ def test_cli_linear_on_an_exported_encoder(tmp_path, capsys):
     report = json.loads((encoder / "evaluation_linear.json").read_text())  # the default place
     assert 0 <= report["linear_top1"] <= 100 and report["linear_best_lr"] in (1e-3, 1e-2)
     assert report["model"]["kind"] == "encoder" and report["settings"]["img_size"] == 32
-    assert report["dataset"]["sizes"] == {"train": 24, "held_out": 24, "test": 24}
+    assert report["dataset"]["sizes"] == {"train": 24, "selection": 24, "test": 24}
+    assert (report["dataset"]["selection"], report["dataset"]["test"]) == ("synthetic split validation",
+                                                                         "synthetic split test")
 
 
 @pytest.fixture(scope="module")
