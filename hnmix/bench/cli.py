@@ -4,20 +4,22 @@ Usage:
 
     python -m hnmix.bench train [--warmup_steps 3] [--measure_steps 10] [--images 512] [hnmix.train options]
                                  (bare encoder loop, in-memory MoCo and MoCHi steps, the full trainer)
-    python -m hnmix.bench data [--max_workers W] [--img_size 224] [--jpeg_size 768x512] [--images 256]
-                               [--device cuda|cpu]
+    python -m hnmix.bench data [--max_workers W | --workers 1,4,16] [--img_size 224] [--jpeg_size 768x512]
+                               [--images 256] [--photometric_batch_size N] [--device cuda|cpu]
                                  (worker pipeline for 1..W workers, both --augment_device modes;
                                   the batched photometric half on the device)
     python -m hnmix.bench mixing [--batch 256] [--queue 65536] [--dim 128] [--n_hard 1024]
                                  [--s1 1024] [--s2 512] [--temperature 0.2]
                                  [--repeats 5] [--warmup 1] [--device cuda|cpu]
-                                 [--dtype float32|bfloat16] [--json PATH]
+                                 [--dtype float32|bfloat16] [--no_peak] [--json PATH]
     python -m hnmix.bench learn [--seeds N] [hnmix.train options]
                                  (plain MoCo and MoCHi trained alike, kNN and linear probe of each
                                   next to the untrained network)
 
 Each benchmark is a module of this package: `hnmix.bench.mixing`, `hnmix.bench.train`,
-`hnmix.bench.data`, `hnmix.bench.learn`; this one is the command line.
+`hnmix.bench.data`, `hnmix.bench.learn`; this one is the command line. The GPU check
+(`launch/gpu_check.sh`, `python -m hnmix.bench.gpu_check`) runs them at the paper's sizes with
+the CUDA tests, in one call.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from hnmix.bench.data import run_data
+from hnmix.bench.data import run_data, worker_counts
 from hnmix.bench.learn import run_learn
 from hnmix.bench.mixing import DTYPES, VARIANTS, run_mixing, run_mixing_peak
 from hnmix.bench.system import write_json
@@ -73,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
         "mixing", parents=[common, _mixing_options()], help="time and memory of MoCo vs MoCHi logits",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
+    mixing.add_argument("--no_peak", action="store_true",
+                        help="skip the peak-memory measurement (on the CPU it starts a fresh interpreter per variant)")
     mixing.set_defaults(func=run_mixing)
     train = commands.add_parser(
         "train", parents=[common], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -85,12 +89,16 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=run_train)
     data = commands.add_parser("data", parents=[common], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                                help="images/s of the DataLoader worker pipeline for 1..W workers")
-    data.add_argument("--max_workers", type=int, default=os.cpu_count() or 1)
+    data.add_argument("--max_workers", type=int, default=os.cpu_count() or 1, help="measure 1..W workers")
+    data.add_argument("--workers", type=worker_counts, default=None,
+                      help="the worker counts to measure instead, e.g. 1,4,16")
     data.add_argument("--img_size", type=int, default=224)
     data.add_argument("--jpeg_size", default=None, help="WxH of every generated JPEG, e.g. 768x512 (default: varied)")
     data.add_argument("--images", type=int, default=256)
     data.add_argument("--batches", type=int, default=8, help="batches measured per worker count")
-    data.add_argument("--batch_size", type=int, default=32)
+    data.add_argument("--batch_size", type=int, default=32, help="the DataLoader's batch")
+    data.add_argument("--photometric_batch_size", type=int, default=None,
+                      help="images per view of the batched photometric row (default: --batch_size)")
     data.add_argument("--device", default=_default_device(), help="device of the batched photometric row")
     data.add_argument("--repeats", type=int, default=3, help="timed batches of the batched photometric row")
     data.set_defaults(func=run_data)

@@ -16,7 +16,8 @@ Time: the median over ``--repeats`` timed calls after ``--warmup`` untimed ones,
 ``torch.cuda.synchronize`` around each call on a GPU. The variants take turns call by call, so
 a busy spell of the machine does not land on one variant only.
 
-Peak extra memory, one forward + backward per variant after the timing:
+Peak extra memory, one forward + backward per variant after the timing (not measured, None, with
+``--no_peak``):
   CUDA  ``torch.cuda.max_memory_allocated`` after the call minus ``memory_allocated`` before it,
         with the peak statistics reset just before the call (the caching allocator's view).
   CPU   in a fresh interpreter per variant (the hidden ``_mixing_peak`` subcommand): build the
@@ -376,8 +377,8 @@ def run_mixing(args: argparse.Namespace) -> dict[str, Any]:
     x = make_inputs(cfg)
     console.log(f"timing {', '.join(VARIANTS)}: {cfg.warmup} warmup + {cfg.repeats} timed calls each, interleaved")
     times = time_variants(VARIANTS, x, cfg)
-    peaks = {}
-    for variant in VARIANTS:
+    peaks: dict[str, Optional[PeakMemory]] = {variant: None for variant in VARIANTS}
+    for variant in () if getattr(args, "no_peak", False) else VARIANTS:
         console.log(f"peak memory of {VARIANT_LABELS[variant]}")
         peaks[variant] = measure_peak(variant, x, cfg)
     moco_ms = statistics.median(times["moco"])

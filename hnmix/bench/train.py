@@ -2,12 +2,16 @@
 
 Rows: the bare encoder loop (query forward + backward, key forward: the ceiling of any MoCo
 trainer), in-memory plain MoCo and MoCHi steps as the trainer runs them, and the full trainer
-with its data pipeline (from its metrics.jsonl). Options it does not know go to `hnmix.train`.
+with its data pipeline (from its metrics.jsonl). Options it does not know go to `hnmix.train`
+(`--compile` compiles the encoders of every row). On a GPU each row also reports its peak memory:
+`torch.cuda.max_memory_allocated` with the peak statistics reset before the row (after garbage
+collection and `empty_cache`, so what earlier rows left behind counts only while still referenced).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import os
@@ -24,7 +28,7 @@ from PIL import Image
 from rich.console import Console
 from rich.table import Table
 
-from hnmix.bench.system import _synchronize, device_description
+from hnmix.bench.system import MIB, _synchronize, device_description
 
 # The seed implementation's documented command line (issue: trainer), minus its data paths.
 SEED_TRAIN_OPTIONS = ["-i", "64", "-bs", "32", "-a", "resnet18", "-km", "4096", "-nh", "32", "-s1h", "16",
@@ -127,6 +131,17 @@ def in_memory_images_per_s(config, *, device: torch.device, bare: bool, warmup: 
     return config.batch_size / _seconds_per_step(step, warmup=warmup, measure=measure, device=device)
 
 
+def with_peak_gpu_memory(device: torch.device, measure: Callable[[], float]) -> tuple[float, Optional[int]]:
+    """(what `measure` returns, the peak bytes allocated on `device` while it ran); None on a CPU."""
+    if device.type != "cuda":
+        return measure(), None
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    value = measure()
+    return value, torch.cuda.max_memory_allocated(device)
+
+
 def full_trainer_images_per_s(config, *, images: int, warmup: int, measure: int) -> float:
     """images/s of `hnmix.train.loop.train` itself (data pipeline included), from its metrics.jsonl."""
     from hnmix.train.loop import train
@@ -144,6 +159,8 @@ def full_trainer_images_per_s(config, *, images: int, warmup: int, measure: int)
 
 
 GENERATED = "generated-jpegs"  # --dataset default of `bench train`: JPEGs written for the run
+BARE_LOOP = "bare loop (encoder fwd+bwd, key fwd; in-memory)"  # the ceiling of every row
+FULL_TRAINER = "full trainer (data pipeline)"
 
 
 def run_train(args: argparse.Namespace, trainer_argv: Sequence[str]) -> dict[str, Any]:
@@ -156,26 +173,37 @@ def run_train(args: argparse.Namespace, trainer_argv: Sequence[str]) -> dict[str
     device = torch.device("cpu" if config.device == "cpu" or not torch.cuda.is_available() else "cuda")
     plain = replace(config, s1_hard=0, s2_hard=0)
     timing = dict(warmup=args.warmup_steps, measure=args.measure_steps)
-    rows = {
-        "bare loop (encoder fwd+bwd, key fwd; in-memory)": in_memory_images_per_s(config, device=device, bare=True, **timing),
-        "plain MoCo step, in-memory (s1 = s2 = 0)": in_memory_images_per_s(plain, device=device, bare=False, **timing),
-        "MoCHi step, in-memory": in_memory_images_per_s(config, device=device, bare=False, **timing),
-        "full trainer (data pipeline)": full_trainer_images_per_s(config, images=args.images, **timing),
+    measures = {
+        BARE_LOOP: lambda: in_memory_images_per_s(config, device=device, bare=True, **timing),
+        "plain MoCo step, in-memory (s1 = s2 = 0)": lambda: in_memory_images_per_s(plain, device=device, bare=False,
+                                                                                  **timing),
+        "MoCHi step, in-memory": lambda: in_memory_images_per_s(config, device=device, bare=False, **timing),
+        FULL_TRAINER: lambda: full_trainer_images_per_s(config, images=args.images, **timing),
     }
-    ceiling = rows["bare loop (encoder fwd+bwd, key fwd; in-memory)"]
+    console = Console()
+    rows, peaks = {}, {}
+    for name, measure in measures.items():
+        rows[name], peaks[name] = with_peak_gpu_memory(device, measure)
+        console.log(f"{name}: {rows[name]:.1f} images/s" + ("" if peaks[name] is None else
+                                                            f", peak GPU memory {peaks[name] / MIB:.0f} MiB"))
+    ceiling = rows[BARE_LOOP]
     table = Table(title=f"hnmix.train, {config.arch} {config.img_size}px, batch {config.batch_size}, "
                         f"K={config.k_moco}, n_hard={config.n_hard}, s1={config.s1_hard}, s2={config.s2_hard}, "
-                        f"{config.mixed_precision or 'accelerate default'} precision, {device_description(device)}")
+                        f"{config.mixed_precision or 'accelerate default'} precision, "
+                        f"{'compiled' if config.compile else 'eager'}, {device_description(device)}")
     table.add_column("run")
     table.add_column("images/s", justify="right")
     table.add_column("of the bare loop", justify="right")
+    table.add_column("peak GPU memory (MiB)", justify="right")
     for name, images_per_s in rows.items():
-        table.add_row(name, f"{images_per_s:.1f}", f"{images_per_s / ceiling:.0%}")
-    console = Console()
+        peak = "n/a" if peaks[name] is None else f"{peaks[name] / MIB:.0f}"
+        table.add_row(name, f"{images_per_s:.1f}", f"{images_per_s / ceiling:.0%}", peak)
     console.print(table)
     mochi_cost = rows["plain MoCo step, in-memory (s1 = s2 = 0)"] / rows["MoCHi step, in-memory"] - 1
     console.print(f"MoCHi costs {mochi_cost:+.1%} over plain MoCo (in-memory steps)")
     return {"images_per_s": rows, "ratio_to_bare_loop": {k: v / ceiling for k, v in rows.items()},
-            "mochi_cost_over_moco": mochi_cost, "trainer_images_per_s": rows["full trainer (data pipeline)"],
+            "peak_gpu_memory_bytes": peaks,
+            "peak_gpu_memory_mib": {k: None if v is None else v / MIB for k, v in peaks.items()},
+            "mochi_cost_over_moco": mochi_cost, "trainer_images_per_s": rows[FULL_TRAINER],
             "warmup_steps": args.warmup_steps, "measured_steps": args.measure_steps, "config": config.to_dict(),
             "torch": torch.__version__, "device": device_description(device)}
