@@ -233,6 +233,7 @@ def test_under_a_grad_scaler_the_guard_counts_the_steps_the_scaler_skips():
         guard.check(3)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_fused_guarded_step_does_not_synchronise_on_cuda():
     moco = small_moco().cuda()
