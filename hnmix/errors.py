@@ -3,6 +3,9 @@
 Programming errors are not wrapped: they keep their traceback.
 """
 
+import sys
+from typing import Callable
+
 
 class HnmixError(Exception):
     """A problem with what the user asked for; the message says what was wrong and how to fix it."""
@@ -26,6 +29,18 @@ class TrainingDivergedError(HnmixError):
 
 class HubError(HnmixError):
     """The Hugging Face Hub cannot be used as asked (token, repo id, network)."""
+
+
+def exit_code(work: Callable[[], object]) -> int:
+    """A command line's exit code: 0 after `work()`, or 2 after writing the HnmixError it raised
+    as one line on stderr, `hnmix: error: ...` (its last line: an error raised in a DataLoader
+    worker arrives with the worker's traceback before it)."""
+    try:
+        work()
+    except HnmixError as error:
+        sys.stderr.write(f"hnmix: error: {str(error).strip().splitlines()[-1]}\n")
+        return 2
+    return 0
 
 
 def describe(error: BaseException, limit: int = 200) -> str:

@@ -13,8 +13,8 @@ TINY = ["--dataset", "synthetic", "--synthetic_size", "64", "-a", "test_resnet",
         "-dm", "16", "-km", "64", "-nh", "8", "-s1h", "4", "-s2h", "4", "-st1h", "0", "-st2h", "1"]
 
 
-def run_train(*args, timeout=300, **popen):
-    env = os.environ | {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+def run_train(*args, timeout=300, env_extra=None, **popen):
+    env = os.environ | {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"} | (env_extra or {})
     return subprocess.run([sys.executable, "-m", "hnmix.train", *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=timeout)
 

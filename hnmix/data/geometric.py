@@ -85,6 +85,14 @@ def random_resized_crop(width: int, height: int, rng: random.Random) -> Crop:
     return Crop((height - crop_height) // 2, (width - crop_width) // 2, crop_height, crop_width)
 
 
+def draw_two_crops(width: int, height: int, rng: random.Random) -> tuple[list[Crop], list[bool]]:
+    """The crop boxes and horizontal flips of both views of a width x height upright image, drawn
+    from `rng` in the order `two_crops` uses (so a preview can show where the views came from)."""
+    crops = [random_resized_crop(width, height, rng) for _ in range(2)]
+    flips = [rng.random() < FLIP_P for _ in range(2)]
+    return crops, flips
+
+
 def draft_reduction(crops: list[Crop], img_size: int) -> int:
     """The largest JPEG decode reduction (8, 4, 2, else 1) at which every crop still spans at
     least img_size pixels in height and width."""
@@ -102,8 +110,7 @@ def two_crops(image: Image.Image, img_size: int, rng: random.Random,
     decoded at a reduced size.
     """
     width, height = upright_size(image)
-    crops = [random_resized_crop(width, height, rng) for _ in range(2)]
-    flips = [rng.random() < FLIP_P for _ in range(2)]
+    crops, flips = draw_two_crops(width, height, rng)
     reduction = draft_reduction(crops, img_size)
     orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
     pixels = decode_jpeg_upright(image, encoded, reduction) if encoded is not None else None  # [h, w, 3]

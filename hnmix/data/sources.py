@@ -35,6 +35,9 @@ _HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?"
 _WAY_OUT = "pass --dataset PATH (a local copy) or --dataset synthetic"
 
 
+_DESCRIBED: set[tuple] = set()  # the datasets this process has described in a log line
+
+
 def load_image_dataset(
     source: str,
     *,
@@ -94,7 +97,10 @@ def load_image_dataset(
         raise DataError(f"dataset {source} split {split!r} is not a map-style datasets.Dataset; pass a single split")
     if len(dataset) == 0:
         raise DataError(f"dataset {source} split {split!r} has no rows; pass a dataset or split that holds images")
-    logger.info("dataset %s split %s: %d rows, columns %s", source, split, len(dataset), dataset.column_names)
+    described = (source, split, len(dataset), tuple(dataset.column_names))
+    if described not in _DESCRIBED:  # a run loads the train split twice: for training and for the kNN monitor
+        _DESCRIBED.add(described)
+        logger.info("dataset %s split %s: %d rows, columns %s", source, split, len(dataset), dataset.column_names)
     return dataset
 
 

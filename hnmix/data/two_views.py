@@ -41,18 +41,18 @@ DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 MAX_REPLACEMENTS = 10
 
 
-_WARNINGS_PER_PROCESS = 5
+# Unreadable images named in warnings, over all the DataLoader workers of one dataset; the rest
+# are only counted.
+WARNINGS_PER_DATASET = 5
 
 
-_warned = 0
-
-
-def _warn_unreadable(index: int, error: BaseException, replacement: int) -> None:
-    """Name the first few unreadable images of this (worker) process in a warning."""
-    global _warned
-    _warned += 1
-    if _warned <= _WARNINGS_PER_PROCESS:
-        more = "; further ones are only counted (bad_samples in metrics.jsonl)" if _warned == _WARNINGS_PER_PROCESS else ""
+def _warn_unreadable(warned: torch.Tensor, index: int, error: BaseException, replacement: int) -> None:
+    """Name one of the first WARNINGS_PER_DATASET unreadable images in a warning. `warned` is the
+    dataset's count, in shared memory so that every worker process adds to the same one (two
+    workers at the same instant may both pass the limit: it stays bounded)."""
+    count = int(warned.add_(1).item())
+    if count <= WARNINGS_PER_DATASET:
+        more = "; further ones are only counted (bad_samples in metrics.jsonl)" if count == WARNINGS_PER_DATASET else ""
         what = first_line(error) if isinstance(error, DataError) else f"image {index} cannot be read ({describe(error)})"
         logger.warning(f"{what}; using image {replacement} instead{more}")
 
@@ -100,6 +100,8 @@ class TwoViewDataset(torch.utils.data.Dataset):
         self.img_size = img_size
         self.photometric = photometric
         self.seed = seed
+        # Shared before the DataLoader forks or spawns its workers, so that they all count in it.
+        self.warned = torch.zeros((), dtype=torch.int64).share_memory_()
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -123,7 +125,7 @@ class TwoViewDataset(torch.utils.data.Dataset):
                 if unreadable > MAX_REPLACEMENTS:
                     raise DataError(f"{MAX_REPLACEMENTS} images in a row could not be read, the last one "
                                     f"image {index} ({first_line(error)}); check the dataset's files") from None
-                _warn_unreadable(index, error, replacement)
+                _warn_unreadable(self.warned, index, error, replacement)
                 index = replacement
         label = -1
         if self.label_column is not None and row[self.label_column] is not None:

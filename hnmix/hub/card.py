@@ -54,14 +54,15 @@ def dataset_is_hub_id(dataset: str) -> bool:
 
 
 def write_model_card(directory: str | Path, *, config: dict[str, Any], results: Optional[dict[str, Any]] = None,
-                     repo_id: Optional[str] = None) -> Path:
+                     repo_id: Optional[str] = None, curves: Optional[str] = None) -> Path:
     """Write `directory/README.md`, the Hub model card of an exported encoder; returns its path.
 
     config: the training options (`TrainConfig.to_dict()`); only the dataset, split, arch,
     img_size, steps, batch and MoCo/MoCHi options are used, never paths or the environment.
     results: optional `knn_top1`, `knn_top5`, `knn_k`, `linear_top1`, `linear_top5` (accuracies in
     percent, 0-100), `steps` (steps actually trained), `global_batch`, `num_processes`,
-    `eval_split`. repo_id: the Hub id the loading example names (else a placeholder).
+    `eval_split`. repo_id: the Hub id the loading example names (else a placeholder). curves: the
+    name of the training-curves image inside `directory`, which the card then shows.
     """
     results = dict(results or {})
     dataset = str(config.get("dataset", ""))
@@ -71,13 +72,14 @@ def write_model_card(directory: str | Path, *, config: dict[str, Any], results: 
         datasets=[dataset] if dataset_is_hub_id(dataset) else None,
         pipeline_tag="image-feature-extraction",
     )
-    card = ModelCard(f"---\n{card_data.to_yaml()}\n---\n{_card_body(config, results, repo_id)}")
+    card = ModelCard(f"---\n{card_data.to_yaml()}\n---\n{_card_body(config, results, repo_id, curves)}")
     path = Path(directory) / "README.md"
     card.save(path)
     return path
 
 
-def _card_body(config: dict[str, Any], results: dict[str, Any], repo_id: Optional[str]) -> str:
+def _card_body(config: dict[str, Any], results: dict[str, Any], repo_id: Optional[str],
+               curves: Optional[str] = None) -> str:
     arch = config.get("arch", "unknown")
     title = repo_id.split("/")[-1] if repo_id else f"{arch} trained with hnmix"
     mochi = (f"MoCo v2 and MoCHi hard negative mixing ([Kalantidis et al., *Hard Negative Mixing for Contrastive "
@@ -93,6 +95,8 @@ def _card_body(config: dict[str, Any], results: dict[str, Any], repo_id: Optiona
         "## Training\n",
         _training_table(config, results),
         "## Evaluation\n\n" + _evaluation_table(results) if _has_evaluation(results) else "",
+        f"## Training curves\n\n![Loss, learning rate, proxy accuracy, kNN, logits and hardness over the steps]"
+        f"({curves})\n" if curves else "",
         "## How to use\n",
         _usage(repo_id, config),
         "## Citation\n",

@@ -12,13 +12,15 @@ import os
 import shutil
 import sys
 import warnings
+from contextlib import contextmanager
 from datetime import timedelta
 from difflib import get_close_matches
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import timm
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 from accelerate import (
     Accelerator,
@@ -42,16 +44,19 @@ from hnmix.hub.card import write_model_card
 from hnmix.hub.export import export_encoder
 from hnmix.hub.pusher import HubPusher
 from hnmix.moco import MoCo, MoCoEncoder
+from hnmix.pictures.curves import copy_curves
 from hnmix.train.config import TrainConfig, curriculum_problem, curriculum_steps
+from hnmix.train.log_lines import DropRankTag
 from hnmix.train.optim import make_optimizer
 from hnmix.train.preemption import STOPPED_MARKER
 
 logger = get_logger("hnmix")
 # A collective that waits longer than this means a rank is gone: fail then rather than after the
-# backend's default. Long enough for the main process to download Caltech-256 (~1.2 GB) while the
-# others wait in `main_process_first`, for checkpoint saves and for kNN evaluations.
+# backend's default. Long enough for checkpoint saves and kNN evaluations; the data preparation,
+# which may take hours the first time, waits apart (`main_process_prepares_first`).
 COLLECTIVE_TIMEOUT_S = 1200
-console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
+# Not a terminal: 160 columns, unless COLUMNS says otherwise.
+console = Console(stderr=True, width=None if sys.stderr.isatty() or os.environ.get("COLUMNS") else 160)
 
 
 def check_writable(directory: Path) -> None:
@@ -132,6 +137,27 @@ def requested_trackers(report_to: str) -> list[str]:
     return names
 
 
+PREPARATION_TIMEOUT = timedelta(days=2)  # the first download and preparation of a large Hub dataset
+
+
+@contextmanager
+def main_process_prepares_first(accelerator: Accelerator) -> Iterator[None]:
+    """Like `accelerator.main_process_first()`, but the other ranks wait in a barrier of a gloo
+    group of its own, whose timeout is PREPARATION_TIMEOUT, not the training collectives' 20
+    minutes: the main process downloads and prepares the data (into the shared cache) while they
+    wait, however long that takes; then they load it from the cache."""
+    group = None
+    if accelerator.num_processes > 1 and dist.is_available() and dist.is_initialized():
+        group = dist.new_group(backend="gloo", timeout=PREPARATION_TIMEOUT)
+    if group is not None and not accelerator.is_main_process:
+        dist.barrier(group=group)
+    yield
+    if group is not None and accelerator.is_main_process:
+        dist.barrier(group=group)
+    if group is not None:
+        dist.destroy_process_group(group)
+
+
 def use_deterministic_algorithms() -> None:
     """torch's deterministic mode for --deterministic: deterministic kernels wherever torch has them
     (among them `scatter_add_`, which the mixing backward and the kNN vote use, and cuDNN's
@@ -173,8 +199,10 @@ def quiet_other_processes(accelerator: Accelerator) -> None:
 
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # its per-save INFO lines drown ours
     if accelerator.is_main_process:
-        logging.basicConfig(level=logging.INFO, format="%(message)s", datefmt="[%X]",
-                            handlers=[RichHandler(console=console, show_path=False)], force=True)
+        handler = RichHandler(console=console, show_path=False)
+        if accelerator.num_processes == 1:
+            handler.addFilter(DropRankTag())
+        logging.basicConfig(level=logging.INFO, format="%(message)s", datefmt="[%X]", handlers=[handler], force=True)
         datasets.logging.set_verbosity_warning()
     else:
         logging.basicConfig(level=logging.ERROR, force=True)
@@ -194,7 +222,7 @@ def augment_on_accelerator(config: TrainConfig, device: torch.device) -> bool:
 def build_data(config: TrainConfig, accelerator: Accelerator, *, photometric_in_workers: bool):
     """The training DataLoader and whether the data has labels. The workers crop and flip, and
     run the photometric half too when `photometric_in_workers`."""
-    with accelerator.main_process_first():
+    with main_process_prepares_first(accelerator):
         dataset = load_image_dataset(config.dataset, split=config.split, cache_dir=config.dir_data,
                                      seed=config.seed, synthetic_size=config.synthetic_size)
     image_column, label_column = resolve_columns(dataset, config.image_column, config.label_column)
@@ -210,7 +238,7 @@ def build_knn_monitor(config: TrainConfig, accelerator: Accelerator) -> Optional
     if not config.eval_every:
         return None
     try:
-        with accelerator.main_process_first():
+        with main_process_prepares_first(accelerator):
             splits = load_eval_splits(
                 config.dataset, split=config.split, image_column=config.image_column,
                 label_column=config.label_column, eval_split_size=config.eval_split_size,
@@ -309,5 +337,7 @@ def publish_encoder(config: TrainConfig, moco: MoCo, results: dict, steps_traine
     gives the steps trained and which synthetic negatives were used from which step."""
     encoder_dir = export_encoder(moco.encoder_q.backbone, Path(config.dir_out) / "encoder", img_size=config.img_size)
     results = results | {"steps": steps_trained} | negatives_used(moco, steps_trained)
-    write_model_card(encoder_dir, config=config.to_dict(), results=results, repo_id=config.hub_model_id)
+    curves = copy_curves(config.dir_out, encoder_dir)  # the latest dir_out/curves.png, for the card and the Hub
+    write_model_card(encoder_dir, config=config.to_dict(), results=results, repo_id=config.hub_model_id,
+                     curves=curves)
     return encoder_dir

@@ -1,12 +1,13 @@
 """What a person reads while a run trains: one short line per metrics record, where the trackers
 write, and no rank tag on a single process.
 
-A record's line leads with what tells how the run goes: step, epoch, loss, learning rate, the
-proxy accuracy (acc1, the positive above every queue negative) and kNN top-1/top-5 when
-evaluated, then images/s, and unreadable images or skipped steps when there are any. Every
-other statistic is in metrics.jsonl (and on a debug line: ACCELERATE_LOG_LEVEL=debug). The line
-fits MESSAGE_WIDTH, so with the time and level columns of the rich log handler a record takes
-one line of a 120-column terminal.
+A record's line leads with what tells how the run goes: step, loss, learning rate, the proxy
+accuracy (acc1, the positive above every queue negative) and kNN top-1/top-5 when evaluated,
+then images/s, and unreadable images (`bad`, in all so far) or skipped steps when there are any.
+Every other statistic, the epoch included, is in metrics.jsonl (and on a debug line:
+ACCELERATE_LOG_LEVEL=debug). Up to images/s the line fits MESSAGE_WIDTH even at 6-digit steps,
+so with the time and level columns of the rich log handler a record takes one line of a
+120-column terminal.
 """
 
 from __future__ import annotations
@@ -17,15 +18,15 @@ from typing import Any
 from accelerate import Accelerator
 
 LINE_WIDTH = 120
-MESSAGE_WIDTH = LINE_WIDTH - 22  # RichHandler's "[12:34:56] " time and "INFO     " level columns, and a margin
-_LEADING = ("step", "epoch", "loss", "lr", "acc1", "knn_top1", "knn_top5", "images_per_s", "bad_samples",
+MESSAGE_WIDTH = LINE_WIDTH - 20  # RichHandler's "[12:34:56] " time and "INFO     " level columns
+_LEADING = ("step", "loss", "lr", "acc1", "knn_top1", "knn_top5", "images_per_s", "bad_samples",
             "skipped_steps")
 
 
 def format_record(record: dict[str, Any], total_steps: int) -> str:
     """The log line of a metrics record (see the module docstring), e.g.
-    `step 500/25000  ep 3  loss 7.4123  lr 1.23e-04  acc1 51.2%  kNN 23.4/45.6%  812 img/s`."""
-    parts = [f"step {record['step']}/{total_steps}", f"ep {record['epoch']}"]
+    `step 500/25000  loss 7.4123  lr 1.23e-04  acc1 51.2%  kNN 23.4/45.6%  812 img/s`."""
+    parts = [f"step {record['step']}/{total_steps}"]
     if "loss" in record:
         parts.append(f"loss {record['loss']:.4f}")
     if "lr" in record:
@@ -36,7 +37,7 @@ def format_record(record: dict[str, Any], total_steps: int) -> str:
         parts.append(f"kNN {record['knn_top1']:.1f}/{record.get('knn_top5', float('nan')):.1f}%")
     if "images_per_s" in record:
         parts.append(f"{record['images_per_s']:.0f} img/s")
-    for key, label in (("bad_samples", "unreadable"), ("skipped_steps", "skipped")):
+    for key, label in (("bad_samples", "bad"), ("skipped_steps", "skipped")):
         if record.get(key):
             parts.append(f"{label} {record[key]}")
     return "  ".join(parts)

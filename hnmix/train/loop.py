@@ -32,6 +32,7 @@ from hnmix.data.photometric import StepPhotometric
 from hnmix.errors import DataError, HnmixError, describe, first_line
 from hnmix.evaluate.monitor import KnnMonitor
 from hnmix.moco import MoCo
+from hnmix.pictures.curves import copy_curves, refresh_curves
 from hnmix.train.components import (
     augment_on_accelerator,
     build_data,
@@ -57,7 +58,6 @@ from hnmix.train.config import (
     config_to_yaml,
     parse_config,
 )
-from hnmix.pictures.curves import CURVES_FILE, refresh_curves
 from hnmix.train.log_lines import format_details, format_record, tracker_locations
 from hnmix.train.metrics import RunningCount, StatsWindow, append_record
 from hnmix.train.optim import NonFiniteGuard
@@ -123,9 +123,12 @@ def train(config: TrainConfig) -> int:
     metrics_path = dir_out / "metrics.jsonl"
     window, bad_images = StatsWindow(), RunningCount()
     step = load_training_state(accelerator, checkpoint, window, bad_images, guard, metrics_path) if checkpoint else 0
+    first_step, run_started = step, time.perf_counter()
     if accelerator.is_main_process:
         (dir_out / CONFIG_FILE).write_text(config_to_yaml(config))
     accelerator.init_trackers("hnmix", config={k: str(v) if v is None else v for k, v in config.to_dict().items()})
+    if accelerator.trackers:
+        logger.info(f"Trackers write: {'; '.join(tracker_locations(accelerator))}")
 
     global_batch = config.batch_size * accelerator.num_processes
     end = config.stop_at or config.steps
@@ -196,6 +199,8 @@ def train(config: TrainConfig) -> int:
                 if step % config.steps_save == 0 or step == end or stopping:
                     guard.check(step, saved)  # a diverged run is never saved
                     saved = save_training_state(accelerator, moco, window, bad_images, guard, config, step, epoch)
+                    if accelerator.is_main_process:
+                        refresh_curves(dir_out)
                     if pusher and step < end and not stopping:
                         pusher.on_save(step, encoder_dir=publish_encoder(config, moco, results, step), checkpoint_dir=saved)
                 if step >= end or stopping:
@@ -213,12 +218,17 @@ def train(config: TrainConfig) -> int:
         if monitor and accelerator.is_main_process:
             publish_encoder(config, moco, results, step)  # the card with the final kNN
     if accelerator.is_main_process:
+        refresh_curves(dir_out)  # with the final record
+        copy_curves(dir_out, encoder_dir)
         if pusher and not stopping:
             pusher.on_train_end(step, encoder_dir=encoder_dir, checkpoint_dir=saved)
         if pusher:
             timeout = hub_wait_on_stop(stop) if stopping else HUB_WAIT_S
             logger.info(f"Waiting up to {timeout:.0f} s for the upload to {config.hub_model_id}")
             pusher.wait(timeout=timeout)
+        print_summary(console, dir_out=dir_out, first_step=first_step, last_step=step, total_steps=config.steps,
+                      wall_s=time.perf_counter() - run_started, global_batch=global_batch, checkpoint=saved,
+                      encoder_dir=encoder_dir, hub_model_id=config.hub_model_id if pusher else None, stopped=stopping)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     if stopping:
@@ -257,9 +267,8 @@ def log_step(accelerator: Accelerator, record: dict, metrics_path: Path, progres
         progress.update(task, speed=f"{record['images_per_s']:.0f}", loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
     if "knn_top1" in record:
         progress.update(task, knn=f"{record['knn_top1']:.1f}")
-    details = "  ".join(f"{k} {v:.4g}" if isinstance(v, (int, float)) else f"{k} {v}"
-                        for k, v in record.items() if k not in ("step", "epoch"))
-    logger.info(f"step {record['step']}/{progress.tasks[0].total}  epoch {record['epoch']}  {details}")
+    logger.info(format_record(record, progress.tasks[0].total))
+    logger.debug(format_details(record))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -6,7 +6,7 @@ import shutil
 import pytest
 from safetensors.torch import load_file
 
-from launch import accelerate_launch
+from launch import REPO, accelerate_launch
 from tiny_run import TINY, losses, metrics, run_train
 
 pytestmark = pytest.mark.multiprocess
@@ -58,3 +58,10 @@ def test_another_global_batch_is_refused_with_the_one_the_checkpoint_needs(runs,
     assert done.returncode == 2
     last = done.stderr.strip().splitlines()[-1]
     assert "cannot resume" in last and "global batch 4 (4 x 1 processes)" in last and "--batch_size 8" in last
+
+
+def test_a_slow_data_preparation_on_rank_0_does_not_time_out_the_other_rank(tmp_path):
+    done = accelerate_launch([str(REPO / "tests/multiprocess/slow_preparation.py"), *COMMON, "-s", "2", "-bs", "4",
+                              "-do", str(tmp_path)])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [r["step"] for r in metrics(tmp_path)] == [2]

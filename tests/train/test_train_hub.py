@@ -58,6 +58,10 @@ def test_a_run_pushes_encoder_card_and_last_checkpoint(tmp_path, monkeypatch):
     assert '"step": 4' in (repo / "last-checkpoint/trainer_state.json").read_text()
     card = ModelCard.load(repo / "README.md")
     assert card.data.library_name == "timm" and "hf-hub:me/encoder" in card.text
+    # The training curves travel with the encoder, and the card shows them.
+    assert all("curves.png" in u["files"] for u in fake.uploads)
+    assert (repo / "curves.png").read_bytes() == (out / "curves.png").read_bytes()
+    assert "](curves.png)" in card.text
 
     pushed = timm.create_model(f"local-dir:{repo}", pretrained=True).eval()
     local = timm.create_model(f"local-dir:{out / 'encoder'}", pretrained=True).eval()
