@@ -95,7 +95,10 @@ def print_learn_report(console: Console, arms: dict[str, dict[str, Any]], seeds:
         if name in arms["moco"] and name in arms["mochi"]:
             gap = arms["mochi"][name]["mean"] - arms["moco"][name]["mean"]
             spread = max(arms["mochi"][name]["std"], arms["moco"][name]["std"])
-            verdict = "within the spread of the seeds" if abs(gap) <= spread or seeds == 1 else "beyond the spread"
+            if seeds == 1:
+                verdict = "one seed: no spread to judge it by; use --seeds 3 or more"
+            else:
+                verdict = "within the spread of the seeds" if abs(gap) <= spread else "beyond the spread of the seeds"
             console.print(f"MoCHi - MoCo {name}: {gap:+.1f} points ({verdict})")
 
 
