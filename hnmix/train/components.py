@@ -233,6 +233,12 @@ def build_data(config: TrainConfig, accelerator: Accelerator, *, photometric_in_
     return loader, label_column is not None
 
 
+def held_out_size(eval_split_size: float) -> float | int:
+    """--eval_split_size as `load_eval_splits` takes it: a fraction below 1, else a whole count
+    (the option is a float, so a count arrives as e.g. 16.0)."""
+    return int(eval_split_size) if eval_split_size >= 1 else eval_split_size
+
+
 def build_knn_monitor(config: TrainConfig, accelerator: Accelerator) -> Optional[KnnMonitor]:
     """The kNN monitor on the held-out split, or None when off or the data has no labels."""
     if not config.eval_every:
@@ -241,7 +247,7 @@ def build_knn_monitor(config: TrainConfig, accelerator: Accelerator) -> Optional
         with main_process_prepares_first(accelerator):
             splits = load_eval_splits(
                 config.dataset, split=config.split, image_column=config.image_column,
-                label_column=config.label_column, eval_split_size=config.eval_split_size,
+                label_column=config.label_column, eval_split_size=held_out_size(config.eval_split_size),
                 max_samples=config.eval_max_samples or None, seed=config.seed, cache_dir=config.dir_data,
                 synthetic_size=config.synthetic_size)
     except DataError as error:

@@ -60,3 +60,10 @@ def test_images_per_s_leaves_the_evaluation_time_out(tmp_path, monkeypatch):
     [record] = [r for r in metrics(tmp_path) if "images_per_s" in r]
     # 4 steps of 8 images in a few ms of (fake) training time; counting the 1000 s would give < 0.04.
     assert record["images_per_s"] > 100
+
+
+def test_a_held_out_count_trains_with_the_knn_monitor(tmp_path):
+    # --eval_split_size 16 (a count, parsed as the float 16.0) once stopped the monitor's start-up.
+    assert train(parse_config([*TINY, "-s", "2", "-sp", "2", "--num_workers", "0", "--eval_every", "2",
+                               "--eval_split_size", "16", "-do", str(tmp_path)])) == 0
+    assert "knn_top1" in metrics(tmp_path)[-1]
