@@ -46,15 +46,20 @@ MAX_REPLACEMENTS = 10
 WARNINGS_PER_DATASET = 5
 
 
-def _warn_unreadable(warned: torch.Tensor, index: int, error: BaseException, replacement: int) -> None:
-    """Name one of the first WARNINGS_PER_DATASET unreadable images in a warning. `warned` is the
+def warn_a_few(warned: torch.Tensor, message: str, *, counted_in: str) -> None:
+    """Log `message` if it is one of the dataset's first WARNINGS_PER_DATASET. `warned` is the
     dataset's count, in shared memory so that every worker process adds to the same one (two
     workers at the same instant may both pass the limit: it stays bounded)."""
     count = int(warned.add_(1).item())
     if count <= WARNINGS_PER_DATASET:
-        more = "; further ones are only counted (bad_samples in metrics.jsonl)" if count == WARNINGS_PER_DATASET else ""
-        what = first_line(error) if isinstance(error, DataError) else f"image {index} cannot be read ({describe(error)})"
-        logger.warning(f"{what}; using image {replacement} instead{more}")
+        more = f"; further ones are only counted ({counted_in})" if count == WARNINGS_PER_DATASET else ""
+        logger.warning(f"{message}{more}")
+
+
+def _warn_unreadable(warned: torch.Tensor, index: int, error: BaseException, replacement: int) -> None:
+    """Name one of the first unreadable images of the dataset in a warning."""
+    what = first_line(error) if isinstance(error, DataError) else f"image {index} cannot be read ({describe(error)})"
+    warn_a_few(warned, f"{what}; using image {replacement} instead", counted_in="bad_samples in metrics.jsonl")
 
 
 class TwoViewDataset(torch.utils.data.Dataset):

@@ -8,12 +8,11 @@ An image that cannot be read is skipped and counted, never the end of an evaluat
 training that runs one): `EvalImages` returns it as a blank image labelled `UNREADABLE`, and
 `extract_features` drops those rows and says how many it dropped.
 
-Logging goes through the standard `logging` module (DataLoader workers have no Accelerate state).
+The first few are named in warnings, counted across DataLoader workers (`hnmix.data.two_views.warn_a_few`).
 """
 
 from __future__ import annotations
 
-import logging
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -26,13 +25,10 @@ from accelerate import Accelerator
 
 from hnmix.data.images import to_rgb
 from hnmix.data.transforms import eval_transform
-from hnmix.data.two_views import DECODE_ERRORS, TwoViewDataset
+from hnmix.data.two_views import DECODE_ERRORS, TwoViewDataset, warn_a_few
 from hnmix.errors import DataError, first_line
 
-logger = logging.getLogger(__name__)
 UNREADABLE = -1  # the label of an image that could not be read
-_WARNINGS_PER_PROCESS = 5
-_warned = 0
 
 
 class ExtractedFeatures(tuple):
@@ -133,17 +129,9 @@ class EvalImages(TwoViewDataset):
             finally:
                 image.close()
         except (DataError, *DECODE_ERRORS) as error:
-            _warn_skipped(error if isinstance(error, DataError) else self._unreadable(index, error))
+            reported = error if isinstance(error, DataError) else self._unreadable(index, error)
+            warn_a_few(self.warned, f"{first_line(reported)}; skipped in the evaluation", counted_in="eval_bad_samples")
             return torch.zeros(3, self.img_size, self.img_size), UNREADABLE
-
-
-def _warn_skipped(error: DataError) -> None:
-    """Name the first few unreadable evaluation images of this (worker) process."""
-    global _warned
-    _warned += 1
-    if _warned <= _WARNINGS_PER_PROCESS:
-        more = "; further ones are only counted" if _warned == _WARNINGS_PER_PROCESS else ""
-        logger.warning(f"{first_line(error)}; skipped in the evaluation (eval_bad_samples){more}")
 
 
 def make_eval_loader(images: EvalImages, *, batch_size: int, num_workers: int) -> torch.utils.data.DataLoader:
