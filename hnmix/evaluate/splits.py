@@ -225,7 +225,7 @@ def load_eval_splits(
 
     feature = train.features[label_column]
     named = {"train": train, "held_out": held_out} | ({"test": test} if test is not None else {})
-    for name, dataset in named.items():
+    for dataset in named.values():
         resolve_columns(dataset, image_column, label_column)
     labels = {name: _labels(dataset, label_column, name) for name, dataset in named.items()}
     if isinstance(feature, datasets.ClassLabel):
