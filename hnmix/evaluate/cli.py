@@ -346,18 +346,18 @@ def _make_accelerator(mixed_precision: Optional[str]) -> Accelerator:
 
 
 def _configure_logging(accelerator: Accelerator) -> None:
-    """INFO lines of hnmix on the main process's stderr (rich), errors only elsewhere."""
+    """INFO lines on the main process's stderr (rich), errors only elsewhere. Like the trainer, it
+    configures the root logger (replacing its handlers), so an evaluation and a training in one
+    process (`python -m hnmix.bench learn`) print each line once."""
     from rich.console import Console
     from rich.logging import RichHandler
 
-    hnmix_logger = logging.getLogger("hnmix")
     if accelerator.is_main_process:
-        hnmix_logger.setLevel(logging.INFO)
-        if not any(isinstance(h, RichHandler) for h in hnmix_logger.handlers):
-            console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
-            hnmix_logger.addHandler(RichHandler(console=console, show_path=False))
+        console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
+        handler = RichHandler(console=console, show_path=False)
+        logging.basicConfig(level=logging.INFO, format="%(message)s", datefmt="[%X]", handlers=[handler], force=True)
     else:
-        hnmix_logger.setLevel(logging.ERROR)
+        logging.basicConfig(level=logging.ERROR, force=True)
         datasets.logging.set_verbosity_error()
         datasets.disable_progress_bars()
 

@@ -44,3 +44,6 @@ def test_learn_trains_and_evaluates_every_arm_for_every_seed(tmp_path):
     assert report["mochi_minus_moco"]["knn_top1"] == (report["arms"]["mochi"]["knn_top1"]["mean"]
                                                       - report["arms"]["moco"]["knn_top1"]["mean"])
     assert "MoCo against MoCHi" in " ".join(done.stdout.split())
+    # The evaluations and the trainings share one process and one logger: each line is printed once.
+    starts = [line for line in done.stderr.splitlines() if "Training test_resnet on synthetic" in line]
+    assert len(starts) == 4, done.stderr[-3000:]  # 2 arms x 2 seeds

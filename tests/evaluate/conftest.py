@@ -21,13 +21,14 @@ def offline_hub(monkeypatch):
 
 @pytest.fixture(autouse=True)
 def fresh_accelerate_and_logging():
-    """The CLI runs in this process: give every test a fresh Accelerate state and the hnmix logger back."""
-    hnmix_logger = logging.getLogger("hnmix")
-    handlers, level = list(hnmix_logger.handlers), hnmix_logger.level
+    """The CLI runs in this process and configures the root logger: give every test a fresh
+    Accelerate state and the root logger's handlers (pytest's capture among them) back."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny convolutions are slower with 2 threads on a 2-core machine
     yield
     torch.set_num_threads(threads)
-    hnmix_logger.handlers[:], hnmix_logger.level = handlers, level
+    root.handlers[:], root.level = handlers, level
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
