@@ -179,7 +179,7 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
     # keeps its meaning (no buffer broadcast in forward; every rank builds identical buffers).
     warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated", category=FutureWarning)
     try:
-        return Accelerator(
+        accelerator = Accelerator(
             mixed_precision=config.mixed_precision,
             cpu=config.device == "cpu",
             log_with=trackers or None,
@@ -191,6 +191,11 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
         )
     except (ValueError, ImportError) as error:
         raise ConfigError(f"cannot set up Accelerate: {str(error).splitlines()[0]}") from None
+    if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        # Accelerate accepts it there but neither autocasts nor scales: the run would be float32.
+        raise ConfigError("option mixed_precision=fp16 needs a GPU: on the CPU Accelerate trains in float32, "
+                          "without autocast or loss scaling; pass --mixed_precision bf16 (or no) on the CPU")
+    return accelerator
 
 
 def quiet_other_processes(accelerator: Accelerator) -> None:

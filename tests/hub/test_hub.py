@@ -283,8 +283,15 @@ def test_check_without_a_token_says_how_to_log_in(monkeypatch):
 
 
 def test_check_takes_the_token_from_the_login(monkeypatch):
-    monkeypatch.setattr(huggingface_hub, "get_token", lambda: TOKEN)
-    HubPusher(REPO, api=FakeHubApi()).check()
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    asked = []
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: asked.append("login") or TOKEN)
+    api = FakeHubApi()
+    pusher = HubPusher(REPO, api=api)  # no token given, none in the environment
+    asked.clear()
+    pusher.check()
+    assert asked == ["login"]  # the check asked the login for the token, and went on with it
+    assert api.created == [{"repo_id": REPO, "private": False, "exist_ok": True, "repo_type": "model"}]
 
 
 @pytest.mark.parametrize("repo_id", ["not a repo id", "a/b/c", "only-a-name", "user/na..me", ""])

@@ -1,7 +1,5 @@
 """configs/: every recipe loads and validates, its arithmetic holds, and the CPU demo trains."""
 
-from pathlib import Path
-
 import pytest
 import yaml
 
@@ -51,6 +49,7 @@ def test_the_caltech_recipe_keeps_its_queue_well_below_the_dataset():
     assert config.k_moco <= TRAIN_IMAGES[config.dataset] / 4
 
 
+@pytest.mark.usefixtures("one_torch_thread")
 def test_the_cpu_demo_trains(tmp_path):
     # The demo as the README runs it, its first 6 steps (CI time).
     assert train(parse_config(["--config", str(REPO / "configs/demo_cpu.yaml"), "--dir_out", str(tmp_path),

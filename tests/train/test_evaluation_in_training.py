@@ -5,14 +5,19 @@ training time only."""
 import time
 from types import SimpleNamespace
 
+import datasets
+import numpy as np
+import pytest
 from huggingface_hub import ModelCard
+from PIL import Image
+from tiny_run import TINY, checkpoints, metrics
 
 import hnmix.train.loop
 from hnmix.evaluate.monitor import KnnMonitor
 from hnmix.train.config import parse_config
 from hnmix.train.loop import train
-from tiny_run import TINY, checkpoints, metrics
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 RUN = [*TINY, "-s", "4", "-sp", "2", "-ss", "100", "--num_workers", "0", "--eval_every", "2"]
 
 
@@ -35,11 +40,33 @@ def test_a_failing_evaluation_is_recorded_and_the_run_ends_with_its_checkpoint_a
 
 
 def test_the_final_evaluation_reaches_the_last_record_and_the_model_card(tmp_path, monkeypatch):
-    monkeypatch.setattr(KnnMonitor, "evaluate", lambda self, backbone, accelerator: {"knn_top1": 42.5, "knn_top5": 90.0})
+    results = iter([{"knn_top1": 11.25, "knn_top5": 33.75}, {"knn_top1": 42.5, "knn_top5": 90.0}])  # steps 2, 4
+    monkeypatch.setattr(KnnMonitor, "evaluate", lambda self, backbone, accelerator: next(results))
     assert train(parse_config([*RUN, "-do", str(tmp_path)])) == 0
-    last = metrics(tmp_path)[-1]
+    records = metrics(tmp_path)
+    assert records[0]["step"] == 2 and records[0]["knn_top1"] == 11.25
+    last = records[-1]
     assert last["step"] == 4 and last["knn_top1"] == 42.5 and "loss" in last
-    assert "42.50" in ModelCard.load(tmp_path / "encoder/README.md").text
+    card = ModelCard.load(tmp_path / "encoder/README.md").text
+    assert "| 42.50 | 90.00 |" in card and "11.25" not in card  # the final kNN, not the one of step 2
+
+
+def test_a_dataset_without_labels_trains_without_the_knn_monitor(tmp_path, capfd, monkeypatch):
+    """An image column and nothing else (a save_to_disk directory): the run trains to the end,
+    says once that it has no monitor, and logs no kNN and no false-negative statistic."""
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)) for _ in range(32)]
+    data = tmp_path / "unlabelled"
+    datasets.Dataset.from_dict({"image": images}, features=datasets.Features({"image": datasets.Image()})).save_to_disk(data)
+    out = tmp_path / "out"
+    monkeypatch.setattr(hnmix.train.loop, "refresh_curves", lambda dir_out: None)  # no pictures: CI time
+    assert train(parse_config([*TINY[2:], "--dataset", str(data), "-s", "4", "-sp", "2", "-ss", "100",
+                               "--num_workers", "0", "--eval_every", "2", "-do", str(out)])) == 0
+    assert "The dataset has no labels: training without the kNN monitor" in " ".join(capfd.readouterr().err.split())
+    records = metrics(out)
+    assert [r["step"] for r in records] == [2, 4] and all("loss" in r for r in records)
+    assert not {key for r in records for key in r if key.startswith("knn") or key == "hard_false_negative"}
+    assert checkpoints(out) == ["step_00000004"] and "| kNN" not in ModelCard.load(out / "encoder/README.md").text
 
 
 def test_images_per_s_leaves_the_evaluation_time_out(tmp_path, monkeypatch):

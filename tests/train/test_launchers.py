@@ -9,9 +9,9 @@ import time
 from pathlib import Path
 
 import pytest
+from tiny_run import TINY, checkpoints, metrics
 
 from launch import REPO
-from tiny_run import TINY, checkpoints, metrics
 
 pytestmark = pytest.mark.multiprocess
 LONG = [*TINY, "-s", "400", "-sp", "1", "-ss", "1000", "--num_workers", "0", "--eval_every", "0"]
@@ -73,6 +73,7 @@ def test_sigterm_to_the_readmes_single_process_launcher_saves_instead_of_orphani
     [trainer] = children(launcher.pid)
     launcher.send_signal(signal.SIGTERM)
     launcher.wait(timeout=30)
+    assert launcher.returncode == -signal.SIGTERM  # what a scheduler sees of a bare launcher: 143 in a shell
     assert gone(trainer, timeout=120), "the trainer outlived its launcher"
     [stopped_at] = checkpoints(tmp_path)
     marker = (tmp_path / "STOPPED").read_text()

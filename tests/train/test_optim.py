@@ -16,6 +16,7 @@ from hnmix.train.optim import (
 )
 
 NAN, INF = float("nan"), float("inf")
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny convolutions: 1 thread is faster
 
 
 def small_moco():

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,12 +13,14 @@ import numpy as np
 import pytest
 import timm
 import torch
+from data_images import write_folder_with_corrupt_files
 from PIL import Image
 from safetensors.torch import load_file
-from data_images import write_folder_with_corrupt_files
 from tiny_run import TINY, checkpoints, losses, metrics, run_train
 
 from launch import REPO, accelerate_launch
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # the runs in this process: tiny convolutions
 
 
 @pytest.fixture(scope="module")
@@ -86,16 +89,30 @@ def test_photometric_augmentation_on_the_accelerator_trains_and_resumes_exactly(
     assert len(losses(straight)) == 6 and losses(halves) == losses(straight)
 
 
-def test_compiled_encoders_train_and_save_the_eager_state_dict(straight_run, tmp_path):
-    """--compile compiles the encoders in place: training runs, and the checkpoint holds the same
-    keys as an eager run's, so either can resume the other."""
-    result = run_train(*TINY, "-s", "2", "-sp", "1", "-ss", "100", "--eval_every", "0", "--num_workers", "0",
-                       "--compile", "-do", str(tmp_path), timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert all(np.isfinite(loss) for loss in losses(tmp_path).values())
-    compiled = load_file(tmp_path / "checkpoints/step_00000002/model.safetensors")
-    eager = load_file(straight_run / "checkpoints/step_00000004/model.safetensors")
-    assert set(compiled) == set(eager)
+def test_compiled_and_eager_runs_resume_each_others_checkpoints_and_continue_the_eager_run(straight_run, tmp_path):
+    """--compile compiles the encoders in place, so a checkpoint holds the eager state dict: a
+    compiled run resumes the eager run's step 4 for two steps, an eager run resumes that for two
+    more, and both continue the uninterrupted eager run (to the rounding of inductor's kernels)."""
+    from hnmix.train.config import parse_config
+    from hnmix.train.loop import train
+
+    shutil.copytree(straight_run / "checkpoints/step_00000004", tmp_path / "checkpoints/step_00000004")
+    shutil.copy(straight_run / "metrics.jsonl", tmp_path)  # the records after step 4 go on resume
+    common = [*TINY, "-s", "12", "-sp", "1", "-ss", "100", "--num_workers", "0", "--eval_every", "0", "-do",
+              str(tmp_path), "--resume", "latest"]
+    compiled = run_train(*common, "--stop_at", "6", "--compile", timeout=600)
+    assert compiled.returncode == 0, compiled.stderr[-3000:]
+    assert checkpoints(tmp_path) == ["step_00000004", "step_00000006"]
+    assert train(parse_config([*common, "--stop_at", "8"])) == 0
+    expected, resumed = losses(straight_run), losses(tmp_path)
+    assert sorted(resumed) == list(range(1, 9))
+    assert [resumed[s] for s in range(5, 9)] == pytest.approx([expected[s] for s in range(5, 9)], rel=1e-4)
+    eager = load_file(straight_run / "checkpoints/step_00000008/model.safetensors")
+    again = load_file(tmp_path / "checkpoints/step_00000008/model.safetensors")
+    assert again.keys() == eager.keys()
+    assert torch.equal(again["queue.ids"], eager["queue.ids"]) and again["queue.ptr"] == eager["queue.ptr"]
+    for name, value in eager.items():
+        torch.testing.assert_close(again[name], value, rtol=1e-3, atol=1e-5, msg=name)
 
 
 def test_sigkill_mid_run_then_resume_latest_logs_the_same_losses(straight_run, tmp_path):
@@ -118,10 +135,22 @@ def test_sigkill_mid_run_then_resume_latest_logs_the_same_losses(straight_run, t
     assert [r["step"] for r in metrics(tmp_path)] == list(range(1, 13))
 
 
-def test_two_real_processes_share_one_queue(tmp_path):
-    result = accelerate_launch(["-m", "hnmix.train", *TINY, "-bs", "4", "-s", "6", "-sp", "2", "-ss", "3",
-                                "--num_workers", "1", "--augment_device", "accelerator", "-do", str(tmp_path)])
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory):
+    """6 steps on 2 real processes (a record every 2 steps, a checkpoint every 3), each rank also
+    writing the statistics it added to the logging window at every step (rank{R}.jsonl)."""
+    root = tmp_path_factory.mktemp("two_processes")
+    dir_out, per_rank = root / "out", root / "per_rank"
+    per_rank.mkdir()
+    result = accelerate_launch([str(REPO / "tests/multiprocess/recording_ranks.py"), *TINY, "-bs", "4", "-s", "6",
+                                "-sp", "2", "-ss", "3", "--num_workers", "1", "--augment_device", "accelerator",
+                                "-do", str(dir_out)], env={"RANK_STATS_DIR": str(per_rank)})
     assert result.returncode == 0, result.stderr[-3000:]
+    return dir_out, per_rank
+
+
+def test_two_real_processes_share_one_queue(two_processes):
+    tmp_path, _ = two_processes
     state = json.loads((tmp_path / "checkpoints/step_00000006/trainer_state.json").read_text())
     assert state["num_processes"] == 2
     first, second = state["queue_sha256_per_rank"]
@@ -133,6 +162,24 @@ def test_two_real_processes_share_one_queue(tmp_path):
     assert ids.unique().numel() == 6 * global_batch  # 6 steps of one epoch: every image once
     assert [r["step"] for r in metrics(tmp_path)] == [2, 4, 6]
     assert (tmp_path / "encoder/model.safetensors").exists()
+
+
+def test_each_record_is_the_mean_of_its_steps_statistics_over_both_processes(two_processes):
+    dir_out, per_rank = two_processes
+    ranks = [{r["step"]: r for r in map(json.loads, (per_rank / f"rank{rank}.jsonl").read_text().splitlines())}
+             for rank in (0, 1)]
+    assert [sorted(steps) for steps in ranks] == [list(range(1, 7))] * 2
+    records = metrics(dir_out)
+    names = set().union(*ranks[0].values()) - {"step"}  # logit_type2 from the second step on
+    assert {"loss", "acc1", "logit_pos", "logit_hardest", "logit_type1", "logit_type2"} <= names
+    for record in records:
+        window = (record["step"] - 1, record["step"])
+        for name in names:
+            values = [steps[s][name] for steps in ranks for s in window if name in steps[s]]
+            assert record[name] == pytest.approx(sum(values) / len(values), rel=1e-5, abs=1e-7), (record["step"], name)
+    # The ranks saw other images: rank 0's mean alone would not be the record.
+    rank0 = [(ranks[0][r["step"] - 1]["loss"] + ranks[0][r["step"]]["loss"]) / 2 for r in records]
+    assert all(abs(mean - r["loss"]) > 1e-4 for mean, r in zip(rank0, records))
 
 
 def test_image_folder_with_unusual_modes_trains(tmp_path):
@@ -254,24 +301,28 @@ def test_a_failed_save_stops_with_one_line_and_keeps_the_previous_checkpoint(tmp
     assert [r["step"] for r in metrics(tmp_path)] == [1, 2, 3, 4]
 
 
-def test_five_percent_corrupt_files_train_to_the_end_and_are_counted(tmp_path):
-    data = write_folder_with_corrupt_files(tmp_path / "images", good=38, corrupt=2)  # 2 of 40
+def test_unreadable_images_at_max_bad_fraction_train_to_the_end_each_counted_once(tmp_path):
+    data = write_folder_with_corrupt_files(tmp_path / "images", good=38, corrupt=2)  # 2 of 40: 0.05
     result = run_train(*TINY[2:], "--dataset", str(data), "-s", "5", "-sp", "1", "-ss", "5", "--num_workers", "1",
-                       "--eval_every", "0", "-do", str(tmp_path / "out"))
+                       "--eval_every", "0", "--max_bad_fraction", "0.05", "-do", str(tmp_path / "out"))
     assert result.returncode == 0, result.stderr[-3000:]
     records = metrics(tmp_path / "out")
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5]
-    assert records[-1]["bad_samples"] >= 2  # one epoch: every file was drawn once
+    # 5 steps of 8: one epoch, every file drawn once; seed 69420 replaces both by readable images.
+    assert records[-1]["bad_samples"] == 2
     assert "truncated_0.jpg" in result.stderr and "using image" in result.stderr
 
 
-def test_too_many_unreadable_images_stop_the_run_with_one_line(tmp_path):
-    data = write_folder_with_corrupt_files(tmp_path / "images", good=30, corrupt=10)
+def test_unreadable_images_just_over_max_bad_fraction_stop_the_run_with_one_line(tmp_path):
+    data = write_folder_with_corrupt_files(tmp_path / "images", good=38, corrupt=2)
     result = run_train(*TINY[2:], "--dataset", str(data), "-s", "5", "-sp", "1", "-ss", "5", "--num_workers", "0",
-                       "--eval_every", "0", "--max_bad_fraction", "0.05", "-do", str(tmp_path / "out"))
+                       "--eval_every", "0", "--max_bad_fraction", "0.049", "-do", str(tmp_path / "out"))
     assert result.returncode == 2
     last = [line for line in result.stderr.splitlines() if line.strip()][-1]
-    assert last.startswith("hnmix: error:") and "--max_bad_fraction 0.05" in last
+    assert last == ("hnmix: error: 2 of the 40 images read so far could not be read (5.0% > --max_bad_fraction "
+                    "0.049); fix or remove them, or raise --max_bad_fraction")
+    # Judged once the whole dataset was read (40 images < 1000): steps 1-4 ran on.
+    assert [r["step"] for r in metrics(tmp_path / "out")] == [1, 2, 3, 4]
 
 
 def test_a_failing_rank_brings_the_whole_job_down_quickly_with_its_error(tmp_path):
@@ -370,6 +421,8 @@ def test_sigterm_to_accelerate_launch_saves_on_every_rank_and_resumes_exactly(tm
         time.sleep(0.05)
     launcher.send_signal(signal.SIGTERM)
     _, stderr = launcher.communicate(timeout=240)
+    assert launcher.returncode == 1, stderr[-3000:]  # torch's agent after a signal: test for STOPPED instead
+    assert (out / "STOPPED").exists()
     [stopped_at] = checkpoints(out)
     state = json.loads((out / "checkpoints" / stopped_at / "trainer_state.json").read_text())
     assert 2 <= state["step"] < 12, stderr[-3000:]

@@ -9,14 +9,16 @@ import timm
 import torch
 from fake_hub import FakeHubApi
 from huggingface_hub import ModelCard
-from tiny_run import TINY
+from tiny_run import TINY, checkpoints, metrics
 
 import hnmix.hub.pusher
+import hnmix.train.loop
 from hnmix.train.config import parse_config
 from hnmix.train.loop import train
 from launch import REPO
 
 TOKEN = "hf_SECRETtrainTOKEN42"
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def run_train(*args, env):
@@ -71,3 +73,28 @@ def test_a_run_pushes_encoder_card_and_last_checkpoint(tmp_path, monkeypatch):
     for path in [*out.rglob("*"), *repo.rglob("*")]:
         if path.is_file():
             assert TOKEN.encode() not in path.read_bytes(), path
+
+
+def test_a_failed_upload_is_logged_and_training_carries_on_to_the_end(tmp_path, monkeypatch, capfd):
+    """The Hub refuses every upload (HTTP 403, so no retries): the step-2 push fails while the run
+    goes on, the push at the end is still made and fails too; the run ends with 0, all its records,
+    its checkpoint and encoder, and the log names each failed upload."""
+    import httpx2
+    from huggingface_hub.errors import HfHubHTTPError
+
+    response = httpx2.Response(403, request=httpx2.Request("POST", "https://huggingface.co/api/models/me/encoder/commit"))
+    fake = FakeHubApi(fail_times=100, error=HfHubHTTPError("403 Forbidden: no write access", response=response))
+    monkeypatch.setattr(hnmix.hub.pusher.huggingface_hub, "HfApi", lambda token=None: fake)
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    monkeypatch.setattr(hnmix.train.loop, "refresh_curves", lambda dir_out: None)  # no pictures: CI time
+    out = tmp_path / "out"
+    assert train(parse_config([*TINY, "-s", "4", "-sp", "1", "-ss", "2", "--num_workers", "0", "--eval_every", "0",
+                               "-do", str(out), "--push_to_hub", "--hub_model_id", "me/encoder",
+                               "--hub_strategy", "every_save"])) == 0
+    assert [u["commit_message"] for u in fake.uploads] == ["hnmix: encoder at step 2 (checkpoint)",
+                                                           "hnmix: encoder at step 4 (end of training)"]
+    assert [r["step"] for r in metrics(out)] == [1, 2, 3, 4]
+    assert checkpoints(out) == ["step_00000002", "step_00000004"] and (out / "encoder/model.safetensors").exists()
+    logged = " ".join(capfd.readouterr().err.split())
+    for step, when in ((2, "checkpoint"), (4, "end of training")):
+        assert f"Hub upload 'hnmix: encoder at step {step} ({when})' to me/encoder failed after 1 attempt(s)" in logged

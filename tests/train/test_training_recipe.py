@@ -6,12 +6,13 @@ import math
 import pytest
 import yaml
 from huggingface_hub import ModelCard
+from tiny_run import TINY, losses, metrics, run_train
 
 from hnmix.errors import ConfigError
 from hnmix.train.config import parse_config
 from hnmix.train.loop import train
-from tiny_run import TINY, losses, metrics, run_train
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny convolutions: 1 thread is faster
 QUIET = ["--num_workers", "0", "--eval_every", "0", "-sp", "1", "-ss", "100"]
 
 
