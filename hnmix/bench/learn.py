@@ -27,12 +27,12 @@ from typing import Any, Sequence
 from rich.console import Console
 from rich.table import Table
 
-# A small recipe on the generated set where an untrained network is near chance (32 classes).
+# A small recipe on the generated set where an untrained network is near chance (16 classes).
 LEARN_DEFAULTS = [
     "--dataset", "synthetic-hard", "--synthetic_size", "2048", "-a", "resnet10t", "-i", "48", "-bs", "64",
     "-km", "1024", "-dm", "128", "-mm", "0.99", "-tm", "0.2", "--optimizer", "adamw", "-lrb", "0.001",
     "--warmup_fraction", "0.05", "-lrm", "0.00001", "-nh", "64", "-s1h", "64", "-s2h", "32",
-    "-st1h", "0", "-st2h", "0", "-s", "300", "--eval_every", "0", "-sp", "50", "--num_workers", "2",
+    "-st1h", "0", "-st2h", "0", "-s", "500", "--eval_every", "0", "-sp", "50", "--num_workers", "2",
 ]
 METRICS = ("knn_top1", "knn_top5", "linear_top1", "linear_top5")
 ARMS = ("untrained", "moco", "mochi")

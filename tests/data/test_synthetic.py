@@ -71,11 +71,11 @@ def test_synthetic_hard_is_deterministic_balanced_and_shares_its_classes_across_
     validation = load_image_dataset("synthetic-hard", split="validation", seed=3, synthetic_size=96)
     assert first["image"][0] == again["image"][0]
     assert pixels(first[0]["image"]).tolist() != pixels(validation[0]["image"]).tolist()
-    assert first.features["label"].num_classes == validation.features["label"].num_classes == 32
-    assert np.bincount(first["label"]).tolist() == [3] * 32
-    glyphs = _class_glyphs(32)
+    assert first.features["label"].num_classes == validation.features["label"].num_classes == 16
+    assert np.bincount(first["label"]).tolist() == [6] * 16
+    glyphs = _class_glyphs(16)
     flat = {g.tobytes() for g in glyphs} | {g[:, ::-1].copy().tobytes() for g in glyphs}
-    assert len(flat) == 64  # distinct, and no class is the mirror image of another (views are flipped)
+    assert len(flat) == 32  # distinct, and no class is the mirror image of another (views are flipped)
 
 
 def test_an_untrained_network_is_near_chance_on_synthetic_hard():
@@ -95,5 +95,5 @@ def test_an_untrained_network_is_near_chance_on_synthetic_hard():
             return network((images - 0.45) / 0.225)
 
     result = knn_accuracy(features(bank), torch.tensor(bank["label"]), features(queries),
-                          torch.tensor(queries["label"]), num_classes=32, k=50, temperature=0.1)
-    assert result["knn_top1"] < 10  # chance is 3.1%; the easy `synthetic` gives an untrained network ~86%
+                          torch.tensor(queries["label"]), num_classes=16, k=50, temperature=0.1)
+    assert result["knn_top1"] < 15  # chance is 6.25%; the easy `synthetic` gives an untrained network ~86%
