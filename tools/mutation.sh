@@ -4,7 +4,7 @@
 # The modules and the test selection are in pyproject.toml, [tool.mutmut]; see TESTING.md.
 #
 #   pip install -r requirements-dev.txt
-#   tools/mutation.sh                     # a fresh run of every mutant (~40 min on 2 cores), then the summary
+#   tools/mutation.sh                     # a fresh run of every mutant (~23 min on 2 cores), then the summary
 #   tools/mutation.sh --resume            # go on from mutants/ (after an interruption or a test change)
 #   tools/mutation.sh 'hnmix.moco.x_unwrap*'   # only these mutants (mutmut's name patterns)
 #   tools/mutation.sh --summary           # the summary of the last run only
