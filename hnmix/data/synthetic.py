@@ -125,8 +125,8 @@ def make_hard_synthetic_dataset(
     and the colour augmentation leaves alone, so training has room to climb.
 
     An earlier version (5 x 5 glyphs of small cells over 12 shared striped textures) taught
-    neither MoCo nor MoCHi anything in 400 steps: the textures were an easier cue to tell images
-    apart than the glyphs, and the small cells did not survive the networks' stems.
+    neither MoCo nor MoCHi anything in 300 steps (BENCHMARKS.md): most likely the textures told
+    images apart more easily than the glyphs, whose 2-6 px cells a ResNet's stride-4 stem blurs.
     Labels are balanced and shuffled. Columns as `make_synthetic_dataset`.
     """
     if size < 1:
