@@ -162,9 +162,11 @@ class Check:
         start = time.monotonic()
         # A process group of its own, to stop it whole; the same session, so that whoever ends the
         # check's session (the device tool at its time limit) ends it too.
-        group = {"process_group": 0} if sys.version_info >= (3, 11) else {"preexec_fn": os.setpgrp}
+        # SIGINT back to its default in the child: a check started in the background (`&`, nohup)
+        # has it ignored, and the child would inherit that and not stop on `stop_process_group`'s SIGINT.
         process = subprocess.Popen(list(argv), cwd=REPO, env=self.env | (env or {}), stdin=subprocess.DEVNULL,
-                                   stdout=self.log, stderr=subprocess.STDOUT, **group)
+                                   stdout=self.log, stderr=subprocess.STDOUT,
+                                   preexec_fn=_own_group_default_sigint)  # noqa: PLW1509 (one thread starts them)
         try:
             code = process.wait(timeout=remaining)
         except subprocess.TimeoutExpired:
@@ -178,6 +180,12 @@ class Check:
         if code is None:
             raise SectionTimeout(f"{shlex.join(argv[:4])} ... ran out of the section's {remaining:.0f} s")
         return code
+
+
+def _own_group_default_sigint() -> None:
+    """In the child, before exec: a process group of its own, SIGINT at its default."""
+    os.setpgrp()
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def stop_process_group(process: subprocess.Popen) -> None:

@@ -37,6 +37,14 @@ def ctrl_c_in_step(monkeypatch, step: int, times: int) -> list[str]:
     return done
 
 
+@pytest.fixture(autouse=True)
+def interactive_sigint():
+    """SIGINT as an interactive pytest has it: a shell's background job (CI) starts with it ignored."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
 def test_ctrl_c_finishes_the_step_saves_and_returns_75(tmp_path, monkeypatch):
     done = ctrl_c_in_step(monkeypatch, step=3, times=1)
     try:
