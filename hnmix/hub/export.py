@@ -3,11 +3,18 @@
 `export_encoder` writes `config.json` and `model.safetensors` with `timm.models.save_for_hf`, so
 `timm.create_model("local-dir:DIR", pretrained=True)` (or `hf-hub:user/name` once pushed) gives
 the trained backbone, classifier-free (`num_classes=0`): a feature extractor.
+
+An export replaces the weights, so it deletes what `python -m hnmix.evaluate` wrote about the
+old ones in that folder (`evaluation_*.json`, `lincls/`). `readable_like_siblings` gives the
+safetensors files the mode other new files get (safetensors 0.8 writes 0600); the trainer's
+checkpoints use it too.
 """
 
 from __future__ import annotations
 
 import copy
+import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -45,9 +52,57 @@ def export_encoder(backbone: nn.Module, directory: str | Path, *, img_size: int)
     stores contiguous tensors only).
     """
     directory = Path(directory)
+    clear_evaluations(directory)
     exported = copy.copy(backbone)  # shallow: the same parameters, its own pretrained_cfg attribute
     if any(not p.is_contiguous() for p in backbone.parameters()):
         exported = copy.deepcopy(backbone).to(memory_format=torch.contiguous_format)
     exported.pretrained_cfg = encoder_pretrained_cfg(backbone, img_size=img_size)
     save_for_hf(exported, str(directory), safe_serialization=True)
+    readable_like_siblings(directory)
     return directory
+
+
+# What `python -m hnmix.evaluate DIR` writes into an encoder folder: results about its weights.
+EVALUATION_RESULTS = ("evaluation_*.json",)
+LINCLS_FOLDER = "lincls"
+
+
+def clear_evaluations(directory: Path) -> None:
+    """Delete the evaluation results (`evaluation_*.json`) and the linear classifier (`lincls/`)
+    that `python -m hnmix.evaluate` left in the encoder folder `directory`: they describe weights
+    an export is about to replace. Called before the new weights are written, so an interrupted
+    export never leaves old results beside new weights."""
+    if not directory.is_dir():
+        return
+    for pattern in EVALUATION_RESULTS:
+        for stale in directory.glob(pattern):
+            stale.unlink(missing_ok=True)
+    shutil.rmtree(directory / LINCLS_FOLDER, ignore_errors=True)
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it where Linux says it (/proc/self/status);
+    elsewhere set and restored at once."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
+
+
+def readable_like_siblings(path: str | Path) -> None:
+    """Give `path`, or each `*.safetensors` file directly inside the directory `path`, the mode
+    `open()` gives a new file: 0o666 & ~umask (0644 under the usual umask 022). safetensors 0.8
+    writes its files 0600, so without this the weights are the one file of an encoder or a
+    checkpoint that the group cannot read."""
+    path = Path(path)
+    files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path]
+    mode = 0o666 & ~current_umask()
+    for file in files:
+        if file.is_file():
+            os.chmod(file, mode)
