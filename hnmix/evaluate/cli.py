@@ -37,9 +37,11 @@ from accelerate.utils import set_seed
 from hnmix.errors import ConfigError, HnmixError
 from hnmix.evaluate.features import EvalImages, extract_features, make_eval_loader
 from hnmix.evaluate.lincls import (
+    BACKBONE_KEY,
     SCHEDULES,
     AugmentedImages,
     LinclsSettings,
+    backbone_sha256,
     check_lincls_dir,
     train_lincls,
 )
@@ -172,12 +174,14 @@ class EvalOptions:
     lincls_dir: Optional[Path] = None
 
     def lincls_identity(self, model: LoadedModel) -> dict[str, Any]:
-        """What a resumed lincls run must share with the saved one: its settings and its data."""
+        """What a resumed lincls run must share with the saved one: its settings, its data and the
+        backbone's weights (`backbone_sha256`)."""
         assert self.lincls is not None
         return self.lincls.identity() | {
             "arch": model.arch, "dataset": self.dataset, "split": self.split, "image_column": self.image_column,
             "label_column": self.label_column, "synthetic_size": self.synthetic_size, "img_size": self.img_size,
-            "eval_split_size": self.args.eval_split_size, "eval_max_samples": self.args.eval_max_samples}
+            "eval_split_size": self.args.eval_split_size, "eval_max_samples": self.args.eval_max_samples,
+            BACKBONE_KEY: backbone_sha256(model.backbone)}
 
 
 def resolve_options(args: argparse.Namespace, model: LoadedModel, num_processes: int = 1) -> EvalOptions:
@@ -246,9 +250,10 @@ def run_evaluation(args: argparse.Namespace) -> dict[str, Any]:
     json_path = default_json_path(args, model, options)
     if json_path is not None:
         _check_writable(json_path)  # on every rank, before the work: all ranks stop together
-    resume_from = None
+    resume_from, identity = None, None
     if options.lincls is not None:
-        resume_from = check_lincls_dir(options.lincls_dir, options.lincls_identity(model), resume=args.resume)
+        identity = options.lincls_identity(model)
+        resume_from = check_lincls_dir(options.lincls_dir, identity, resume=args.resume)
     with accelerator.main_process_first():
         splits = load_eval_splits(
             options.dataset, split=options.split, image_column=options.image_column,
@@ -270,7 +275,7 @@ def run_evaluation(args: argparse.Namespace) -> dict[str, Any]:
             backbone, AugmentedImages(splits.train, **columns, seed=options.seed),
             EvalImages(splits.reported, **columns), accelerator, num_classes=splits.num_classes,
             settings=options.lincls, lincls_dir=options.lincls_dir, resume_from=resume_from,
-            identity=options.lincls_identity(model), num_workers=args.num_workers, eval_batch_size=args.batch_size,
+            identity=identity, num_workers=args.num_workers, eval_batch_size=args.batch_size,
             metadata={"arch": model.arch, "model": model.source, "num_classes": str(splits.num_classes),
                       "img_size": str(options.img_size)})
         metrics["seconds_protocol"] = time.perf_counter() - started

@@ -31,6 +31,7 @@ pads in MoCo); the test split is counted exactly once.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -69,6 +70,7 @@ STEP_MILESTONES = (0.6, 0.8)  # of the epochs: moco/main_lincls.py's --schedule 
 STATE_FILE = "lincls_state.json"
 CLASSIFIER_FILE = "classifier.safetensors"
 METRICS_FILE = "metrics.jsonl"
+BACKBONE_KEY = "backbone_sha256"  # in the identity: `backbone_sha256` of the weights the classifier was trained on
 _EPOCH_DIR = re.compile(r"^epoch_(\d{4,})$")
 
 
@@ -184,12 +186,26 @@ def saved_epochs(lincls_dir: Path) -> Optional[Path]:
     return max(found, key=lambda p: int(_EPOCH_DIR.match(p.name).group(1)), default=None)
 
 
+def backbone_sha256(backbone: nn.Module) -> str:
+    """sha256 over the backbone's state dict: each tensor's name, dtype, shape and bytes, in
+    order (weights and BatchNorm statistics alike). A resumed lincls run must find the weights
+    its classifier was trained on (`BACKBONE_KEY` in the saved identity)."""
+    digest = hashlib.sha256()
+    for name, tensor in backbone.state_dict().items():
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def check_lincls_dir(lincls_dir: Path, identity: dict[str, Any], *, resume: bool) -> Optional[Path]:
     """The saved state to resume from (None: a fresh start); one-line ConfigErrors before any compute.
 
     Refused: a fresh start where a run is already saved (it would be overwritten), --resume with
-    nothing saved, a resume whose settings (`identity`) differ from the saved run's, and a
-    directory that cannot be written.
+    nothing saved, a resume whose settings (`identity`) differ from the saved run's, a resume on
+    other backbone weights than the saved classifier's (`identity[BACKBONE_KEY]`, see
+    `backbone_sha256`: e.g. an encoder exported again since), and a directory that cannot be
+    written.
     """
     folder = lincls_dir
     while not folder.exists() and folder != folder.parent:
@@ -203,6 +219,11 @@ def check_lincls_dir(lincls_dir: Path, identity: dict[str, Any], *, resume: bool
             raise ConfigError(f"--resume: no saved lincls state under {lincls_dir}; start without --resume")
         return None
     state = json.loads((saved / STATE_FILE).read_text())
+    if state["identity"].get(BACKBONE_KEY) != identity.get(BACKBONE_KEY):
+        why = ("the model was exported or trained again since, or is another one" if state["identity"].get(BACKBONE_KEY)
+               else "an older hnmix did not record which weights")
+        raise ConfigError(f"{lincls_dir} holds a linear classifier of other backbone weights ({why}); delete "
+                          f"{lincls_dir} or pass another --lincls_dir to start afresh")
     if not resume:
         raise ConfigError(f"{lincls_dir} already holds a lincls run ({state['epochs_done']} of "
                           f"{state['identity'].get('epochs')} epochs); pass --resume to continue it, or another "

@@ -126,6 +126,30 @@ def test_a_resumed_run_ends_with_the_classifier_of_an_uninterrupted_one(tmp_path
     assert code == 2 and "had other settings (lr 1.0 -> 3.0)" in err
 
 
+def test_a_resume_on_an_encoder_exported_again_since_is_refused(tmp_path, capsys):
+    # The classifier was trained on the first export's features: resumed on new weights it would report
+    # the old classifier's accuracy (e.g. 91.8 with 0 epochs trained).
+    from hnmix.hub.export import export_encoder
+
+    encoder, lincls_dir = tmp_path / "run" / "encoder", tmp_path / "lincls"
+    torch.manual_seed(0)
+    export_encoder(timm.create_model("test_resnet", num_classes=0), encoder, img_size=32)
+    run = [str(encoder), *SMALL[1:], "--synthetic_size", "20", "--protocol", "lincls", "--lincls_epochs", "2",
+           "--lincls_batch_size", "8", "--lincls_dir", str(lincls_dir)]
+    code, err = run_cli(capsys, *run, "--lincls_stop_at", "1")
+    assert code == 0, err
+    assert run_cli(capsys, *run, "--resume", "--lincls_stop_at", "1")[0] == 0  # the same weights: resumed
+    torch.manual_seed(1)
+    export_encoder(timm.create_model("test_resnet", num_classes=0), encoder, img_size=32)  # trained further
+    code, err = run_cli(capsys, *run, "--resume")
+    assert code == 2 and "Traceback" not in err
+    [line] = [line for line in err.splitlines() if line.startswith("hnmix: error: ")]
+    assert line == (f"hnmix: error: {lincls_dir} holds a linear classifier of other backbone weights (the model was "
+                    f"exported or trained again since, or is another one); delete {lincls_dir} or pass another "
+                    "--lincls_dir to start afresh")
+    assert json.loads((lincls_dir / "epoch_0001" / "lincls_state.json").read_text())["epochs_done"] == 1  # untouched
+
+
 def test_an_unreadable_training_image_adds_no_loss_and_is_counted(tmp_path, capsys):
     splits = {name: make_synthetic_dataset(20, seed=seed, image_size=32)
               for seed, name in enumerate(("train", "validation", "test"))}
