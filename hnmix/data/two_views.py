@@ -21,6 +21,7 @@ from hnmix.data.geometric import two_crops
 from hnmix.data.images import encoded_bytes, open_image
 from hnmix.data.sources import resolve_columns
 from hnmix.data.transforms import ImageTransform
+from hnmix.data.workers import ignore_stop_signals
 from hnmix.errors import DataError, describe, first_line
 
 logger = logging.getLogger(__name__)
@@ -217,7 +218,7 @@ def make_train_loader(
     label [B] int64). The loader has its own seeded generator, so making an iterator does not
     consume the global RNG. An exception in a worker is re-raised by the DataLoader in the main
     process with the same type; its message then holds the worker's traceback (the original
-    one-line message is its last line).
+    one-line message is its last line). Workers ignore the run's stop signals (`hnmix.data.workers`).
     """
     if len(dataset) < batch_size:
         raise DataError(
@@ -234,4 +235,5 @@ def make_train_loader(
         persistent_workers=num_workers > 0,
         prefetch_factor=4 if num_workers > 0 else None,
         generator=torch.Generator().manual_seed(seed),
+        worker_init_fn=ignore_stop_signals,
     )

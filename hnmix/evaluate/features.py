@@ -26,6 +26,7 @@ from accelerate import Accelerator
 from hnmix.data.images import to_rgb
 from hnmix.data.transforms import eval_transform
 from hnmix.data.two_views import DECODE_ERRORS, TwoViewDataset, warn_a_few
+from hnmix.data.workers import ignore_stop_signals
 from hnmix.errors import DataError, first_line
 
 UNREADABLE = -1  # the label of an image that could not be read
@@ -140,8 +141,10 @@ def make_eval_loader(images: EvalImages, *, batch_size: int, num_workers: int) -
 
     The loader has a generator of its own: a DataLoader without one draws its workers' base seed
     from the global RNG on every pass, and an evaluation in the middle of training would then
-    change the training's later random draws.
+    change the training's later random draws. Workers ignore the run's stop signals, so that a
+    SIGTERM during the trainer's kNN evaluation stops the run cleanly (`hnmix.data.workers`).
     """
     return torch.utils.data.DataLoader(images, batch_size=batch_size, shuffle=False, drop_last=False,
                                        num_workers=num_workers, pin_memory=torch.cuda.is_available(),
-                                       generator=torch.Generator().manual_seed(0))
+                                       generator=torch.Generator().manual_seed(0),
+                                       worker_init_fn=ignore_stop_signals)

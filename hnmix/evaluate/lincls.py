@@ -52,6 +52,7 @@ from torchvision import transforms
 
 from hnmix.data.transforms import IMAGENET_MEAN, IMAGENET_STD, ImageTransform
 from hnmix.data.two_views import EpochSampler, sample_rng
+from hnmix.data.workers import ignore_stop_signals
 from hnmix.errors import CheckpointError, ConfigError, describe
 from hnmix.evaluate.features import (
     UNREADABLE,
@@ -171,7 +172,7 @@ def make_lincls_loader(images: AugmentedImages, *, batch_size: int, num_workers:
     return torch.utils.data.DataLoader(
         images, batch_size=batch_size, sampler=EpochSampler(len(images), seed), drop_last=False,
         num_workers=num_workers, pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0,
-        generator=torch.Generator().manual_seed(seed),
+        generator=torch.Generator().manual_seed(seed), worker_init_fn=ignore_stop_signals,
     )
 
 

@@ -65,7 +65,8 @@ from hnmix.train.preemption import (
     EXIT_STOPPED,
     StopSignal,
     follow_the_launcher,
-    shutdown_budget_s,
+    StopDeadline,
+    stop_deadline,
     write_stopped_marker,
 )
 from hnmix.train.schedule import lr_schedule, momentum_schedule
@@ -92,6 +93,7 @@ def check_bad_fraction(bad: int, seen: int, max_bad_fraction: float, dataset_siz
 def train(config: TrainConfig) -> int:
     """Train as `config` says; returns 0, or EXIT_STOPPED after a signal and a checkpoint."""
     follow_the_launcher()
+    deadline = stop_deadline()
     if config.deterministic:
         use_deterministic_algorithms()
     accelerator = make_accelerator(config)
@@ -129,6 +131,8 @@ def train(config: TrainConfig) -> int:
     accelerator.init_trackers("hnmix", config={k: str(v) if v is None else v for k, v in config.to_dict().items()})
     if accelerator.trackers:
         logger.info(f"Trackers write: {'; '.join(tracker_locations(accelerator))}")
+    if math.isfinite(deadline.seconds):
+        logger.info(f"On a stop signal, {deadline.imposed_by} leaves {deadline.seconds:.0f} s to finish the step and save")
 
     global_batch = config.batch_size * accelerator.num_processes
     end = config.stop_at or config.steps
@@ -146,7 +150,7 @@ def train(config: TrainConfig) -> int:
     )
     task = progress.add_task("train", total=config.steps, completed=step, speed="-", loss="-", lr="-", knn="-")
     window_start, window_steps = time.perf_counter(), 0
-    stopping = False
+    stopping = deadline_warned = False
     final_record = None
 
     model.train()
@@ -155,6 +159,7 @@ def train(config: TrainConfig) -> int:
             epoch, skip = divmod(step, steps_per_epoch)
             loader.set_epoch(epoch)
             for view_q, view_k, ids, labels, unreadable in accelerator.skip_first_batches(loader, skip) if skip else loader:
+                step_started = time.perf_counter()
                 if photometric:
                     view_q, view_k = photometric(view_q, view_k, step)
                 loss, stats = model(view_q, view_k, ids, labels if has_labels else None, step=step, commit=False)
@@ -172,6 +177,7 @@ def train(config: TrainConfig) -> int:
                 step += 1
                 window_steps += 1
                 progress.update(task, completed=step)
+                step_s = time.perf_counter() - step_started
 
                 record = {}
                 if monitor and step % config.eval_every == 0 and step < config.steps:  # the last comes after the save
@@ -198,7 +204,12 @@ def train(config: TrainConfig) -> int:
                 stopping = stop.requested()
                 if step % config.steps_save == 0 or step == end or stopping:
                     guard.check(step, saved)  # a diverged run is never saved
+                    save_started = time.perf_counter()
                     saved = save_training_state(accelerator, moco, window, bad_images, guard, config, step, epoch)
+                    if stopping and accelerator.is_main_process:  # first: a launcher's SIGKILL may follow soon
+                        write_stopped_marker(dir_out, cause=stop_cause(stop), step=step, checkpoint=saved)
+                    deadline_warned = deadline_warned or deadline.warn_if_too_short(
+                        step_s, time.perf_counter() - save_started)
                     if accelerator.is_main_process:
                         refresh_curves(dir_out)
                     if pusher and step < end and not stopping:
@@ -223,7 +234,7 @@ def train(config: TrainConfig) -> int:
         if pusher and not stopping:
             pusher.on_train_end(step, encoder_dir=encoder_dir, checkpoint_dir=saved)
         if pusher:
-            timeout = hub_wait_on_stop(stop) if stopping else HUB_WAIT_S
+            timeout = hub_wait_on_stop(stop, deadline) if stopping else HUB_WAIT_S
             logger.info(f"Waiting up to {timeout:.0f} s for the upload to {config.hub_model_id}")
             pusher.wait(timeout=timeout)
         print_summary(console, dir_out=dir_out, first_step=first_step, last_step=step, total_steps=config.steps,
@@ -232,10 +243,7 @@ def train(config: TrainConfig) -> int:
     accelerator.wait_for_everyone()
     accelerator.end_training()
     if stopping:
-        cause = stop.received.name if stop.received else "a signal on another rank"
-        if accelerator.is_main_process:
-            write_stopped_marker(dir_out, cause=cause, step=step, checkpoint=saved)
-        logger.warning(f"Stopped by {cause} after step {step}, saved in {saved}; continue with --resume latest")
+        logger.warning(f"Stopped by {stop_cause(stop)} after step {step}, saved in {saved}; continue with --resume latest")
         return EXIT_STOPPED
     return 0
 
@@ -251,11 +259,15 @@ def evaluate_without_stopping(monitor: KnnMonitor, moco: MoCo, accelerator: Acce
         return {"knn_error": line}
 
 
-def hub_wait_on_stop(stop: StopSignal) -> float:
+def stop_cause(stop: StopSignal) -> str:
+    return stop.received.name if stop.received else "a signal on another rank"
+
+
+def hub_wait_on_stop(stop: StopSignal, deadline: StopDeadline) -> float:
     """How long a run stopped by a signal waits for its last upload: HUB_WAIT_ON_STOP_S, less when
-    torch's elastic agent would SIGKILL the process sooner (5 s kept for the exit)."""
+    its launcher would SIGKILL the process sooner (5 s kept for the exit)."""
     elapsed = time.monotonic() - (stop.received_at or time.monotonic())
-    return max(0.0, min(HUB_WAIT_ON_STOP_S, shutdown_budget_s() - elapsed - 5))
+    return max(0.0, min(HUB_WAIT_ON_STOP_S, deadline.seconds - elapsed - 5))
 
 
 def log_step(accelerator: Accelerator, record: dict, metrics_path: Path, progress: Progress, task) -> None:

@@ -1,5 +1,6 @@
-"""SIGTERM under every launcher the README names: the trainers save, nothing is orphaned, and the
-code or marker a requeue script reads says the run stopped (75 / dir_out/STOPPED)."""
+"""A stop signal as each launcher the README names delivers it, with DataLoader workers on: the
+trainers finish the step, save on every rank, leave dir_out/STOPPED, nothing is orphaned, the
+exit code is the README's, and `--resume latest` continues exactly as an uninterrupted run."""
 
 import os
 import signal
@@ -9,12 +10,14 @@ import time
 from pathlib import Path
 
 import pytest
-from tiny_run import TINY, checkpoints, metrics
+from tiny_run import TINY, checkpoints, losses, metrics
 
-from launch import REPO
+from launch import REPO, accelerate_launch_command
 
 pytestmark = pytest.mark.multiprocess
-LONG = [*TINY, "-s", "400", "-sp", "1", "-ss", "1000", "--num_workers", "0", "--eval_every", "0"]
+# Workers on, as users run: the signal reaches them too.
+LONG = [*TINY, "-s", "400", "-sp", "1", "-ss", "1000", "--num_workers", "2", "--eval_every", "0"]
+TWO_PROCESSES = ["-bs", "4"]  # the same global batch as TINY's 8 on one process
 
 
 def environment() -> dict:
@@ -24,15 +27,19 @@ def environment() -> dict:
                          "HF_HOME": str(REPO / ".pytest-hf-home")}
 
 
-def children(pid: int) -> list[int]:
-    found = []
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (children, their children, ...), read from /proc."""
+    parents = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
+            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError):
             continue
-        if int(fields[1]) == pid:
-            found.append(int(stat.parent.name))
+    found, frontier = [], [pid]
+    while frontier:
+        children = [child for child, parent in parents.items() if parent in frontier]
+        found += children
+        frontier = children
     return found
 
 
@@ -45,10 +52,10 @@ def wait_for_records(dir_out: Path, count: int, process: subprocess.Popen) -> No
     raise AssertionError(f"no {count} records in {dir_out} (exit {process.poll()})")
 
 
-def gone(pid: int, timeout: float) -> bool:
+def all_gone(pids: list[int], timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if not Path(f"/proc/{pid}").exists() or "(Z)" in _state(pid):
+        if all(_state(pid) in ("gone", "Z") for pid in pids):
             return True
         time.sleep(0.1)
     return False
@@ -56,49 +63,128 @@ def gone(pid: int, timeout: float) -> bool:
 
 def _state(pid: int) -> str:
     try:
-        return "(" + Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] + ")"
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except OSError:
-        return "(gone)"
+        return "gone"
 
 
-def test_sigterm_to_the_readmes_single_process_launcher_saves_instead_of_orphaning_the_trainer(tmp_path):
-    """`accelerate launch --config_file accelerate_config.yaml` with one process runs Accelerate's
-    simple launcher, which does not forward signals: the trainer asks the kernel for SIGTERM when
-    its launcher dies, saves, leaves STOPPED and exits 75."""
+def stopped_step(dir_out: Path, *, ranks: int) -> int:
+    """The step of the one checkpoint, which STOPPED names and every rank saved."""
+    [name] = checkpoints(dir_out)
+    marker = (dir_out / "STOPPED").read_text()
+    assert "stopped by SIGTERM" in marker and name in marker and "--resume latest" in marker, marker
+    for rank in range(ranks):
+        assert (dir_out / "checkpoints" / name / f"random_states_{rank}.pkl").exists(), f"rank {rank} did not save"
+    return int(name.split("_")[1])
+
+
+def train(*args: str) -> None:
+    done = subprocess.run([sys.executable, "-m", "hnmix.train", *args], cwd=REPO, env=environment(),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def two_process_script(dir_out: Path, *args: str, **popen) -> subprocess.Popen:
+    return subprocess.Popen(["bash", "launch/cpu_two_processes.sh", *LONG, *TWO_PROCESSES, *args], cwd=REPO,
+                            env=environment() | {"DIR_OUT": str(dir_out)}, text=True, **popen)
+
+
+def assert_resumes_exactly(dir_out: Path, reference: Path, step: int, *, resume) -> None:
+    """`--resume latest` to step + 2, through `resume(*args)`, logs the losses of an uninterrupted
+    run (`reference`, trained to the same step), the stopped run's records included."""
+    resume("--resume", "latest", "--stop_at", str(step + 2))
+    assert not (dir_out / "STOPPED").exists()
+    expected = losses(reference)
+    assert sorted(expected) == list(range(1, step + 3))
+    assert losses(dir_out) == expected
+
+
+def test_sigterm_to_accelerate_launch_with_one_process_saves_within_its_grace(tmp_path):
+    """`accelerate launch` with one process: accelerate >= 1.16 terminates the trainer's whole tree,
+    the DataLoader workers included, and SIGKILLs it 5 s later. The trainer saves first, leaves
+    STOPPED, and the launcher exits 143, which the scheduler sees."""
+    run = tmp_path / "run"
     launcher = subprocess.Popen(
         [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "accelerate_config.yaml", "--cpu",
-         "--mixed_precision", "no", "-m", "hnmix.train", *LONG, "-do", str(tmp_path)],
-        cwd=REPO, env=environment(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_for_records(tmp_path, 2, launcher)
-    [trainer] = children(launcher.pid)
+         "--mixed_precision", "no", "--quiet", "-m", "hnmix.train", *LONG, "-do", str(run)],
+        cwd=REPO, env=environment(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    wait_for_records(run, 2, launcher)
+    tree = descendants(launcher.pid)
+    assert len(tree) == 3, f"expected the trainer and its 2 workers, found {tree}"
     launcher.send_signal(signal.SIGTERM)
-    launcher.wait(timeout=30)
-    assert launcher.returncode == -signal.SIGTERM  # what a scheduler sees of a bare launcher: 143 in a shell
-    assert gone(trainer, timeout=120), "the trainer outlived its launcher"
-    [stopped_at] = checkpoints(tmp_path)
-    marker = (tmp_path / "STOPPED").read_text()
-    assert "stopped by SIGTERM" in marker and stopped_at in marker and "--resume latest" in marker
-    assert int(stopped_at.split("_")[1]) < 400
+    _, stderr = launcher.communicate(timeout=60)
+    assert launcher.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    assert "is killed by signal" not in stderr, stderr[-3000:]
+    assert all_gone(tree, timeout=30), "a process of the trainer's tree outlived its launcher"
+    step = stopped_step(run, ranks=1)
+    assert step < 400
+    assert "leaves 5 s to finish the step and save" in stderr  # the launcher's deadline, said at start-up
+    train(*LONG, "-do", str(tmp_path / "reference"), "--stop_at", str(step + 2))
+    assert_resumes_exactly(run, tmp_path / "reference", step,
+                           resume=lambda *args: train(*LONG, "-do", str(run), *args))
 
 
-def test_sigterm_to_the_two_process_script_saves_on_both_ranks_and_exits_75(tmp_path):
-    script = subprocess.Popen(
-        ["bash", "launch/cpu_two_processes.sh", *LONG, "-bs", "4"], cwd=REPO,
-        env=environment() | {"DIR_OUT": str(tmp_path)}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    wait_for_records(tmp_path, 2, script)
-    script.send_signal(signal.SIGTERM)
+def test_sigterm_to_a_setsid_runs_process_group_saves_and_exits_75(tmp_path):
+    """`kill -TERM -- -PGID` on a `setsid python -m hnmix.train` (SLURM signals every process of
+    the step alike): the workers get it too and must not die of it."""
+    run = tmp_path / "run"
+    trainer = subprocess.Popen([sys.executable, "-m", "hnmix.train", *LONG, "-do", str(run)], cwd=REPO,
+                               env=environment(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    wait_for_records(run, 2, trainer)
+    workers = descendants(trainer.pid)
+    assert len(workers) == 2, workers
+    os.killpg(trainer.pid, signal.SIGTERM)
+    _, stderr = trainer.communicate(timeout=120)
+    assert trainer.returncode == 75, stderr[-3000:]
+    assert all_gone(workers, timeout=30), "a DataLoader worker outlived the trainer"
+    step = stopped_step(run, ranks=1)
+    train(*LONG, "-do", str(tmp_path / "reference"), "--stop_at", str(step + 2))
+    assert_resumes_exactly(run, tmp_path / "reference", step,
+                           resume=lambda *args: train(*LONG, "-do", str(run), *args))
+
+
+def test_sigterm_to_the_two_process_scripts_group_saves_on_both_ranks_and_exits_75(tmp_path):
+    """`launch/cpu_two_processes.sh` signalled as a job: SIGTERM to its process group (the script
+    and `accelerate launch`); torch's elastic agent then `killpg`s each trainer's group, its
+    DataLoader workers included."""
+    run = tmp_path / "run"
+    script = two_process_script(run, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    wait_for_records(run, 2, script)
+    tree = descendants(script.pid)
+    os.killpg(script.pid, signal.SIGTERM)
     _, stderr = script.communicate(timeout=240)
     assert script.returncode == 75, stderr[-3000:]
-    [stopped_at] = checkpoints(tmp_path)
-    assert (tmp_path / "checkpoints" / stopped_at / "random_states_1.pkl").exists()  # rank 1 saved too
-    assert stopped_at in (tmp_path / "STOPPED").read_text()
+    assert "is killed by signal" not in stderr, stderr[-3000:]
+    assert all_gone(tree, timeout=30), "a process of the run outlived the script"
+    step = stopped_step(run, ranks=2)
+
+    def through_the_script(directory: Path, *args: str) -> None:
+        done = two_process_script(directory, *args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        _, stderr = done.communicate(timeout=300)
+        assert done.returncode == 0, stderr[-3000:]
+
+    through_the_script(tmp_path / "reference", "--stop_at", str(step + 2))
+    assert_resumes_exactly(run, tmp_path / "reference", step, resume=lambda *args: through_the_script(run, *args))
+
+
+def test_sigterm_to_accelerate_launch_with_two_processes_leaves_stopped(tmp_path):
+    """A bare `accelerate launch` with several processes (no script around it): the agent forwards
+    the signal, both ranks save, and the launcher exits 128 + SIGTERM; STOPPED says the run stopped."""
+    run = tmp_path / "run"
+    command, env = accelerate_launch_command(["--quiet", "-m", "hnmix.train", *LONG, *TWO_PROCESSES, "-do", str(run)])
+    launcher = subprocess.Popen(command, cwd=REPO, env=env | {"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "60"},
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    wait_for_records(run, 2, launcher)
+    launcher.send_signal(signal.SIGTERM)
+    _, stderr = launcher.communicate(timeout=120)
+    assert launcher.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    assert "is killed by signal" not in stderr, stderr[-3000:]
+    stopped_step(run, ranks=2)
 
 
 def test_a_run_that_finishes_leaves_no_stopped_marker(tmp_path):
     (tmp_path / "STOPPED").write_text("from an earlier stop\n")
     tmp_path.joinpath("checkpoints").mkdir()
-    done = subprocess.run([sys.executable, "-m", "hnmix.train", *TINY, "-s", "2", "--num_workers", "0",
-                           "--eval_every", "0", "-do", str(tmp_path)], cwd=REPO, env=environment(),
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
+    train(*TINY, "-s", "2", "--num_workers", "0", "--eval_every", "0", "-do", str(tmp_path))
     assert not (tmp_path / "STOPPED").exists()

@@ -1,0 +1,24 @@
+"""DataLoader workers that outlive the run's stop signals.
+
+Launchers deliver a stop signal to a whole process tree or group, DataLoader workers included:
+accelerate >= 1.16's single-process launcher terminates the trainer's tree, torch's elastic agent
+`killpg`s each trainer's process group, SLURM signals every process of the job step. A worker
+killed by it makes the trainer raise "DataLoader worker ... is killed by signal" in the middle of
+the step it should finish and save. So workers ignore the signals the trainer handles; they exit
+when the trainer shuts its loaders down, or, if the trainer dies, when torch's worker watchdog
+sees their parent gone.
+"""
+
+from __future__ import annotations
+
+import signal
+
+# The signals the trainer turns into "save and stop" (hnmix.train.preemption): SIGTERM from
+# schedulers and launchers, SIGINT from Ctrl-C, SIGUSR1 from SLURM's `--signal=USR1@...`.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+
+
+def ignore_stop_signals(worker_id: int = 0) -> None:
+    """A DataLoader `worker_init_fn`: this worker ignores `STOP_SIGNALS`."""
+    for stop_signal in STOP_SIGNALS:
+        signal.signal(stop_signal, signal.SIG_IGN)
