@@ -114,8 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
                       "the encoder's input_size, else 224)")
     data.add_argument("--eval_split_size", type=_split_size, default=0.1, help="held-out part of the train split "
                       "when there is no validation split: a fraction or a count (default: 0.1)")
-    data.add_argument("--eval_max_samples", type=int, help="at most this many images per split, a seeded subset "
-                          "(default: all)")
+    data.add_argument("--eval_max_samples", type=int, help="at most this many images per split, a seeded subset; "
+                      "0: all, as in hnmix.train (default: all)")
     data.add_argument("--batch_size", type=int, default=128, help="per process (default: 128)")
     workers = default_num_workers()
     data.add_argument("--num_workers", type=int, default=workers,
@@ -186,7 +186,8 @@ class EvalOptions:
 
 def resolve_options(args: argparse.Namespace, model: LoadedModel, num_processes: int = 1) -> EvalOptions:
     """Flags win; then the training run's config (a checkpoint's, or the one beside an exported
-    encoder); then hnmix's defaults. Bad values are one-line ConfigErrors."""
+    encoder); then hnmix's defaults. Bad values are one-line ConfigErrors. `--eval_max_samples 0`
+    (all, as in hnmix.train) becomes None in `args`, so reports and a lincls resume see one spelling."""
     trained = model.train_config
 
     def pick(name: str, default: Any) -> Any:
@@ -207,6 +208,9 @@ def resolve_options(args: argparse.Namespace, model: LoadedModel, num_processes:
             raise ConfigError(f"option {name} must be >= 1, got {value}")
     if args.num_workers < 0:
         raise ConfigError(f"option num_workers must be >= 0, got {args.num_workers}")
+    if args.eval_max_samples is not None and args.eval_max_samples < 0:
+        raise ConfigError(f"option eval_max_samples must be >= 0 (0: all), got {args.eval_max_samples}")
+    args.eval_max_samples = args.eval_max_samples or None  # 0 means all, as in hnmix.train: one spelling saved
     if not args.knn_temperature > 0:
         raise ConfigError(f"option knn_temperature must be > 0, got {args.knn_temperature}")
     if args.protocol == "linear" and not (args.linear_lrs and args.linear_weight_decays):

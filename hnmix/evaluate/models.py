@@ -48,7 +48,8 @@ def load_backbone(model: str, *, pretrained: bool = False) -> LoadedModel:
     - an exported encoder folder (config.json + model.safetensors, timm's `save_for_hf` layout):
       `timm.create_model("local-dir:PATH", pretrained=True)`, with the run's options from
       `run_config_of_encoder` (DIR_OUT/config.yaml beside it, else its model card);
-    - `hf-hub:owner/name` or `owner/name` (when no such local path exists): timm's `hf-hub:`;
+    - `hf-hub:owner/name` or `owner/name` (when no such local path exists and `owner` is no local
+      directory): timm's `hf-hub:`; a missing path (`is_local_path`) is a ConfigError at once;
     - a timm model name: random weights, or timm's own with `pretrained`.
     The classifier is always dropped (num_classes=0).
     """
@@ -72,6 +73,10 @@ def load_backbone(model: str, *, pretrained: bool = False) -> LoadedModel:
                           "DIR_OUT/checkpoints/step_N or DIR_OUT/encoder")
     if path.exists():
         raise ConfigError(f"model {model} is a file; pass its directory (a checkpoint or an exported encoder)")
+    if is_local_path(model):
+        hub = f", or hf-hub:{model} for the Hub model" if _HUB_ID.fullmatch(model) else ""
+        raise ConfigError(f"model path {model} does not exist{_nearest_folder(path)}; pass a checkpoint directory "
+                          f"or an exported encoder folder{hub}")
     if timm.is_model(model):
         backbone = _create(model, pretrained=pretrained,
                            what=f"timm's pretrained weights of {model}" if pretrained else f"the timm model {model}")
@@ -79,12 +84,30 @@ def load_backbone(model: str, *, pretrained: bool = False) -> LoadedModel:
                            model, _input_size(backbone) if pretrained else None)
     if _HUB_ID.fullmatch(model):
         return _load_from_hub(model, local_missing=True)
-    if "/" in model or model.startswith((".", "~")):
+    if "/" in model:
         raise ConfigError(f"model path {model} does not exist; pass a checkpoint directory, an exported encoder "
                           "folder, a Hub id (owner/name) or a timm model name")
     close = get_close_matches(model, timm.list_models(), n=3)
     hint = f"did you mean {', '.join(close)}?" if close else "see timm.list_models()"
     raise ConfigError(f"unknown model {model!r}: not a directory, a Hub id or a timm model name; {hint}")
+
+
+def is_local_path(model: str) -> bool:
+    """Whether the model argument `model` can only mean a local path (so a missing one is an error at
+    once, not ~30 s of Hub retries): it starts with `.`, `/` or `~`, holds a backslash or more than
+    one `/`, or its first component is a local directory (`runs/demo` where `runs/` exists). An
+    `owner/name` whose `owner` is no local directory may be a Hub id."""
+    if model.startswith((".", "/", "~")) or "\\" in model or model.count("/") > 1:
+        return True
+    return "/" in model and Path(model.split("/", 1)[0]).is_dir()
+
+
+def _nearest_folder(path: Path) -> str:
+    """' (FOLDER exists)': the deepest existing folder above the missing `path`, to show where it went wrong."""
+    for parent in path.parents:
+        if str(parent) not in (".", "/", "") and parent.is_dir():
+            return f" ({parent} exists)"
+    return ""
 
 
 def _load_from_hub(repo_id: str, *, local_missing: bool = False) -> LoadedModel:
