@@ -294,14 +294,25 @@ def check_queue_fits_global_batch(config: TrainConfig, num_processes: int) -> No
 CONFIG_FILE = "config.yaml"
 
 
+# Options that say how one invocation starts, not what the run is: left out of the saved
+# config.yaml, so that `--config DIR_OUT/config.yaml --dir_out NEW` starts the same run afresh.
+INVOCATION_ONLY = ("resume", "overwrite_dir_out", "config")
+
+
+def run_options(config: TrainConfig) -> dict[str, Any]:
+    """The options that describe the run: all but INVOCATION_ONLY."""
+    return {name: value for name, value in config.to_dict().items() if name not in INVOCATION_ONLY}
+
+
 def config_to_yaml(config: TrainConfig) -> str:
-    """The resolved configuration, loadable again with `--config`."""
-    return yaml.safe_dump(config.to_dict(), sort_keys=False)
+    """The resolved configuration of the run (`run_options`), loadable again with `--config`."""
+    return yaml.safe_dump(run_options(config), sort_keys=False)
 
 
 def config_differences(saved: dict[str, Any], current: TrainConfig, *, resumable: bool = False) -> list[str]:
-    """`name: saved -> current` for every option that differs and may not change on resume
-    (or, with resumable=True, that differs and may)."""
-    now = current.to_dict()
+    """`name: saved -> current` for every option of the run (`run_options`; a checkpoint of an
+    older hnmix may still hold the others) that differs and may not change on resume (or, with
+    resumable=True, that differs and may)."""
+    now = run_options(current)
     return [f"{name}: {saved.get(name)!r} -> {now[name]!r}" for name in now
             if (name in RESUMABLE_CHANGES) == resumable and saved.get(name) != now[name]]

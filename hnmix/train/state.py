@@ -61,7 +61,7 @@ def checkpoint_to_resume(config: TrainConfig, num_processes: int) -> Optional[Pa
     differences = config_differences(saved | {"batch_size": config.batch_size}, config)
     if differences:
         raise ConfigError(f"cannot resume {checkpoint} with a different configuration: {'; '.join(differences)}")
-    allowed = [d for d in config_differences(saved, config, resumable=True) if not d.startswith("resume:")]
+    allowed = config_differences(saved, config, resumable=True)
     if saved_processes != num_processes:
         allowed.append(f"processes: {saved_processes} -> {num_processes} (batch_size {saved['batch_size']} -> "
                        f"{config.batch_size}, global batch {global_batch} unchanged; the views and shuffle BN of the "
