@@ -3,6 +3,7 @@ requeued run that never saved restarts cleanly."""
 
 import os
 
+import yaml
 from tiny_run import TINY, checkpoints, metrics, run_train
 
 QUICK = [*TINY, "-s", "4", "-sp", "2", "-ss", "2", "--num_workers", "0", "--eval_every", "0"]
@@ -48,3 +49,40 @@ def test_stale_hub_snapshots_are_removed_at_start_up(tmp_path):
     (stale / "model.safetensors").write_bytes(b"a hard link to a pruned checkpoint")
     assert run_train(*QUICK, "-do", str(tmp_path)).returncode == 0
     assert not (tmp_path / ".hub-staging").exists()
+
+
+def test_a_resumed_runs_config_yaml_starts_the_same_run_afresh_in_another_dir_out(tmp_path):
+    """config.yaml describes the run, not the invocation: no resume/overwrite_dir_out/config, so
+    `--config DIR_OUT/config.yaml --dir_out NEW` repeats the run (same losses) instead of failing
+    on `resume: latest`."""
+    first, again = tmp_path / "first", tmp_path / "again"
+    assert run_train(*QUICK, "--stop_at", "2", "-do", str(first)).returncode == 0
+    resumed = run_train(*QUICK, "--resume", "latest", "--overwrite_dir_out", "-do", str(first))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    for saved in (first / "config.yaml", first / "checkpoints/step_00000004/config.yaml"):
+        assert {"resume", "overwrite_dir_out", "config"}.isdisjoint(yaml.safe_load(saved.read_text())), saved
+    rerun = run_train("--config", str(first / "config.yaml"), "-do", str(again))
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert [(r["step"], r["loss"]) for r in metrics(again)] == [(r["step"], r["loss"]) for r in metrics(first)]
+
+
+def test_a_run_that_failed_before_its_first_checkpoint_does_not_block_a_rerun(tmp_path):
+    """Its config.yaml and metrics.jsonl are leftovers, not a run: the rerun replaces them."""
+    tmp_path.joinpath("config.yaml").write_text("steps: 4\n")
+    tmp_path.joinpath("metrics.jsonl").write_text('{"step": 2, "loss": 9.0}\n')
+    (tmp_path / "checkpoints/.partial-step_00000002").mkdir(parents=True)  # killed during its first save
+    rerun = run_train(*QUICK, "-do", str(tmp_path))
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert [r["step"] for r in metrics(tmp_path)] == [2, 4] and metrics(tmp_path)[0]["loss"] != 9.0
+    assert checkpoints(tmp_path) == ["step_00000002", "step_00000004"]
+
+
+def test_a_run_that_fails_before_writing_anything_leaves_no_folder_it_created(tmp_path):
+    result = run_train(*QUICK, "-a", "resnet_does_not_exist", "-do", str(tmp_path / "new/run"))
+    assert result.returncode == 2 and "unknown timm model" in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failed_run_keeps_a_dir_out_that_existed_before(tmp_path):
+    result = run_train(*QUICK, "-a", "resnet_does_not_exist", "-do", str(tmp_path))
+    assert result.returncode == 2 and tmp_path.is_dir()
