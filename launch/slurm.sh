@@ -14,6 +14,9 @@ export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-110}  # 
 GPUS_PER_NODE=${GPUS_PER_NODE:-$(nvidia-smi --list-gpus | wc -l)}
 MAIN_HOST=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 DIR_OUT=${DIR_OUT:-runs/caltech256}
+# Bad options: one line and exit 2 here, before any node starts (hnmix/train/preflight.py).
+python -m hnmix.train.preflight --num_processes $((SLURM_NNODES * GPUS_PER_NODE)) \
+  --config configs/mochi_caltech256.yaml --dir_out "$DIR_OUT" --resume auto "$@" || exit $?
 status=0
 srun bash -c "accelerate launch --config_file accelerate_config.yaml --multi_gpu \
   --num_machines $SLURM_NNODES --num_processes $((SLURM_NNODES * GPUS_PER_NODE)) \

@@ -1,4 +1,10 @@
-# Sourced by the launch scripts: run_stop_aware DIR_OUT COMMAND... runs COMMAND (a launcher) in
+# Sourced by the launch scripts.
+#
+# check_options NUM_PROCESSES OPTIONS...: bad hnmix.train options are one line and exit 2 before
+# the launcher starts (torch's elastic agent would report the trainers' exit code 2 as a failure
+# table and exit 1). See hnmix/train/preflight.py.
+#
+# run_stop_aware DIR_OUT COMMAND... runs COMMAND (a launcher) in
 # the background, forwards SIGTERM and SIGINT to it, waits for it to end, and exits 75 when the
 # trainer stopped on a signal after saving (it leaves DIR_OUT/STOPPED), else with COMMAND's code.
 # Launchers do not pass 75 on themselves: torch's elastic agent exits 1 after a signal.
@@ -24,4 +30,10 @@ run_stop_aware() {
     exit 75
   fi
   exit "$status"
+}
+
+check_options() {
+  local num_processes=$1
+  shift
+  python -m hnmix.train.preflight --num_processes "$num_processes" "$@" || exit $?
 }

@@ -188,3 +188,22 @@ def test_a_run_that_finishes_leaves_no_stopped_marker(tmp_path):
     tmp_path.joinpath("checkpoints").mkdir()
     train(*TINY, "-s", "2", "--num_workers", "0", "--eval_every", "0", "-do", str(tmp_path))
     assert not (tmp_path / "STOPPED").exists()
+
+
+@pytest.mark.parametrize("how", ["two-process script", "README's accelerate launch"])
+def test_a_bad_option_is_one_line_before_any_launch(tmp_path, how):
+    """The launch scripts check the options before their launcher starts (exit 2, as
+    `python -m hnmix.train`); the README's `accelerate launch --quiet` prints the trainer's line
+    alone, and accelerate turns its 2 into 1."""
+    if how == "two-process script":
+        command, expected = ["bash", "launch/cpu_two_processes.sh", "--k_moco", "1000"], 2
+        env = environment() | {"DIR_OUT": str(tmp_path / "run")}
+    else:
+        command, expected = [sys.executable, "-m", "accelerate.commands.launch", "--quiet", "--config_file",
+                             "accelerate_config.yaml", "-m", "hnmix.train", "--config", "configs/mochi_caltech256.yaml",
+                             "--dir_out", str(tmp_path / "run"), "--k_moco", "1000"], 1
+        env = environment()
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == expected, done.stderr[-3000:]
+    lines = [line for line in (done.stdout + done.stderr).splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("hnmix: error: option k_moco=1000 must be a multiple"), lines
