@@ -9,12 +9,17 @@ training that runs one): `EvalImages` returns it as a blank image labelled `UNRE
 `extract_features` drops those rows and says how many it dropped.
 
 The first few are named in warnings, counted across DataLoader workers (`hnmix.data.two_views.warn_a_few`).
+
+Any other failure on one rank (a dataset that raises, a worker that dies, memory) is made known
+to every rank before the next collective (`raise_if_any_rank_failed`), so that no rank waits for
+it in a gather until the process group's timeout: every rank raises the same error, naming the
+rank that failed, and the trainer's kNN monitor can log it and train on.
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Iterator, Optional
 
 import datasets
 import torch
@@ -22,12 +27,14 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.utils.data
 from accelerate import Accelerator
+from accelerate.utils import gather_object
 
+from hnmix import errors
 from hnmix.data.images import to_rgb
 from hnmix.data.transforms import eval_transform
 from hnmix.data.two_views import DECODE_ERRORS, TwoViewDataset, warn_a_few
 from hnmix.data.workers import ignore_stop_signals
-from hnmix.errors import DataError, first_line
+from hnmix.errors import DataError, HnmixError, describe, first_line
 
 UNREADABLE = -1  # the label of an image that could not be read
 
@@ -42,6 +49,42 @@ class ExtractedFeatures(tuple):
         extracted = super().__new__(cls, (features, labels))
         extracted.skipped = skipped
         return extracted
+
+
+class RankFailedError(RuntimeError):
+    """What every rank raises when a part of a multi-process evaluation failed on some rank with
+    an error that is no HnmixError (a programming error, memory, a dead worker). On the rank
+    where it happened it is chained to the original (`raise ... from`), whose traceback shows.
+    An HnmixError (a user's) is raised again as its own type instead, still one line."""
+
+
+def raise_if_any_rank_failed(failure: Optional[Exception], accelerator: Accelerator, what: str) -> None:
+    """Raise on every rank when `failure` (this rank's exception, or None) is set on any rank;
+    every rank must call it at the same point, before the collective the failure would block.
+
+    One process: `failure` itself is raised. Several: an all-reduce of a failure flag, then (only
+    when some rank failed) the failures' descriptions are gathered, and every rank raises the same
+    error for the first failing rank: its HnmixError type again, else `RankFailedError`, with
+    the line "WHAT failed on rank R of N: ...".
+    """
+    if accelerator.num_processes == 1:
+        if failure is not None:
+            raise failure
+        return
+    flag = torch.tensor([float(failure is not None)], device=accelerator.device)
+    if not accelerator.reduce(flag, reduction="sum").item():
+        return
+    mine = None
+    if failure is not None:
+        user_error = isinstance(failure, HnmixError)
+        line = str(failure).strip().splitlines()[-1] if user_error else describe(failure)
+        mine = (accelerator.process_index, type(failure).__name__ if user_error else None, line)
+    rank, user_type, line = next(f for f in gather_object([mine]) if f is not None)
+    message = f"{what} failed on rank {rank} of {accelerator.num_processes}: {line}"
+    error_type = getattr(errors, user_type, HnmixError) if user_type else RankFailedError
+    if not (isinstance(error_type, type) and issubclass(error_type, Exception)):
+        error_type = HnmixError
+    raise error_type(message) from failure
 
 
 @contextmanager
@@ -81,22 +124,34 @@ def extract_features(
     The backbone runs in eval mode, without gradients, under `accelerator.autocast()`, with the
     main process's buffers (`main_process_buffers`); its training mode and buffers are restored
     afterwards. Results stay on `accelerator.device`.
+
+    Each rank reads and runs its batch alone, then the ranks agree that none failed
+    (`raise_if_any_rank_failed`: one all-reduce per batch) before gathering it; a failure on any
+    rank is raised on every rank and the pass is abandoned (`_abandon`).
     """
     was_training = backbone.training
     backbone.eval()
     features, labels = [], []
+    batches, finished = iter(loader), False
     try:
         with main_process_buffers(backbone, accelerator):
-            for images, batch_labels in loader:
-                with accelerator.autocast():
-                    batch_features = backbone(images.to(accelerator.device))
-                batch_features = batch_features.float().flatten(1)
-                batch_labels = batch_labels.to(accelerator.device).long()
-                batch_features, batch_labels = accelerator.gather_for_metrics((batch_features, batch_labels))
+            while True:
+                failure, batch = None, None
+                try:
+                    batch = _features_of_next_batch(backbone, batches, accelerator)
+                except Exception as error:  # noqa: BLE001 - made known to every rank, then raised
+                    failure = error
+                raise_if_any_rank_failed(failure, accelerator, "feature extraction")
+                if batch is None:
+                    finished = True
+                    break
+                batch_features, batch_labels = accelerator.gather_for_metrics(batch)
                 features.append(batch_features)
                 labels.append(batch_labels)
     finally:
         backbone.train(was_training)
+        if not finished:
+            _abandon(loader, batches)
     if not features:
         raise DataError("the evaluation loader yielded no batches; pass a split that holds images")
     features, labels = torch.cat(features), torch.cat(labels)
@@ -105,6 +160,31 @@ def extract_features(
     if skipped == labels.numel():
         raise DataError(f"none of the {skipped} evaluation images could be read; check the split's image files")
     return ExtractedFeatures(features[readable], labels[readable], skipped)
+
+
+def _features_of_next_batch(backbone: nn.Module, batches: Iterator, accelerator: Accelerator
+                            ) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    """(features [B, D] float32, labels [B] int64) of this rank's next batch, or None at the end.
+    No collective: a failure here is this rank's alone until `raise_if_any_rank_failed`."""
+    batch = next(batches, None)
+    if batch is None:
+        return None
+    images, batch_labels = batch
+    with accelerator.autocast():
+        batch_features = backbone(images.to(accelerator.device))
+    return batch_features.float().flatten(1), batch_labels.to(accelerator.device).long()
+
+
+def _abandon(loader: torch.utils.data.DataLoader, batches: Iterator) -> None:
+    """Stop a pass that did not reach its end: close the iterator (its workers go) and take an
+    Accelerate loader off the GradientState's active loaders, as its end would have (else the
+    trainer's own loader would no longer be the active one)."""
+    close = getattr(batches, "close", None)
+    if close is not None:
+        close()
+    end = getattr(loader, "end", None)
+    if end is not None:
+        end()
 
 
 class EvalImages(TwoViewDataset):

@@ -11,7 +11,13 @@ import torch.utils.data
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 
-from hnmix.evaluate.features import EvalImages, extract_features, make_eval_loader
+from hnmix.evaluate.features import (
+    EvalImages,
+    ExtractedFeatures,
+    extract_features,
+    make_eval_loader,
+    raise_if_any_rank_failed,
+)
 from hnmix.evaluate.probes import knn_accuracy
 from hnmix.evaluate.splits import EvalSplits
 
@@ -21,7 +27,9 @@ class KnnMonitor:
 
     The loaders must already be prepared by the trainer's accelerator (`from_splits` builds and
     prepares them). `evaluate` extracts both feature sets (`extract_features`: every rank takes
-    part), scores on the main process and broadcasts, so every rank returns the same dict.
+    part), scores on the main process and broadcasts, so every rank returns the same dict. A
+    failure on any rank, in the extraction or the scoring, is raised on every rank
+    (`raise_if_any_rank_failed`), so that none waits for it in a collective.
     """
 
     def __init__(self, bank_loader: torch.utils.data.DataLoader, query_loader: torch.utils.data.DataLoader, *,
@@ -50,14 +58,23 @@ class KnnMonitor:
         could not be read, left out) when there were any. Call it on every rank."""
         bank = extract_features(backbone, self.bank_loader, accelerator)
         queries = extract_features(backbone, self.query_loader, accelerator)
-        (bank_features, bank_labels), (query_features, query_labels) = bank, queries
-        result = None
+        result, failure = None, None
         if accelerator.is_main_process:
-            result = knn_accuracy(bank_features, bank_labels, query_features, query_labels,
-                                  num_classes=self.num_classes, k=self.k, temperature=self.temperature)
-            if bank.skipped + queries.skipped:
-                result["eval_bad_samples"] = bank.skipped + queries.skipped
+            try:
+                result = self._score(bank, queries)
+            except Exception as error:  # noqa: BLE001 - made known to every rank, then raised
+                failure = error
+        raise_if_any_rank_failed(failure, accelerator, "kNN scoring")  # before the others wait in the broadcast
         return broadcast_from_main(result, accelerator)
+
+    def _score(self, bank: ExtractedFeatures, queries: ExtractedFeatures) -> dict[str, float]:
+        """The kNN result of the gathered features (the main process computes it)."""
+        (bank_features, bank_labels), (query_features, query_labels) = bank, queries
+        result = knn_accuracy(bank_features, bank_labels, query_features, query_labels,
+                              num_classes=self.num_classes, k=self.k, temperature=self.temperature)
+        if bank.skipped + queries.skipped:
+            result["eval_bad_samples"] = bank.skipped + queries.skipped
+        return result
 
 
 def broadcast_from_main(value: Any, accelerator: Accelerator) -> Any:
