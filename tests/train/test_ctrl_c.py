@@ -18,16 +18,16 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 RUN = [*TINY, "-s", "12", "-sp", "1", "--num_workers", "0", "--eval_every", "0"]
 
 
-def ctrl_c_in_step(monkeypatch, step: int, times: int) -> list[str]:
-    """Send SIGINT `times` times from inside the optimizer step of step `step` (1-based); the
-    returned list gets "stepped" for every optimizer step that ran to its end."""
+def ctrl_c_in_step(monkeypatch, step: int, times: int, signum: int = signal.SIGINT) -> list[str]:
+    """Send SIGINT (or `signum`) `times` times from inside the optimizer step of step `step`
+    (1-based); the returned list gets "stepped" for every optimizer step that ran to its end."""
     real_step = NonFiniteGuard.step
     done = []
 
     def step_with_ctrl_c(self, grad_norm):
         if len(done) + 1 == step:
             for _ in range(times):
-                os.kill(os.getpid(), signal.SIGINT)
+                os.kill(os.getpid(), signum)
         applied = real_step(self, grad_norm)
         done.append("stepped")
         return applied
@@ -66,3 +66,13 @@ def test_a_second_ctrl_c_interrupts_at_once_without_a_save(tmp_path, monkeypatch
     assert len(done) == 2  # step 3 never reached its end
     assert checkpoints(tmp_path) == ["step_00000002"] and not (tmp_path / "STOPPED").exists()
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_sigusr1_stops_as_sigterm_does(tmp_path, monkeypatch):
+    """SLURM's `--signal=USR1@SECONDS` is a common way to ask for a save before the time limit."""
+    before = signal.getsignal(signal.SIGUSR1)
+    ctrl_c_in_step(monkeypatch, step=2, times=1, signum=signal.SIGUSR1)
+    assert train(parse_config([*RUN, "-ss", "100", "-do", str(tmp_path)])) == 75
+    assert checkpoints(tmp_path) == ["step_00000002"]
+    assert "stopped by SIGUSR1 after step 2" in (tmp_path / "STOPPED").read_text()
+    assert signal.getsignal(signal.SIGUSR1) is before
