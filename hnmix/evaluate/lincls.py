@@ -17,7 +17,8 @@ and every rank computes the same accuracy. The backbone runs under `accelerator.
 (bf16 allowed); the loss is float32.
 
 Saving and resume: after every epoch, `LINCLS_DIR/epoch_NNNN/` (the classifier, the optimizer's
-state, `lincls_state.json`: epochs done and the settings a resume must share; see `_save`) and a
+state, `lincls_state.json`: epochs done and what a resume must share, the settings and the
+backbone's weights by their sha256 (`backbone_sha256`); see `_save`) and a
 copy of its `classifier.safetensors` (weight [C, D], bias [C]) in LINCLS_DIR are written; only the
 newest epoch directory is kept, and it is complete before the older one goes. A resumed run ends
 with the same classifier as an uninterrupted one because nothing depends on where it stopped:
