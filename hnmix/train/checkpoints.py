@@ -21,6 +21,7 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 
 from hnmix.errors import CheckpointError, ConfigError, describe
+from hnmix.hub.export import readable_like_siblings
 
 logger = logging.getLogger(__name__)
 
@@ -91,6 +92,7 @@ def save_checkpoint(accelerator: Accelerator, root: Path, step: int, files: dict
         if accelerator.is_main_process:
             for name, text in files.items():
                 (partial / name).write_text(text)
+            readable_like_siblings(partial)  # safetensors writes 0600
     except OSError as error:
         problem = describe(error)
     problems = [p for p in gather_object([problem]) if p]

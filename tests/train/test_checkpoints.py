@@ -51,3 +51,23 @@ def test_retention_keeps_the_newest_and_never_touches_partial_saves(tmp_path):
     assert partial.exists()
     prune_checkpoints(root, keep=0)  # 0 keeps everything
     assert len(complete_checkpoints(root)) == 2
+
+
+def test_a_checkpoints_safetensors_files_get_the_mode_of_its_other_files(tmp_path):
+    """safetensors writes 0600; a team sharing a machine must be able to read a checkpoint."""
+    import os
+
+    import torch
+    from accelerate import Accelerator
+
+    from hnmix.train.checkpoints import save_checkpoint
+
+    accelerator = Accelerator(cpu=True)
+    accelerator.prepare(torch.nn.Linear(2, 2))
+    previous = os.umask(0o022)
+    try:
+        saved = save_checkpoint(accelerator, tmp_path / "checkpoints", 1, {"config.yaml": "a: 1\n"})
+    finally:
+        os.umask(previous)
+    modes = {path.name: path.stat().st_mode & 0o777 for path in saved.iterdir() if path.is_file()}
+    assert modes["model.safetensors"] == modes["config.yaml"] == 0o644, modes
