@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import re
 import shutil
 import sys
 import warnings
@@ -18,6 +19,7 @@ from difflib import get_close_matches
 from pathlib import Path
 from typing import Iterator, Optional
 
+import psutil
 import timm
 import torch
 import torch.distributed as dist
@@ -37,7 +39,7 @@ from rich.logging import RichHandler
 from hnmix.data.sources import load_image_dataset, resolve_columns
 from hnmix.data.transforms import moco_v2_photometric
 from hnmix.data.two_views import TwoViewDataset, make_train_loader
-from hnmix.errors import ConfigError, DataError, HubError
+from hnmix.errors import ConfigError, DataError, HubError, describe, first_line
 from hnmix.evaluate.monitor import KnnMonitor
 from hnmix.evaluate.splits import NO_LABELS, load_eval_splits
 from hnmix.hub.card import write_model_card
@@ -45,6 +47,7 @@ from hnmix.hub.export import export_encoder
 from hnmix.hub.pusher import HubPusher
 from hnmix.moco import MoCo, MoCoEncoder
 from hnmix.pictures.curves import copy_curves
+from hnmix.train.checkpoints import checkpoints_root, complete_checkpoints
 from hnmix.train.config import TrainConfig, curriculum_problem, curriculum_steps
 from hnmix.train.log_lines import DropRankTag
 from hnmix.train.optim import make_optimizer
@@ -70,12 +73,30 @@ def check_writable(directory: Path) -> None:
                           "choose another --dir_out") from None
 
 
+@contextmanager
+def removed_if_left_empty(directory: Path) -> Iterator[None]:
+    """On an exception inside, remove `directory` and the parents of it that did not exist
+    before, where they are still empty: a run that fails before writing anything leaves no
+    folder it created. Only the main process (RANK 0) removes."""
+    created = [path for path in (directory, *directory.parents) if not path.exists()]
+    try:
+        yield
+    except BaseException:
+        if os.environ.get("RANK", "0") == "0":
+            for path in created:  # deepest first
+                try:
+                    path.rmdir()
+                except OSError:  # not empty, or never made
+                    break
+        raise
+
+
 # What a run writes into dir_out (besides the checkpoints it resumes from).
 RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "config.yaml", "encoder", "curves.png")
 
 
-def previous_run_outputs(directory: Path) -> list[str]:
-    """The names of a previous run's outputs in `directory` (an empty checkpoints/ does not count)."""
+def run_outputs(directory: Path) -> list[str]:
+    """The names of the RUN_OUTPUTS in `directory` (an empty checkpoints/ does not count)."""
     found = []
     for name in RUN_OUTPUTS:
         path = directory / name
@@ -86,6 +107,14 @@ def previous_run_outputs(directory: Path) -> list[str]:
     return found
 
 
+def holds_a_run(directory: Path) -> bool:
+    """Whether `directory` holds a run worth keeping: a complete checkpoint to continue, or an
+    exported encoder. Without either, its other outputs (config.yaml, metrics.jsonl, a
+    checkpoint whose save never finished) are the leftovers of a run that failed or was killed
+    before its first checkpoint."""
+    return bool(complete_checkpoints(checkpoints_root(directory))) or (directory / "encoder").exists()
+
+
 def prepare_dir_out(config: TrainConfig, accelerator: Accelerator, *, resuming: bool) -> None:
     """Before any compute: a fresh run (no checkpoint to resume) never writes over another run.
     It is refused when dir_out holds one, unless --overwrite_dir_out (the old outputs are removed
@@ -93,10 +122,12 @@ def prepare_dir_out(config: TrainConfig, accelerator: Accelerator, *, resuming: 
     requeued run that never saved: its partial records are removed). Snapshots of Hub uploads
     left by a crash (`.hub-staging`, hard links to pruned checkpoints) and the STOPPED marker of
     a signal stop are removed in any case.
+    A dir_out whose outputs are only the leftovers of a run that stopped before its first
+    checkpoint (`holds_a_run` is False) is no run: a fresh run removes them and starts.
     Every rank checks; the main process removes, and the others wait for it."""
     dir_out = Path(config.dir_out)
-    found = [] if resuming else previous_run_outputs(dir_out)
-    if found and not (config.overwrite_dir_out or config.resume == "auto"):
+    found = [] if resuming else run_outputs(dir_out)
+    if found and holds_a_run(dir_out) and not (config.overwrite_dir_out or config.resume == "auto"):
         raise ConfigError(f"dir_out {dir_out} already holds a run ({', '.join(found)}); continue it with "
                           "--resume latest (or --resume auto), choose another --dir_out, or pass --overwrite_dir_out "
                           "to delete it and start afresh")
@@ -108,8 +139,9 @@ def prepare_dir_out(config: TrainConfig, accelerator: Accelerator, *, resuming: 
             elif path.exists():
                 path.unlink()
         if found:
-            logger.warning(f"Removed the previous run's {', '.join(found)} from {dir_out} "
-                           f"({'--overwrite_dir_out' if config.overwrite_dir_out else '--resume auto found no checkpoint'})")
+            reason = ("--overwrite_dir_out" if config.overwrite_dir_out else "--resume auto found no checkpoint"
+                      if config.resume == "auto" else "the run that wrote them stopped before its first checkpoint")
+            logger.warning(f"Removed the previous run's {', '.join(found)} from {dir_out} ({reason})")
     accelerator.wait_for_everyone()
 
 
@@ -191,11 +223,62 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
         )
     except (ValueError, ImportError) as error:
         raise ConfigError(f"cannot set up Accelerate: {str(error).splitlines()[0]}") from None
+    if config.device not in (None, "cpu") and accelerator.device.type == "cpu":
+        raise ConfigError(f"option device={config.device} selects a GPU, but there is no GPU {config.device} here "
+                          "(torch sees no CUDA device); pass --device cpu to train on the CPU, or leave --device out")
     if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         # Accelerate accepts it there but neither autocasts nor scales: the run would be float32.
         raise ConfigError("option mixed_precision=fp16 needs a GPU: on the CPU Accelerate trains in float32, "
                           "without autocast or loss scaling; pass --mixed_precision bf16 (or no) on the CPU")
     return accelerator
+
+
+def describe_device(accelerator: Accelerator) -> str:
+    """Where the run trains, for the start line: `cpu`, `cuda:0`, or `cuda` (one device each)
+    for several processes."""
+    if accelerator.num_processes > 1 and accelerator.device.type != "cpu":
+        return f"{accelerator.device.type} (one device each)"
+    return str(accelerator.device)
+
+
+def device_memory_bytes(device: torch.device) -> Optional[int]:
+    """The memory of `device`: a CUDA GPU's, the host's physical memory for the CPU, else None."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    if device.type == "cpu":
+        return psutil.virtual_memory().total
+    return None
+
+
+def check_views_fit_in_memory(config: TrainConfig, device: torch.device) -> None:
+    """Refuse an --img_size (with --batch_size) whose two views of one batch as the encoders take
+    them, [2, batch_size, 3, img_size, img_size] float32, exceed the memory of the device that
+    trains: the least a step holds, so the run could only end in an allocation failure."""
+    needed = 2 * config.batch_size * 3 * config.img_size**2 * 4
+    memory = device_memory_bytes(device)
+    if memory is not None and needed > memory:
+        raise ConfigError(f"option img_size={config.img_size}: the two views of one batch of {config.batch_size} "
+                          f"alone need {needed / 2**30:,.1f} GiB as float32, more than the {memory / 2**30:,.1f} GiB of "
+                          f"memory on {device}; lower --img_size (the papers use 224) or --batch_size")
+
+
+_OUT_OF_MEMORY = re.compile(r"can't allocate memory|out of memory", re.IGNORECASE)
+_TORCH_PREFIX = re.compile(r"^(\w+Error: )?(\[enforce fail at [^\]]*\] err == 0\. )?")
+
+
+def out_of_memory_line(error: BaseException) -> Optional[str]:
+    """The one line for a failed allocation (torch's CPU allocator, CUDA's out of memory, a
+    MemoryError), also when it happened in a DataLoader worker and arrives with the worker's
+    traceback in its message; None for any other error."""
+    if isinstance(error, MemoryError):
+        what = describe(error)
+    elif isinstance(error, torch.OutOfMemoryError) or _OUT_OF_MEMORY.search(str(error)):
+        lines = [line.strip() for line in str(error).splitlines() if _OUT_OF_MEMORY.search(line)]
+        what = _TORCH_PREFIX.sub("", lines[-1] if lines else first_line(error))
+        what = what if len(what) <= 200 else what[:197] + "..."
+    else:
+        return None
+    return f"not enough memory ({what}); lower --img_size or --batch_size, or choose a smaller --arch"
 
 
 def quiet_other_processes(accelerator: Accelerator) -> None:

@@ -1,0 +1,54 @@
+"""Options the machine cannot honour are refused with one line before any compute, and an
+allocation that fails anyway ends in one line, not a traceback."""
+
+import pytest
+import torch
+from tiny_run import TINY, run_train
+
+QUICK = [*TINY, "-s", "2", "-sp", "1", "-ss", "2", "--num_workers", "0", "--eval_every", "0"]
+
+
+def last_line(result) -> str:
+    return [line for line in result.stderr.splitlines() if line.strip()][-1]
+
+
+def test_an_image_size_whose_batch_cannot_fit_in_memory_is_refused_before_compute(tmp_path):
+    result = run_train(*QUICK, "-i", "100000", "-do", str(tmp_path / "out"), timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert last_line(result).startswith("hnmix: error: option img_size=100000")
+    assert "--img_size" in last_line(result) and "--batch_size" in last_line(result)
+    assert "Traceback" not in result.stderr and "Training" not in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_allocation_that_fails_during_training_ends_in_one_line_and_exit_2(tmp_path, monkeypatch, capsys):
+    from hnmix.moco import MoCo
+    from hnmix.train.loop import main
+
+    def forward(self, *args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: "
+                           "you tried to allocate 30000000000 bytes. Error code 12 (Cannot allocate memory)")
+
+    monkeypatch.setattr(MoCo, "forward", forward)
+    assert main([*QUICK, "-do", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert lines[-1].startswith("hnmix: error: not enough memory"), err[-2000:]
+    assert "30000000000 bytes" in lines[-1] and "--img_size" in lines[-1] and "--batch_size" in lines[-1]
+    assert "Traceback" not in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="refused only where there is no GPU")
+def test_a_gpu_index_without_a_gpu_is_refused_before_compute(tmp_path):
+    result = run_train(*QUICK, "--device", "0", "-do", str(tmp_path / "out"), timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert last_line(result).startswith("hnmix: error: option device=0")
+    assert "no GPU" in last_line(result) and "--device cpu" in last_line(result)
+    assert "Training" not in result.stderr and "Traceback" not in result.stderr
+
+
+def test_the_start_line_names_the_device(tmp_path):
+    result = run_train(*QUICK, "--device", "cpu", "-do", str(tmp_path / "out"), env_extra={"COLUMNS": "400"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    [start] = [line for line in result.stderr.splitlines() if "Training test_resnet" in line]
+    assert "with 1 process(es) on cpu," in start
