@@ -40,12 +40,16 @@ from hnmix.train.components import (
     build_model,
     build_optimizer,
     check_arch,
+    check_views_fit_in_memory,
     check_writable,
     console,
+    describe_device,
     make_accelerator,
+    out_of_memory_line,
     prepare_dir_out,
     publish_encoder,
     quiet_other_processes,
+    removed_if_left_empty,
     resolve_curriculum,
     resolve_lr,
     start_hub_pusher,
@@ -99,6 +103,7 @@ def train(config: TrainConfig) -> int:
     accelerator = make_accelerator(config)
     quiet_other_processes(accelerator)
     dir_out = Path(config.dir_out)
+    check_views_fit_in_memory(config, accelerator.device)
     check_writable(dir_out)
     check_arch(config.arch)
     check_queue_fits_global_batch(config, accelerator.num_processes)
@@ -137,7 +142,8 @@ def train(config: TrainConfig) -> int:
     global_batch = config.batch_size * accelerator.num_processes
     end = config.stop_at or config.steps
     logger.info(f"Training {config.arch} on {config.dataset} ({steps_per_epoch} steps per epoch) with "
-                f"{accelerator.num_processes} process(es), global batch {global_batch}, "
+                f"{accelerator.num_processes} process(es) on {describe_device(accelerator)}, "
+                f"global batch {global_batch}, "
                 f"mixed precision {accelerator.mixed_precision}, photometric augmentation on "
                 f"{'the accelerator' if photometric else 'the CPU workers'}, deterministic algorithms "
                 f"{'on' if torch.are_deterministic_algorithms_enabled() else 'off'}, from step {step} to {end} of {config.steps}")
@@ -172,7 +178,7 @@ def train(config: TrainConfig) -> int:
                 moco.commit(applied)  # a skipped step enqueues nothing and keeps the BN statistics
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-                window.add(stats)
+                window.add(stats, applied)  # a skipped step's statistics stay out of the means
                 bad_images.add(unreadable)
                 step += 1
                 window_steps += 1
@@ -285,7 +291,15 @@ def log_step(accelerator: Accelerator, record: dict, metrics_path: Path, progres
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
-        return train(parse_config(argv))
+        config = parse_config(argv)
+        with removed_if_left_empty(Path(config.dir_out)):
+            try:
+                return train(config)
+            except (RuntimeError, MemoryError) as error:  # a failed allocation is one line too
+                line = out_of_memory_line(error)
+                if line is None:
+                    raise
+                raise HnmixError(line) from None
     except HnmixError as error:
         if os.environ.get("RANK", "0") == "0":
             # An error raised in a DataLoader worker arrives with the worker's traceback before it.

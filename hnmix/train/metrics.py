@@ -1,7 +1,7 @@
 """Step statistics between log lines, and the metrics.jsonl file.
 
 `StatsWindow` keeps running sums on the device (no host synchronisation per step) and reads them
-once per log line. Its sums travel in checkpoints, so a resumed run logs the same averages as an
+once per log line; a step the non-finite guard skipped does not enter them. Its sums travel in checkpoints, so a resumed run logs the same averages as an
 uninterrupted one even when it resumed in the middle of a window.
 """
 
@@ -9,47 +9,64 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from accelerate import Accelerator
 
 
 class StatsWindow:
-    """Sums of 0-dim statistic tensors since the last log line, with their counts."""
+    """Sums of 0-dim statistic tensors over the applied steps since the last log line, with the
+    number of those steps, per statistic. Both stay on the device: a step's `applied` (the
+    non-finite guard's decision, a [] bool tensor) weights its statistics without a host read,
+    so a skipped step (NaN loss) leaves the means to the applied ones."""
 
     def __init__(self) -> None:
         self.sums: dict[str, torch.Tensor] = {}
-        self.counts: dict[str, int] = {}
+        self.counts: dict[str, torch.Tensor] = {}  # [] float32, applied steps that had the statistic
 
-    def add(self, stats: dict[str, torch.Tensor]) -> None:
+    def add(self, stats: dict[str, torch.Tensor], applied: Optional[torch.Tensor] = None) -> None:
+        """Add one step's `stats` (name -> [] tensor) unless `applied` ([] bool on their device)
+        is False; None counts the step."""
         for name, value in stats.items():
-            self.sums[name] = self.sums.get(name, 0) + value.detach()
-            self.counts[name] = self.counts.get(name, 0) + 1
+            value = value.detach()
+            if applied is None:
+                weight = torch.ones((), device=value.device)
+            else:
+                keep = applied.to(value.device)
+                value = torch.where(keep, value, torch.zeros_like(value))  # not value * keep: NaN x 0 is NaN
+                weight = keep.float()
+            self.sums[name] = self.sums.get(name, 0) + value
+            self.counts[name] = self.counts.get(name, 0) + weight
 
-    def _sums_over_processes(self, accelerator: Accelerator) -> dict[str, float]:
+    def _totals_over_processes(self, accelerator: Accelerator) -> tuple[list[str], list[float], list[float]]:
+        """(names, sums, counts), the sums averaged over processes, the counts as every rank has
+        them (the guard decides alike on every rank): one all-reduce."""
         names = sorted(self.sums)
         if not names:
-            return {}
-        sums = accelerator.reduce(torch.stack([self.sums[n] for n in names]), reduction="mean")
-        return dict(zip(names, sums.tolist()))
+            return [], [], []
+        totals = torch.stack([self.sums[n].float() for n in names] + [self.counts[n].float() for n in names])
+        totals = accelerator.reduce(totals, reduction="mean").tolist()
+        return names, totals[: len(names)], totals[len(names):]
 
     def mean_over_processes(self, accelerator: Accelerator) -> dict[str, float]:
-        """The window's averages over steps and processes (one all-reduce); empties the window.
-        Every rank calls it."""
-        sums = self._sums_over_processes(accelerator)
-        means = {name: total / self.counts[name] for name, total in sums.items()}
+        """The window's averages over its applied steps and over processes (one all-reduce); a
+        statistic without an applied step has none. Empties the window. Every rank calls it."""
+        names, sums, counts = self._totals_over_processes(accelerator)
+        means = {name: total / count for name, total, count in zip(names, sums, counts) if count > 0}
         self.sums, self.counts = {}, {}
         return means
 
     def state(self, accelerator: Accelerator) -> dict[str, Any]:
         """For a checkpoint: every rank's own sums (so that a resume on as many processes adds to
-        exactly the same float32 values as the uninterrupted run) and the counts. Every rank calls it."""
+        exactly the same float32 values as the uninterrupted run) and the counts of applied steps
+        (ints). Every rank calls it."""
         names = sorted(self.sums)
         if not names:
             return {"names": [], "per_rank": [], "counts": {}}
         per_rank = accelerator.gather(torch.stack([self.sums[n] for n in names]).float().unsqueeze(0))
-        return {"names": names, "per_rank": per_rank.tolist(), "counts": dict(self.counts)}
+        counts = torch.stack([self.counts[n].float() for n in names]).tolist()
+        return {"names": names, "per_rank": per_rank.tolist(), "counts": {n: round(c) for n, c in zip(names, counts)}}
 
     def load_state(self, state: dict[str, Any], device: torch.device, *, rank: int, world: int) -> None:
         """Restore `state()`. On the same number of processes each rank gets its own sums back; on
@@ -63,7 +80,7 @@ class StatsWindow:
         rows = torch.tensor(state["per_rank"], dtype=torch.float32).reshape(-1, len(state["names"]))
         mine = rows[rank] if rows.shape[0] == world else rows.mean(dim=0)
         self.sums = {name: value.to(device) for name, value in zip(state["names"], mine)}
-        self.counts = dict(state["counts"])
+        self.counts = {name: torch.tensor(float(state["counts"][name]), device=device) for name in state["names"]}
 
 
 class RunningCount:

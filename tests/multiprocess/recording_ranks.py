@@ -14,13 +14,13 @@ real_add = metrics.StatsWindow.add
 steps = 0
 
 
-def recording_add(self, stats):
+def recording_add(self, stats, applied=None):
     global steps
     steps += 1
     path = Path(os.environ["RANK_STATS_DIR"]) / f"rank{os.environ.get('RANK', '0')}.jsonl"
     with path.open("a") as file:
         file.write(json.dumps({"step": steps} | {name: value.item() for name, value in stats.items()}) + "\n")
-    return real_add(self, stats)
+    return real_add(self, stats, applied)
 
 
 if __name__ == "__main__":

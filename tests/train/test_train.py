@@ -1,6 +1,7 @@
 """hnmix.train end to end on CPU: outputs, 2 real processes, exact resume, bad options."""
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -365,6 +366,31 @@ def test_non_finite_steps_are_skipped_and_counted(tmp_path, monkeypatch):
     assert all(torch.isfinite(value).all() for value in weights.values() if value.is_floating_point())
     # The two skipped steps enqueued nothing: 4 batches of 8 keys in the queue of 64.
     assert weights["queue.ptr"].item() == 4 * 8 and (weights["queue.ids"] >= 0).sum().item() == 32
+
+
+def test_a_skipped_step_leaves_the_logged_means_to_the_applied_steps(tmp_path, monkeypatch):
+    """Step 3 of the window 3-4 is skipped (NaN loss): the record of step 4 is step 4's loss alone."""
+    from hnmix.moco import MoCo
+    from hnmix.train.config import parse_config
+    from hnmix.train.loop import train
+
+    original, step_losses = MoCo.forward, []
+
+    def forward(self, *args, **kwargs):  # the third step's loss and statistics are NaN, its gradients too
+        loss, stats = original(self, *args, **kwargs)
+        if len(step_losses) == 2:
+            loss, stats = loss * float("nan"), {name: value * float("nan") for name, value in stats.items()}
+        step_losses.append(stats["loss"].item())
+        return loss, stats
+
+    monkeypatch.setattr(MoCo, "forward", forward)
+    assert train(parse_config([*TINY, "-s", "4", "-sp", "2", "-ss", "4", "--num_workers", "0", "--eval_every", "0",
+                               "-do", str(tmp_path)])) == 0
+    records = metrics(tmp_path)
+    assert [r["skipped_steps"] for r in records] == [0, 1]
+    assert records[0]["loss"] == pytest.approx((step_losses[0] + step_losses[1]) / 2, rel=1e-6)
+    assert records[1]["loss"] == pytest.approx(step_losses[3], rel=1e-6)
+    assert all(math.isfinite(value) for r in records for value in r.values() if isinstance(value, float))
 
 
 def test_too_many_non_finite_steps_in_a_row_stop_and_name_the_last_good_checkpoint(tmp_path, monkeypatch):
