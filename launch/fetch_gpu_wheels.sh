@@ -7,14 +7,15 @@
 #
 # The GPU machine has torch, torchvision, timm, accelerate, safetensors, rich, huggingface_hub,
 # pyarrow, pillow, pytest and what `datasets` needs besides (pandas, xxhash, fsspec, ...), but
-# not `datasets`, `dill`, `multiprocess` or `simplejpeg`: exactly those four are fetched, at the
-# versions installed here (where hnmix's tests pass), without their dependencies. Extra names
+# not `datasets`, `dill`, `multiprocess` or `simplejpeg`, and perhaps an accelerate older than
+# requirements.txt's floor (1.16): exactly those five are fetched, at the versions installed here
+# (where hnmix's tests pass), without their dependencies. Extra names
 # (e.g. one that the check's set-up reports as too old there) are fetched too. .whl/ is emptied
 # first: the install there takes every wheel, and two versions of one package stop it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
-names=(datasets dill multiprocess simplejpeg "$@")
+names=(datasets dill multiprocess simplejpeg accelerate "$@")
 specs=()
 for name in "${names[@]}"; do
   if [[ $name == *[=\<\>]* ]]; then specs+=("$name"); continue; fi
