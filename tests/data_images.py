@@ -90,6 +90,27 @@ def write_caltech_like_repo(root: Path, rows_per_split: dict[str, int]) -> Path:
     return root
 
 
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+
+
+def write_cifar10_like_repo(root: Path, rows_per_split: dict[str, int], size: int = 32) -> Path:
+    """A local copy laid out like the Hub dataset repo uoft-cs/cifar10 (and ../shared/data/cifar10):
+    plain_text/{split}-00000-of-00001.parquet with columns `img` (the Image feature's {bytes, path}
+    structs) and `label` (a ClassLabel of CIFAR-10's ten names). Each class has a colour of its own
+    under noise, so that a kNN on the pixels does better than chance."""
+    (root / "plain_text").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(2)
+    colours = rng.integers(0, 256, (len(CIFAR10_CLASSES), 3))
+    features = datasets.Features({"img": datasets.Image(), "label": datasets.ClassLabel(names=list(CIFAR10_CLASSES))})
+    for split, count in rows_per_split.items():
+        labels = [i % len(CIFAR10_CLASSES) for i in range(count)]
+        images = [Image.fromarray(np.clip(colours[label] + rng.normal(0, 40, (size, size, 3)), 0, 255).astype(np.uint8))
+                  for label in labels]
+        dataset = datasets.Dataset.from_dict({"img": images, "label": labels}, features=features)
+        dataset.to_parquet(str(root / "plain_text" / f"{split}-00000-of-00001.parquet"))
+    return root
+
+
 def raises_one_line(function, *args, **kwargs) -> str:
     """Call `function`, expect a DataError with a one-line message, return the message."""
     with pytest.raises(DataError) as caught:
