@@ -45,7 +45,7 @@ from hnmix.evaluate.splits import NO_LABELS, load_eval_splits
 from hnmix.hub.card import write_model_card
 from hnmix.hub.export import export_encoder
 from hnmix.hub.pusher import HubPusher
-from hnmix.moco import MoCo, MoCoEncoder
+from hnmix.moco import MoCo, MoCoEncoder, world_size_and_rank
 from hnmix.pictures.curves import copy_curves
 from hnmix.train.checkpoints import checkpoints_root, complete_checkpoints
 from hnmix.train.config import TrainConfig, curriculum_problem, curriculum_steps
@@ -385,7 +385,13 @@ def build_model(config: TrainConfig, curriculum: tuple[int, int]) -> MoCo:
     """The MoCo model of `config`, identical on every rank; `curriculum`: the first steps of type-1
     and type-2 mixing (`resolve_curriculum`). With --compile both encoders are compiled in place
     (`nn.Module.compile`: the state-dict keys stay those of the eager model, so checkpoints and
-    the export do not depend on the option); the queue update, mixing and loss stay eager."""
+    the export do not depend on the option); the queue update, mixing and loss stay eager.
+
+    The global RNGs (torch, numpy, random) are seeded with --seed on every rank for the build,
+    then with seed + rank (as Accelerate's `set_seed(device_specific=True)`, which needs an
+    Accelerator; `hnmix.bench` builds without one) for training: stochastic layers (dropout,
+    drop-path) draw their own masks on each rank, and each rank's stream resumes from its RNG
+    file in a checkpoint. The queue's initial keys come from a generator of their own."""
     set_seed(config.seed)  # the same initial weights on every rank
     start1_hard, start2_hard = curriculum
     moco = MoCo(
@@ -398,6 +404,7 @@ def build_model(config: TrainConfig, curriculum: tuple[int, int]) -> MoCo:
     if config.compile:
         moco.encoder_q.compile()
         moco.encoder_k.compile()
+    set_seed(config.seed + world_size_and_rank()[1])  # from here, a stream of its own on each rank
     return moco
 
 
