@@ -52,3 +52,31 @@ def test_the_start_line_names_the_device(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     [start] = [line for line in result.stderr.splitlines() if "Training test_resnet" in line]
     assert "with 1 process(es) on cpu," in start
+
+
+WORKER_ALLOCATION_FAILURE = (
+    "Caught RuntimeError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
+    '  File "hnmix/data/geometric.py", line 136, in two_crops\n'
+    "RuntimeError: [enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: "
+    "you tried to allocate 30000000000 bytes. Error code 12 (Cannot allocate memory)\n")
+
+
+@pytest.mark.parametrize("error,shown", [
+    (RuntimeError(WORKER_ALLOCATION_FAILURE), "(DefaultCPUAllocator: can't allocate memory: you tried to allocate "
+                                              "30000000000 bytes. Error code 12 (Cannot allocate memory))"),
+    (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has a total capacity of 139.81 GiB"),
+     "(CUDA out of memory. Tried to allocate 20.00 GiB."),
+    (MemoryError(), "(MemoryError)"),
+])
+def test_a_failed_allocation_is_one_line_naming_what_failed_and_the_way_out(error, shown):
+    from hnmix.train.components import out_of_memory_line
+
+    line = out_of_memory_line(error)
+    assert line.startswith(f"not enough memory {shown}") and "\n" not in line
+    assert line.endswith("lower --img_size or --batch_size, or choose a smaller --arch")
+
+
+def test_other_runtime_errors_keep_their_traceback():
+    from hnmix.train.components import out_of_memory_line
+
+    assert out_of_memory_line(RuntimeError("mat1 and mat2 shapes cannot be multiplied")) is None
