@@ -12,7 +12,6 @@ process's. Only the query encoder has trainable parameters, so only its gradient
 from __future__ import annotations
 
 import math
-import os
 import time
 from pathlib import Path
 from typing import Optional, Sequence
@@ -39,7 +38,6 @@ from hnmix.train.components import (
     build_knn_monitor,
     build_model,
     build_optimizer,
-    check_arch,
     check_views_fit_in_memory,
     check_writable,
     console,
@@ -51,20 +49,19 @@ from hnmix.train.components import (
     quiet_other_processes,
     removed_if_left_empty,
     resolve_curriculum,
-    resolve_lr,
     start_hub_pusher,
     use_deterministic_algorithms,
 )
 from hnmix.train.config import (
     CONFIG_FILE,
     TrainConfig,
-    check_queue_fits_global_batch,
     config_to_yaml,
     parse_config,
 )
 from hnmix.train.log_lines import format_details, format_record, tracker_locations
 from hnmix.train.metrics import RunningCount, StatsWindow, append_record
 from hnmix.train.optim import NonFiniteGuard
+from hnmix.train.preflight import check_options, report_error
 from hnmix.train.preemption import (
     EXIT_STOPPED,
     StopSignal,
@@ -105,9 +102,7 @@ def train(config: TrainConfig) -> int:
     dir_out = Path(config.dir_out)
     check_views_fit_in_memory(config, accelerator.device)
     check_writable(dir_out)
-    check_arch(config.arch)
-    check_queue_fits_global_batch(config, accelerator.num_processes)
-    config = resolve_lr(config, accelerator.num_processes)
+    config = check_options(config, accelerator.num_processes)
     checkpoint = checkpoint_to_resume(config, accelerator.num_processes)
     prepare_dir_out(config, accelerator, resuming=checkpoint is not None)
     pusher = start_hub_pusher(config, accelerator)
@@ -197,6 +192,8 @@ def train(config: TrainConfig) -> int:
                     record |= {"lr": scheduler.get_last_lr()[0],
                                "images_per_s": global_batch * window_steps / (time.perf_counter() - window_start)}
                     record |= window.mean_over_processes(accelerator)
+                    if accelerator.device.type == "cuda":  # a host-side counter: no synchronisation
+                        record["memory_peak_gib"] = torch.cuda.max_memory_allocated(accelerator.device) / 2**30
                     record["bad_samples"] = bad_images.total(accelerator)
                     record["skipped_steps"] = guard.check(step, saved)
                     record |= dict(zip(("s1_in_use", "s2_in_use"), moco.mixing_sizes(step - 1)))
@@ -301,8 +298,5 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     raise
                 raise HnmixError(line) from None
     except HnmixError as error:
-        if os.environ.get("RANK", "0") == "0":
-            # An error raised in a DataLoader worker arrives with the worker's traceback before it.
-            line = str(error).strip().splitlines()[-1]
-            console.print(f"hnmix: error: {line}", markup=False, highlight=False, soft_wrap=True)
+        report_error(error)
         return 2
