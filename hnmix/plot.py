@@ -3,6 +3,8 @@ overlaid (e.g. MoCo against MoCHi), with a legend from each run's config.yaml.
 
 The figure is `hnmix.pictures.curves` (the one the trainer writes to dir_out/curves.png). It is
 written to `--out`, by default DIR_OUT/curves.png for one run and ./curves.png for several.
+`--reference NAME` adds a published kNN curve (`hnmix.references`, e.g. moco_cifar10_demo) to
+the kNN panel, its epochs placed on the first run's.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Optional, Sequence
 
 from hnmix.errors import ConfigError, exit_code
 from hnmix.pictures.curves import CURVES_FILE, Run, draw_curves, load_run, run_labels
+from hnmix.references import known_references, load_reference
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,6 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", help=f"the PNG to write (default: DIR_OUT/{CURVES_FILE} for one run, "
                         f"./{CURVES_FILE} for several)")
     parser.add_argument("--labels", help="comma-separated legend names, one per run (default: the folder names)")
+    parser.add_argument("--reference", metavar="NAME",
+                        help="overlay a published kNN top-1 curve on the kNN panel, its epoch n at the end of the "
+                        f"first run's epoch n (known: {', '.join(known_references())})")
     return parser
 
 
@@ -41,8 +47,11 @@ def load_runs(dir_outs: Sequence[str], labels: Optional[str] = None) -> list[Run
     return [Run(label, run.records, run.config) for label, run in zip(names, loaded)]
 
 
-def plot(dir_outs: Sequence[str], *, out: Optional[str] = None, labels: Optional[str] = None) -> Path:
-    """Draw the runs in `dir_outs` to one PNG; returns its path. Bad arguments are ConfigErrors."""
+def plot(dir_outs: Sequence[str], *, out: Optional[str] = None, labels: Optional[str] = None,
+         reference: Optional[str] = None) -> Path:
+    """Draw the runs in `dir_outs` (and the published curve `reference`) to one PNG; returns its
+    path. Bad arguments are ConfigErrors; an unknown reference is refused before any run is read."""
+    published = load_reference(reference) if reference is not None else None
     runs = load_runs(dir_outs, labels)
     path = Path(out) if out else (Path(dir_outs[0]) / CURVES_FILE if len(dir_outs) == 1 else Path(CURVES_FILE))
     if path.suffix.lower() != ".png":
@@ -50,14 +59,15 @@ def plot(dir_outs: Sequence[str], *, out: Optional[str] = None, labels: Optional
     if not path.parent.is_dir():
         raise ConfigError(f"option out: folder {path.parent} does not exist; create it or pass another --out")
     try:
-        return draw_curves(runs, path)
+        return draw_curves(runs, path, published)
     except OSError as error:
         raise ConfigError(f"cannot write {path} ({error.strerror or error}); pass another --out") from None
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    return exit_code(lambda: print(f"wrote {plot(args.dir_out, out=args.out, labels=args.labels)}"))
+    return exit_code(lambda: print(
+        f"wrote {plot(args.dir_out, out=args.out, labels=args.labels, reference=args.reference)}"))
 
 
 if __name__ == "__main__":

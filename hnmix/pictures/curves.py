@@ -16,11 +16,14 @@ import logging
 import math
 import shutil
 from pathlib import Path
-from typing import Any, NamedTuple, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, NamedTuple, Optional, Sequence
 
 import yaml
 
 from hnmix.errors import ConfigError, describe
+
+if TYPE_CHECKING:
+    from hnmix.references import Reference
 
 logger = logging.getLogger(__name__)
 
@@ -152,6 +155,23 @@ def steps_per_epoch_of(records: Sequence[dict[str, Any]]) -> Optional[float]:
     return (low + high) / 2 if high >= low else low
 
 
+def reference_points(knn_top1_by_epoch: Mapping[int, float], steps_per_epoch: float,
+                     last_step: float) -> list[tuple[float, float]]:
+    """A published curve placed on a run's step axis: [(step, kNN top-1)], in epoch order.
+
+    The source's epoch n (1-based: its kNN after n epochs) sits at the end of the run's n-th
+    epoch, x = n * steps_per_epoch. Kept: the epochs up to `last_step` (the furthest step a run
+    reached), then the next one, so the curve shows where the run is heading and stops there.
+    """
+    points = []
+    for epoch in sorted(knn_top1_by_epoch):
+        step = epoch * steps_per_epoch
+        points.append((step, float(knn_top1_by_epoch[epoch])))
+        if step > last_step:
+            break
+    return points
+
+
 def _values(records: Sequence[dict[str, Any]], series: Series) -> tuple[list[int], list[float]]:
     steps, values = [], []
     for record in records:
@@ -162,15 +182,18 @@ def _values(records: Sequence[dict[str, Any]], series: Series) -> tuple[list[int
     return steps, values
 
 
-def curves_figure(runs: Sequence[Run]):
+def curves_figure(runs: Sequence[Run], reference: Optional[Reference] = None):
     """The figure (a `matplotlib.figure.Figure`, CURVES_PIXELS at DPI) of `runs` overlaid.
 
     One run: a colour per series. Several: a colour per run (legend at the top) and a line style
     per series (legend in each panel). Epochs are marked from the first run's records.
+    `reference` (hnmix.references): its published kNN top-1 curve on the kNN panel, a black
+    dashed line placed by the first run's epochs (`reference_overlay`).
     """
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
 
+    overlay = reference_overlay(runs, reference) if reference is not None else []
     figure = Figure(figsize=FIGURE_INCHES, dpi=DPI, layout="constrained")
     axes = figure.subplots(3, 2, sharex=True).flatten()
     palette = [f"C{i}" for i in range(10)]
@@ -189,18 +212,20 @@ def curves_figure(runs: Sequence[Run]):
                         marker="o" if panel.markers else None, markersize=4, label=series.label)
             if panel_index == 0:
                 drawn |= _draw_lr(ax, run, palette[run_index % 10] if several else "C1", several)
+        published = _draw_reference(ax, overlay, reference) if overlay and panel.series[0].key == "knn_top1" else None
         ax.set_title(panel.title, fontsize=11)
         ax.set_ylabel(panel.ylabel)
         ax.grid(True, alpha=0.3)
         if not drawn:
             ax.text(0.5, 0.5, panel.missing, transform=ax.transAxes, ha="center", va="center", color="0.45",
                     fontsize=10, wrap=True)
-            ax.set_yticks([])
-        elif len(panel.series) > 1:
+            if published is None:
+                ax.set_yticks([])
+        if drawn and len(panel.series) > 1 or published is not None:
             if several:
                 handles = [Line2D([], [], color="0.2", linestyle=_LINESTYLES[i % len(_LINESTYLES)], label=s.label)
-                           for i, s in enumerate(panel.series)]
-                ax.legend(handles=handles, fontsize=9, loc="best")
+                           for i, s in enumerate(panel.series)] if drawn else []
+                ax.legend(handles=handles + ([published] if published is not None else []), fontsize=9, loc="best")
             else:
                 ax.legend(fontsize=9, loc="best")
     for ax in axes[4:]:
@@ -214,6 +239,29 @@ def curves_figure(runs: Sequence[Run]):
     else:
         figure.suptitle(_title(runs[0]) if runs else "no run", fontsize=13)
     return figure
+
+
+def reference_overlay(runs: Sequence[Run], reference: Reference) -> list[tuple[float, float]]:
+    """`reference_points` of `reference` for `runs`: placed by the first run's steps per epoch,
+    up to the furthest step any run reached. A ConfigError when the first run has not finished
+    an epoch (nothing places the published epochs yet)."""
+    if not runs:
+        return []
+    steps_per_epoch = steps_per_epoch_of(runs[0].records)
+    if not steps_per_epoch:
+        raise ConfigError(f"run '{runs[0].label}' has not finished an epoch yet, so the reference's epochs cannot be "
+                          "placed on its steps; plot it after its first epoch, or without --reference")
+    last_step = max(run.records[-1]["step"] for run in runs if run.records)
+    return reference_points(reference.knn_top1_by_epoch, steps_per_epoch, last_step)
+
+
+def _draw_reference(ax, points: Sequence[tuple[float, float]], reference: Reference):
+    """The published curve on the kNN panel `ax`: black, dashed, small markers; returns its line.
+    Its long dashes and diamonds set it apart from the runs' dashed top-5 when several are drawn."""
+    steps, values = zip(*points)
+    (line,) = ax.plot(steps, values, color="black", linestyle=(0, (7, 3)), linewidth=1.4, marker="D", markersize=3,
+                      zorder=3, label=f"{reference.title}, top-1")
+    return line
 
 
 def _draw_lr(ax, run: Run, colour: str, several: bool) -> bool:
@@ -257,10 +305,11 @@ def _title(run: Run) -> str:
     return f"{run.label}: {what}, step {last}{of}" if what else f"{run.label}: step {last}"
 
 
-def draw_curves(runs: Sequence[Run], path: str | Path) -> Path:
-    """Write the figure of `runs` as a PNG at `path` (atomically: a reader never sees half a file)."""
+def draw_curves(runs: Sequence[Run], path: str | Path, reference: Optional[Reference] = None) -> Path:
+    """Write the figure of `runs` (and `reference`'s curve, see `curves_figure`) as a PNG at
+    `path` (atomically: a reader never sees half a file)."""
     path = Path(path)
-    figure = curves_figure(runs)
+    figure = curves_figure(runs, reference)
     partial = path.with_name(f".{path.name}.partial")
     figure.savefig(partial, format="png", dpi=DPI)
     partial.replace(path)
