@@ -9,6 +9,22 @@ The package is organised by layer; each uses only the layers listed after it:
 - `hnmix.hub`: the encoder in timm's layout, its model card, background Hub pushes.
 - `hnmix.pictures`: matplotlib figures (training curves, the preview grid, the hardness analysis).
 - `hnmix.data`: datasets, images, the two augmented views, the DataLoader.
-- `hnmix.moco`, `hnmix.mixing`: the method (the model, the queue, MoCHi's logits).
+- `hnmix.moco`, `hnmix.mixing`, `hnmix.backbones`: the method (the model, the queue, MoCHi's logits, the
+  timm backbone with its stem).
 - `hnmix.errors`: the error types a user can cause, shared by every layer.
+
+`hnmix.load_encoder(DIR or user/name)` loads an encoder exported by hnmix as a timm model,
+whatever its stem (`hnmix.hub.load`).
 """
+
+__all__ = ["load_encoder"]
+
+
+def __getattr__(name: str):
+    """`hnmix.load_encoder` (`hnmix.hub.load`), imported on first use: `import hnmix.moco` and the
+    trainer's subprocesses do not pay for timm's hub code."""
+    if name == "load_encoder":
+        from hnmix.hub.load import load_encoder
+
+        return load_encoder
+    raise AttributeError(f"module 'hnmix' has no attribute {name!r}")

@@ -95,7 +95,9 @@ def load_moco(checkpoint: Path) -> tuple[MoCo, dict[str, Any], int]:
         raise ConfigError(f"{checkpoint} holds no MoCo model (encoder_q, encoder_k and queue); pass a checkpoint "
                           "written by hnmix.train")
     try:
-        moco = MoCo(MoCoEncoder(config["arch"], config["dim_moco"]), dim_moco=config["dim_moco"],
+        encoder = MoCoEncoder(config["arch"], config["dim_moco"], stem=config.get("stem", "default"),
+                              head=config.get("head", "mlp"))
+        moco = MoCo(encoder, dim_moco=config["dim_moco"],
                     k_moco=config["k_moco"], m_moco=config["m_moco"], t_moco=config["t_moco"])
         moco.load_state_dict(weights)
     except (KeyError, RuntimeError, ValueError) as error:

@@ -17,12 +17,12 @@ import hashlib
 import random
 from typing import Optional
 
-import timm
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from hnmix.backbones import create_backbone
 from hnmix.mixing import MixedLogits, mix_logits, validate_mixing_sizes
 
 # ----------------------------------------------------------------------------- distributed
@@ -76,13 +76,22 @@ def unwrap(module: nn.Module) -> nn.Module:
 # ----------------------------------------------------------------------------- encoders
 
 
-class MoCoEncoder(nn.Module):
-    """A timm backbone and the MoCo v2 projection MLP.
+HEADS = ("mlp", "linear")
 
-    The backbone is `timm.create_model(arch, num_classes=0)`: pooled features for every timm
-    architecture (ResNets, ViTs, ConvNeXts, ...), whatever its classifier was called, so the
-    projection head always replaces the classifier. Its width is timm's `head_hidden_size`
-    (the output of a pre-logits stage such as MobileNetV3's conv_head), else `num_features`.
+
+class MoCoEncoder(nn.Module):
+    """A timm backbone and a projection head.
+
+    The backbone is `hnmix.backbones.create_backbone(arch, stem=stem)`, i.e.
+    `timm.create_model(arch, num_classes=0)`: pooled features for every timm architecture
+    (ResNets, ViTs, ConvNeXts, ...), whatever its classifier was called, so the projection head
+    always replaces the classifier; `stem="cifar"` gives a ResNet the small-image stem. Its width
+    is timm's `head_hidden_size` (the output of a pre-logits stage such as MobileNetV3's
+    conv_head), else `num_features`.
+
+    head: "mlp" (MoCo v2: Linear(width, width), ReLU, Linear(width, dim); state-dict keys
+    head.0.*, head.2.*) or "linear" (MoCo v1 and the CIFAR-10 demo: one Linear(width, dim);
+    head.weight, head.bias).
 
     Conv nets run in channels_last memory format (weights and inputs), which oneDNN and cuDNN
     convolve faster; `channels_last=False` turns that off.
@@ -91,11 +100,16 @@ class MoCoEncoder(nn.Module):
     """
 
     def __init__(self, arch: str, dim: int, *, pretrained: bool = False, channels_last: Optional[bool] = None,
-                 **timm_kwargs) -> None:
+                 stem: str = "default", head: str = "mlp", **timm_kwargs) -> None:
         super().__init__()
-        self.backbone = timm.create_model(arch, pretrained=pretrained, num_classes=0, **timm_kwargs)
+        if head not in HEADS:
+            raise ValueError(f"head must be one of {', '.join(HEADS)}, got {head!r}")
+        self.backbone = create_backbone(arch, stem=stem, pretrained=pretrained, **timm_kwargs)
         width = getattr(self.backbone, "head_hidden_size", None) or self.backbone.num_features
-        self.head = nn.Sequential(nn.Linear(width, width), nn.ReLU(inplace=True), nn.Linear(width, dim))
+        if head == "linear":
+            self.head = nn.Linear(width, dim)
+        else:
+            self.head = nn.Sequential(nn.Linear(width, width), nn.ReLU(inplace=True), nn.Linear(width, dim))
         if channels_last is None:
             channels_last = any(isinstance(m, nn.Conv2d) for m in self.backbone.modules())
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format

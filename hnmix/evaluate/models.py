@@ -14,7 +14,9 @@ import timm
 import torch.nn as nn
 import yaml
 
+from hnmix.backbones import apply_stem
 from hnmix.errors import ConfigError, HubError, describe, network_error_types
+from hnmix.hub.load import load_encoder
 
 CHECKPOINT_PREFIX = "encoder_q.backbone."  # the query backbone's keys in a trainer checkpoint
 
@@ -44,12 +46,14 @@ def load_backbone(model: str, *, pretrained: bool = False) -> LoadedModel:
     """`model` -> LoadedModel; user-fixable problems are one-line ConfigError/HubError.
 
     - a checkpoint directory (model.safetensors with `encoder_q.backbone.*` keys + config.yaml
-      naming `arch`): that architecture with those weights;
+      naming `arch`, and `stem` when not the default): that architecture with those weights;
     - an exported encoder folder (config.json + model.safetensors, timm's `save_for_hf` layout):
-      `timm.create_model("local-dir:PATH", pretrained=True)`, with the run's options from
-      `run_config_of_encoder` (DIR_OUT/config.yaml beside it, else its model card);
+      `hnmix.load_encoder(PATH)` (timm's `local-dir:`, with the CIFAR stem where the export
+      records it), with the run's options from `run_config_of_encoder` (DIR_OUT/config.yaml
+      beside it, else its model card);
     - `hf-hub:owner/name` or `owner/name` (when no such local path exists and `owner` is no local
-      directory): timm's `hf-hub:`; a missing path (`is_local_path`) is a ConfigError at once;
+      directory): `hnmix.load_encoder("hf-hub:...")` (timm's `hf-hub:`, with the stem the export
+      records); a missing path (`is_local_path`) is a ConfigError at once;
     - a timm model name: random weights, or timm's own with `pretrained`.
     The classifier is always dropped (num_classes=0).
     """
@@ -60,7 +64,7 @@ def load_backbone(model: str, *, pretrained: bool = False) -> LoadedModel:
         if (path / "model.safetensors").is_file() and (path / "config.yaml").is_file():
             return _load_checkpoint(path)
         if (path / "model.safetensors").is_file() and (path / "config.json").is_file():
-            backbone = _create(f"local-dir:{path}", pretrained=True, what=f"the encoder folder {path}")
+            backbone = load_encoder(path, num_classes=0)
             arch = _arch_of(backbone)
             config, config_source = run_config_of_encoder(path, arch)
             img_size = config.get("img_size")
@@ -112,7 +116,10 @@ def _nearest_folder(path: Path) -> str:
 
 def _load_from_hub(repo_id: str, *, local_missing: bool = False) -> LoadedModel:
     also = "; no local directory of that name exists either" if local_missing else ""
-    backbone = _create(f"hf-hub:{repo_id}", pretrained=True, what=f"the Hub model {repo_id}", also=also)
+    try:
+        backbone = load_encoder(f"hf-hub:{repo_id}", num_classes=0)
+    except HubError as error:
+        raise HubError(f"{error}{also}") from None
     return LoadedModel(backbone, "hub", f"hf-hub:{repo_id}", _arch_of(backbone), _input_size(backbone))
 
 
@@ -146,6 +153,7 @@ def _load_checkpoint(path: Path) -> LoadedModel:
         raise ConfigError(f"{path / 'model.safetensors'} holds no {CHECKPOINT_PREFIX}* weights; "
                           "pass a checkpoint written by hnmix.train")
     backbone = _create(arch, pretrained=False, what=f"the architecture {arch!r} of {path}")
+    apply_stem(backbone, config.get("stem", "default"), arch=arch)  # no stem: saved before --stem, the arch's own
     try:
         backbone.load_state_dict(backbone_weights)
     except RuntimeError as error:

@@ -86,9 +86,10 @@ def _card_body(config: dict[str, Any], results: dict[str, Any], repo_id: Optiona
              f"Learning*, NeurIPS 2020]({PAPER_URL}))")
     if ("type1_from" in results or "type2_from" in results) and not _mixing_was_used(results):
         mochi = "MoCo v2 (MoCHi's synthetic negatives were not used in the steps trained; see Training)"
+    stem = " with the CIFAR stem" if config.get("stem") == "cifar" else ""
     sections = [
         f"# {title}\n",
-        f"An image encoder (`{arch}`, timm) trained without labels with {mochi}, "
+        f"An image encoder (`{arch}`{stem}, timm) trained without labels with {mochi}, "
         "trained with hnmix. It has no classifier (`num_classes=0`): it maps an image to one "
         "feature vector, for retrieval, kNN, clustering or a linear probe. The projection head and the "
         "momentum encoder used in training are not included.\n",
@@ -122,6 +123,8 @@ def _describe_dataset(config: dict[str, Any]) -> str:
 
 def _training_table(config: dict[str, Any], results: dict[str, Any]) -> str:
     rows = [("dataset", _describe_dataset(config), ""), ("architecture", f"`{config.get('arch')}`", "timm model name")]
+    if config.get("stem") == "cifar":
+        rows.append(("stem", "CIFAR", "conv1 3x3 stride 1, no max-pool (`--stem cifar`); load with hnmix.load_encoder"))
     if config.get("img_size") is not None:
         rows.append(("image size", f"{config['img_size']} x {config['img_size']}", ""))
     scheduled = config.get("steps")
@@ -195,15 +198,24 @@ def _usage(repo_id: Optional[str], config: dict[str, Any]) -> str:
     size = config.get("img_size")
     preprocessing = (f"resize to {round(size * 256 / 224)}, centre crop {size}, ImageNet mean and std"
                      if size else "resize, centre crop, ImageNet mean and std")
+    repo = repo_id or "USER/MODEL"
+    imports, intro = "import timm\nimport torch\nfrom PIL import Image\n\n", ""
+    load = f'model = timm.create_model("{name}", pretrained=True, num_classes=0).eval()\n'
+    if config.get("stem") == "cifar":  # stock timm rebuilds a stride-2 stem from config.json
+        imports, load = "import hnmix\n" + imports, f'model = hnmix.load_encoder("{repo}").eval()\n'
+        intro = ("This encoder has the CIFAR stem (conv1 3x3 stride 1, no max-pool), which stock timm cannot rebuild "
+                 "from `config.json` (its stem options all have stride 2): hnmix's `load_encoder` gives the timm "
+                 "model with that stem. ")
     return (
-        f"The preprocessing ({preprocessing}) is recorded in `config.json`; timm resolves it:\n\n"
+        f"{intro}The preprocessing ({preprocessing}) is recorded in `config.json`; timm resolves it:\n\n"
         "```python\n"
-        "import timm\nimport torch\nfrom PIL import Image\n\n"
-        f'model = timm.create_model("{name}", pretrained=True, num_classes=0).eval()\n'
+        f"{imports}{load}"
         "data_config = timm.data.resolve_model_data_config(model)\n"
         "transform = timm.data.create_transform(**data_config, is_training=False)\n"
         'image = Image.open("image.jpg").convert("RGB")\n'
         "with torch.no_grad():\n"
         "    features = model(transform(image).unsqueeze(0))  # [1, model.num_features]\n"
-        "```\n"
+        "```\n\n"
+        f'`hnmix.load_encoder("{repo}")` loads every encoder hnmix exports, with the CIFAR stem or not; '
+        "a local folder works too.\n"
     )

@@ -2,7 +2,9 @@
 
 `export_encoder` writes `config.json` and `model.safetensors` with `timm.models.save_for_hf`, so
 `timm.create_model("local-dir:DIR", pretrained=True)` (or `hf-hub:user/name` once pushed) gives
-the trained backbone, classifier-free (`num_classes=0`): a feature extractor.
+the trained backbone, classifier-free (`num_classes=0`): a feature extractor. An encoder with
+the CIFAR stem (`--stem cifar`) is the exception: timm cannot rebuild that stem from config.json,
+and `hnmix.load_encoder(DIR or user/name)` (`hnmix.hub.load`), which loads every export, does.
 
 An export replaces the weights, so it deletes what `python -m hnmix.evaluate` wrote about the
 old ones in that folder (`evaluation_*.json`, `lincls/`). `readable_like_siblings` gives the
@@ -21,6 +23,7 @@ import torch
 import torch.nn as nn
 from timm.models import save_for_hf
 
+from hnmix.backbones import stem_of
 from hnmix.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 
@@ -29,15 +32,17 @@ from hnmix.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 TIMM_WEIGHT_METADATA = ("url", "hf_hub_id", "hf_hub_filename", "tag", "license", "origin_url", "paper_ids",
                         "paper_name", "notes", "description", "test_input_size", "test_crop_pct", "file")
 HNMIX_PAPER = "arXiv:2010.01028"  # MoCHi (Kalantidis et al., NeurIPS 2020)
-
+# config.json's section of what timm cannot rebuild by itself, which timm ignores: {"stem": "default" | "cifar"}
+# (`hnmix.backbones`); `hnmix.load_encoder` reads it.
+HNMIX_SECTION = "hnmix"
 
 def encoder_pretrained_cfg(backbone: nn.Module, *, img_size: int) -> dict:
     """The `pretrained_cfg` of an exported encoder: timm's architecture fields kept, its weights'
     metadata replaced by hnmix's, and the preprocessing hnmix evaluates with (resize to
     img_size * 256/224, centre crop img_size, ImageNet mean and std, bilinear)."""
     cfg = {k: v for k, v in dict(backbone.pretrained_cfg).items() if k not in TIMM_WEIGHT_METADATA}
-    if tuple(cfg.get("input_size", ())[1:]) != (img_size, img_size):
-        cfg.pop("pool_size", None)  # the feature map of another input size
+    if tuple(cfg.get("input_size", ())[1:]) != (img_size, img_size) or stem_of(backbone) != "default":
+        cfg.pop("pool_size", None)  # the feature map of another input size or stem
     return cfg | {"tag": "hnmix", "paper_ids": HNMIX_PAPER, "input_size": (3, img_size, img_size),
                   "crop_pct": 224 / 256, "crop_mode": "center", "mean": IMAGENET_MEAN, "std": IMAGENET_STD,
                   "interpolation": "bilinear", "num_classes": 0}
@@ -49,7 +54,9 @@ def export_encoder(backbone: nn.Module, directory: str | Path, *, img_size: int)
     config.json carries `encoder_pretrained_cfg` (not timm's claims about its own ImageNet
     weights). It is set on a copy of the backbone, so `save_for_hf`'s plain signature works with
     every timm the requirements allow. A channels_last backbone is saved contiguous (safetensors
-    stores contiguous tensors only).
+    stores contiguous tensors only). config.json's `hnmix` section records the stem
+    (`hnmix.backbones.stem_of`): a CIFAR-stem encoder loads with `hnmix.load_encoder`, as stock
+    timm cannot rebuild that stem.
     """
     directory = Path(directory)
     clear_evaluations(directory)
@@ -57,7 +64,8 @@ def export_encoder(backbone: nn.Module, directory: str | Path, *, img_size: int)
     if any(not p.is_contiguous() for p in backbone.parameters()):
         exported = copy.deepcopy(backbone).to(memory_format=torch.contiguous_format)
     exported.pretrained_cfg = encoder_pretrained_cfg(backbone, img_size=img_size)
-    save_for_hf(exported, str(directory), safe_serialization=True)
+    save_for_hf(exported, str(directory), model_config={HNMIX_SECTION: {"stem": stem_of(backbone)}},
+                safe_serialization=True)
     readable_like_siblings(directory)
     return directory
 

@@ -16,7 +16,9 @@ from typing import Any, Optional, Sequence
 
 import yaml
 
+from hnmix.backbones import STEMS
 from hnmix.errors import ConfigError
+from hnmix.moco import HEADS
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
 AUGMENT_DEVICES = ("cpu", "accelerator")
@@ -82,6 +84,8 @@ class TrainConfig:
     config: Optional[str] = option(None, "YAML file of options (long names as keys); flags override it.")
     # MODEL
     arch: str = option("efficientnet_b2", "Any timm model name.", alias="-a", group="model")
+    stem: str = option("default", "default: the arch's own stem; cifar: conv1 3x3 stride 1 and no max-pool, for small images such as CIFAR's 32x32 (MoCo's CIFAR-10 demo); only timm ResNets with a single-convolution stem (resnet18, resnet50, ...). Exports load with hnmix.load_encoder.", choices=STEMS, group="model")
+    head: str = option("mlp", "Projection head: mlp (MoCo v2: Linear, ReLU, Linear) or linear (MoCo v1, the CIFAR-10 demo: one Linear to dim_moco).", choices=HEADS, group="model")
     resume: Optional[str] = option(None, "Checkpoint directory to resume from; `latest`: the newest in dir_out; `auto`: latest if any, else start fresh.", alias="-r", group="model")
     dim_moco: int = option(128, "Output dimension of the projection head.", alias="-dm", group="model")
     k_moco: int = option(2**13, "Queue size K; a multiple of the global batch.", alias="-km", group="model")
@@ -312,7 +316,9 @@ def config_to_yaml(config: TrainConfig) -> str:
 def config_differences(saved: dict[str, Any], current: TrainConfig, *, resumable: bool = False) -> list[str]:
     """`name: saved -> current` for every option of the run (`run_options`; a checkpoint of an
     older hnmix may still hold the others) that differs and may not change on resume (or, with
-    resumable=True, that differs and may)."""
-    now = run_options(current)
-    return [f"{name}: {saved.get(name)!r} -> {now[name]!r}" for name in now
-            if (name in RESUMABLE_CHANGES) == resumable and saved.get(name) != now[name]]
+    resumable=True, that differs and may). An option the saved config lacks (it is newer than
+    the checkpoint) counts as its default, which is what the saved run did."""
+    now, defaults = run_options(current), TrainConfig().to_dict()
+    saved = {name: saved.get(name, defaults[name]) for name in now}
+    return [f"{name}: {saved[name]!r} -> {now[name]!r}" for name in now
+            if (name in RESUMABLE_CHANGES) == resumable and saved[name] != now[name]]

@@ -223,7 +223,9 @@ def train(config: TrainConfig) -> int:
     # The checkpoint and the export come first: an evaluation that fails costs no training.
     if accelerator.is_main_process:
         encoder_dir = publish_encoder(config, moco, results, step)
-        logger.info(f"Exported the encoder to {encoder_dir}: timm.create_model('local-dir:{encoder_dir}', pretrained=True)")
+        loading = (f"hnmix.load_encoder('{encoder_dir}')" if config.stem == "cifar"  # timm cannot rebuild that stem
+                   else f"timm.create_model('local-dir:{encoder_dir}', pretrained=True)")
+        logger.info(f"Exported the encoder to {encoder_dir}: {loading}")
     if final_record is not None:
         if monitor:
             final_record |= evaluate_without_stopping(monitor, moco, accelerator, step)
