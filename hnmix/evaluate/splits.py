@@ -1,8 +1,9 @@
 """The labelled splits a frozen encoder is evaluated on.
 
-`load_eval_splits`: the kNN bank / linear-probe train split, the held-out split (the dataset's
-`validation` split, else a fixed stratified part of the train split), `test`, and for the fast
-linear probe a selection split (where it picks lr and weight decay) that is never the reported one.
+`load_eval_splits`: the kNN bank / linear-probe train split, the held-out split (a split named by
+the caller, else the dataset's `validation` split, else a fixed stratified part of the train
+split), `test`, and for the fast linear probe a selection split (where it picks lr and weight
+decay) that is never the reported one.
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ class EvalSplits:
     selection (with_selection only): where the fast linear probe picks lr and weight decay; the
       held-out split when there is a test split, else a stratified part of the train split, so it
       is never the reported split.
-    The *_source fields say where each came from, for reports.
+    The *_source fields say where each came from, for reports; held_out_name names the held-out
+    split in a word or two for metrics records ("validation", "test", "train (held-out part)").
     """
 
     train: datasets.Dataset
@@ -52,6 +54,7 @@ class EvalSplits:
     test_source: Optional[str]
     selection: Optional[datasets.Dataset] = None
     selection_source: Optional[str] = None
+    held_out_name: str = "held_out"
 
     @property
     def reported(self) -> datasets.Dataset:
@@ -104,6 +107,21 @@ def _optional_split(source: str, split: str, label_column: str, **load: Any) -> 
     if values.null_count == len(values) or not any(v is not None and v >= 0 for v in values.to_pylist()):
         logger.info("dataset %s: split %s is unlabelled (all labels missing or negative); not used", source, split)
         return None
+    return dataset
+
+
+def _named_split(source: str, split: str, label_column: str, **load: Any) -> datasets.Dataset:
+    """`load_image_dataset(source, split=split)`, which must hold labels: a missing split is
+    load_image_dataset's one-line DataError listing the splits there, an unlabelled one (no
+    `label_column`, or all labels missing or negative) a DataError of its own."""
+    dataset = load_image_dataset(source, split=split, **load)
+    labelled = label_column in dataset.column_names
+    if labelled:
+        values = dataset.select_columns([label_column]).with_format("arrow")[:][label_column]
+        labelled = values.null_count < len(values) and any(v is not None and v >= 0 for v in values.to_pylist())
+    if not labelled:
+        raise DataError(f"split {split!r} of dataset {source} has no labels in column {label_column!r} (missing, or "
+                        "all missing or negative); a kNN needs labelled queries: choose a labelled split")
     return dataset
 
 
@@ -177,12 +195,16 @@ def load_eval_splits(
     synthetic_size: int = 512,
     with_test: bool = False,
     with_selection: bool = False,
+    held_out_split: Optional[str] = None,
 ) -> EvalSplits:
     """The labelled splits of `--dataset` (any form `hnmix.data.sources.load_image_dataset` takes).
 
     - train: split `split`.
-    - held_out: the dataset's `validation` split when it exists (and is not `split`), else
-      `stratified_holdout(train, eval_split_size, seed)`, which train then loses.
+    - held_out: the split `held_out_split` when given, with the whole of train (MoCo's CIFAR-10
+      demo: bank = train, queries = test); else the dataset's `validation` split when it exists
+      (and is not `split`), else `stratified_holdout(train, eval_split_size, seed)`, which train
+      then loses. A `held_out_split` that is missing or unlabelled is a DataError (one line; a
+      missing one lists the splits there), as is one equal to `split`.
     - test (with_test or with_selection): the `test` split when it exists (and is not `split`), else None.
     - selection (with_selection): held_out when there is a test split; else
       `stratified_holdout(train, eval_split_size, seed)` of what train kept, which train then loses
@@ -202,12 +224,21 @@ def load_eval_splits(
     if label_column is None:
         raise DataError(NO_LABELS)
     train_source = f"{source} split {split}"
-    validation = _optional_split(source, "validation", label_column, **load) if split != "validation" else None
-    if validation is not None:
-        held_out, held_out_source = validation, f"{source} split validation"
+    if held_out_split == split:
+        raise DataError(f"the held-out split {held_out_split!r} is the train split, the kNN bank: every query would "
+                        "find itself; choose another split (e.g. test), or none to hold out a part of the train split")
+    validation = None
+    if held_out_split is None and split != "validation":
+        validation = _optional_split(source, "validation", label_column, **load)
+    if held_out_split is not None:
+        held_out = _named_split(source, held_out_split, label_column, **load)
+        held_out_source, held_out_name = f"{source} split {held_out_split}", held_out_split
+    elif validation is not None:
+        held_out, held_out_source, held_out_name = validation, f"{source} split validation", "validation"
     else:
         train, held_out = stratified_holdout(train, label_column, eval_split_size, seed=seed)
         held_out_source = f"{source} split {split}: stratified held-out part of size {eval_split_size}, seed {seed}"
+        held_out_name = f"{split} (held-out part)"
         train_source += " without its held-out part"
     test, test_source = None, None
     if (with_test or with_selection) and split != "test":
@@ -241,7 +272,7 @@ def load_eval_splits(
     if selection is not None:
         selection = bounded_subset(selection, max_samples, seed=seed, salt=3) if carved else held_out
     splits = EvalSplits(train, held_out, test, image_column, label_column, num_classes,
-                        train_source, held_out_source, test_source, selection, selection_source)
+                        train_source, held_out_source, test_source, selection, selection_source, held_out_name)
     roles = ("train", "held_out") + (("selection",) if with_selection else ()) + \
         (("test",) if with_test or with_selection else ())
     logger.info("evaluation splits: %s (%d classes)", splits.sizes(roles), num_classes)
