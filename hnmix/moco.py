@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.layers import BatchNormAct2d
 
 from hnmix.backbones import create_backbone
 from hnmix.mixing import MixedLogits, mix_logits, validate_mixing_sizes
@@ -124,49 +125,90 @@ def has_batchnorm(module: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
 
 
+def _is_channels_last(x: torch.Tensor) -> bool:
+    """Whether `x` [N, C, *spatial] is laid out channels-last (C innermost) and not also contiguous."""
+    return x.dim() > 2 and not x.is_contiguous() and x.movedim(1, -1).is_contiguous()
+
+
+def _groups_as_channels(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """[N, C, *spatial] -> [N / groups, groups * C, *spatial]: channel g * C + c of row i holds
+    channel c of sample g * N / groups + i, so group g is the g-th contiguous block of the batch.
+    One copy, in `x`'s memory format (a channels-last `x` gives a channels-last result)."""
+    n, c, spatial = x.shape[0], x.shape[1], x.shape[2:]
+    if _is_channels_last(x):
+        by_group = x.movedim(1, -1).reshape(groups, n // groups, *spatial, c).movedim(0, -2)  # [N/g, *spatial, g, C]
+        return by_group.reshape(n // groups, *spatial, groups * c).movedim(-1, 1)
+    return x.reshape(groups, n // groups, -1).transpose(0, 1).reshape(n // groups, groups * c, *spatial)
+
+
+def _channels_as_groups(y: torch.Tensor, groups: int) -> torch.Tensor:
+    """The inverse of `_groups_as_channels`: [N / groups, groups * C, *spatial] -> [N, C, *spatial]."""
+    rows, c, spatial = y.shape[0], y.shape[1] // groups, y.shape[2:]
+    if _is_channels_last(y):
+        by_group = y.movedim(1, -1).reshape(rows, *spatial, groups, c).movedim(-2, 0)  # [g, N/g, *spatial, C]
+        return by_group.reshape(rows * groups, *spatial, c).movedim(-1, 1)
+    return y.reshape(rows, groups, -1).transpose(0, 1).reshape(rows * groups, c, *spatial)
+
+
+def _repeat(vector: Optional[torch.Tensor], times: int) -> Optional[torch.Tensor]:
+    """[C] -> [times * C], `vector` repeated (one copy; `Tensor.repeat` costs several ops on the CPU); None stays None."""
+    return None if vector is None else vector.expand(times, -1).reshape(-1)
+
+
 def _split_batchnorm_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """BatchNorm over `num_splits` contiguous groups of the batch, as on that many GPUs.
 
     Each group is normalised with its own statistics; the running statistics become the mean of
-    the groups' updates, as in the MoCo CIFAR demo's SplitBatchNorm. Calling the original class's
-    forward keeps whatever it adds (timm's BatchNormAct2d applies its activation).
+    the groups' updates, and `num_batches_tracked` counts one per call. As the MoCo CIFAR demo's
+    SplitBatchNorm (and torch's instance_norm) do, the groups become channels: one `F.batch_norm`
+    over x as [N / S, S * C, *spatial] with the weight, bias and running statistics repeated S
+    times, where a loop over the groups would cost S times the kernel launches. The demo's
+    `x.view(-1, C * S, H, W)` would group samples S apart; reshaping contiguous groups costs one
+    copy in and one out. timm's BatchNormAct2d then applies its drop and activation.
+    Eval mode, one split, and layers that track no running statistics run the layer's own forward.
     """
-    base_forward = super(type(self), self).forward
     if not self.training or self.num_splits == 1 or not self.track_running_stats:
-        return base_forward(x)
-    if x.shape[0] % self.num_splits:
-        raise ValueError(f"bn_splits={self.num_splits} must divide the batch size {x.shape[0]}")
-    # Each group normalises with fresh copies of the running statistics: autograd saves the
-    # tensors batch_norm was given, so the module's own buffers are only written after all groups.
-    running_mean, running_var, count = self.running_mean, self.running_var, self.num_batches_tracked
-    outputs, means, variances = [], [], []
-    for group in x.chunk(self.num_splits):
-        self.running_mean, self.running_var = running_mean.clone(), running_var.clone()
-        self.num_batches_tracked = count.clone()
-        outputs.append(base_forward(group))
-        means.append(self.running_mean)
-        variances.append(self.running_var)
-    self.running_mean, self.running_var, self.num_batches_tracked = running_mean, running_var, count
-    running_mean.copy_(torch.stack(means).mean(0))
-    running_var.copy_(torch.stack(variances).mean(0))
-    count.add_(1)
-    return torch.cat(outputs)
+        return super(type(self), self).forward(x)
+    self._check_input_dim(x)
+    splits = self.num_splits
+    if x.shape[0] % splits:
+        raise ValueError(f"bn_splits={splits} must divide the batch size {x.shape[0]}")
+    self.num_batches_tracked.add_(1)
+    # momentum=None is BatchNorm's cumulative average; like torch's BatchNorm, it reads the count on the host.
+    factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+    running_mean, running_var = _repeat(self.running_mean, splits), _repeat(self.running_var, splits)
+    weight, bias = _repeat(self.weight, splits), _repeat(self.bias, splits)
+    grouped = F.batch_norm(_groups_as_channels(x, splits), running_mean, running_var, weight, bias,
+                           True, factor, self.eps)
+    with torch.no_grad():
+        torch.mean(running_mean.view(splits, -1), 0, out=self.running_mean)
+        torch.mean(running_var.view(splits, -1), 0, out=self.running_var)
+    out = _channels_as_groups(grouped, splits)
+    if isinstance(self, BatchNormAct2d):
+        out = self.act(self.drop(out))
+    return out
 
 
 _SPLIT_CLASSES: dict[type, type] = {}
+# The forwards a split layer replaces: torch's BatchNorm1d/2d/3d and timm's BatchNormAct2d (BatchNorm, drop, act).
+_SPLITTABLE_FORWARDS = (nn.modules.batchnorm._BatchNorm.forward, BatchNormAct2d.forward)
 
 
 def convert_split_batchnorm(module: nn.Module, num_splits: int) -> nn.Module:
     """Turn every BatchNorm of `module` into a split BatchNorm with `num_splits` groups, in place.
 
     The class of each layer is swapped for a subclass, so parameters, buffers and state-dict keys
-    stay as they are and checkpoints load either way.
+    stay as they are and checkpoints load either way. Layers whose forward does more than
+    torch's BatchNorm or timm's BatchNormAct2d are refused (ValueError): their extras would be lost.
     """
     if num_splits < 1:
         raise ValueError(f"bn_splits must be >= 1, got {num_splits}")
     for layer in module.modules():
         if isinstance(layer, nn.modules.batchnorm._BatchNorm):
             base = next(c for c in type(layer).__mro__ if c not in _SPLIT_CLASSES.values())
+            if base.forward not in _SPLITTABLE_FORWARDS:
+                raise ValueError(f"bn_splits={num_splits} cannot split {base.__name__} layers, only torch's "
+                                 "BatchNorm and timm's BatchNormAct2d; use bn_splits=1 with this model")
             if base not in _SPLIT_CLASSES:
                 _SPLIT_CLASSES[base] = type(f"Split{base.__name__}", (base,), {"forward": _split_batchnorm_forward})
             layer.__class__ = _SPLIT_CLASSES[base]

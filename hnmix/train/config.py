@@ -66,8 +66,9 @@ class TrainConfig:
         "for a single-process run. Under `accelerate launch` use its --gpu_ids instead.",
         alias="-d",
     )
-    optimizer: str = option("adamw", "adamw (the seed's), sgd (momentum, no Nesterov: MoCo's) or lars; biases and norm layers get no weight decay (and no LARS adaptation).", choices=OPTIMIZERS)
+    optimizer: str = option("adamw", "adamw (the seed's), sgd (momentum, no Nesterov: MoCo's) or lars; biases and norm layers get no weight decay (and no LARS adaptation) unless --decay_all_params.", choices=OPTIMIZERS)
     weight_decay: float = option(0.01, "Weight decay (the seed's 0.01; MoCo v2 uses 1e-4 with sgd).")
+    decay_all_params: bool = option(False, "Weight decay on every parameter, biases and norm layers too (MoCo's own code and its CIFAR-10 demo); under lars they are then LARS-adapted too. Off: timm's groups, which exclude them.")
     momentum: float = option(0.9, "Momentum of sgd and lars.")
     lr_base: float = option(2e-4, "Peak learning rate (the seed's, for AdamW); see --lr_per_256.", alias="-lrb")
     lr_per_256: Optional[float] = option(None, "MoCo's convention: the peak learning rate is this value x global batch / 256 (e.g. 0.03 with sgd); replaces --lr_base, and the log names the value.")

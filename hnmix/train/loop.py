@@ -49,6 +49,7 @@ from hnmix.train.components import (
     quiet_other_processes,
     removed_if_left_empty,
     resolve_curriculum,
+    shuffle_bn_warning,
     start_hub_pusher,
     use_deterministic_algorithms,
 )
@@ -115,6 +116,8 @@ def train(config: TrainConfig) -> int:
     loader = accelerator.prepare(loader)
     steps_per_epoch = len(loader)  # this process's share
     model = build_model(config, resolve_curriculum(config, steps_per_epoch, resuming=checkpoint is not None))
+    if warning := shuffle_bn_warning(model, accelerator.num_processes):
+        logger.warning(warning)
     optimizer = build_optimizer(config, model.encoder_q, accelerator.device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(config))
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)

@@ -1,9 +1,11 @@
 """The optimizer and the non-finite step guard, both free of host synchronisation per step.
 
 `make_optimizer` builds the optimizer through timm's `create_optimizer_v2` (no weight decay on
-biases and norm layers): AdamW (the seed's), SGD with momentum (MoCo's; timm's "momentum", since
-timm's "sgd" is Nesterov) or LARS (timm's; the groups without weight decay skip its trust-ratio
-adaptation, as in SimCLR and BYOL). AdamW and SGD use torch's fused kernels where the device has
+biases and norm layers, or with `decay_all_params` on every parameter as in MoCo's own code):
+AdamW (the seed's), SGD with momentum (MoCo's; timm's "momentum", since timm's "sgd" is Nesterov)
+or LARS (timm's; it adapts exactly the groups with weight decay, so the groups without skip its
+trust-ratio adaptation, as in SimCLR and BYOL, and with `decay_all_params` every parameter is
+adapted: timm's LARS cannot decay a parameter without adapting it). AdamW and SGD use torch's fused kernels where the device has
 them (CUDA, and the CPU too in recent torch), else the foreach ones; timm's LARS picks its own
 (foreach where its timm has them).
 
@@ -51,17 +53,19 @@ FUSED_OPTIMIZERS = ("adamw", "sgd")
 
 
 def make_optimizer(module: nn.Module, *, lr: float, weight_decay: float, device: Union[torch.device, str],
-                   name: str = "adamw", momentum: float = 0.9) -> torch.optim.Optimizer:
+                   name: str = "adamw", momentum: float = 0.9, decay_all_params: bool = False) -> torch.optim.Optimizer:
     """`name` (adamw, sgd or lars) over `module`'s trainable parameters, grouped by timm (biases
-    and 1-D parameters without weight decay), fused where `device` (where the parameters will
-    train) supports it and the optimizer has a fused kernel, else foreach. The parameters may
-    still be elsewhere: a fused optimizer checks their device at its first step."""
+    and 1-D parameters without weight decay; with `decay_all_params` one group, all with it),
+    fused where `device` (where the parameters will train) supports it and the optimizer has a
+    fused kernel, else foreach. The parameters may still be elsewhere: a fused optimizer checks
+    their device at its first step."""
     if name not in TIMM_OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {', '.join(TIMM_OPTIMIZERS)}, got {name!r}")
     options = {} if name == "adamw" else {"momentum": momentum}
     if name in FUSED_OPTIMIZERS:  # torch's; timm's LARS takes no kernel choice before timm 1.0.31
         options["fused" if fused_available(device) else "foreach"] = True
-    return create_optimizer_v2(module, opt=TIMM_OPTIMIZERS[name], lr=lr, weight_decay=weight_decay, **options)
+    return create_optimizer_v2(module, opt=TIMM_OPTIMIZERS[name], lr=lr, weight_decay=weight_decay,
+                               filter_bias_and_bn=not decay_all_params, **options)
 
 
 def innermost_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:

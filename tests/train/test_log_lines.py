@@ -49,6 +49,7 @@ def test_a_default_run_logs_one_line_per_record_within_120_columns_and_ends_with
     assert {"loss", "knn_top1"} <= set(records[-1])  # the last line has both
     assert "[RANK" not in result.stderr
     assert result.stderr.count("dataset synthetic split train:") == 1
+    assert result.stderr.count("No shuffle BN") == 1  # test_resnet has BatchNorm, one process, --bn_splits 1
     table = result.stderr[result.stderr.index("hnmix.train: done"):]
     for row in ("steps", "6 of 6", "wall time", "mean images/s", "final loss", "kNN top-1 / top-5",
                 str(out / "curves.png"), str(out / "encoder"), str(out / "checkpoints/step_00000006")):

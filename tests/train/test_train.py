@@ -147,6 +147,7 @@ def two_processes(tmp_path_factory):
                                 "-sp", "2", "-ss", "3", "--num_workers", "1", "--augment_device", "accelerator",
                                 "-do", str(dir_out)], env={"RANK_STATS_DIR": str(per_rank)})
     assert result.returncode == 0, result.stderr[-3000:]
+    (root / "stderr.txt").write_text(result.stderr)
     return dir_out, per_rank
 
 
@@ -163,6 +164,13 @@ def test_two_real_processes_share_one_queue(two_processes):
     assert ids.unique().numel() == 6 * global_batch  # 6 steps of one epoch: every image once
     assert [r["step"] for r in metrics(tmp_path)] == [2, 4, 6]
     assert (tmp_path / "encoder/model.safetensors").exists()
+
+
+def test_two_processes_shuffle_bn_across_ranks_without_a_warning(two_processes):
+    dir_out, _ = two_processes
+    stderr = (dir_out.parent / "stderr.txt").read_text()
+    assert "Trackers" in stderr or "hnmix.train: done" in stderr  # the log is there
+    assert "No shuffle BN" not in stderr
 
 
 def test_each_record_is_the_mean_of_its_steps_statistics_over_both_processes(two_processes):
