@@ -30,6 +30,7 @@ import torch
 import torch.utils.data
 import yaml
 
+from hnmix.data.augmentation import augmentation_from
 from hnmix.data.transforms import moco_v2_photometric
 from hnmix.data.two_views import TwoViewDataset
 from hnmix.errors import ConfigError, describe, exit_code
@@ -203,8 +204,10 @@ def run_analysis(args: argparse.Namespace) -> tuple[dict[str, Any], Path, Path]:
     held_out = bounded_subset(splits.held_out, args.max_samples, seed=seed, salt=7)
     carved = not splits.held_out_source.endswith(" split validation")
     rows = train_split_rows(held_out) if carved else None
+    augmentation = augmentation_from(config)  # the run's augmentation (MoCo v2's for a run from before the options)
     views = TwoViewDataset(held_out, image_column=splits.image_column, label_column=splits.label_column,
-                           img_size=img_size, seed=seed, photometric=moco_v2_photometric(img_size))
+                           img_size=img_size, seed=seed, photometric=moco_v2_photometric(img_size, augmentation),
+                           augmentation=augmentation)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     moco.to(device)
     projected = project(moco, views, len(held_out), batch_size=args.batch_size, num_workers=args.num_workers,

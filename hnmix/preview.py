@@ -8,7 +8,9 @@ their photometric half from the same code as in training: per image in the worke
 (`--augment_device accelerator`: `StepPhotometric` on the whole batch of `--batch_size` at the
 batch's step, on the GPU when there is one). Several processes see the same first batch of an
 epoch on rank 0; only its step (epoch x steps per epoch) depends on their number, and with it
-the batched draws of epochs after the first.
+the batched draws of epochs after the first. The augmentation is the trainer's options of the
+same names (`--crop_scale`, `--jitter`, `--blur_p`, `--normalize`, ...), from the flags, else from
+`--config` (a run's config.yaml or a recipe), else MoCo v2's.
 """
 
 from __future__ import annotations
@@ -23,11 +25,20 @@ import datasets
 import torch
 import yaml
 
+from hnmix.data.augmentation import (
+    AUGMENTATION_OPTIONS,
+    MOCO_V2,
+    OPTION_HELP,
+    OPTION_METAVAR,
+    PROBABILITIES,
+    AugmentationSpec,
+    augmentation_from,
+)
 from hnmix.data.geometric import draw_two_crops
 from hnmix.data.images import open_image, to_rgb
 from hnmix.data.photometric import StepPhotometric
 from hnmix.data.sources import load_image_dataset, resolve_columns
-from hnmix.data.transforms import IMAGENET_MEAN, IMAGENET_STD, moco_v2_photometric
+from hnmix.data.transforms import moco_v2_photometric
 from hnmix.data.two_views import EpochSampler, TwoViewDataset, sample_rng
 from hnmix.errors import ConfigError, exit_code
 from hnmix.pictures.views import PreviewRow, draw_views
@@ -35,7 +46,7 @@ from hnmix.pictures.views import PreviewRow, draw_views
 DEFAULT_SEED = 69420  # the trainer's
 # The options a run's config.yaml can fill in (`--config`), under the trainer's names.
 FROM_RUN = ("dataset", "split", "image_column", "label_column", "synthetic_size", "dir_data", "img_size", "seed",
-            "batch_size", "augment_device")
+            "batch_size", "augment_device", *AUGMENTATION_OPTIONS)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,8 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m hnmix.preview",
         description="A grid of the first images of an epoch with their query and key views, made exactly as "
         "hnmix.train makes them (same crops, same photometric draws) for that seed and epoch.")
-    parser.add_argument("--config", help="a run's config.yaml (DIR_OUT/config.yaml): its data, seed, image size, "
-                        "batch size and augment_device become the defaults")
+    parser.add_argument("--config", help="a run's config.yaml (DIR_OUT/config.yaml) or a recipe: its data, seed, "
+                        "image size, batch size, augment_device and augmentation options become the defaults")
     parser.add_argument("--dataset", help="Hub id, local dataset repo, image folder, save_to_disk directory, or "
                         "synthetic / synthetic-hard (required unless --config names one)")
     parser.add_argument("--split", default="train", help="(default: train)")
@@ -62,6 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="where the photometric half runs, as in hnmix.train (default: accelerator when a GPU "
                         "is present, else cpu)")
     parser.add_argument("--out", default="views.png", help="the PNG to write (default: views.png)")
+    augmentation = parser.add_argument_group("augmentation (hnmix.train's options; default: MoCo v2's)")
+    for name in AUGMENTATION_OPTIONS:
+        default = getattr(MOCO_V2, name)
+        shown = ",".join(f"{v:g}" for v in default) if isinstance(default, tuple) else default
+        augmentation.add_argument(f"--{name}", type=float if name in PROBABILITIES else str,
+                                  metavar=OPTION_METAVAR.get(name), help=f"{OPTION_HELP[name]} (default: {shown})")
     return parser
 
 
@@ -86,6 +103,7 @@ def parse_options(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         raise ConfigError(f"option out: folder {out.parent} does not exist; create it or pass another --out")
     if args.augment_device is None:
         args.augment_device = "accelerator" if torch.cuda.is_available() else "cpu"
+    args.augmentation = augmentation_from(vars(args))
     return args
 
 
@@ -100,20 +118,21 @@ def _run_config(path: str) -> dict[str, Any]:
     return config
 
 
-def to_display(view: torch.Tensor) -> torch.Tensor:
-    """A normalised float view [3, S, S] -> uint8 [3, S, S] (ImageNet mean and std undone, rounded)."""
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+def to_display(view: torch.Tensor, augmentation: AugmentationSpec = MOCO_V2) -> torch.Tensor:
+    """A normalised float view [3, S, S] -> uint8 [3, S, S] (the augmentation's mean and std
+    undone, rounded)."""
+    mean = torch.tensor(augmentation.mean).view(3, 1, 1)
+    std = torch.tensor(augmentation.std).view(3, 1, 1)
     return (view.float().cpu() * std + mean).mul_(255).round_().clamp_(0, 255).to(torch.uint8)
 
 
 def trainer_views(dataset: datasets.Dataset, *, image_column: str, label_column: Optional[str], img_size: int,
                   seed: int, epoch: int, n: int, batch_size: int, on_accelerator: bool,
-                  device: Optional[torch.device] = None) -> list[PreviewRow]:
-    """The first `n` images of `epoch` with their crops and views, as the trainer makes them (see
-    the module docstring). Views are uint8 [3, S, S] for display."""
+                  device: Optional[torch.device] = None, augmentation: AugmentationSpec = MOCO_V2) -> list[PreviewRow]:
+    """The first `n` images of `epoch` with their crops and views, as the trainer makes them with
+    `augmentation` (see the module docstring). Views are uint8 [3, S, S] for display."""
     crops_only = TwoViewDataset(dataset, image_column=image_column, label_column=label_column, img_size=img_size,
-                                seed=seed)
+                                seed=seed, augmentation=augmentation)
     size = len(crops_only)
     if batch_size > size:
         raise ConfigError(f"option batch_size {batch_size} is more than the {size} images of the dataset; "
@@ -123,10 +142,10 @@ def trainer_views(dataset: datasets.Dataset, *, image_column: str, label_column:
     sampler.set_epoch(epoch)
     order = list(sampler)
     steps_per_epoch = size // batch_size
-    photometric = StepPhotometric(img_size, seed=seed, rank=0) if on_accelerator else None
+    photometric = StepPhotometric(img_size, seed=seed, rank=0, augmentation=augmentation) if on_accelerator else None
     in_workers = None if on_accelerator else TwoViewDataset(
         dataset, image_column=image_column, label_column=label_column, img_size=img_size, seed=seed,
-        photometric=moco_v2_photometric(img_size))
+        photometric=moco_v2_photometric(img_size, augmentation), augmentation=augmentation)
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     names = _class_names(dataset, label_column)
     rows = []
@@ -144,14 +163,14 @@ def trainer_views(dataset: datasets.Dataset, *, image_column: str, label_column:
         for slot in range(len(shown)):
             crop_q, crop_k, index, label, _ = samples[slot]
             rows.append(_row(crops_only, index, label, names, epoch, crop_q, crop_k,
-                             to_display(views_q[slot]), to_display(views_k[slot])))
+                             to_display(views_q[slot], augmentation), to_display(views_k[slot], augmentation)))
     return rows
 
 
 def _row(views: TwoViewDataset, index: int, label: int, names: Optional[list[str]], epoch: int,
          crop_q: torch.Tensor, crop_k: torch.Tensor, view_q: torch.Tensor, view_k: torch.Tensor) -> PreviewRow:
     original = to_rgb(open_image(views.dataset[index][views.image_column]))
-    crops, flips = draw_two_crops(*original.size, sample_rng(views.seed, epoch, index))
+    crops, flips = draw_two_crops(*original.size, sample_rng(views.seed, epoch, index), views.augmentation)
     caption = f"image {index}"
     if label >= 0:
         caption += f"\nclass {label}" + (f": {names[label][:16]}" if names and label < len(names) else "")
@@ -170,11 +189,11 @@ def preview(args: argparse.Namespace) -> Path:
     on_accelerator = args.augment_device == "accelerator"
     rows = trainer_views(dataset, image_column=image_column, label_column=label_column, img_size=args.img_size,
                          seed=args.seed, epoch=args.epoch, n=args.n, batch_size=args.batch_size,
-                         on_accelerator=on_accelerator)
+                         on_accelerator=on_accelerator, augmentation=args.augmentation)
     how = (f"batched (--augment_device accelerator, batch {args.batch_size})" if on_accelerator
            else "per image in the workers (--augment_device cpu)")
     title = (f"{args.dataset} split {args.split}: the first {len(rows)} images of epoch {args.epoch}, seed {args.seed}, "
-             f"{args.img_size} px\nphotometric half {how}")
+             f"{args.img_size} px\nphotometric half {how}\n{args.augmentation.describe()}")
     return draw_views(rows, args.out, title=title)
 
 

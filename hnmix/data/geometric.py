@@ -1,9 +1,9 @@
-"""The geometric half of the MoCo v2 augmentation, per image: decode once, crop and flip twice.
+"""The geometric half of the augmentation, per image: decode once, crop and flip twice.
 
 `two_crops(image, img_size, rng, encoded)` takes an image as `PIL.Image.open` left it (header
 read, pixels not yet decoded), with its file's bytes, and returns two uint8 views [3, img_size, img_size], each a
-RandomResizedCrop (scale 0.2-1.0, ratio 3/4-4/3, antialiased bilinear) and a horizontal flip
-with p=0.5. The draws follow torchvision's `RandomResizedCrop.get_params` but come from a
+RandomResizedCrop (scale `AugmentationSpec.crop_scale`, MoCo v2's 0.2-1.0; ratio 3/4-4/3,
+antialiased bilinear) and a horizontal flip with p=`flip_p` (0.5). The draws follow torchvision's `RandomResizedCrop.get_params` but come from a
 `random.Random` seeded per sample: the ten tries of torchvision's draw through torch's global
 generator cost more than the crop itself.
 
@@ -33,11 +33,10 @@ import torch
 import torch.nn.functional as F
 from PIL import ExifTags, Image
 
+from hnmix.data.augmentation import MOCO_V2, AugmentationSpec
 from hnmix.data.images import decode_jpeg_upright, to_rgb
 
-CROP_SCALE = (0.2, 1.0)
 CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
-FLIP_P = 0.5
 DRAFT_REDUCTIONS = (8, 4, 2)  # JPEG DCT scalings, largest first (libjpeg-turbo's fast ones; all PIL's draft offers)
 _TRANSPOSED_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that swap width and height
 _REVERSED_X = (2, 3, 6, 7)  # EXIF orientations whose upright x runs against the stored pixels
@@ -61,14 +60,16 @@ def upright_size(image: Image.Image) -> tuple[int, int]:
     return width, height
 
 
-def random_resized_crop(width: int, height: int, rng: random.Random) -> Crop:
+def random_resized_crop(width: int, height: int, rng: random.Random,
+                        scale: tuple[float, ...] = MOCO_V2.crop_scale) -> Crop:
     """torchvision's `RandomResizedCrop.get_params` for a width x height image, drawn from `rng`:
-    up to ten tries of an area fraction ~ U[0.2, 1] and a log-uniform aspect ratio in [3/4, 4/3]
-    with a uniform position; when none fits, the largest central crop within the ratio range."""
+    up to ten tries of an area fraction ~ U[scale] (MoCo v2: [0.2, 1]) and a log-uniform aspect
+    ratio in [3/4, 4/3] with a uniform position; when none fits, the largest central crop within
+    the ratio range."""
     area = width * height
     log_ratio = (math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1]))
     for _ in range(10):
-        target_area = area * rng.uniform(*CROP_SCALE)
+        target_area = area * rng.uniform(*scale)
         aspect_ratio = math.exp(rng.uniform(*log_ratio))
         crop_width = round(math.sqrt(target_area * aspect_ratio))
         crop_height = round(math.sqrt(target_area / aspect_ratio))
@@ -85,11 +86,12 @@ def random_resized_crop(width: int, height: int, rng: random.Random) -> Crop:
     return Crop((height - crop_height) // 2, (width - crop_width) // 2, crop_height, crop_width)
 
 
-def draw_two_crops(width: int, height: int, rng: random.Random) -> tuple[list[Crop], list[bool]]:
+def draw_two_crops(width: int, height: int, rng: random.Random,
+                   augmentation: AugmentationSpec = MOCO_V2) -> tuple[list[Crop], list[bool]]:
     """The crop boxes and horizontal flips of both views of a width x height upright image, drawn
     from `rng` in the order `two_crops` uses (so a preview can show where the views came from)."""
-    crops = [random_resized_crop(width, height, rng) for _ in range(2)]
-    flips = [rng.random() < FLIP_P for _ in range(2)]
+    crops = [random_resized_crop(width, height, rng, augmentation.crop_scale) for _ in range(2)]
+    flips = [rng.random() < augmentation.flip_p for _ in range(2)]
     return crops, flips
 
 
@@ -100,9 +102,10 @@ def draft_reduction(crops: list[Crop], img_size: int) -> int:
     return next((r for r in DRAFT_REDUCTIONS if smallest_side >= r * img_size), 1)
 
 
-def two_crops(image: Image.Image, img_size: int, rng: random.Random,
-              encoded: Optional[bytes] = None) -> list[torch.Tensor]:
-    """A lazily opened image -> two uint8 views [3, img_size, img_size], cropped, resized, maybe flipped.
+def two_crops(image: Image.Image, img_size: int, rng: random.Random, encoded: Optional[bytes] = None, *,
+              augmentation: AugmentationSpec = MOCO_V2) -> list[torch.Tensor]:
+    """A lazily opened image -> two uint8 views [3, img_size, img_size], cropped, resized, maybe
+    flipped, with `augmentation`'s crop_scale and flip_p.
 
     `encoded`, the image file's bytes, lets a JPEG be decoded by `hnmix.data.images.decode_jpeg_upright`
     (faster); other images, or without it, are decoded by PIL and made upright 8-bit RGB by
@@ -110,7 +113,7 @@ def two_crops(image: Image.Image, img_size: int, rng: random.Random,
     decoded at a reduced size.
     """
     width, height = upright_size(image)
-    crops, flips = draw_two_crops(width, height, rng)
+    crops, flips = draw_two_crops(width, height, rng, augmentation)
     reduction = draft_reduction(crops, img_size)
     orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
     pixels = decode_jpeg_upright(image, encoded, reduction) if encoded is not None else None  # [h, w, 3]

@@ -1,11 +1,14 @@
-"""The photometric half of the MoCo v2 augmentation, batched on any device.
+"""The photometric half of the augmentation, batched on any device.
 
 The DataLoader workers crop and flip (the geometric half, per image, on the CPU); this module
 does the rest on a whole uint8 batch `[N, 3, H, W]` (N = 2B when both views are stacked), with
-independent random parameters for every sample:
+independent random parameters for every sample, as an `AugmentationSpec` says (MoCo v2's by default):
 
     ColorJitter(0.4, 0.4, 0.4, 0.1) with p=0.8, its four ops in a random order per sample;
     RandomGrayscale p=0.2; GaussianBlur sigma ~ U[0.1, 2.0] with p=0.5; ImageNet normalisation.
+
+A jitter op of strength 0 is skipped, as torchvision's ColorJitter skips it, and so is the blur
+when no sample draws it (always with blur_p 0).
 
 Drawing (`photometric_params`) is apart from applying (`apply_photometric`, deterministic given
 the parameters), so a test can replay any draw through torchvision's per-image functional ops:
@@ -31,32 +34,28 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 
-from hnmix.data.transforms import IMAGENET_MEAN, IMAGENET_STD, blur_kernel_size
-
-JITTER_P = 0.8
-GRAYSCALE_P = 0.2
-BLUR_P = 0.5
-BRIGHTNESS_RANGE = (0.6, 1.4)
-CONTRAST_RANGE = (0.6, 1.4)
-SATURATION_RANGE = (0.6, 1.4)
-HUE_RANGE = (-0.1, 0.1)
-SIGMA_RANGE = (0.1, 2.0)
+from hnmix.data.augmentation import IMAGENET_MEAN, IMAGENET_STD, MOCO_V2, AugmentationSpec
+from hnmix.data.transforms import blur_kernel_size
 
 # The jitter ops, numbered as in torchvision's ColorJitter (`fn_idx`).
 BRIGHTNESS, CONTRAST, SATURATION, HUE = 0, 1, 2, 3
+ALL_JITTER_OPS = (BRIGHTNESS, CONTRAST, SATURATION, HUE)
 
 # torchvision's rgb_to_grayscale weights (ITU-R 601-2 luma, with its 0.2989).
 _GRAY_WEIGHTS = (0.2989, 0.587, 0.114)
 
 
 class PhotometricParams(NamedTuple):
-    """One draw for a batch of n images: per-sample tensors on one device, plus the blur kernel size.
+    """One draw for a batch of n images: per-sample tensors on one device, plus the values that
+    are the same for every sample (the blur kernel size, the jitter ops in use, the normalisation).
 
     jitter_applied: [n] bool. brightness, contrast, saturation: [n] float32 factors.
     hue: [n] float32 shift in turns. order: [n, 4] int64, a permutation of
     (BRIGHTNESS, CONTRAST, SATURATION, HUE) per row, the order the jitter ops run in.
     grayscale: [n] bool. blur_applied: [n] bool. sigma: [n] float32.
     kernel_size: odd int, the blur kernel side (`blur_kernel_size(img_size)`).
+    jitter_ops: the ops that run when a sample is jittered (those of strength > 0).
+    mean, std: three floats each, the normalisation.
     """
 
     jitter_applied: torch.Tensor
@@ -69,15 +68,22 @@ class PhotometricParams(NamedTuple):
     blur_applied: torch.Tensor
     sigma: torch.Tensor
     kernel_size: int
+    jitter_ops: tuple[int, ...] = ALL_JITTER_OPS
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
 
 
-def photometric_params(n: int, img_size: int, *, generator: Optional[torch.Generator] = None) -> PhotometricParams:
-    """Draw the MoCo v2 photometric parameters for n images of side img_size, independently per
-    sample, on the host (CPU tensors, see the module docstring).
+def photometric_params(n: int, img_size: int, *, generator: Optional[torch.Generator] = None,
+                       augmentation: AugmentationSpec = MOCO_V2) -> PhotometricParams:
+    """Draw the photometric parameters of `augmentation` for n images of side img_size,
+    independently per sample, on the host (CPU tensors, see the module docstring).
 
     Every draw comes from `generator` (a CPU generator), or from torch's default CPU generator
-    when it is None; a seeded generator repeats the draw exactly.
+    when it is None; a seeded generator repeats the draw exactly. The same values are drawn in
+    the same order whatever the spec (an op that is off draws too), so MoCo v2's draws are those
+    of every earlier hnmix.
     """
+    brightness, contrast, saturation, hue = augmentation.jitter_ranges()
 
     def uniform(low: float, high: float) -> torch.Tensor:
         return torch.rand(n, generator=generator).mul_(high - low).add_(low)
@@ -85,25 +91,31 @@ def photometric_params(n: int, img_size: int, *, generator: Optional[torch.Gener
     def bernoulli(p: float) -> torch.Tensor:
         return torch.rand(n, generator=generator) < p
 
+    jitter_ops = tuple(op for op, strength in zip(ALL_JITTER_OPS, augmentation.jitter) if strength > 0)
+    jitter_applied = bernoulli(augmentation.jitter_p)
     return PhotometricParams(
-        jitter_applied=bernoulli(JITTER_P),
-        brightness=uniform(*BRIGHTNESS_RANGE),
-        contrast=uniform(*CONTRAST_RANGE),
-        saturation=uniform(*SATURATION_RANGE),
-        hue=uniform(*HUE_RANGE),
+        jitter_applied=jitter_applied if jitter_ops else torch.zeros_like(jitter_applied),
+        brightness=uniform(*brightness),
+        contrast=uniform(*contrast),
+        saturation=uniform(*saturation),
+        hue=uniform(*hue),
         # argsort of i.i.d. uniforms is a uniformly random permutation per row.
         order=torch.rand(n, 4, generator=generator).argsort(dim=1),
-        grayscale=bernoulli(GRAYSCALE_P),
-        blur_applied=bernoulli(BLUR_P),
-        sigma=uniform(*SIGMA_RANGE),
+        grayscale=bernoulli(augmentation.grayscale_p),
+        blur_applied=bernoulli(augmentation.blur_p),
+        sigma=uniform(*augmentation.blur_sigma),
         kernel_size=blur_kernel_size(img_size),
+        jitter_ops=jitter_ops,
+        mean=tuple(augmentation.mean),
+        std=tuple(augmentation.std),
     )
 
 
 def apply_photometric(
     images: torch.Tensor, params: PhotometricParams, *, out_dtype: torch.dtype = torch.float32
 ) -> torch.Tensor:
-    """uint8 [N, 3, H, W] -> [N, 3, H, W] in out_dtype: jitter, grayscale, blur, ImageNet-normalised.
+    """uint8 [N, 3, H, W] -> [N, 3, H, W] in out_dtype: jitter, grayscale, blur, normalised with
+    params.mean and params.std.
 
     Deterministic given `params` (drawn for N images, on the host). The math runs in float32
     whatever the autocast state; the cast to out_dtype is the last step. A channels_last input
@@ -117,7 +129,7 @@ def apply_photometric(
     device = images.device
     # Every sample's op at every jitter position, then the blurred ones: host-side row sets,
     # sent to the device in one copy, as are the per-sample values.
-    jitter_steps = [(op, rows) for position in range(4) for op in range(4)
+    jitter_steps = [(op, rows) for position in range(4) for op in params.jitter_ops
                     if len(rows := (params.jitter_applied & (params.order[:, position] == op)).nonzero().flatten())]
     blurred = params.blur_applied.nonzero().flatten()
     row_sets = _to_device(torch.cat([rows for _, rows in jitter_steps] + [blurred]), device).split(
@@ -134,7 +146,7 @@ def apply_photometric(
             rows = row_sets[-1]
             sigma = values[4].index_select(0, rows)
             batch.index_copy_(0, rows, gaussian_blur(batch.index_select(0, rows), params.kernel_size, sigma))
-        batch = normalize(batch)
+        batch = normalize(batch, params.mean, params.std)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     return batch.to(dtype=out_dtype, memory_format=memory_format)
 
@@ -142,15 +154,16 @@ def apply_photometric(
 class StepPhotometric:
     """The photometric half for a training step: both views of this rank's batch, on their device.
 
-    `(view_q, view_k, step) -> (view_q, view_k)`, uint8 [B, 3, S, S] each -> float32, normalised.
-    The parameters are drawn on the host from a generator reseeded from (seed, step, rank) at
+    `(view_q, view_k, step) -> (view_q, view_k)`, uint8 [B, 3, S, S] each -> float32, normalised,
+    augmented as `augmentation` says (MoCo v2 by default). The parameters are drawn on the host from a generator reseeded from (seed, step, rank) at
     every step: independent per sample, view, step and rank, and a resumed run draws exactly
     what the uninterrupted one did, with no generator state to checkpoint. Nothing here waits
     for the device.
     """
 
-    def __init__(self, img_size: int, *, seed: int, rank: int):
+    def __init__(self, img_size: int, *, seed: int, rank: int, augmentation: AugmentationSpec = MOCO_V2):
         self.img_size = img_size
+        self.augmentation = augmentation
         self.seed = seed
         self.rank = rank
         self.generator = torch.Generator()
@@ -158,7 +171,8 @@ class StepPhotometric:
     def __call__(self, view_q: torch.Tensor, view_k: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         self.generator.manual_seed(random.Random(f"{self.seed}:{step}:{self.rank}").getrandbits(63))
         both = torch.cat([view_q, view_k])
-        params = photometric_params(both.shape[0], self.img_size, generator=self.generator)
+        params = photometric_params(both.shape[0], self.img_size, generator=self.generator,
+                                    augmentation=self.augmentation)
         view_q, view_k = apply_photometric(both, params).chunk(2)
         return view_q, view_k
 
@@ -274,8 +288,9 @@ def gaussian_blur(batch: torch.Tensor, kernel_size: int, sigma: torch.Tensor) ->
     return folded.view(n, channels, height, width)
 
 
-def normalize(batch: torch.Tensor) -> torch.Tensor:
-    """float [N, 3, H, W] in [0, 1] -> (batch - IMAGENET_MEAN) / IMAGENET_STD per channel."""
-    mean = torch.tensor(IMAGENET_MEAN, dtype=batch.dtype, device=batch.device).view(-1, 1, 1)
-    std = torch.tensor(IMAGENET_STD, dtype=batch.dtype, device=batch.device).view(-1, 1, 1)
+def normalize(batch: torch.Tensor, mean: tuple[float, ...] = IMAGENET_MEAN,
+              std: tuple[float, ...] = IMAGENET_STD) -> torch.Tensor:
+    """float [N, 3, H, W] in [0, 1] -> (batch - mean) / std per channel."""
+    mean = torch.tensor(mean, dtype=batch.dtype, device=batch.device).view(-1, 1, 1)
+    std = torch.tensor(std, dtype=batch.dtype, device=batch.device).view(-1, 1, 1)
     return batch.sub(mean).div_(std)

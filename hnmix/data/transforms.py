@@ -1,8 +1,9 @@
-"""Per-image transforms: the photometric half of the MoCo v2 augmentation, the evaluation crop.
+"""Per-image transforms: the photometric half of the augmentation, the evaluation crop.
 
 `moco_v2_photometric` (applied to a cropped view) and `eval_transform` take one RGB
 `PIL.Image.Image` (see `hnmix.data.images.to_rgb`) and return a float32 tensor
-`[3, img_size, img_size]`, normalised with the ImageNet mean and std. All randomness comes from torch's global CPU generator (torchvision v1
+`[3, img_size, img_size]`, normalised (the ImageNet mean and std unless an `AugmentationSpec`,
+or the mean and std given, say otherwise). All randomness comes from torch's global CPU generator (torchvision v1
 transforms and `RandomGaussianBlur` draw with `torch.rand`, `torch.randint`,
 `torch.empty().uniform_`), so `torch.manual_seed` makes a draw repeatable; the caller
 (`hnmix.data.two_views.TwoViewDataset`) seeds it per sample. This module knows nothing about MoCo.
@@ -10,17 +11,18 @@ transforms and `RandomGaussianBlur` draw with `torch.rand`, `torch.randint`,
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from torchvision import transforms
 
+from hnmix.data.augmentation import IMAGENET_MEAN, IMAGENET_STD, MOCO_V2, AugmentationSpec
 from hnmix.errors import ConfigError
 
-IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
-IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "ImageTransform", "RandomGaussianBlur", "blur_kernel_size", "eval_transform",
+           "gaussian_blur", "moco_v2_photometric"]
 
 ImageTransform = Callable[[Image.Image], torch.Tensor]
 
@@ -76,35 +78,41 @@ def gaussian_blur(image: torch.Tensor, kernel_size: int, sigma: float) -> torch.
     return batch[0]
 
 
-def moco_v2_photometric(img_size: int) -> ImageTransform:
-    """The photometric half of the MoCo v2 augmentation: one cropped RGB view [img_size x img_size]
+def moco_v2_photometric(img_size: int, augmentation: AugmentationSpec = MOCO_V2) -> ImageTransform:
+    """The photometric half of the augmentation: one cropped RGB view [img_size x img_size]
     -> [3, img_size, img_size] float32, normalised.
 
-    Recipe (Chen et al. 2020, "Improved Baselines with Momentum Contrastive Learning"), after
-    RandomResizedCrop(scale 0.2-1.0) and the horizontal flip (`hnmix.data.geometric.two_crops`; the
-    flip commutes with every step here): ColorJitter(0.4, 0.4, 0.4, 0.1) with p=0.8;
-    RandomGrayscale p=0.2; GaussianBlur sigma ~ U[0.1, 2.0] with p=0.5;
-    Normalize(IMAGENET_MEAN, IMAGENET_STD). The conversion to a [0, 1] tensor happens before the
-    blur, which then works in float, separably. Each call is an independent draw from torch's
-    global RNG. `hnmix.data.photometric` is the same half, batched on the accelerator.
+    Recipe (by default Chen et al. 2020, "Improved Baselines with Momentum Contrastive Learning"),
+    after RandomResizedCrop and the horizontal flip (`hnmix.data.geometric.two_crops`; the flip
+    commutes with every step here): ColorJitter(augmentation.jitter) with p=jitter_p (MoCo v2:
+    0.4, 0.4, 0.4, 0.1 with p=0.8); RandomGrayscale p=grayscale_p (0.2); GaussianBlur sigma ~
+    U[blur_sigma] with p=blur_p (0.1-2.0, 0.5); Normalize(augmentation.mean, augmentation.std)
+    (ImageNet's). A step with probability 0 (or a jitter of all zeros) is left out, so it costs
+    nothing. The conversion to a [0, 1] tensor happens before the blur, which then works in
+    float, separably. Each call is an independent draw from torch's global RNG.
+    `hnmix.data.photometric` is the same half, batched on the accelerator.
     """
     _check_img_size(img_size)
-    return transforms.Compose(
-        [
-            transforms.RandomApply([transforms.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
-            transforms.RandomGrayscale(p=0.2),
-            transforms.ToTensor(),
-            # Kernel: odd, ~10% of the image side, at least 3 (see blur_kernel_size).
-            transforms.RandomApply([RandomGaussianBlur(blur_kernel_size(img_size), sigma=(0.1, 2.0))], p=0.5),
-            transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-        ]
-    )
+    steps: list[Callable] = []
+    if augmentation.jitter_p and any(augmentation.jitter):
+        steps.append(transforms.RandomApply([transforms.ColorJitter(*augmentation.jitter)], p=augmentation.jitter_p))
+    if augmentation.grayscale_p:
+        steps.append(transforms.RandomGrayscale(p=augmentation.grayscale_p))
+    steps.append(transforms.ToTensor())
+    if augmentation.blur_p:
+        # Kernel: odd, ~10% of the image side, at least 3 (see blur_kernel_size).
+        blur = RandomGaussianBlur(blur_kernel_size(img_size), sigma=augmentation.blur_sigma)
+        steps.append(transforms.RandomApply([blur], p=augmentation.blur_p))
+    steps.append(transforms.Normalize(augmentation.mean, augmentation.std))
+    return transforms.Compose(steps)
 
 
-def eval_transform(img_size: int) -> ImageTransform:
+def eval_transform(img_size: int, *, mean: Sequence[float] = IMAGENET_MEAN,
+                   std: Sequence[float] = IMAGENET_STD) -> ImageTransform:
     """Deterministic evaluation view: resize the short side to img_size * 256/224, center crop.
 
-    One RGB image -> [3, img_size, img_size] float32, normalised like `moco_v2_photometric`.
+    One RGB image -> [3, img_size, img_size] float32, normalised with `mean` and `std` (pass the
+    training's `AugmentationSpec.mean` and `.std`: an encoder sees the statistics it learnt with).
     """
     _check_img_size(img_size)
     return transforms.Compose(
@@ -112,6 +120,6 @@ def eval_transform(img_size: int) -> ImageTransform:
             transforms.Resize(round(img_size * 256 / 224)),
             transforms.CenterCrop(img_size),
             transforms.ToTensor(),
-            transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+            transforms.Normalize(tuple(mean), tuple(std)),
         ]
     )

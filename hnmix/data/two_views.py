@@ -17,6 +17,7 @@ import torch
 import torch.utils.data
 from PIL import Image
 
+from hnmix.data.augmentation import MOCO_V2, AugmentationSpec
 from hnmix.data.geometric import two_crops
 from hnmix.data.images import encoded_bytes, open_image
 from hnmix.data.sources import resolve_columns
@@ -68,11 +69,12 @@ class TwoViewDataset(torch.utils.data.Dataset):
 
     `__getitem__(epoch * len(self) + index)` (the encoding `EpochSampler` yields) returns
     (view_q [3, S, S], view_k [3, S, S], index: int, label: int, unreadable: int), S = img_size,
-    label -1 when there is no label column (or the row's label is missing). The views are
+    label -1 when there is no label column (or the row's label is missing). The crops and flips
+    follow `augmentation` (its crop_scale and flip_p); the views are
     - uint8, cropped and flipped only, when `photometric` is None: the photometric half then
-      runs batched on the accelerator (`hnmix.data.photometric`);
-    - `photometric(view)` of each cropped view otherwise (`hnmix.data.transforms.moco_v2_photometric`:
-      float32, normalised): the whole MoCo v2 augmentation in the worker.
+      runs batched on the accelerator (`hnmix.data.photometric.StepPhotometric`, given the same spec);
+    - `photometric(view)` of each cropped view otherwise (`hnmix.data.transforms.moco_v2_photometric`
+      of the same spec: float32, normalised): the whole augmentation in the worker.
     The image is decoded once for both views, at a reduced size when the crops allow
     (`hnmix.data.geometric.two_crops`). An image that cannot be read (truncated, empty, not an image,
     a decompression bomb) is replaced by another drawn from (seed, epoch, index), so batches keep
@@ -96,6 +98,7 @@ class TwoViewDataset(torch.utils.data.Dataset):
         img_size: int,
         seed: int,
         photometric: Optional[ImageTransform] = None,
+        augmentation: AugmentationSpec = MOCO_V2,
     ):
         resolve_columns(dataset, image_column, label_column if label_column is not None else "none")
         kept = [image_column] + ([label_column] if label_column is not None and label_column != image_column else [])
@@ -105,6 +108,7 @@ class TwoViewDataset(torch.utils.data.Dataset):
         self.label_column = label_column
         self.img_size = img_size
         self.photometric = photometric
+        self.augmentation = augmentation
         self.seed = seed
         # Shared before the DataLoader forks or spawns its workers, so that they all count in it.
         self.warned = torch.zeros((), dtype=torch.int64).share_memory_()
@@ -142,7 +146,7 @@ class TwoViewDataset(torch.utils.data.Dataset):
         encoded = encoded_bytes(cell) if cell is not None else None
         image = self._open(cell, index, encoded)
         try:
-            views = two_crops(image, self.img_size, rng, encoded)
+            views = two_crops(image, self.img_size, rng, encoded, augmentation=self.augmentation)
         except DECODE_ERRORS as error:
             raise self._unreadable(index, error) from None
         finally:

@@ -267,14 +267,17 @@ def run_evaluation(args: argparse.Namespace) -> dict[str, Any]:
             with_selection=args.protocol == "linear",
         )
     backbone = model.backbone.to(accelerator.device)
+    mean, std = model.normalization()  # the statistics the encoder was trained with
     settings: dict[str, Any] = {"img_size": options.img_size, "batch_size": args.batch_size,
                                 "eval_split_size": args.eval_split_size, "eval_max_samples": args.eval_max_samples,
                                 "seed": options.seed, "mixed_precision": accelerator.mixed_precision,
-                                "num_processes": accelerator.num_processes}
+                                "num_processes": accelerator.num_processes, "normalize_mean": list(mean),
+                                "normalize_std": list(std)}
     roles = {"knn": ("train", "held_out"), "linear": ("train", "selection", "test"), "lincls": ("train", "test")}
     if options.lincls is not None:
         started = time.perf_counter()
-        columns = dict(image_column=splits.image_column, label_column=splits.label_column, img_size=options.img_size)
+        columns = dict(image_column=splits.image_column, label_column=splits.label_column, img_size=options.img_size,
+                       mean=mean, std=std)
         metrics = train_lincls(
             backbone, AugmentedImages(splits.train, **columns, seed=options.seed),
             EvalImages(splits.reported, **columns), accelerator, num_classes=splits.num_classes,
@@ -292,7 +295,7 @@ def run_evaluation(args: argparse.Namespace) -> dict[str, Any]:
 
     def features_of(dataset: datasets.Dataset) -> tuple[torch.Tensor, torch.Tensor]:
         images = EvalImages(dataset, image_column=splits.image_column, label_column=splits.label_column,
-                            img_size=options.img_size)
+                            img_size=options.img_size, mean=mean, std=std)
         loader = accelerator.prepare(make_eval_loader(images, batch_size=args.batch_size, num_workers=args.num_workers))
         extracted = extract_features(backbone, loader, accelerator)
         unreadable[0] += extracted.skipped

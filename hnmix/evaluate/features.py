@@ -19,7 +19,7 @@ rank that failed, and the trainer's kNN monitor can log it and train on.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Sequence
 
 import datasets
 import torch
@@ -31,6 +31,7 @@ from accelerate.utils import gather_object
 
 from hnmix import errors
 from hnmix.data.images import to_rgb
+from hnmix.data.augmentation import IMAGENET_MEAN, IMAGENET_STD
 from hnmix.data.transforms import eval_transform
 from hnmix.data.two_views import DECODE_ERRORS, TwoViewDataset, warn_a_few
 from hnmix.data.workers import ignore_stop_signals
@@ -191,13 +192,15 @@ class EvalImages(TwoViewDataset):
     """Row i of a labelled `datasets.Dataset` -> (image [3, S, S] float32, label int).
 
     The image is read and checked like a training sample (`TwoViewDataset`'s reading, with its
-    one-line error for an undecodable image), made RGB by `hnmix.data.images.to_rgb` and cropped by the
-    deterministic `hnmix.data.transforms.eval_transform(img_size)`.
+    one-line error for an undecodable image), made RGB by `hnmix.data.images.to_rgb`, cropped by the
+    deterministic `hnmix.data.transforms.eval_transform(img_size)` and normalised with `mean` and
+    `std` (the encoder's training normalisation: `AugmentationSpec.mean`, `.std`).
     """
 
-    def __init__(self, dataset: datasets.Dataset, *, image_column: str, label_column: str, img_size: int):
+    def __init__(self, dataset: datasets.Dataset, *, image_column: str, label_column: str, img_size: int,
+                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD):
         super().__init__(dataset, image_column=image_column, label_column=label_column, img_size=img_size, seed=0)
-        self.transform = eval_transform(img_size)
+        self.transform = eval_transform(img_size, mean=mean, std=std)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         """(image [3, S, S], label); a blank image labelled UNREADABLE when it cannot be read."""

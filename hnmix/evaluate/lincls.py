@@ -41,7 +41,7 @@ import re
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import datasets
 import torch
@@ -129,18 +129,20 @@ class LinclsSettings:
         return {k: v for k, v in asdict(self).items() if k != "stop_at"}
 
 
-def lincls_train_transform(img_size: int) -> ImageTransform:
+def lincls_train_transform(img_size: int, *, mean: Sequence[float] = IMAGENET_MEAN,
+                           std: Sequence[float] = IMAGENET_STD) -> ImageTransform:
     """moco/main_lincls.py's training view: one RGB image -> [3, img_size, img_size] float32.
 
     RandomResizedCrop(img_size) (torchvision's defaults: scale (0.08, 1), ratio (3/4, 4/3),
-    bilinear), RandomHorizontalFlip, ToTensor, Normalize(ImageNet mean, std). It draws from
-    torch's global CPU generator; `AugmentedImages` seeds it per sample.
+    bilinear), RandomHorizontalFlip, ToTensor, Normalize(mean, std) (MoCo's: ImageNet's; here
+    the encoder's own). It draws from torch's global CPU generator; `AugmentedImages` seeds it
+    per sample.
     """
     return transforms.Compose([
         transforms.RandomResizedCrop(img_size),
         transforms.RandomHorizontalFlip(),
         transforms.ToTensor(),
-        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        transforms.Normalize(tuple(mean), tuple(std)),
     ])
 
 
@@ -153,9 +155,11 @@ class AugmentedImages(EvalImages):
     an epoch whichever worker or process loads it, and the caller's RNG state is left alone.
     """
 
-    def __init__(self, dataset: datasets.Dataset, *, image_column: str, label_column: str, img_size: int, seed: int):
-        super().__init__(dataset, image_column=image_column, label_column=label_column, img_size=img_size)
-        self.transform = lincls_train_transform(img_size)
+    def __init__(self, dataset: datasets.Dataset, *, image_column: str, label_column: str, img_size: int, seed: int,
+                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD):
+        super().__init__(dataset, image_column=image_column, label_column=label_column, img_size=img_size,
+                         mean=mean, std=std)
+        self.transform = lincls_train_transform(img_size, mean=mean, std=std)
         self.seed = seed
 
     def __getitem__(self, encoded_index: int) -> tuple[torch.Tensor, int]:

@@ -15,6 +15,7 @@ import torch.nn as nn
 import yaml
 
 from hnmix.backbones import apply_stem
+from hnmix.data.augmentation import IMAGENET_MEAN, IMAGENET_STD, normalization
 from hnmix.errors import ConfigError, HubError, describe, network_error_types
 from hnmix.hub.load import load_encoder
 
@@ -37,6 +38,22 @@ class LoadedModel:
         return {"source": self.source, "kind": self.kind, "arch": self.arch,
                 "num_features": getattr(self.backbone, "num_features", None),
                 "run_config": self.train_config_source}
+
+    def normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """(mean, std) of the images the backbone expects: its training run's --normalize when the
+        run's options are known (a checkpoint's from before the option: ImageNet's, what it used),
+        else its pretrained_cfg's (an exported encoder's carries the run's; a timm model's, its
+        weights'), else ImageNet's."""
+        normalize = self.train_config.get("normalize")
+        if normalize is None and self.kind == "checkpoint":
+            normalize = "imagenet"
+        if normalize is not None:
+            return normalization(normalize)
+        cfg = getattr(self.backbone, "pretrained_cfg", None) or {}
+        mean, std = cfg.get("mean"), cfg.get("std")
+        if mean is not None and std is not None and len(mean) == len(std) == 3:
+            return tuple(float(m) for m in mean), tuple(float(s) for s in std)
+        return IMAGENET_MEAN, IMAGENET_STD
 
 
 _HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")

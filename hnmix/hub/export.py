@@ -18,13 +18,14 @@ import copy
 import os
 import shutil
 from pathlib import Path
+from typing import Sequence
 
 import torch
 import torch.nn as nn
 from timm.models import save_for_hf
 
 from hnmix.backbones import stem_of
-from hnmix.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from hnmix.data.augmentation import IMAGENET_MEAN, IMAGENET_STD
 
 
 # What timm's pretrained_cfg says about the ImageNet weights it ships (their tag, paper, origin,
@@ -36,23 +37,26 @@ HNMIX_PAPER = "arXiv:2010.01028"  # MoCHi (Kalantidis et al., NeurIPS 2020)
 # (`hnmix.backbones`); `hnmix.load_encoder` reads it.
 HNMIX_SECTION = "hnmix"
 
-def encoder_pretrained_cfg(backbone: nn.Module, *, img_size: int) -> dict:
+def encoder_pretrained_cfg(backbone: nn.Module, *, img_size: int, mean: Sequence[float] = IMAGENET_MEAN,
+                           std: Sequence[float] = IMAGENET_STD) -> dict:
     """The `pretrained_cfg` of an exported encoder: timm's architecture fields kept, its weights'
     metadata replaced by hnmix's, and the preprocessing hnmix evaluates with (resize to
-    img_size * 256/224, centre crop img_size, ImageNet mean and std, bilinear)."""
+    img_size * 256/224, centre crop img_size, bilinear, the `mean` and `std` it was trained
+    with: `timm.data.resolve_data_config` hands them to whoever uses the encoder)."""
     cfg = {k: v for k, v in dict(backbone.pretrained_cfg).items() if k not in TIMM_WEIGHT_METADATA}
     if tuple(cfg.get("input_size", ())[1:]) != (img_size, img_size) or stem_of(backbone) != "default":
         cfg.pop("pool_size", None)  # the feature map of another input size or stem
     return cfg | {"tag": "hnmix", "paper_ids": HNMIX_PAPER, "input_size": (3, img_size, img_size),
-                  "crop_pct": 224 / 256, "crop_mode": "center", "mean": IMAGENET_MEAN, "std": IMAGENET_STD,
+                  "crop_pct": 224 / 256, "crop_mode": "center", "mean": tuple(mean), "std": tuple(std),
                   "interpolation": "bilinear", "num_classes": 0}
 
 
-def export_encoder(backbone: nn.Module, directory: str | Path, *, img_size: int) -> Path:
+def export_encoder(backbone: nn.Module, directory: str | Path, *, img_size: int,
+                   mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> Path:
     """Save `backbone` (a timm model) to `directory`; returns the directory.
 
     config.json carries `encoder_pretrained_cfg` (not timm's claims about its own ImageNet
-    weights). It is set on a copy of the backbone, so `save_for_hf`'s plain signature works with
+    weights), with the normalisation `mean` and `std` the encoder was trained with. It is set on a copy of the backbone, so `save_for_hf`'s plain signature works with
     every timm the requirements allow. A channels_last backbone is saved contiguous (safetensors
     stores contiguous tensors only). config.json's `hnmix` section records the stem
     (`hnmix.backbones.stem_of`): a CIFAR-stem encoder loads with `hnmix.load_encoder`, as stock
@@ -63,7 +67,7 @@ def export_encoder(backbone: nn.Module, directory: str | Path, *, img_size: int)
     exported = copy.copy(backbone)  # shallow: the same parameters, its own pretrained_cfg attribute
     if any(not p.is_contiguous() for p in backbone.parameters()):
         exported = copy.deepcopy(backbone).to(memory_format=torch.contiguous_format)
-    exported.pretrained_cfg = encoder_pretrained_cfg(backbone, img_size=img_size)
+    exported.pretrained_cfg = encoder_pretrained_cfg(backbone, img_size=img_size, mean=mean, std=std)
     save_for_hf(exported, str(directory), model_config={HNMIX_SECTION: {"stem": stem_of(backbone)}},
                 safe_serialization=True)
     readable_like_siblings(directory)

@@ -51,7 +51,7 @@ class GridLayout(NamedTuple):
     img_size: int
     scale: int
     left: int = 170  # row captions
-    top: int = 96  # title and column headers
+    top: int = 120  # title (three lines: data, where the photometric half runs, the augmentation) and column headers
     gap: int = 12
 
     @classmethod

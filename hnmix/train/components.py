@@ -41,6 +41,7 @@ from hnmix.data.sources import load_image_dataset, resolve_columns
 from hnmix.data.transforms import moco_v2_photometric
 from hnmix.data.two_views import TwoViewDataset, make_train_loader
 from hnmix.errors import ConfigError, DataError, HubError, describe, first_line
+from hnmix.evaluate.features import EvalImages, make_eval_loader
 from hnmix.evaluate.monitor import KnnMonitor
 from hnmix.evaluate.splits import NO_LABELS, load_eval_splits
 from hnmix.hub.card import write_model_card
@@ -314,14 +315,17 @@ def augment_on_accelerator(config: TrainConfig, device: torch.device) -> bool:
 
 def build_data(config: TrainConfig, accelerator: Accelerator, *, photometric_in_workers: bool):
     """The training DataLoader and whether the data has labels. The workers crop and flip, and
-    run the photometric half too when `photometric_in_workers`."""
+    run the photometric half too when `photometric_in_workers`, as the augmentation options say
+    (`TrainConfig.augmentation`; the batched half gets the same spec in the loop)."""
     with main_process_prepares_first(accelerator):
         dataset = load_image_dataset(config.dataset, split=config.split, cache_dir=config.dir_data,
                                      seed=config.seed, synthetic_size=config.synthetic_size)
     image_column, label_column = resolve_columns(dataset, config.image_column, config.label_column)
-    photometric = moco_v2_photometric(config.img_size) if photometric_in_workers else None
+    augmentation = config.augmentation
+    logger.info(f"Augmentation: {augmentation.describe()}")
+    photometric = moco_v2_photometric(config.img_size, augmentation) if photometric_in_workers else None
     views = TwoViewDataset(dataset, image_column=image_column, label_column=label_column, img_size=config.img_size,
-                           seed=config.seed, photometric=photometric)
+                           seed=config.seed, photometric=photometric, augmentation=augmentation)
     loader = make_train_loader(views, batch_size=config.batch_size, num_workers=config.num_workers, seed=config.seed)
     return loader, label_column is not None
 
@@ -349,8 +353,16 @@ def build_knn_monitor(config: TrainConfig, accelerator: Accelerator) -> Optional
         logger.warning("The dataset has no labels: training without the kNN monitor")
         return None
     logger.info(f"kNN monitor every {config.eval_every} steps: {splits.describe()}")
-    return KnnMonitor.from_splits(splits, accelerator, img_size=config.img_size, batch_size=config.batch_size,
-                                  num_workers=config.num_workers, k=config.knn_k, temperature=config.knn_temperature)
+    # The images are normalised as the training views are (--normalize), so `KnnMonitor.from_splits`
+    # (ImageNet statistics) is not used.
+    augmentation = config.augmentation
+    loaders = [make_eval_loader(EvalImages(dataset, image_column=splits.image_column, label_column=splits.label_column,
+                                           img_size=config.img_size, mean=augmentation.mean, std=augmentation.std),
+                                batch_size=config.batch_size, num_workers=config.num_workers)
+               for dataset in (splits.train, splits.held_out)]
+    bank_loader, query_loader = accelerator.prepare(*loaders)
+    return KnnMonitor(bank_loader, query_loader, num_classes=splits.num_classes, k=config.knn_k,
+                      temperature=config.knn_temperature)
 
 
 def resolve_lr(config: TrainConfig, num_processes: int) -> TrainConfig:
@@ -453,7 +465,8 @@ def start_hub_pusher(config: TrainConfig, accelerator: Accelerator) -> Optional[
 def publish_encoder(config: TrainConfig, moco: MoCo, results: dict, steps_trained: int) -> Path:
     """Export the query backbone (timm layout) with its model card to dir_out/encoder; the card
     gives the steps trained and which synthetic negatives were used from which step."""
-    encoder_dir = export_encoder(moco.encoder_q.backbone, Path(config.dir_out) / "encoder", img_size=config.img_size)
+    encoder_dir = export_encoder(moco.encoder_q.backbone, Path(config.dir_out) / "encoder", img_size=config.img_size,
+                                 mean=config.augmentation.mean, std=config.augmentation.std)
     results = results | {"steps": steps_trained} | negatives_used(moco, steps_trained)
     curves = copy_curves(config.dir_out, encoder_dir)  # the latest dir_out/curves.png, for the card and the Hub
     write_model_card(encoder_dir, config=config.to_dict(), results=results, repo_id=config.hub_model_id,

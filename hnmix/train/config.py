@@ -12,11 +12,21 @@ import dataclasses
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import yaml
 
 from hnmix.backbones import STEMS
+from hnmix.data.augmentation import (
+    AUGMENTATION_OPTIONS,
+    MOCO_V2,
+    NUMBER_OPTIONS,
+    OPTION_HELP,
+    OPTION_METAVAR,
+    AugmentationSpec,
+    parse_normalize,
+    parse_numbers,
+)
 from hnmix.errors import ConfigError
 from hnmix.moco import HEADS
 
@@ -28,8 +38,19 @@ _START = re.compile(r"(\d+)(ep)?")
 
 
 def option(default: Any, help: str, *, alias: Optional[str] = None, choices: Optional[Sequence[Any]] = None,
-           group: str = "training") -> Any:
-    return field(default=default, metadata={"help": help, "alias": alias, "choices": choices, "group": group})
+           group: str = "training", parse: Optional[Callable[[Any], Any]] = None) -> Any:
+    """A TrainConfig field. `parse` reads the option's value from a flag's text or a YAML value
+    (e.g. "0.08,1" or [0.08, 1]) into its one spelling, or raises a ConfigError."""
+    return field(default=default, metadata={"help": help, "alias": alias, "choices": choices, "group": group,
+                                            "parse": parse})
+
+
+def augmentation_option(name: str) -> Any:
+    """The TrainConfig field of the augmentation option `name` (`hnmix.data.augmentation`):
+    MOCO_V2's default, its help, its parser for a list of numbers or a normalisation."""
+    parse = ((lambda value: parse_numbers(name, value)) if name in NUMBER_OPTIONS
+             else parse_normalize if name == "normalize" else None)
+    return option(getattr(MOCO_V2, name), OPTION_HELP[name], group="augmentation", parse=parse)
 
 
 @dataclass
@@ -53,6 +74,15 @@ class TrainConfig:
         choices=AUGMENT_DEVICES, group="data",
     )
     max_bad_fraction: float = option(0.1, "Stop when more than this fraction of the images read could not be (each is replaced and counted).", group="data")
+    # AUGMENTATION (hnmix.data.augmentation.AugmentationSpec; the defaults are MoCo v2's)
+    crop_scale: tuple[float, ...] = augmentation_option("crop_scale")
+    flip_p: float = augmentation_option("flip_p")
+    jitter: tuple[float, ...] = augmentation_option("jitter")
+    jitter_p: float = augmentation_option("jitter_p")
+    grayscale_p: float = augmentation_option("grayscale_p")
+    blur_p: float = augmentation_option("blur_p")
+    blur_sigma: tuple[float, ...] = augmentation_option("blur_sigma")
+    normalize: str = augmentation_option("normalize")
     # TRAINING
     steps: int = option(25000, "Number of optimizer steps.", alias="-s")
     batch_size: int = option(64, "Batch size per process (global batch = batch_size x processes).", alias="-bs")
@@ -112,8 +142,20 @@ class TrainConfig:
     hub_private: bool = option(False, "Create the repository private.", group="hub")
     hub_strategy: str = option("end", "end: push at the end; every_save: at every checkpoint; checkpoint: also the training state under last-checkpoint/.", choices=("end", "every_save", "checkpoint"), group="hub")
 
+    def __post_init__(self) -> None:
+        for f in fields(self):  # a list of numbers read from YAML: the tuple a flag gives
+            if isinstance(getattr(self, f.name), list) and _field_type(f) is tuple:
+                setattr(self, f.name, tuple(getattr(self, f.name)))
+
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The options by name; lists of numbers as lists (as YAML writes and reads them back)."""
+        return {name: list(value) if isinstance(value, tuple) else value
+                for name, value in dataclasses.asdict(self).items()}
+
+    @property
+    def augmentation(self) -> AugmentationSpec:
+        """The augmentation options as the data layer takes them."""
+        return AugmentationSpec(**{name: getattr(self, name) for name in AUGMENTATION_OPTIONS})
 
 
 # Options that may change when a run is resumed; everything else must match the checkpoint.
@@ -125,6 +167,8 @@ RESUMABLE_CHANGES = ("overwrite_dir_out", "steps", "stop_at", "steps_print", "st
 
 def _field_type(f: dataclasses.Field) -> type:
     kind = f.type if isinstance(f.type, str) else f.type.__name__
+    if kind.startswith("tuple"):
+        return tuple
     for name, python_type in (("bool", bool), ("int", int), ("float", float), ("str", str)):
         if re.search(rf"\b{name}\b", kind):
             return python_type
@@ -143,10 +187,17 @@ def build_parser() -> argparse.ArgumentParser:
         meta = f.metadata
         group = groups.setdefault(meta["group"], parser.add_argument_group(meta["group"].upper()))
         names = [meta["alias"], f"--{f.name}"] if meta["alias"] else [f"--{f.name}"]
-        text = meta["help"] if "default:" in meta["help"] else f"{meta['help']} (default: {f.default})"
+        default = ",".join(f"{v:g}" for v in f.default) if isinstance(f.default, tuple) else f.default
+        text = meta["help"] if "default:" in meta["help"] else f"{meta['help']} (default: {default})"
         kind = {"action": "store_true"} if _field_type(f) is bool else {"type": _field_type(f), "choices": meta["choices"]}
+        if meta["parse"]:  # text, read by `_coerce` as a YAML value is: one way for both, one-line errors
+            kind = {"type": str, "metavar": OPTION_METAVAR.get(f.name)}
         group.add_argument(*names, dest=f.name, default=argparse.SUPPRESS, help=text.replace("%", "%%"), **kind)
     return parser
+
+
+# The options read from text or YAML by a parser of their own (`option(parse=...)`).
+_PARSED = {f.name for f in fields(TrainConfig) if f.metadata["parse"]}
 
 
 def _coerce(name: str, value: Any) -> Any:
@@ -155,6 +206,8 @@ def _coerce(name: str, value: Any) -> Any:
         if "Optional" in str(f.type):
             return None
         raise ConfigError(f"option {name} must not be empty")
+    if f.metadata["parse"]:
+        return f.metadata["parse"](value)
     expected = _field_type(f)
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
@@ -194,7 +247,8 @@ def load_yaml_options(path: str) -> dict[str, Any]:
 
 def parse_config(argv: Optional[Sequence[str]] = None) -> TrainConfig:
     """Defaults, then `--config FILE`, then flags. Exits via argparse for malformed flags."""
-    flags = vars(build_parser().parse_args(argv))
+    flags = {name: _coerce(name, value) if name in _PARSED else value
+             for name, value in vars(build_parser().parse_args(argv)).items()}
     from_file = load_yaml_options(flags["config"]) if flags.get("config") else {}
     config = TrainConfig(**(from_file | flags))
     validate(config)
@@ -257,6 +311,7 @@ def validate(config: TrainConfig) -> None:
         raise ConfigError(f"option stop_at must be in [1, steps={config.steps}], got {config.stop_at}")
     if config.device is not None and config.device != "cpu" and not config.device.isdigit():
         raise ConfigError(f"option device must be `cpu` or a GPU index, got {config.device!r}")
+    config.augmentation.check()
 
 
 def start_step(text: str, steps_per_epoch: Optional[int]) -> Optional[int]:
@@ -311,7 +366,7 @@ def run_options(config: TrainConfig) -> dict[str, Any]:
 
 def config_to_yaml(config: TrainConfig) -> str:
     """The resolved configuration of the run (`run_options`), loadable again with `--config`."""
-    return yaml.safe_dump(run_options(config), sort_keys=False)
+    return yaml.safe_dump(run_options(config), sort_keys=False, default_flow_style=None)  # [0.2, 1.0] on one line
 
 
 def config_differences(saved: dict[str, Any], current: TrainConfig, *, resumable: bool = False) -> list[str]:

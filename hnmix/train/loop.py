@@ -110,7 +110,8 @@ def train(config: TrainConfig) -> int:
 
     on_accelerator = augment_on_accelerator(config, accelerator.device)
     loader, has_labels = build_data(config, accelerator, photometric_in_workers=not on_accelerator)
-    photometric = (StepPhotometric(config.img_size, seed=config.seed, rank=accelerator.process_index)
+    photometric = (StepPhotometric(config.img_size, seed=config.seed, rank=accelerator.process_index,
+                                   augmentation=config.augmentation)
                    if on_accelerator else None)
     monitor = build_knn_monitor(config, accelerator)
     loader = accelerator.prepare(loader)
@@ -131,7 +132,9 @@ def train(config: TrainConfig) -> int:
     first_step, run_started = step, time.perf_counter()
     if accelerator.is_main_process:
         (dir_out / CONFIG_FILE).write_text(config_to_yaml(config))
-    accelerator.init_trackers("hnmix", config={k: str(v) if v is None else v for k, v in config.to_dict().items()})
+    # Trackers take scalars (TensorBoard's hparams refuse lists such as crop_scale's).
+    accelerator.init_trackers("hnmix", config={k: str(v) if v is None or isinstance(v, list) else v
+                                               for k, v in config.to_dict().items()})
     if accelerator.trackers:
         logger.info(f"Trackers write: {'; '.join(tracker_locations(accelerator))}")
     if math.isfinite(deadline.seconds):

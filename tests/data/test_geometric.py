@@ -21,9 +21,11 @@ from PIL import ExifTags, Image, ImageOps
 from torchvision import transforms
 
 import hnmix.data.geometric
+from hnmix.data.augmentation import MOCO_CIFAR10_DEMO, AugmentationSpec
 from hnmix.data.geometric import (
     Crop,
     draft_reduction,
+    draw_two_crops,
     random_resized_crop,
     two_crops,
     upright_size,
@@ -97,12 +99,12 @@ def abs_diff(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a.int() - b.int()).abs().float()
 
 
-def torchvision_crops(width: int, height: int, n: int, seed: int) -> list[Crop]:
+def torchvision_crops(width: int, height: int, n: int, seed: int, scale: tuple[float, float] = SCALE) -> list[Crop]:
     """n draws of torchvision's RandomResizedCrop.get_params, torch's global RNG left as it was."""
     image = torch.empty(1, height, width, dtype=torch.uint8)  # get_params reads only the size
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return [Crop(*transforms.RandomResizedCrop.get_params(image, list(SCALE), list(RATIO))) for _ in range(n)]
+        return [Crop(*transforms.RandomResizedCrop.get_params(image, list(scale), list(RATIO))) for _ in range(n)]
 
 
 def ks_distance(a: np.ndarray, b: np.ndarray) -> float:
@@ -176,6 +178,26 @@ def test_random_resized_crop_area_fraction_is_uniform_where_every_try_fits():
     np.testing.assert_allclose(np.quantile(below, [0.25, 0.5, 0.75]), expected_quartiles, atol=0.025)
     mass_above = (0.25 + 0.75 * math.log(0.75)) / math.log(4 / 3)  # integral of ln(1/f)/ln(4/3) over [3/4, 1]
     assert abs((fractions >= 0.75).mean() - mass_above / (0.55 + mass_above)) < 0.03
+
+
+@pytest.mark.parametrize("scale", [(0.08, 1.0), (0.5, 0.6)])
+def test_random_resized_crop_follows_torchvision_distribution_for_another_scale(scale):
+    """--crop_scale reaches the draw: torchvision's distribution for that scale (the KS test
+    above), and the area fraction of every crop but the fallback within it, up to the rounding
+    of its sides."""
+    width, height = 640, 360
+    rng = random.Random(3)
+    drawn = [random_resized_crop(width, height, rng, scale) for _ in range(N_DRAWS)]
+    ours = crop_statistics(drawn, width, height)
+    theirs = crop_statistics(torchvision_crops(width, height, N_DRAWS, seed=3, scale=scale), width, height)
+    for name in ours:
+        distance = ks_distance(ours[name], theirs[name])
+        assert distance < ks_limit(len(ours[name]), len(theirs[name])), (name, distance)
+    fallback = Crop(0, 80, 360, 480)  # torchvision's central crop when all ten tries miss (it ignores the scale)
+    for top, left, h, w in (crop for crop in drawn if crop != fallback):
+        assert (w + 0.5) * (h + 0.5) >= scale[0] * width * height and (w - 0.5) * (h - 0.5) <= scale[1] * width * height
+    default = crop_statistics([random_resized_crop(width, height, rng) for _ in range(N_DRAWS)], width, height)
+    assert ks_distance(ours["area fraction"], default["area fraction"]) > 0.2  # the scale changed the crops
 
 
 @pytest.mark.parametrize("width, height", [(2000, 1), (1, 2000), (2000, 5), (5, 2000)])
@@ -424,6 +446,32 @@ def test_two_crops_flips_half_the_views_independently():
     assert abs(sum(map(sum, pairs)) - 300) <= 60
     for combination in [(False, False), (False, True), (True, False), (True, True)]:
         assert abs(pairs.count(combination) - 75) <= 35, combination
+
+
+@pytest.mark.parametrize("flip_p", [0.0, 0.25, 1.0])
+def test_two_crops_flip_with_the_augmentations_flip_p(flip_p):
+    """--flip_p reaches the workers' crops: never, a quarter of the views (150 +- 45 of 600, 5 sd), always."""
+    pixels = np.zeros((48, 64, 3), dtype=np.uint8)
+    pixels[..., 0] = np.arange(64) * 4
+    data = encode(pixels, "PNG")
+    augmentation = AugmentationSpec(flip_p=flip_p)
+    flipped = 0
+    for seed in range(300):
+        views = two_crops(lazy(data), 16, random.Random(seed), augmentation=augmentation)
+        flipped += sum(bool(v[0, :, 0].float().mean() > v[0, :, -1].float().mean()) for v in views)
+    assert abs(flipped - 600 * flip_p) <= 45, flipped
+
+
+def test_two_crops_of_another_augmentation_match_torchvision_on_a_png(noise_png):
+    """The crops and flips `draw_two_crops` replays for a spec are those `two_crops` cut: each view
+    is torchvision's resized_crop (+ flip) of them within one level (MoCo's CIFAR-10 demo's scale)."""
+    size = 32
+    for seed in range(20):
+        crops, flips = draw_two_crops(130, 90, random.Random(seed), MOCO_CIFAR10_DEMO)
+        views = two_crops(lazy(noise_png), size, random.Random(seed), augmentation=MOCO_CIFAR10_DEMO)
+        for view, reference in zip(views, reference_views(full_upright(noise_png), crops, flips, size)):
+            assert abs_diff(view, reference).max() <= 1, seed
+    assert draw_two_crops(130, 90, random.Random(0), MOCO_CIFAR10_DEMO) != draw_two_crops(130, 90, random.Random(0))
 
 
 def test_two_crops_is_reproducible_per_seed_and_draws_two_different_views(noise_png):

@@ -1,4 +1,4 @@
-"""The batched MoCo v2 photometric augmentation (hnmix/photometric.py).
+"""The batched photometric augmentation (hnmix/data/photometric.py), MoCo v2's and others.
 
 The oracle is torchvision's own per-image float ops (`transforms.v2.functional`), replayed with
 the same parameters: the batched result must agree within 1/255 per pixel before normalisation.
@@ -13,6 +13,8 @@ import pytest
 import torch
 from torchvision.transforms.v2 import functional as TF
 
+import hnmix.data.photometric
+from hnmix.data.augmentation import CIFAR10_MEAN, CIFAR10_STD, MOCO_CIFAR10_DEMO, AugmentationSpec
 from hnmix.data.photometric import (
     BRIGHTNESS,
     CONTRAST,
@@ -74,6 +76,8 @@ def torchvision_reference(images: torch.Tensor, params: PhotometricParams) -> to
         image = TF.to_dtype(image, torch.float32, scale=True)
         if params.jitter_applied[i]:
             for op in params.order[i].tolist():
+                if op not in params.jitter_ops:  # a strength of 0: torchvision's ColorJitter skips the op
+                    continue
                 function, factors = jitter_ops[op]
                 image = function(image, float(factors[i]))
         if params.grayscale[i]:
@@ -85,10 +89,10 @@ def torchvision_reference(images: torch.Tensor, params: PhotometricParams) -> to
     return torch.stack(results)
 
 
-def unnormalise(batch: torch.Tensor) -> torch.Tensor:
-    """[N, 3, H, W] ImageNet-normalised -> [N, 3, H, W] float32 in the [0, 1] scale."""
-    mean = torch.tensor(IMAGENET_MEAN).view(-1, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(-1, 1, 1)
+def unnormalise(batch: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
+    """[N, 3, H, W] normalised with mean and std (ImageNet's) -> [N, 3, H, W] float32 in the [0, 1] scale."""
+    mean = torch.tensor(mean).view(-1, 1, 1)
+    std = torch.tensor(std).view(-1, 1, 1)
     return batch.float() * std + mean
 
 
@@ -111,7 +115,7 @@ def fixed_params(n: int, kernel_size: int = 3, **overrides) -> PhotometricParams
 
 
 def max_error(images: torch.Tensor, params: PhotometricParams) -> float:
-    batched = unnormalise(apply_photometric(images, params))
+    batched = unnormalise(apply_photometric(images, params), params.mean, params.std)
     return (batched - torchvision_reference(images, params)).abs().max().item()
 
 
@@ -242,8 +246,10 @@ def test_seeded_generator_repeats_the_draw_exactly():
     first = photometric_params(64, 32, generator=torch.Generator().manual_seed(7))
     again = photometric_params(64, 32, generator=torch.Generator().manual_seed(7))
     other = photometric_params(64, 32, generator=torch.Generator().manual_seed(8))
-    for field in PhotometricParams._fields[:-1]:
-        assert torch.equal(getattr(first, field), getattr(again, field)), field
+    for field in PhotometricParams._fields:
+        value = getattr(first, field)
+        assert torch.equal(value, getattr(again, field)) if isinstance(value, torch.Tensor) else \
+            value == getattr(again, field), field
     assert not torch.equal(first.brightness, other.brightness)
     assert first.kernel_size == blur_kernel_size(32)
 
@@ -296,3 +302,100 @@ def test_step_photometric_is_seeded_by_seed_step_and_rank():
         assert not torch.equal(out_q, other[0])
     same_input_views = first(view_q, view_q, step=5)
     assert not torch.equal(same_input_views[0], same_input_views[1])  # the two views get their own parameters
+
+
+# ----------------------------------------------------------------------------- other augmentations
+
+# Every value away from MoCo v2's: strong, uneven jitter (a brightness over 1, the largest hue),
+# likelier grayscale and blur, a wider sigma, another normalisation.
+OTHER = AugmentationSpec(crop_scale=(0.08, 1.0), flip_p=0.3, jitter=(1.2, 0.2, 0.8, 0.5), jitter_p=0.6,
+                         grayscale_p=0.4, blur_p=0.9, blur_sigma=(0.5, 3.0), normalize="cifar10")
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("augmentation", [OTHER, MOCO_CIFAR10_DEMO, AugmentationSpec(jitter=(0.0, 0.4, 0.0, 0.3))],
+                         ids=["other", "cifar10-demo", "two-ops-off"])
+def test_random_draws_of_other_augmentations_match_torchvision_within_one_level(seed, augmentation):
+    """The acceptance criterion for any spec: its draws, replayed per image through torchvision
+    (an op of strength 0 skipped, as ColorJitter does), agree within 1/255 before normalisation."""
+    images = torch.cat([varied_images(seed=seed)] * 4)
+    params = photometric_params(len(images), 32, generator=torch.Generator().manual_seed(seed),
+                                augmentation=augmentation)
+    assert params.jitter_applied.any() and params.grayscale.any()
+    assert (params.mean, params.std) == (augmentation.mean, augmentation.std)
+    assert max_error(images, params) <= ONE_LEVEL
+
+
+def test_other_augmentations_draw_their_probabilities_and_ranges():
+    params = photometric_params(20_000, 224, generator=torch.Generator().manual_seed(0), augmentation=OTHER)
+    for field, p in (("jitter_applied", 0.6), ("grayscale", 0.4), ("blur_applied", 0.9)):
+        assert getattr(params, field).float().mean().item() == pytest.approx(p, abs=0.02), field
+    ranges = dict(zip(("brightness", "contrast", "saturation", "hue"), OTHER.jitter_ranges())) | {"sigma": (0.5, 3.0)}
+    assert ranges["brightness"] == (0.0, 2.2)  # 1 - 1.2 stops at 0, as in torchvision
+    for field, (low, high) in ranges.items():
+        values = getattr(params, field)
+        assert values.min().item() >= low and values.max().item() <= high, field
+        assert values.mean().item() == pytest.approx((low + high) / 2, abs=0.02 * (high - low)), field
+
+
+def test_a_jitter_op_of_strength_zero_is_never_run(monkeypatch):
+    """jitter (0, 0.4, 0, 0.3): only contrast and hue run, whatever the order drawn."""
+    ran = []
+    ops = {op: (lambda function: lambda batch, values: ran.append(function.__name__) or function(batch, values))(f)
+           for op, f in hnmix.data.photometric.JITTER_OPS.items()}
+    monkeypatch.setattr(hnmix.data.photometric, "JITTER_OPS", ops)
+    augmentation = AugmentationSpec(jitter=(0.0, 0.4, 0.0, 0.3), jitter_p=1.0)
+    params = photometric_params(8, 32, generator=torch.Generator().manual_seed(0), augmentation=augmentation)
+    assert params.jitter_ops == (CONTRAST, HUE)
+    apply_photometric(varied_images(), params)
+    assert sorted(set(ran)) == ["adjust_contrast", "adjust_hue"]
+
+
+def test_all_jitter_strengths_zero_or_probability_zero_jitters_nothing():
+    for augmentation in (AugmentationSpec(jitter=(0.0, 0.0, 0.0, 0.0)), AugmentationSpec(jitter_p=0.0)):
+        params = photometric_params(64, 32, generator=torch.Generator().manual_seed(0), augmentation=augmentation)
+        assert not params.jitter_applied.any()
+
+
+def test_blur_p_zero_never_blurs_and_costs_no_blur(monkeypatch):
+    """MoCo's CIFAR-10 demo has no blur: no sample draws it, and the blur kernel never runs."""
+    def no_blur(*args, **kwargs):
+        raise AssertionError("the blur ran with blur_p 0")
+
+    monkeypatch.setattr(hnmix.data.photometric, "gaussian_blur", no_blur)
+    step = StepPhotometric(32, seed=0, rank=0, augmentation=MOCO_CIFAR10_DEMO)
+    images = varied_images()
+    for step_index in range(20):
+        step(images, images, step_index)
+    params = photometric_params(10_000, 32, generator=torch.Generator().manual_seed(0), augmentation=MOCO_CIFAR10_DEMO)
+    assert not params.blur_applied.any()
+
+
+def test_the_views_are_normalised_with_the_augmentations_statistics():
+    """No jitter, grayscale or blur drawn: the output is the input normalised with CIFAR-10's mean and std."""
+    images = varied_images()
+    params = fixed_params(8)._replace(mean=CIFAR10_MEAN, std=CIFAR10_STD)
+    expected = TF.normalize(TF.to_dtype(images, torch.float32, scale=True), list(CIFAR10_MEAN), list(CIFAR10_STD))
+    assert (apply_photometric(images, params) - expected).abs().max().item() <= 1e-6
+    step = StepPhotometric(32, seed=0, rank=0, augmentation=AugmentationSpec(jitter_p=0.0, grayscale_p=0.0,
+                                                                              blur_p=0.0, normalize="cifar10"))
+    view_q, view_k = step(images, images, step=0)
+    assert (view_q - expected).abs().max().item() <= 1e-6 and (view_k - expected).abs().max().item() <= 1e-6
+
+
+def test_moco_v2_draws_what_every_earlier_hnmix_drew():
+    """A checkpoint of an earlier hnmix resumes with the same batched views: the default spec
+    draws the same values in the same order as the fixed recipe did (its literal constants here)."""
+    n, generator = 64, torch.Generator().manual_seed(11)
+
+    def uniform(low, high):
+        return torch.rand(n, generator=generator).mul_(high - low).add_(low)
+
+    def bernoulli(p):
+        return torch.rand(n, generator=generator) < p
+
+    earlier = [bernoulli(0.8), uniform(0.6, 1.4), uniform(0.6, 1.4), uniform(0.6, 1.4), uniform(-0.1, 0.1),
+               torch.rand(n, 4, generator=generator).argsort(dim=1), bernoulli(0.2), bernoulli(0.5), uniform(0.1, 2.0)]
+    now = photometric_params(n, 32, generator=torch.Generator().manual_seed(11))
+    for field, value in zip(PhotometricParams._fields, earlier):
+        assert torch.equal(getattr(now, field), value), field

@@ -17,6 +17,7 @@ from hnmix.data.transforms import (
     gaussian_blur,
     moco_v2_photometric,
 )
+from hnmix.data.augmentation import CIFAR10_MEAN, CIFAR10_STD, MOCO_CIFAR10_DEMO, AugmentationSpec
 from hnmix.errors import ConfigError
 
 
@@ -151,3 +152,61 @@ def test_invalid_image_size_is_a_config_error():
         moco_v2_photometric(0)
     with pytest.raises(ConfigError, match="--img_size"):
         eval_transform(-3)
+
+
+OTHER = AugmentationSpec(jitter=(1.2, 0.2, 0.8, 0.5), jitter_p=0.6, grayscale_p=0.4, blur_p=0.9, blur_sigma=(0.5, 3.0),
+                         normalize="0.5,0.5,0.5,0.25,0.25,0.25")
+
+
+def test_another_augmentation_is_read_back_from_the_composed_transform():
+    """Every value of the spec reaches torchvision's transforms: the jitter's ranges (those the
+    batched half draws from, `jitter_ranges`), each probability, the blur's sigma, the normalisation."""
+    jitter_apply, grayscale, _, blur_apply, normalize = moco_v2_photometric(64, OTHER).transforms
+    (jitter,) = jitter_apply.transforms
+    assert jitter_apply.p == 0.6 and grayscale.p == 0.4 and blur_apply.p == 0.9
+    brightness, contrast, saturation, hue = OTHER.jitter_ranges()
+    assert (tuple(jitter.brightness), tuple(jitter.contrast), tuple(jitter.saturation), tuple(jitter.hue)) == (
+        brightness, contrast, saturation, hue)
+    (blur,) = blur_apply.transforms
+    assert blur.kernel_size == (7, 7) and blur.sigma == (0.5, 3.0)
+    assert tuple(normalize.mean) == (0.5, 0.5, 0.5) and tuple(normalize.std) == (0.25, 0.25, 0.25)
+
+
+def test_steps_with_probability_zero_are_left_out():
+    """MoCo's CIFAR-10 demo has no blur: the transform holds none (no draw, no cost); a jitter or
+    grayscale probability of 0, or a jitter of all zeros, leaves those out too."""
+    kinds = [type(step).__name__ for step in moco_v2_photometric(32, MOCO_CIFAR10_DEMO).transforms]
+    assert kinds == ["RandomApply", "RandomGrayscale", "ToTensor", "Normalize"]
+    bare = AugmentationSpec(jitter_p=0.0, grayscale_p=0.0, blur_p=0.0)
+    assert [type(step).__name__ for step in moco_v2_photometric(32, bare).transforms] == ["ToTensor", "Normalize"]
+    still = AugmentationSpec(jitter=(0.0, 0.0, 0.0, 0.0), grayscale_p=0.0, blur_p=0.0)
+    assert [type(step).__name__ for step in moco_v2_photometric(32, still).transforms] == ["ToTensor", "Normalize"]
+
+
+def test_the_demo_views_are_normalised_with_cifar10_statistics_and_never_blurred():
+    """Without jitter and grayscale the view is the image normalised with CIFAR-10's mean and std."""
+    image = colourful_image(size=32)
+    plain = moco_v2_photometric(32, AugmentationSpec(jitter_p=0.0, grayscale_p=0.0, blur_p=0.0, normalize="cifar10"))
+    expected = transforms.functional.normalize(transforms.functional.to_tensor(image), CIFAR10_MEAN, CIFAR10_STD)
+    torch.testing.assert_close(plain(image), expected, atol=1e-6, rtol=0)
+
+
+def test_about_grayscale_p_of_views_are_grayscale_for_another_probability():
+    """RandomGrayscale p=0.5, jitter off: over 400 seeded draws, 200 expected (sd 10)."""
+    transform = moco_v2_photometric(16, AugmentationSpec(jitter_p=0.0, grayscale_p=0.5, blur_p=0.0))
+    image = colourful_image(size=16)
+    torch.manual_seed(2025)
+    grey = 0
+    for _ in range(400):
+        pixels = unnormalise(transform(image))
+        grey += int((pixels.amax(0) - pixels.amin(0)).max() < 1e-4)
+    assert 160 <= grey <= 240, grey
+
+
+def test_eval_transform_normalises_with_the_statistics_given():
+    image = colourful_image(size=40)
+    default = eval_transform(32)(image)
+    cifar = eval_transform(32, mean=CIFAR10_MEAN, std=CIFAR10_STD)(image)
+    mean, std = torch.tensor(CIFAR10_MEAN).view(3, 1, 1), torch.tensor(CIFAR10_STD).view(3, 1, 1)
+    torch.testing.assert_close(cifar * std + mean, unnormalise(default), atol=1e-5, rtol=0)
+    assert (cifar - default).abs().max() > 0.05
