@@ -3,7 +3,9 @@ alike, checked with one line, saved and compared on resume, and carried to every
 them: both halves of the augmentation, the kNN monitor, the exported encoder, hnmix.evaluate."""
 
 import json
+import logging
 import shutil
+from contextlib import contextmanager
 
 import pytest
 import timm
@@ -113,6 +115,18 @@ def test_a_config_saved_before_the_options_compares_as_moco_v2_and_a_change_is_r
     assert config_differences(parse_config(DEMO).to_dict(), parse_config(DEMO)) == []
 
 
+@contextmanager
+def logging_left_as_it_was():
+    """hnmix.train and hnmix.evaluate set up logging for their run (a rich handler on the root
+    logger): the tests after these in-process runs get the root logger back as it was."""
+    handlers, level = logging.root.handlers[:], logging.root.level
+    try:
+        yield
+    finally:
+        logging.root.handlers[:] = handlers
+        logging.root.setLevel(level)
+
+
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     """Two steps of MoCo's CIFAR-10 demo augmentation, the photometric half batched (on the CPU);
@@ -125,7 +139,7 @@ def demo_run(tmp_path_factory):
             super().__init__(*args, **kwargs)
             built["batched"] = self
 
-    with pytest.MonkeyPatch.context() as patch:
+    with pytest.MonkeyPatch.context() as patch, logging_left_as_it_was():
         patch.setattr(loop, "StepPhotometric", RecordedStepPhotometric)
         run = [*TINY, "-s", "2", "-sp", "1", "-ss", "2", "--num_workers", "0", "--eval_every", "0",
                "--augment_device", "accelerator", "--device", "cpu"]
@@ -173,8 +187,9 @@ def test_hnmix_evaluate_normalises_as_the_encoder_was_trained(demo_run, tmp_path
     for model in (dir_out / "encoder", checkpoint):
         assert load_backbone(str(model)).normalization() == (CIFAR10_MEAN, CIFAR10_STD)
     report_path = tmp_path / "report.json"
-    assert evaluate([str(dir_out / "encoder"), "--batch_size", "8", "--num_workers", "0", "--eval_max_samples", "16",
-                     "--json", str(report_path)]) == 0, capsys.readouterr().err
+    with logging_left_as_it_was():
+        assert evaluate([str(dir_out / "encoder"), "--batch_size", "8", "--num_workers", "0", "--eval_max_samples",
+                         "16", "--json", str(report_path)]) == 0, capsys.readouterr().err
     settings = json.loads(report_path.read_text())["settings"]
     assert (settings["normalize_mean"], settings["normalize_std"]) == (list(CIFAR10_MEAN), list(CIFAR10_STD))
     older = tmp_path / "older"  # a checkpoint from before the options: it trained with ImageNet's statistics
