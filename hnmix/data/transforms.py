@@ -21,8 +21,8 @@ from torchvision import transforms
 from hnmix.data.augmentation import IMAGENET_MEAN, IMAGENET_STD, MOCO_V2, AugmentationSpec
 from hnmix.errors import ConfigError
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "ImageTransform", "RandomGaussianBlur", "blur_kernel_size", "eval_transform",
-           "gaussian_blur", "moco_v2_photometric"]
+__all__ = ["EVAL_CROP_PCT", "IMAGENET_MEAN", "IMAGENET_STD", "ImageTransform", "RandomGaussianBlur", "blur_kernel_size",
+           "eval_transform", "gaussian_blur", "moco_v2_photometric"]
 
 ImageTransform = Callable[[Image.Image], torch.Tensor]
 
@@ -107,17 +107,28 @@ def moco_v2_photometric(img_size: int, augmentation: AugmentationSpec = MOCO_V2)
     return transforms.Compose(steps)
 
 
-def eval_transform(img_size: int, *, mean: Sequence[float] = IMAGENET_MEAN,
-                   std: Sequence[float] = IMAGENET_STD) -> ImageTransform:
-    """Deterministic evaluation view: resize the short side to img_size * 256/224, center crop.
+# The evaluation view's centre crop as a fraction of the resized short side (timm's `crop_pct`):
+# 224 of 256, ImageNet's protocol since AlexNet.
+EVAL_CROP_PCT = 224 / 256
 
+
+def eval_transform(img_size: int, *, mean: Sequence[float] = IMAGENET_MEAN,
+                   std: Sequence[float] = IMAGENET_STD, crop_pct: float = EVAL_CROP_PCT) -> ImageTransform:
+    """Deterministic evaluation view: resize the short side to round(img_size / crop_pct), centre
+    crop img_size (the default: 256 then 224, or 37 then 32 at img_size 32).
+
+    crop_pct=1 resizes the short side to img_size and crops the long one only: an image of
+    img_size x img_size passes unchanged (torchvision's Resize returns an image of the asked size
+    as it is), MoCo's CIFAR-10 demo's test transform (ToTensor, Normalize).
     One RGB image -> [3, img_size, img_size] float32, normalised with `mean` and `std` (pass the
     training's `AugmentationSpec.mean` and `.std`: an encoder sees the statistics it learnt with).
     """
     _check_img_size(img_size)
+    if not 0 < crop_pct <= 1:
+        raise ConfigError(f"the evaluation crop_pct must be in (0, 1], got {crop_pct}")
     return transforms.Compose(
         [
-            transforms.Resize(round(img_size * 256 / 224)),
+            transforms.Resize(round(img_size / crop_pct)),
             transforms.CenterCrop(img_size),
             transforms.ToTensor(),
             transforms.Normalize(tuple(mean), tuple(std)),

@@ -32,7 +32,7 @@ from accelerate.utils import gather_object
 from hnmix import errors
 from hnmix.data.images import to_rgb
 from hnmix.data.augmentation import IMAGENET_MEAN, IMAGENET_STD
-from hnmix.data.transforms import eval_transform
+from hnmix.data.transforms import EVAL_CROP_PCT, eval_transform
 from hnmix.data.two_views import DECODE_ERRORS, TwoViewDataset, warn_a_few
 from hnmix.data.workers import ignore_stop_signals
 from hnmix.errors import DataError, HnmixError, describe, first_line
@@ -193,14 +193,16 @@ class EvalImages(TwoViewDataset):
 
     The image is read and checked like a training sample (`TwoViewDataset`'s reading, with its
     one-line error for an undecodable image), made RGB by `hnmix.data.images.to_rgb`, cropped by the
-    deterministic `hnmix.data.transforms.eval_transform(img_size)` and normalised with `mean` and
-    `std` (the encoder's training normalisation: `AugmentationSpec.mean`, `.std`).
+    deterministic `hnmix.data.transforms.eval_transform(img_size, crop_pct=crop_pct)` (1: no crop
+    of an image of img_size) and normalised with `mean` and `std` (the encoder's training
+    normalisation: `AugmentationSpec.mean`, `.std`).
     """
 
     def __init__(self, dataset: datasets.Dataset, *, image_column: str, label_column: str, img_size: int,
-                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD):
+                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
+                 crop_pct: float = EVAL_CROP_PCT):
         super().__init__(dataset, image_column=image_column, label_column=label_column, img_size=img_size, seed=0)
-        self.transform = eval_transform(img_size, mean=mean, std=std)
+        self.transform = eval_transform(img_size, mean=mean, std=std, crop_pct=crop_pct)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         """(image [3, S, S], label); a blank image labelled UNREADABLE when it cannot be read."""

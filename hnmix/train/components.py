@@ -41,7 +41,6 @@ from hnmix.data.sources import load_image_dataset, resolve_columns
 from hnmix.data.transforms import moco_v2_photometric
 from hnmix.data.two_views import TwoViewDataset, make_train_loader
 from hnmix.errors import ConfigError, DataError, HubError, describe, first_line
-from hnmix.evaluate.features import EvalImages, make_eval_loader
 from hnmix.evaluate.monitor import KnnMonitor
 from hnmix.evaluate.splits import NO_LABELS, load_eval_splits
 from hnmix.hub.card import write_model_card
@@ -50,7 +49,7 @@ from hnmix.hub.pusher import HubPusher
 from hnmix.moco import MoCo, MoCoEncoder, world_size_and_rank
 from hnmix.pictures.curves import copy_curves
 from hnmix.train.checkpoints import checkpoints_root, complete_checkpoints
-from hnmix.train.config import TrainConfig, curriculum_problem, curriculum_steps
+from hnmix.train.config import TrainConfig, curriculum_problem, curriculum_steps, knn_monitor_on
 from hnmix.train.log_lines import DropRankTag
 from hnmix.train.optim import make_optimizer
 from hnmix.train.preemption import STOPPED_MARKER
@@ -337,8 +336,11 @@ def held_out_size(eval_split_size: float) -> float | int:
 
 
 def build_knn_monitor(config: TrainConfig, accelerator: Accelerator) -> Optional[KnnMonitor]:
-    """The kNN monitor on the held-out split, or None when off or the data has no labels."""
-    if not config.eval_every:
+    """The kNN monitor, or None when off or the data has no labels: its queries are --knn_split
+    (with the whole --split as bank), else the held-out split; it compares --knn_features. Its
+    images are centre-cropped by --eval_crop_pct and normalised as the training views are
+    (--normalize: the statistics the encoder learns with)."""
+    if not knn_monitor_on(config):
         return None
     try:
         with main_process_prepares_first(accelerator):
@@ -346,23 +348,21 @@ def build_knn_monitor(config: TrainConfig, accelerator: Accelerator) -> Optional
                 config.dataset, split=config.split, image_column=config.image_column,
                 label_column=config.label_column, eval_split_size=held_out_size(config.eval_split_size),
                 max_samples=config.eval_max_samples or None, seed=config.seed, cache_dir=config.dir_data,
-                synthetic_size=config.synthetic_size)
+                synthetic_size=config.synthetic_size, held_out_split=config.knn_split)
     except DataError as error:
+        if config.knn_split is not None and str(error).startswith(f"split {config.knn_split!r} does not exist"):
+            raise ConfigError(f"option knn_split: {error}") from None
         if str(error) != NO_LABELS:
             raise
         logger.warning("The dataset has no labels: training without the kNN monitor")
         return None
-    logger.info(f"kNN monitor every {config.eval_every} steps: {splits.describe()}")
-    # The images are normalised as the training views are (--normalize), so `KnnMonitor.from_splits`
-    # (ImageNet statistics) is not used.
+    cadence = f"{config.eval_every[:-2]} epoch(s)" if config.eval_every.endswith("ep") else f"{config.eval_every} steps"
+    logger.info(f"kNN monitor of the {config.knn_features} features every {cadence}: {splits.describe()}")
     augmentation = config.augmentation
-    loaders = [make_eval_loader(EvalImages(dataset, image_column=splits.image_column, label_column=splits.label_column,
-                                           img_size=config.img_size, mean=augmentation.mean, std=augmentation.std),
-                                batch_size=config.batch_size, num_workers=config.num_workers)
-               for dataset in (splits.train, splits.held_out)]
-    bank_loader, query_loader = accelerator.prepare(*loaders)
-    return KnnMonitor(bank_loader, query_loader, num_classes=splits.num_classes, k=config.knn_k,
-                      temperature=config.knn_temperature)
+    return KnnMonitor.from_splits(splits, accelerator, img_size=config.img_size, batch_size=config.batch_size,
+                                  num_workers=config.num_workers, k=config.knn_k, temperature=config.knn_temperature,
+                                  features=config.knn_features, mean=augmentation.mean, std=augmentation.std,
+                                  crop_pct=config.eval_crop_pct)
 
 
 def resolve_lr(config: TrainConfig, num_processes: int) -> TrainConfig:

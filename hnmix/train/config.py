@@ -27,7 +27,9 @@ from hnmix.data.augmentation import (
     parse_normalize,
     parse_numbers,
 )
+from hnmix.data.transforms import EVAL_CROP_PCT
 from hnmix.errors import ConfigError
+from hnmix.evaluate.monitor import KNN_FEATURES
 from hnmix.moco import HEADS
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
@@ -35,6 +37,18 @@ AUGMENT_DEVICES = ("cpu", "accelerator")
 OPTIMIZERS = ("adamw", "sgd", "lars")
 MOMENTUM_SCHEDULES = ("constant", "cosine")
 _START = re.compile(r"(\d+)(ep)?")
+
+
+def parse_eval_every(value: Any) -> str:
+    """`--eval_every` in one spelling, "N" (steps) or "Nep" (epochs), from text or a YAML number
+    (the config.yaml of an older run holds an int), so that 1000 and "1000" compare equal."""
+    match = _START.fullmatch(value.strip()) if isinstance(value, str) else None
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return str(value)
+    if match:
+        return f"{int(match.group(1))}{match.group(2) or ''}"
+    raise ConfigError(f"option eval_every must be a number of steps (e.g. 1000; 0: off) or of epochs "
+                      f"(e.g. 1ep: after every epoch), got {value!r}")
 
 
 def option(default: Any, help: str, *, alias: Optional[str] = None, choices: Optional[Sequence[Any]] = None,
@@ -131,7 +145,10 @@ class TrainConfig:
     start2_hard: str = option("10000", "First step with type 2: a step (0: from the first step) or epochs, e.g. 10ep; it must come before the end of the run.", alias="-st2h", group="model")
     bn_splits: int = option(1, "Split BatchNorm into this many groups on one process (simulates shuffle BN across GPUs).", group="model")
     # EVALUATION
-    eval_every: int = option(1000, "kNN monitor every this many steps and at the end (0: off).", group="evaluation")
+    eval_every: str = option("1000", "kNN monitor every this many steps, or epochs as Nep (1ep: at the last step of every epoch), and at the end (0: off).", group="evaluation", parse=parse_eval_every)
+    knn_split: Optional[str] = option(None, "Split the kNN monitor classifies, with the whole --split as its bank, e.g. test as MoCo's CIFAR-10 demo (default: the validation split, else a stratified held-out part of --split, left out of the bank).", group="evaluation")
+    knn_features: str = option("backbone", "What the kNN monitor compares: backbone (the pooled features before the head) or projection (the query encoder's L2-normalised head output, dim_moco wide, as MoCo's CIFAR-10 demo).", choices=KNN_FEATURES, group="evaluation")
+    eval_crop_pct: float = option(EVAL_CROP_PCT, "Centre crop of the kNN monitor's images, a fraction of the resized short side: resize to img_size / eval_crop_pct, crop img_size (0.875: ImageNet's 256 then 224; 1: no crop, images of img_size pass unchanged, as MoCo's CIFAR-10 demo).", group="evaluation")
     eval_split_size: float = option(0.1, "Held-out fraction (< 1) or count when the dataset has no validation split.", group="evaluation")
     eval_max_samples: int = option(10000, "At most this many samples of each evaluation split (0: all).", group="evaluation")
     knn_k: int = option(200, "Neighbours of the weighted kNN monitor.", group="evaluation")
@@ -146,6 +163,8 @@ class TrainConfig:
         for f in fields(self):  # a list of numbers read from YAML: the tuple a flag gives
             if isinstance(getattr(self, f.name), list) and _field_type(f) is tuple:
                 setattr(self, f.name, tuple(getattr(self, f.name)))
+        if isinstance(self.eval_every, int) and not isinstance(self.eval_every, bool):
+            self.eval_every = str(self.eval_every)  # steps, as older hnmix spelt them
 
     def to_dict(self) -> dict[str, Any]:
         """The options by name; lists of numbers as lists (as YAML writes and reads them back)."""
@@ -296,9 +315,16 @@ def validate(config: TrainConfig) -> None:
             problem = curriculum_problem(config, name, step)
             if problem:
                 raise ConfigError(problem)
-    for name in ("eval_every", "eval_max_samples", "knn_k"):
+    parse_eval_every(config.eval_every)
+    for name in ("eval_max_samples", "knn_k"):
         if getattr(config, name) < 0:
             raise ConfigError(f"option {name} must be >= 0, got {getattr(config, name)}")
+    if config.knn_split is not None and config.knn_split == config.split:
+        raise ConfigError(f"option knn_split: {config.knn_split} is the split trained on, the kNN bank, where every "
+                          "query would find itself; choose another split (e.g. test), or leave it out to hold out a "
+                          "part of it")
+    if not 0 < config.eval_crop_pct <= 1:
+        raise ConfigError(f"option eval_crop_pct must be in (0, 1] (1: no crop), got {config.eval_crop_pct}")
     if not config.eval_split_size > 0 or (config.eval_split_size >= 1 and not config.eval_split_size.is_integer()):
         raise ConfigError(f"option eval_split_size must be a fraction in (0, 1) or a whole count, got {config.eval_split_size}")
     if not 0 <= config.max_bad_fraction <= 1:
@@ -321,6 +347,17 @@ def start_step(text: str, steps_per_epoch: Optional[int]) -> Optional[int]:
     if not epochs:
         return int(value)
     return None if steps_per_epoch is None else int(value) * steps_per_epoch
+
+
+def eval_every_steps(config: TrainConfig, *, steps_per_epoch: Optional[int]) -> Optional[int]:
+    """`--eval_every` as a number of steps: N, or N x steps_per_epoch for Nep (None while
+    steps_per_epoch is not known); 0: the kNN monitor is off."""
+    return start_step(config.eval_every, steps_per_epoch)
+
+
+def knn_monitor_on(config: TrainConfig) -> bool:
+    """Whether `--eval_every` asks for the kNN monitor (anything but 0 steps or 0 epochs)."""
+    return bool(eval_every_steps(config, steps_per_epoch=1))
 
 
 def curriculum_steps(config: TrainConfig, *, steps_per_epoch: Optional[int]) -> tuple[Optional[int], Optional[int]]:
@@ -377,4 +414,16 @@ def config_differences(saved: dict[str, Any], current: TrainConfig, *, resumable
     now, defaults = run_options(current), TrainConfig().to_dict()
     saved = {name: saved.get(name, defaults[name]) for name in now}
     return [f"{name}: {saved[name]!r} -> {now[name]!r}" for name in now
-            if (name in RESUMABLE_CHANGES) == resumable and saved[name] != now[name]]
+            if (name in RESUMABLE_CHANGES) == resumable and _spelt_alike(name, saved[name]) != _spelt_alike(name, now[name])]
+
+
+def _spelt_alike(name: str, value: Any) -> Any:
+    """`value` of option `name` in the one spelling of its parser (`option(parse=...)`), when it
+    has one and the value parses: an older config.yaml's eval_every 1000 equals "1000"."""
+    parse = {f.name: f for f in fields(TrainConfig)}[name].metadata["parse"]
+    if parse is None or value is None:
+        return value
+    try:
+        return parse(value)
+    except ConfigError:
+        return value

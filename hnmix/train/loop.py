@@ -57,6 +57,7 @@ from hnmix.train.config import (
     CONFIG_FILE,
     TrainConfig,
     config_to_yaml,
+    eval_every_steps,
     parse_config,
 )
 from hnmix.train.log_lines import format_details, format_record, tracker_locations
@@ -116,6 +117,7 @@ def train(config: TrainConfig) -> int:
     monitor = build_knn_monitor(config, accelerator)
     loader = accelerator.prepare(loader)
     steps_per_epoch = len(loader)  # this process's share
+    eval_every = eval_every_steps(config, steps_per_epoch=steps_per_epoch)
     model = build_model(config, resolve_curriculum(config, steps_per_epoch, resuming=checkpoint is not None))
     if warning := shuffle_bn_warning(model, accelerator.num_processes):
         logger.warning(warning)
@@ -187,10 +189,10 @@ def train(config: TrainConfig) -> int:
                 step_s = time.perf_counter() - step_started
 
                 record = {}
-                if monitor and step % config.eval_every == 0 and step < config.steps:  # the last comes after the save
+                if monitor and step % eval_every == 0 and step < config.steps:  # the last comes after the save
                     evaluation_started = time.perf_counter()
                     record = evaluate_without_stopping(monitor, moco, accelerator, step)
-                    results |= record
+                    results |= card_results(record)
                     window_start += time.perf_counter() - evaluation_started  # images/s counts training only
                 # Not at --stop_at: its window goes into the checkpoint, so a resumed run logs as an
                 # uninterrupted one would.
@@ -235,7 +237,7 @@ def train(config: TrainConfig) -> int:
     if final_record is not None:
         if monitor:
             final_record |= evaluate_without_stopping(monitor, moco, accelerator, step)
-            results |= {k: v for k, v in final_record.items() if k.startswith("knn_")}
+            results |= card_results(final_record)
         log_step(accelerator, final_record, metrics_path, progress, task)
         if monitor and accelerator.is_main_process:
             publish_encoder(config, moco, results, step)  # the card with the final kNN
@@ -263,11 +265,20 @@ def evaluate_without_stopping(monitor: KnnMonitor, moco: MoCo, accelerator: Acce
     """The kNN monitor's record at `step`; an error inside it becomes one warning and a
     `knn_error` entry in the record, never the end of the run."""
     try:
-        return monitor.evaluate(moco.encoder_q.backbone, accelerator)
+        return monitor.evaluate(monitor.network_of(moco.encoder_q), accelerator)
     except Exception as error:  # noqa: BLE001 - an evaluation must never cost the training
         line = first_line(error) if isinstance(error, HnmixError) else describe(error)
         logger.warning(f"The kNN evaluation at step {step} failed ({line}); training goes on without it")
         return {"knn_error": line}
+
+
+def card_results(record: dict) -> dict:
+    """What the model card takes from a record with a kNN result: its knn_* entries, and the
+    split they were measured on as `eval_split`."""
+    results = {key: value for key, value in record.items() if key.startswith("knn_")}
+    if "knn_split" in record:
+        results["eval_split"] = record["knn_split"]
+    return results
 
 
 def stop_cause(stop: StopSignal) -> str:
