@@ -37,6 +37,7 @@ HNMIX_PAPER = "arXiv:2010.01028"  # MoCHi (Kalantidis et al., NeurIPS 2020)
 # (`hnmix.backbones`); `hnmix.load_encoder` reads it.
 HNMIX_SECTION = "hnmix"
 
+
 def encoder_pretrained_cfg(backbone: nn.Module, *, img_size: int, mean: Sequence[float] = IMAGENET_MEAN,
                            std: Sequence[float] = IMAGENET_STD) -> dict:
     """The `pretrained_cfg` of an exported encoder: timm's architecture fields kept, its weights'
