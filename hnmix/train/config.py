@@ -148,6 +148,7 @@ class TrainConfig:
     eval_every: str = option("1000", "kNN monitor every this many steps, or epochs as Nep (1ep: at the last step of every epoch), and at the end (0: off).", group="evaluation", parse=parse_eval_every)
     knn_split: Optional[str] = option(None, "Split the kNN monitor classifies, with the whole --split as its bank, e.g. test as MoCo's CIFAR-10 demo (default: the validation split, else a stratified held-out part of --split, left out of the bank).", group="evaluation")
     knn_features: str = option("backbone", "What the kNN monitor compares: backbone (the pooled features before the head) or projection (the query encoder's L2-normalised head output, dim_moco wide, as MoCo's CIFAR-10 demo).", choices=KNN_FEATURES, group="evaluation")
+    eval_at_start: bool = option(False, "A kNN record at step 0, before the first step: the untrained network measured as the trained one will be.", group="evaluation")
     eval_crop_pct: float = option(EVAL_CROP_PCT, "Centre crop of the kNN monitor's images, a fraction of the resized short side: resize to img_size / eval_crop_pct, crop img_size (0.875: ImageNet's 256 then 224; 1: no crop, images of img_size pass unchanged, as MoCo's CIFAR-10 demo).", group="evaluation")
     eval_split_size: float = option(0.1, "Held-out fraction (< 1) or count when the dataset has no validation split.", group="evaluation")
     eval_max_samples: int = option(10000, "At most this many samples of each evaluation split (0: all).", group="evaluation")
@@ -181,7 +182,7 @@ class TrainConfig:
 RESUMABLE_CHANGES = ("overwrite_dir_out", "steps", "stop_at", "steps_print", "steps_save", "keep_checkpoints", "num_workers", "resume", "config",
                      "report_to", "dir_data", "dir_out", "device", "eval_every", "eval_max_samples",
                      "push_to_hub", "hub_model_id", "hub_private", "hub_strategy", "max_bad_fraction",
-                     "max_nonfinite_steps", "augment_device", "compile", "deterministic")
+                     "max_nonfinite_steps", "augment_device", "compile", "deterministic", "eval_at_start")
 
 
 def _field_type(f: dataclasses.Field) -> type:

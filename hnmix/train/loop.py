@@ -162,6 +162,9 @@ def train(config: TrainConfig) -> int:
     stopping = deadline_warned = False
     final_record = None
 
+    if config.eval_at_start and monitor and step == 0:
+        log_step(accelerator, {"step": 0, "epoch": 0} | evaluate_without_stopping(monitor, moco, accelerator, 0),
+                 metrics_path, progress, task)
     model.train()
     with progress, StopSignal() as stop:
         while step < end and not stopping:

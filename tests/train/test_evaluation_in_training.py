@@ -94,3 +94,11 @@ def test_a_held_out_count_trains_with_the_knn_monitor(tmp_path):
     assert train(parse_config([*TINY, "-s", "2", "-sp", "2", "--num_workers", "0", "--eval_every", "2",
                                "--eval_split_size", "16", "-do", str(tmp_path)])) == 0
     assert "knn_top1" in metrics(tmp_path)[-1]
+
+
+def test_eval_at_start_records_the_untrained_network_at_step_0_and_a_resume_does_not_repeat_it(tmp_path):
+    assert train(parse_config([*RUN, "--eval_at_start", "--stop_at", "2", "-do", str(tmp_path)])) == 0
+    first = metrics(tmp_path)[0]
+    assert first["step"] == 0 and "knn_top1" in first and "loss" not in first
+    assert train(parse_config([*RUN, "--eval_at_start", "-do", str(tmp_path), "--resume", "latest"])) == 0
+    assert [r["step"] for r in metrics(tmp_path)].count(0) == 1
