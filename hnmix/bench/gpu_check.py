@@ -647,6 +647,16 @@ def report_of(check: Check, sections: dict[str, dict[str, Any]], *, started: dat
     }
 
 
+def command_environment(work: Path, *, dry_run: bool) -> dict[str, str]:
+    """The environment of the check's commands: hnmix importable, no Hub, a Hugging Face cache in
+    `work`; a dry run hides CUDA."""
+    env = os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+                        "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "HF_HOME": str(work / "hf_home")}
+    if dry_run:
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    return env
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m hnmix.bench.gpu_check", description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -687,10 +697,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     budget_s = args.budget_s or BUDGET_S[mode]
     started = datetime.now(timezone.utc)
     work = Path(tempfile.mkdtemp(prefix="hnmix-gpu-check-"))
-    env = os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-                        "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "HF_HOME": str(work / "hf_home")}
-    if args.dry_run:
-        env["CUDA_VISIBLE_DEVICES"] = ""
+    env = command_environment(work, dry_run=args.dry_run)
     with open(out / LOG_FILE, "w") as log:
         check = Check(dry_run=args.dry_run, out=out, work=work, log=log, budget_s=budget_s, env=env)
         check.say(f"{mode}, {budget_s:.0f} s at most, sections {', '.join(selected)}; writing to {out}")

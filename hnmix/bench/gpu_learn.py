@@ -36,7 +36,15 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from hnmix.bench.gpu_check import REPO, Check, SectionFailed, SectionTimeout, environment_line, run_setup
+from hnmix.bench.gpu_check import (
+    REPO,
+    Check,
+    SectionFailed,
+    SectionTimeout,
+    command_environment,
+    environment_line,
+    run_setup,
+)
 from hnmix.references import load_reference
 
 JSON_FILE, LOG_FILE, TABLE_FILE = "gpu_learn.json", "gpu_learn.log", "gpu_learn.md"
@@ -174,10 +182,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     budget_s = args.budget_s or BUDGET_S[mode]
     started = datetime.now(timezone.utc)
     work = Path(tempfile.mkdtemp(prefix="hnmix-gpu-learn-"))
-    env = os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-                        "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "HF_HOME": str(work / "hf_home")}
-    if args.dry_run:
-        env["CUDA_VISIBLE_DEVICES"] = ""
+    env = command_environment(work, dry_run=args.dry_run)
     reference = load_reference(REFERENCE)
     results: dict[str, dict[str, Any]] = {}
     with open(out / LOG_FILE, "w") as log:
