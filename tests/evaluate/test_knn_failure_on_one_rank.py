@@ -7,7 +7,6 @@ import json
 
 import pytest
 import timm
-import torch
 from accelerate import Accelerator
 
 from hnmix.data.synthetic import make_synthetic_dataset
