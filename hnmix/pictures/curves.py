@@ -143,9 +143,13 @@ def run_labels(names: Sequence[str], configs: Sequence[dict[str, Any]], *, most:
 
 
 def steps_per_epoch_of(records: Sequence[dict[str, Any]]) -> Optional[float]:
-    """An estimate of the steps per epoch from (step, epoch) pairs: a record at step s in epoch e
-    has e * spe < s <= (e + 1) * spe. The middle of the interval all records allow; None before
-    the first epoch ends."""
+    """The steps per epoch: as the trainer records it (`steps_per_epoch`), else, for records of an
+    older hnmix, an estimate from (step, epoch) pairs: a record at step s in epoch e has
+    e * spe < s <= (e + 1) * spe. The middle of the interval all records allow; None before the
+    first epoch ends."""
+    recorded = [r["steps_per_epoch"] for r in records if isinstance(r.get("steps_per_epoch"), int)]
+    if recorded:
+        return float(recorded[-1])
     pairs = [(r["step"], r["epoch"]) for r in records if isinstance(r.get("epoch"), int) and r["step"] > 0]
     later = [(s, e) for s, e in pairs if e > 0]
     if not later:
@@ -243,8 +247,8 @@ def curves_figure(runs: Sequence[Run], reference: Optional[Reference] = None):
 
 def reference_overlay(runs: Sequence[Run], reference: Reference) -> list[tuple[float, float]]:
     """`reference_points` of `reference` for `runs`: placed by the first run's steps per epoch,
-    up to the furthest step any run reached. A ConfigError when the first run has not finished
-    an epoch (nothing places the published epochs yet)."""
+    up to the furthest step any run reached. A ConfigError when the first run's steps per epoch
+    are unknown (records of an older hnmix, before the end of their first epoch)."""
     if not runs:
         return []
     steps_per_epoch = steps_per_epoch_of(runs[0].records)
@@ -275,7 +279,7 @@ def _draw_lr(ax, run: Run, colour: str, several: bool) -> bool:
         twin = ax._hnmix_lr_axis = ax.twinx()
         twin.set_ylabel("learning rate")
         # Plain labels (2.5e-04): an axis offset text would sit under the epoch labels.
-        twin.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:.2g}"))
+        twin.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:.4g}"))
     twin.plot(steps, values, "--", color=colour, linewidth=1.2, alpha=0.8)
     if not several:
         ax.tick_params(axis="y", labelcolor="C0")

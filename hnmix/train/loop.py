@@ -163,7 +163,7 @@ def train(config: TrainConfig) -> int:
     final_record = None
 
     if config.eval_at_start and monitor and step == 0:
-        log_step(accelerator, {"step": 0, "epoch": 0} | evaluate_without_stopping(monitor, moco, accelerator, 0),
+        log_step(accelerator, {"step": 0, "epoch": 0, "steps_per_epoch": steps_per_epoch} | evaluate_without_stopping(monitor, moco, accelerator, 0),
                  metrics_path, progress, task)
     model.train()
     with progress, StopSignal() as stop:
@@ -212,9 +212,9 @@ def train(config: TrainConfig) -> int:
                                        len(loader.dataset))
                     window_start, window_steps = time.perf_counter(), 0
                 if record and step == config.steps:
-                    final_record = {"step": step, "epoch": epoch} | record  # logged with the final evaluation
+                    final_record = {"step": step, "epoch": epoch, "steps_per_epoch": steps_per_epoch} | record  # logged with the final evaluation
                 elif record:
-                    log_step(accelerator, {"step": step, "epoch": epoch} | record, metrics_path, progress, task)
+                    log_step(accelerator, {"step": step, "epoch": epoch, "steps_per_epoch": steps_per_epoch} | record, metrics_path, progress, task)
                 stopping = stop.requested()
                 if step % config.steps_save == 0 or step == end or stopping:
                     guard.check(step, saved)  # a diverged run is never saved

@@ -91,3 +91,9 @@ def test_a_resumed_runs_curve_is_one_line_and_the_encoder_carries_it(tmp_path):
             assert image.size == CURVES_PIXELS
     assert (out / "encoder/curves.png").read_bytes() == (out / "curves.png").read_bytes()
     assert "](curves.png)" in (out / "encoder/README.md").read_text()
+
+
+def test_the_recorded_steps_per_epoch_win_over_the_estimate():
+    """Records one epoch apart (steps_print = steps per epoch) leave the estimate between 97 and 193."""
+    records = [{"step": 97, "epoch": 0, "steps_per_epoch": 97}, {"step": 194, "epoch": 1, "steps_per_epoch": 97}]
+    assert steps_per_epoch_of(records) == 97

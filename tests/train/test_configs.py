@@ -114,6 +114,7 @@ def test_the_cifar_recipe_trains_on_a_cifar_layout_as_it_says(tmp_path):
     assert weights["encoder_q.head.weight"].shape == (128, 512)  # MoCo v1's linear head
     records = [yaml.safe_load(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [(r["step"], r["knn_split"], r["knn_queries"]) for r in records if "knn_top1" in r] == [(3, "test", 20), (6, "test", 20)]
+    assert {r["steps_per_epoch"] for r in records} == {3}  # 48 images, batch 16
     encoder = hnmix.load_encoder(str(out / "encoder")).eval()
     trained = MoCoEncoder("resnet18", 128, stem="cifar", head="linear").backbone.eval()
     trained.load_state_dict({k.removeprefix("encoder_q.backbone."): v for k, v in weights.items()
