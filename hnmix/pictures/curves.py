@@ -217,7 +217,7 @@ def curves_figure(runs: Sequence[Run], reference: Optional[Reference] = None):
             if panel_index == 0:
                 drawn |= _draw_lr(ax, run, palette[run_index % 10] if several else "C1", several)
         published = _draw_reference(ax, overlay, reference) if overlay and panel.series[0].key == "knn_top1" else None
-        ax.set_title(panel.title, fontsize=11)
+        ax.set_title(_panel_title(panel, runs), fontsize=11)
         ax.set_ylabel(panel.ylabel)
         ax.grid(True, alpha=0.3)
         if not drawn:
@@ -266,6 +266,14 @@ def _draw_reference(ax, points: Sequence[tuple[float, float]], reference: Refere
     (line,) = ax.plot(steps, values, color="black", linestyle=(0, (7, 3)), linewidth=1.4, marker="D", markersize=3,
                       zorder=3, label=f"{reference.title}, top-1")
     return line
+
+
+def _panel_title(panel: Panel, runs: Sequence[Run]) -> str:
+    """The panel's title; the kNN panel names the split its records say they classified."""
+    splits = {r["knn_split"] for run in runs for r in run.records if isinstance(r.get("knn_split"), str)}
+    if panel.series[0].key == "knn_top1" and len(splits) == 1:
+        return f"kNN accuracy on the {splits.pop()} split"
+    return panel.title
 
 
 def _draw_lr(ax, run: Run, colour: str, several: bool) -> bool:

@@ -97,3 +97,12 @@ def test_the_recorded_steps_per_epoch_win_over_the_estimate():
     """Records one epoch apart (steps_print = steps per epoch) leave the estimate between 97 and 193."""
     records = [{"step": 97, "epoch": 0, "steps_per_epoch": 97}, {"step": 194, "epoch": 1, "steps_per_epoch": 97}]
     assert steps_per_epoch_of(records) == 97
+
+
+def test_the_knn_panel_names_the_split_its_records_classified():
+    from hnmix.pictures.curves import PANELS, Run, _panel_title
+
+    knn_panel = next(panel for panel in PANELS if panel.series[0].key == "knn_top1")
+    run = Run("r", [{"step": 5, "epoch": 0, "knn_top1": 50.0, "knn_split": "test"}], {})
+    assert _panel_title(knn_panel, [run]) == "kNN accuracy on the test split"
+    assert _panel_title(knn_panel, [Run("old", [{"step": 5, "epoch": 0, "knn_top1": 50.0}], {})]) == knn_panel.title
