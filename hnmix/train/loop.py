@@ -163,8 +163,10 @@ def train(config: TrainConfig) -> int:
     final_record = None
 
     if config.eval_at_start and monitor and step == 0:
-        log_step(accelerator, {"step": 0, "epoch": 0, "steps_per_epoch": steps_per_epoch} | evaluate_without_stopping(monitor, moco, accelerator, 0),
-                 metrics_path, progress, task)
+        untrained = evaluate_without_stopping(monitor, moco, accelerator, 0)
+        log_step(accelerator, {"step": 0, "epoch": 0, "steps_per_epoch": steps_per_epoch} | untrained, metrics_path,
+                 progress, task)
+        window_start = time.perf_counter()  # images/s counts training only
     model.train()
     with progress, StopSignal() as stop:
         while step < end and not stopping:

@@ -69,7 +69,8 @@ def test_a_dataset_without_labels_trains_without_the_knn_monitor(tmp_path, capfd
     assert checkpoints(out) == ["step_00000004"] and "| kNN" not in ModelCard.load(out / "encoder/README.md").text
 
 
-def test_images_per_s_leaves_the_evaluation_time_out(tmp_path, monkeypatch):
+@pytest.mark.parametrize("at_start", [[], ["--eval_at_start"]], ids=["during", "at_start_too"])
+def test_images_per_s_leaves_the_evaluation_time_out(tmp_path, monkeypatch, at_start):
     clock = SimpleNamespace(now=0.0)
 
     def perf_counter():
@@ -83,7 +84,7 @@ def test_images_per_s_leaves_the_evaluation_time_out(tmp_path, monkeypatch):
     monkeypatch.setattr(hnmix.train.loop, "time", SimpleNamespace(perf_counter=perf_counter, monotonic=time.monotonic))
     monkeypatch.setattr(KnnMonitor, "evaluate", slow_evaluation)
     assert train(parse_config([*TINY, "-s", "4", "-sp", "4", "-ss", "100", "--num_workers", "0", "--eval_every", "2",
-                               "-do", str(tmp_path)])) == 0
+                               "-do", str(tmp_path), *at_start])) == 0
     [record] = [r for r in metrics(tmp_path) if "images_per_s" in r]
     # 4 steps of 8 images in a few ms of (fake) training time; counting the 1000 s would give < 0.04.
     assert record["images_per_s"] > 100
