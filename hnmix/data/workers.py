@@ -7,10 +7,17 @@ killed by it makes the trainer raise "DataLoader worker ... is killed by signal"
 the step it should finish and save. So workers ignore the signals the trainer handles; they exit
 when the trainer shuts its loaders down, or, if the trainer dies, when torch's worker watchdog
 sees their parent gone.
+
+One exit path needs help: a process that ends while a loader's workers still run (persistent
+workers whose iterator was never shut down) has Python's multiprocessing SIGTERM its daemon
+children and then join them, which would wait forever on workers that ignore SIGTERM. An exit
+handler, registered after multiprocessing's and so run before it, SIGKILLs them first.
 """
 
 from __future__ import annotations
 
+import atexit
+import multiprocessing
 import signal
 
 # The signals the trainer turns into "save and stop" (hnmix.train.preemption): SIGTERM from
@@ -22,3 +29,14 @@ def ignore_stop_signals(worker_id: int = 0) -> None:
     """A DataLoader `worker_init_fn`: this worker ignores `STOP_SIGNALS`."""
     for stop_signal in STOP_SIGNALS:
         signal.signal(stop_signal, signal.SIG_IGN)
+
+
+def kill_daemon_children() -> None:
+    """SIGKILL this process's daemon children (DataLoader workers are daemons) and reap them."""
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
+            child.join(timeout=5)
+
+
+atexit.register(kill_daemon_children)
