@@ -48,7 +48,7 @@ def test_a_failure_on_rank_1_reaches_both_ranks_at_once_and_training_goes_on(tmp
                                       "injected failure in rank 1's dataset"}
         assert second == {"knn_error": "feature extraction failed on rank 1 of 2: image 13 cannot be decoded "
                                        "(injected); remove or replace it"}  # a user's error stays one line
-        assert set(third) == {"knn_top1", "knn_top5"}  # the monitor works again afterwards
+        assert {"knn_top1", "knn_top5"} <= set(third)  # the monitor works again afterwards
         # Well under the process group's 60 s timeout: nobody waited for the failed rank.
         assert max(rank["seconds"][:2]) < 30, rank["seconds"]
         assert rank["ranks_after"] == 2  # the ranks' collectives still line up
