@@ -15,7 +15,8 @@ SCRIPT = textwrap.dedent("""
     loader = torch.utils.data.DataLoader(list(range(64)), batch_size=4, num_workers=2, persistent_workers=True,
                                          worker_init_fn=ignore_stop_signals)
     batches = iter(loader)
-    next(batches)
+    for _ in range(3):  # batches come from the workers in turn: both have run their worker_init_fn
+        next(batches)
     workers = [w.pid for w in batches._workers]
     for pid in workers:
         os.kill(pid, signal.SIGTERM)  # as a launcher's signal to the whole tree delivers it
