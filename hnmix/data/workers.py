@@ -32,11 +32,17 @@ def ignore_stop_signals(worker_id: int = 0) -> None:
 
 
 def kill_daemon_children() -> None:
-    """SIGKILL this process's daemon children (DataLoader workers are daemons) and reap them."""
-    for child in multiprocessing.active_children():
-        if child.daemon:
-            child.kill()
-            child.join(timeout=5)
+    """SIGKILL this process's daemon children (DataLoader workers are daemons) and reap them.
+    torch's SIGCHLD handler would raise on the first reaped worker and leave the others to
+    multiprocessing's join, so it is set back to the default first."""
+    daemons = [child for child in multiprocessing.active_children() if child.daemon]
+    if not daemons:
+        return
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for child in daemons:
+        child.kill()
+    for child in daemons:
+        child.join(timeout=5)
 
 
 atexit.register(kill_daemon_children)
