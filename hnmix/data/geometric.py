@@ -131,6 +131,24 @@ def two_crops(image: Image.Image, img_size: int, rng: random.Random, encoded: Op
     # on an upright axis that runs against the stored one, the partial pixel comes first.
     pad_y = reduction * pixels.shape[2] - height if orientation in _REVERSED_Y else 0
     pad_x = reduction * pixels.shape[3] - width if orientation in _REVERSED_X else 0
+    return _cut_views(pixels, crops, flips, img_size, reduction=reduction, pad_y=pad_y, pad_x=pad_x)
+
+
+def two_crops_of_pixels(pixels: torch.Tensor, img_size: int, rng: random.Random, *,
+                        augmentation: AugmentationSpec = MOCO_V2) -> list[torch.Tensor]:
+    """Upright uint8 pixels [H, W, 3], already decoded -> two uint8 views [3, img_size, img_size],
+    drawn from `rng` as `two_crops` draws them. For an image that `two_crops` decodes at full size
+    (every crop under 2 * img_size pixels on a side, e.g. CIFAR's 32 px at img_size 32), the views
+    are equal to its views of the same image and `rng`."""
+    height, width = pixels.shape[:2]
+    crops, flips = draw_two_crops(width, height, rng, augmentation)
+    return _cut_views(pixels.permute(2, 0, 1).unsqueeze(0), crops, flips, img_size, reduction=1, pad_y=0, pad_x=0)
+
+
+def _cut_views(pixels: torch.Tensor, crops: list[Crop], flips: list[bool], img_size: int, *, reduction: int,
+               pad_y: int, pad_x: int) -> list[torch.Tensor]:
+    """Pixels [1, 3, h, w] decoded at 1/reduction -> the uint8 views [3, img_size, img_size] of
+    `crops` (boxes in full-size upright pixels, shifted by pad_y, pad_x), flipped where `flips`."""
     views = []
     for crop, flip in zip(crops, flips):
         top, left = round((crop.top + pad_y) / reduction), round((crop.left + pad_x) / reduction)

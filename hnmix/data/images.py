@@ -45,6 +45,10 @@ def open_image(cell: dict, encoded: Optional[bytes] = None) -> Image.Image:
     return datasets.Image().decode_example(cell)
 
 
+# How PIL and datasets fail on a file that is not a readable image (or one too large to be).
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
 # EXIF orientation -> how to make [H, W, C] pixels upright (as `ImageOps.exif_transpose` does).
 _UPRIGHT: dict[int, Callable[[torch.Tensor], torch.Tensor]] = {
     2: lambda x: x.flip(1),

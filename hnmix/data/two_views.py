@@ -18,8 +18,9 @@ import torch.utils.data
 from PIL import Image
 
 from hnmix.data.augmentation import MOCO_V2, AugmentationSpec
-from hnmix.data.geometric import two_crops
-from hnmix.data.images import encoded_bytes, open_image
+from hnmix.data.decoded import decode_in_memory
+from hnmix.data.geometric import two_crops, two_crops_of_pixels
+from hnmix.data.images import DECODE_ERRORS, encoded_bytes, open_image
 from hnmix.data.sources import resolve_columns
 from hnmix.data.transforms import ImageTransform
 from hnmix.data.workers import ignore_stop_signals
@@ -32,10 +33,6 @@ def sample_rng(seed: int, epoch: int, index: int) -> random.Random:
     """The random stream of sample `index` in `epoch` of a run seeded with `seed` (a string seed:
     Python hashes it with SHA-512, so neighbouring samples get unrelated streams)."""
     return random.Random(f"{seed}:{epoch}:{index}")
-
-
-# How PIL and datasets fail on a file that is not a readable image (or one too large to be).
-DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
 # An unreadable image is replaced by another, drawn from (seed, epoch, index); this many failures
@@ -76,7 +73,8 @@ class TwoViewDataset(torch.utils.data.Dataset):
     - `photometric(view)` of each cropped view otherwise (`hnmix.data.transforms.moco_v2_photometric`
       of the same spec: float32, normalised): the whole augmentation in the worker.
     The image is decoded once for both views, at a reduced size when the crops allow
-    (`hnmix.data.geometric.two_crops`). An image that cannot be read (truncated, empty, not an image,
+    (`hnmix.data.geometric.two_crops`); or, when all the dataset's images are small and fit in
+    `in_memory_bytes` decoded, once for the whole run (`hnmix.data.decoded`; the same views). An image that cannot be read (truncated, empty, not an image,
     a decompression bomb) is replaced by another drawn from (seed, epoch, index), so batches keep
     their size; `unreadable` counts the replacements.
 
@@ -99,6 +97,7 @@ class TwoViewDataset(torch.utils.data.Dataset):
         seed: int,
         photometric: Optional[ImageTransform] = None,
         augmentation: AugmentationSpec = MOCO_V2,
+        in_memory_bytes: int = 0,
     ):
         resolve_columns(dataset, image_column, label_column if label_column is not None else "none")
         kept = [image_column] + ([label_column] if label_column is not None and label_column != image_column else [])
@@ -112,6 +111,8 @@ class TwoViewDataset(torch.utils.data.Dataset):
         self.seed = seed
         # Shared before the DataLoader forks or spawns its workers, so that they all count in it.
         self.warned = torch.zeros((), dtype=torch.int64).share_memory_()
+        self.decoded = decode_in_memory(self.dataset, image_column, img_size=img_size, budget_bytes=in_memory_bytes)
+        self.labels = self._all_labels() if self.decoded is not None else None
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -126,8 +127,7 @@ class TwoViewDataset(torch.utils.data.Dataset):
         unreadable = 0
         while True:
             try:
-                row = self._read_row(index)
-                views = self._two_views(row[self.image_column], index, sample_rng(self.seed, epoch, index))
+                views, label = self._two_views_and_label(index, sample_rng(self.seed, epoch, index))
                 break
             except (DataError, *DECODE_ERRORS) as error:
                 unreadable += 1
@@ -137,20 +137,34 @@ class TwoViewDataset(torch.utils.data.Dataset):
                                     f"image {index} ({first_line(error)}); check the dataset's files") from None
                 _warn_unreadable(self.warned, index, error, replacement)
                 index = replacement
+        return *views, index, label, unreadable
+
+    def _two_views_and_label(self, index: int, rng: random.Random) -> tuple[tuple[torch.Tensor, torch.Tensor], int]:
+        if self.decoded is not None:
+            try:
+                pixels = self.decoded.pixels_of(index)
+            except DECODE_ERRORS as error:
+                raise self._unreadable(index, error) from None
+            views = two_crops_of_pixels(pixels, self.img_size, rng, augmentation=self.augmentation)
+            return self._photometric(views, rng), -1 if self.labels is None else int(self.labels[index])
+        row = self._read_row(index)
+        views = self._crops_of_cell(row[self.image_column], index, rng)
         label = -1
         if self.label_column is not None and row[self.label_column] is not None:
             label = int(row[self.label_column])
-        return *views, index, label, unreadable
+        return self._photometric(views, rng), label
 
-    def _two_views(self, cell: Optional[dict], index: int, rng: random.Random) -> tuple[torch.Tensor, torch.Tensor]:
+    def _crops_of_cell(self, cell: Optional[dict], index: int, rng: random.Random) -> list[torch.Tensor]:
         encoded = encoded_bytes(cell) if cell is not None else None
         image = self._open(cell, index, encoded)
         try:
-            views = two_crops(image, self.img_size, rng, encoded, augmentation=self.augmentation)
+            return two_crops(image, self.img_size, rng, encoded, augmentation=self.augmentation)
         except DECODE_ERRORS as error:
             raise self._unreadable(index, error) from None
         finally:
             image.close()
+
+    def _photometric(self, views: list[torch.Tensor], rng: random.Random) -> tuple[torch.Tensor, torch.Tensor]:
         if self.photometric is None:
             return views[0], views[1]
         # torchvision's transforms draw from torch's global CPU generator: seed it from the
@@ -167,6 +181,13 @@ class TwoViewDataset(torch.utils.data.Dataset):
             return open_image(cell, encoded)
         except DECODE_ERRORS as error:
             raise self._unreadable(index, error) from None
+
+    def _all_labels(self) -> Optional[torch.Tensor]:
+        """[N] int64, -1 where a row has no label; None without a label column."""
+        if self.label_column is None:
+            return None
+        labels = self.dataset.select_columns([self.label_column])[self.label_column]
+        return torch.tensor([-1 if label is None else int(label) for label in labels], dtype=torch.int64)
 
     def _read_row(self, index: int) -> dict:
         try:

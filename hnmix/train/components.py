@@ -37,6 +37,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 
 from hnmix.backbones import stem_problem
+from hnmix.data.decoded import GIB
 from hnmix.data.sources import load_image_dataset, resolve_columns
 from hnmix.data.transforms import moco_v2_photometric
 from hnmix.data.two_views import TwoViewDataset, make_train_loader
@@ -324,7 +325,8 @@ def build_data(config: TrainConfig, accelerator: Accelerator, *, photometric_in_
     logger.info(f"Augmentation: {augmentation.describe()}")
     photometric = moco_v2_photometric(config.img_size, augmentation) if photometric_in_workers else None
     views = TwoViewDataset(dataset, image_column=image_column, label_column=label_column, img_size=config.img_size,
-                           seed=config.seed, photometric=photometric, augmentation=augmentation)
+                           seed=config.seed, photometric=photometric, augmentation=augmentation,
+                           in_memory_bytes=int(config.images_in_memory_gib * GIB))
     loader = make_train_loader(views, batch_size=config.batch_size, num_workers=config.num_workers, seed=config.seed)
     return loader, label_column is not None
 
@@ -466,7 +468,8 @@ def publish_encoder(config: TrainConfig, moco: MoCo, results: dict, steps_traine
     """Export the query backbone (timm layout) with its model card to dir_out/encoder; the card
     gives the steps trained and which synthetic negatives were used from which step."""
     encoder_dir = export_encoder(moco.encoder_q.backbone, Path(config.dir_out) / "encoder", img_size=config.img_size,
-                                 mean=config.augmentation.mean, std=config.augmentation.std)
+                                 mean=config.augmentation.mean, std=config.augmentation.std,
+                                 crop_pct=config.eval_crop_pct)
     results = results | {"steps": steps_trained} | negatives_used(moco, steps_trained)
     curves = copy_curves(config.dir_out, encoder_dir)  # the latest dir_out/curves.png, for the card and the Hub
     write_model_card(encoder_dir, config=config.to_dict(), results=results, repo_id=config.hub_model_id,
