@@ -5,9 +5,11 @@ Usage:
     python -m hnmix.bench train [--warmup_steps 3] [--measure_steps 10] [--images 512] [hnmix.train options]
                                  (bare encoder loop, in-memory MoCo and MoCHi steps, the full trainer)
     python -m hnmix.bench data [--max_workers W | --workers 1,4,16] [--img_size 224] [--jpeg_size 768x512]
-                               [--images 256] [--photometric_batch_size N] [--device cuda|cpu]
-                                 (worker pipeline for 1..W workers, both --augment_device modes;
-                                  the batched photometric half on the device)
+                               [--images 256 | --dataset PATH [--split train]] [--config RECIPE.yaml]
+                               [--in_memory_gib 1] [--photometric_batch_size N] [--device cuda|cpu]
+                                 (worker pipeline for 1..W workers, both --augment_device modes,
+                                  decoding at every draw and kept decoded in memory; the batched
+                                  photometric half on the device)
     python -m hnmix.bench mixing [--batch 256] [--queue 65536] [--dim 128] [--n_hard 1024]
                                  [--s1 1024] [--s2 512] [--temperature 0.2]
                                  [--repeats 5] [--warmup 1] [--device cuda|cpu]
@@ -92,9 +94,15 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--max_workers", type=int, default=os.cpu_count() or 1, help="measure 1..W workers")
     data.add_argument("--workers", type=worker_counts, default=None,
                       help="the worker counts to measure instead, e.g. 1,4,16")
-    data.add_argument("--img_size", type=int, default=224)
+    data.add_argument("--img_size", type=int, default=None, help="view size (default: --config's, else 224)")
     data.add_argument("--jpeg_size", default=None, help="WxH of every generated JPEG, e.g. 768x512 (default: varied)")
-    data.add_argument("--images", type=int, default=256)
+    data.add_argument("--images", type=int, default=256, help="generated JPEGs when no --dataset is given")
+    data.add_argument("--dataset", default=None, help="a dataset as hnmix.train takes it, instead of generated JPEGs")
+    data.add_argument("--split", default="train", help="the split of --dataset")
+    data.add_argument("--config", default=None,
+                      help="a recipe (YAML): its img_size, image_column and augmentation options")
+    data.add_argument("--in_memory_gib", type=float, default=1.0,
+                      help="budget of the kept-in-memory rows, as hnmix.train's --images_in_memory_gib (0: skip them)")
     data.add_argument("--batches", type=int, default=8, help="batches measured per worker count")
     data.add_argument("--batch_size", type=int, default=32, help="the DataLoader's batch")
     data.add_argument("--photometric_batch_size", type=int, default=None,

@@ -1,40 +1,38 @@
 """`python -m hnmix.bench data`: the DataLoader worker pipeline for 1..W workers (or the counts
-of `--workers`) in both `--augment_device` modes, the JPEG decode floor, and the batched
-photometric half on a device. Each worker row is also given per core as a fraction of the decode
-floor (decoding each image once at full size on one core: the ceiling of a per-image pipeline).
+of `--workers`) in both `--augment_device` modes, decoding each image at every draw and, where
+the images qualify (`hnmix.data.decoded`), keeping them decoded in memory; the JPEG decode floor;
+and the batched photometric half on a device. Each worker row is also given per core as a
+fraction of the decode floor (decoding each image once at full size on one core: the ceiling of a
+pipeline that decodes at every draw). The images are generated JPEGs, or `--dataset`'s, with
+`--config`'s view size and augmentation.
 """
 
 from __future__ import annotations
 
 import argparse
-import io
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+import datasets
 import torch
-from PIL import Image
 from rich.console import Console
 from rich.table import Table
 
 from hnmix.bench.system import _cpu_model, device_description
 from hnmix.bench.train import _seconds_per_step, write_jpeg_folder
+from hnmix.data.augmentation import augmentation_from
+from hnmix.data.decoded import GIB, decode_rgb
+from hnmix.data.sources import load_image_dataset, resolve_columns
+from hnmix.data.transforms import moco_v2_photometric
+from hnmix.data.two_views import TwoViewDataset, make_train_loader
+from hnmix.train.config import load_yaml_options
 
 
-def worker_pipeline_images_per_s(directory: Path, *, img_size: int, workers: int, batches: int, batch_size: int,
-                                 photometric_in_workers: bool) -> float:
-    """Images/s (each giving two views) of `workers` DataLoader workers over `batches` batches
-    after the first (which includes the workers' start-up): decode, crop and flip to uint8 views
-    (for `--augment_device accelerator`), or with the photometric half per image too (`cpu`)."""
-    from hnmix.data.sources import load_image_dataset, resolve_columns
-    from hnmix.data.transforms import moco_v2_photometric
-    from hnmix.data.two_views import TwoViewDataset, make_train_loader
-
-    dataset = load_image_dataset(str(directory))
-    image_column, label_column = resolve_columns(dataset)
-    views = TwoViewDataset(dataset, image_column=image_column, label_column=label_column, img_size=img_size, seed=0,
-                           photometric=moco_v2_photometric(img_size) if photometric_in_workers else None)
+def worker_pipeline_images_per_s(views: TwoViewDataset, *, workers: int, batches: int, batch_size: int) -> float:
+    """Images/s (each giving two views) of `workers` DataLoader workers loading `views` over
+    `batches` batches after the first (which includes the workers' start-up)."""
     loader = make_train_loader(views, batch_size=batch_size, num_workers=workers, seed=0)
     iterator = iter(loader)
     next(iterator)
@@ -48,19 +46,16 @@ def worker_pipeline_images_per_s(directory: Path, *, img_size: int, workers: int
     return seen / (time.perf_counter() - start)
 
 
-def decode_images_per_s(directory: Path, *, passes: int = 2) -> float:
-    """Images/s of decoding the JPEGs at full size on one core, as the workers decode them
-    (`hnmix.data.images.decode_jpeg_upright`): the floor of any per-image pipeline that needs the
-    full-size pixels."""
-    from hnmix.data.images import decode_jpeg_upright
-
-    blobs = [file.read_bytes() for file in sorted(directory.rglob("*.jpg"))]
+def decode_images_per_s(dataset: datasets.Dataset, image_column: str, *, images: int = 512, passes: int = 2) -> float:
+    """Images/s of decoding up to `images` of the dataset's images at full size on one core, as
+    the workers decode them (`hnmix.data.decoded.decode_rgb`): the floor of any per-image pipeline
+    that needs the full-size pixels and decodes at every draw."""
+    cells = dataset.select(range(min(images, len(dataset))))[image_column]
     start = time.perf_counter()
     for _ in range(passes):
-        for blob in blobs:
-            with Image.open(io.BytesIO(blob)) as image:
-                decode_jpeg_upright(image, blob)
-    return passes * len(blobs) / (time.perf_counter() - start)
+        for index, cell in enumerate(cells):
+            decode_rgb(cell, index)
+    return passes * len(cells) / (time.perf_counter() - start)
 
 
 def batched_photometric_images_per_s(*, img_size: int, batch_size: int, device: torch.device, repeats: int) -> float:
@@ -94,43 +89,78 @@ def _per_core(rows: dict[int, float], decode_floor: float) -> dict[str, dict[int
             "per_core_of_decode_floor": {w: v / w / decode_floor for w, v in rows.items()}}
 
 
+def _source(args: argparse.Namespace, tmp: str) -> tuple[datasets.Dataset, str, str, dict[str, Any]]:
+    """(dataset with undecoded images, image column, what it is, recipe options) of `--dataset`
+    (and `--config`), or of `--images` generated JPEGs."""
+    recipe = load_yaml_options(args.config) if args.config else {}
+    if args.dataset:
+        dataset = load_image_dataset(args.dataset, split=args.split)
+        image_column, _ = resolve_columns(dataset, recipe.get("image_column", "image"), "none")
+        what = f"{args.dataset} split {args.split} ({len(dataset):,} images)"
+    else:
+        size = tuple(int(v) for v in args.jpeg_size.split("x")) if args.jpeg_size else None
+        dataset = load_image_dataset(str(write_jpeg_folder(Path(tmp) / "images", count=args.images, size=size)))
+        image_column, what = "image", f"{args.images} {args.jpeg_size or 'Caltech-256-like'} JPEGs"
+    dataset = dataset.select_columns([image_column]).cast_column(image_column, datasets.Image(decode=False))
+    return dataset, image_column, what, recipe
+
+
 def run_data(args: argparse.Namespace) -> dict[str, Any]:
-    """The worker pipeline's images/s for 1..W workers (or `--workers`) on generated JPEGs, in both
-    augmentation modes, with the decoding floor and the batched photometric half on the device."""
-    size = tuple(int(v) for v in args.jpeg_size.split("x")) if args.jpeg_size else None
+    """The worker pipeline's images/s for 1..W workers (or `--workers`) on generated JPEGs or
+    `--dataset`, with `--config`'s img_size and augmentation, in both augmentation modes, decoding
+    at every draw and (where the images qualify) kept decoded in memory; with the decoding floor
+    and the batched photometric half on the device."""
     device = torch.device(args.device)
     counts = args.workers or list(range(1, args.max_workers + 1))
     photometric_batch = args.photometric_batch_size or args.batch_size
-    modes = {"accelerator": False, "cpu": True}  # --augment_device -> photometric half in the workers?
-    rows: dict[str, dict[int, float]] = {mode: {} for mode in modes}
     with tempfile.TemporaryDirectory(prefix="hnmix-bench-") as tmp:
-        directory = write_jpeg_folder(Path(tmp) / "images", count=args.images, size=size)
-        decode_floor = decode_images_per_s(directory)
-        for mode, photometric_in_workers in modes.items():
-            for workers in counts:
-                rows[mode][workers] = worker_pipeline_images_per_s(
-                    directory, img_size=args.img_size, workers=workers, batches=args.batches,
-                    batch_size=args.batch_size, photometric_in_workers=photometric_in_workers)
-    photometric = batched_photometric_images_per_s(img_size=args.img_size, batch_size=photometric_batch, device=device,
-                                                   repeats=args.repeats)
-    table = Table(title=f"Data pipeline: two {args.img_size}px views per image, {args.jpeg_size or 'Caltech-256-like'} "
-                        "JPEGs (images/s)")
+        dataset, image_column, what, recipe = _source(args, tmp)
+        img_size = args.img_size or recipe.get("img_size", 224)
+        augmentation = augmentation_from(recipe)
+        decode_floor = decode_images_per_s(dataset, image_column)
+        rows: dict[str, dict[int, float]] = {}
+        for storage, budget in (("decoded at every draw", 0), ("kept in memory", args.in_memory_gib * GIB)):
+            for mode, photometric in (("accelerator", None), ("cpu", moco_v2_photometric(img_size, augmentation))):
+                started = time.perf_counter()
+                views = TwoViewDataset(dataset, image_column=image_column, label_column=None, img_size=img_size,
+                                       seed=0, photometric=photometric, augmentation=augmentation,
+                                       in_memory_bytes=int(budget))
+                if budget and views.decoded is None:
+                    break  # too large or too many to keep: the log said why
+                if budget and mode == "accelerator":
+                    decode_all_seconds = time.perf_counter() - started
+                rows[f"{mode}, {storage}"] = {
+                    workers: worker_pipeline_images_per_s(views, workers=workers, batches=args.batches,
+                                                          batch_size=args.batch_size) for workers in counts}
+    photometric_rate = batched_photometric_images_per_s(img_size=img_size, batch_size=photometric_batch,
+                                                        device=device, repeats=args.repeats)
+    titles = {"accelerator": "workers: crop, flip -> uint8", "cpu": "workers: + photometric per image"}
+    table = Table(title=f"Data pipeline: two {img_size}px views per image of {what} (images/s)")
     for column in ("pipeline", "workers", "images/s", "per core", "per core, of the floor"):
         table.add_column(column, justify="right")
     table.add_row("JPEG decode alone, full size (the floor)", "1", f"{decode_floor:.0f}", f"{decode_floor:.0f}", "100%")
-    titles = {"accelerator": "workers: decode, crop, flip -> uint8", "cpu": "workers: + photometric per image"}
-    for mode, per_workers in rows.items():
+    for name, per_workers in rows.items():
+        mode, storage = name.split(", ")
         for workers, images_per_s in per_workers.items():
             per_core = images_per_s / workers
-            table.add_row(titles[mode], str(workers), f"{images_per_s:.0f}", f"{per_core:.0f}",
+            table.add_row(f"{titles[mode]}, {storage}", str(workers), f"{images_per_s:.0f}", f"{per_core:.0f}",
                           f"{per_core / decode_floor:.0%}")
     table.add_row(f"batched photometric on {device_description(device)}, batch {photometric_batch}", "-",
-                  f"{photometric:.0f}", "-", "-")
-    Console().print(table)
-    return {"images_per_s": rows["accelerator"], **_per_core(rows["accelerator"], decode_floor),
-            "photometric_in_workers": {"images_per_s": rows["cpu"], **_per_core(rows["cpu"], decode_floor)},
-            "decode_only_images_per_s": decode_floor,
-            "batched_photometric": {"images_per_s": photometric, "device": device_description(device),
+                  f"{photometric_rate:.0f}", "-", "-")
+    Console(width=max(Console().width, 132)).print(table)  # one line per row, also in a log
+    kept = {}
+    if "accelerator, kept in memory" in rows:
+        kept = {"kept_in_memory": {"images_per_s": rows["accelerator, kept in memory"],
+                                   **_per_core(rows["accelerator, kept in memory"], decode_floor),
+                                   "photometric_in_workers": {"images_per_s": rows["cpu, kept in memory"]},
+                                   "decode_all_seconds": decode_all_seconds}}
+    return {"images_per_s": rows["accelerator, decoded at every draw"],
+            **_per_core(rows["accelerator, decoded at every draw"], decode_floor),
+            "photometric_in_workers": {"images_per_s": rows["cpu, decoded at every draw"],
+                                       **_per_core(rows["cpu, decoded at every draw"], decode_floor)},
+            **kept, "decode_only_images_per_s": decode_floor,
+            "batched_photometric": {"images_per_s": photometric_rate, "device": device_description(device),
                                     "batch_size": photometric_batch},
-            "img_size": args.img_size, "jpeg_size": args.jpeg_size or "caltech-like",
+            "img_size": img_size, "data": what, "augmentation": augmentation.describe(),
+            "jpeg_size": None if args.dataset else (args.jpeg_size or "caltech-like"),
             "loader_batch_size": args.batch_size, "torch": torch.__version__, "cpu": _cpu_model()}

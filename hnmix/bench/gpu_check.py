@@ -100,7 +100,7 @@ def bench_arguments(name: str, *, dry_run: bool, cores: int) -> list[str]:
         sizes = (["--img_size", "32", "--images", "24", "--batches", "2", "--batch_size", "4",
                   "--photometric_batch_size", "8", "--repeats", "1"] if dry_run else
                  ["--img_size", "224", "--images", "1024", "--batches", "16", "--batch_size", "32",
-                  "--photometric_batch_size", "256", "--repeats", "20"])
+                  "--photometric_batch_size", "256", "--repeats", "20", "--in_memory_gib", "0"])
         workers = ",".join(map(str, power_of_two_workers(cores)))
         return ["data", "--workers", workers, "--device", "cpu" if dry_run else "cuda", *sizes]
     if name in ("bench_train_eager", "bench_train_compile"):

@@ -124,3 +124,23 @@ def test_data_benchmark_reports_each_worker_count_both_modes_and_the_batched_pho
     assert result["batched_photometric"]["images_per_s"] > 0 and result["batched_photometric"]["batch_size"] == 4
     assert result["jpeg_size"] == "96x64"
     assert "batched photometric" in done.stdout and "JPEG decode alone" in done.stdout
+    assert "kept_in_memory" not in result  # 64 px images for 32 px views: a crop could come from a reduced decode
+
+
+def test_data_benchmark_reads_a_cifar_layout_dataset_with_its_recipe_and_keeps_it_decoded_in_memory(tmp_path):
+    from data_images import write_cifar10_like_repo
+
+    repo = write_cifar10_like_repo(tmp_path / "cifar10", {"train": 16})
+    out = tmp_path / "data.json"
+    command = [sys.executable, "-m", "hnmix.bench", "data", "--workers", "1", "--dataset", str(repo),
+               "--config", "configs/moco_cifar10.yaml", "--batches", "2", "--batch_size", "4", "--device", "cpu",
+               "--repeats", "1", "--json", str(out)]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["img_size"] == 32 and result["data"] == f"{repo} split train (16 images)"
+    assert "crop 0.08-1" in result["augmentation"] and "cifar10 normalisation" in result["augmentation"]
+    kept = result["kept_in_memory"]
+    assert set(kept["images_per_s"]) == set(result["images_per_s"]) == {"1"} and kept["images_per_s"]["1"] > 0
+    assert kept["photometric_in_workers"]["images_per_s"]["1"] > 0 and kept["decode_all_seconds"] > 0
+    assert "kept in memory" in done.stdout
