@@ -107,3 +107,42 @@ def stem_problem(arch: str, stem: str) -> Optional[str]:
     except ConfigError as error:
         return str(error)
     return None
+
+
+RESNET_INITS = ("timm", "torchvision")
+
+
+def apply_resnet_init(model: nn.Module, init: str, *, arch: str) -> nn.Module:
+    """`--resnet_init`, in place on a freshly built timm model; returns it. `timm` changes nothing:
+    each residual block's last BatchNorm starts at weight 0 (timm's `zero_init_last`).
+    `torchvision` sets those weights to 1, as torchvision's ResNets start (`zero_init_residual`
+    off), and with them MoCo's own code and its CIFAR-10 demo; every other weight is initialised
+    alike by both (Kaiming normal fan_out convolutions, BatchNorm 1 and 0). A model that is not a
+    timm ResNet raises a one-line ConfigError."""
+    if init not in RESNET_INITS:
+        raise ConfigError(f"unknown resnet_init {init!r}; choose one of {', '.join(RESNET_INITS)}")
+    if init == "timm":
+        return model
+    if not isinstance(model, timm.models.resnet.ResNet):
+        raise ConfigError(f"--resnet_init torchvision needs a timm ResNet, and {arch} is a {type(model).__name__}; "
+                          "use --resnet_init timm")
+    with torch.no_grad():
+        for block in model.modules():
+            if isinstance(block, timm.models.resnet.Bottleneck):
+                block.bn3.weight.fill_(1.0)
+            elif isinstance(block, timm.models.resnet.BasicBlock):
+                block.bn2.weight.fill_(1.0)
+    return model
+
+
+def resnet_init_problem(arch: str, init: str) -> Optional[str]:
+    """The one line refusing `--resnet_init init` for `arch`, or None; built on the meta device,
+    as `stem_problem`."""
+    if init == "timm" or ":" in arch:
+        return None
+    try:
+        with torch.device("meta"):
+            apply_resnet_init(timm.create_model(arch, num_classes=0), init, arch=arch)
+    except ConfigError as error:
+        return str(error)
+    return None

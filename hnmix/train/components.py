@@ -36,7 +36,7 @@ from accelerate.utils import LoggerType, broadcast_object_list, set_seed
 from rich.console import Console
 from rich.logging import RichHandler
 
-from hnmix.backbones import stem_problem
+from hnmix.backbones import apply_resnet_init, resnet_init_problem, stem_problem
 from hnmix.data.decoded import GIB
 from hnmix.data.sources import load_image_dataset, resolve_columns
 from hnmix.data.transforms import moco_v2_photometric
@@ -147,9 +147,10 @@ def prepare_dir_out(config: TrainConfig, accelerator: Accelerator, *, resuming: 
     accelerator.wait_for_everyone()
 
 
-def check_arch(arch: str, stem: str = "default") -> None:
-    """A one-line ConfigError for an unknown timm model, or one that cannot take `stem`
-    (`hnmix.backbones.stem_problem`, built on the meta device: nothing computed)."""
+def check_arch(arch: str, stem: str = "default", resnet_init: str = "timm") -> None:
+    """A one-line ConfigError for an unknown timm model, or one that cannot take `stem` or
+    `resnet_init` (`hnmix.backbones.stem_problem`, `resnet_init_problem`: built on the meta
+    device, nothing computed)."""
     if ":" not in arch and not timm.is_model(arch):  # hf-hub:/local-dir: names are resolved by timm itself
         close = get_close_matches(arch, timm.list_models(), n=3)
         hint = f"; did you mean {', '.join(close)}?" if close else "; see timm.list_models()"
@@ -157,6 +158,9 @@ def check_arch(arch: str, stem: str = "default") -> None:
     problem = stem_problem(arch, stem)
     if problem:
         raise ConfigError(f"option stem {stem}: {problem}")
+    problem = resnet_init_problem(arch, resnet_init)
+    if problem:
+        raise ConfigError(problem)
 
 
 def requested_trackers(report_to: str) -> list[str]:
@@ -413,8 +417,10 @@ def build_model(config: TrainConfig, curriculum: tuple[int, int]) -> MoCo:
     file in a checkpoint. The queue's initial keys come from a generator of their own."""
     set_seed(config.seed)  # the same initial weights on every rank
     start1_hard, start2_hard = curriculum
+    encoder = MoCoEncoder(config.arch, config.dim_moco, stem=config.stem, head=config.head)
+    apply_resnet_init(encoder.backbone, config.resnet_init, arch=config.arch)
     moco = MoCo(
-        MoCoEncoder(config.arch, config.dim_moco, stem=config.stem, head=config.head),
+        encoder,
         dim_moco=config.dim_moco, k_moco=config.k_moco, m_moco=config.m_moco, t_moco=config.t_moco,
         n_hard=config.n_hard, s1_hard=config.s1_hard, s2_hard=config.s2_hard,
         start1_hard=start1_hard, start2_hard=start2_hard, bn_splits=config.bn_splits,

@@ -132,6 +132,7 @@ class TrainConfig:
     arch: str = option("efficientnet_b2", "Any timm model name.", alias="-a", group="model")
     stem: str = option("default", "default: the arch's own stem; cifar: conv1 3x3 stride 1 and no max-pool, for small images such as CIFAR's 32x32 (MoCo's CIFAR-10 demo); only timm ResNets with a single-convolution stem (resnet18, resnet50, ...). Exports load with hnmix.load_encoder.", choices=STEMS, group="model")
     head: str = option("mlp", "Projection head: mlp (MoCo v2: Linear, ReLU, Linear) or linear (MoCo v1, the CIFAR-10 demo: one Linear to dim_moco).", choices=HEADS, group="model")
+    resnet_init: str = option("timm", "timm: each residual block's last BatchNorm starts at 0 (timm's zero_init_last); torchvision: at 1, as torchvision's ResNets, MoCo's own code and its CIFAR-10 demo start. Only for timm ResNets.", choices=("timm", "torchvision"), group="model")
     resume: Optional[str] = option(None, "Checkpoint directory to resume from; `latest`: the newest in dir_out; `auto`: latest if any, else start fresh.", alias="-r", group="model")
     dim_moco: int = option(128, "Output dimension of the projection head.", alias="-dm", group="model")
     k_moco: int = option(2**13, "Queue size K; a multiple of the global batch.", alias="-km", group="model")
