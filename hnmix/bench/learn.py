@@ -5,14 +5,17 @@ Trains two arms with the same seed, data, budget and recipe, differing only in t
   moco    plain MoCo v2 (s1_hard = s2_hard = 0);
   mochi   MoCHi with the run's n_hard, s1_hard, s2_hard and curriculum;
 
-then evaluates each final checkpoint's backbone next to the untrained network (the arms'
-starting point: the same architecture initialised under the same seed) with the kNN monitor's
-protocol and the fast linear probe (`python -m hnmix.evaluate`, protocols `knn` and `linear`).
+then evaluates each final checkpoint next to the untrained network (the arms' starting point:
+the trainer's model built under the same seed, stem and head included, saved as a checkpoint)
+with the kNN monitor's protocol and the fast linear probe (`python -m hnmix.evaluate`, protocols
+`knn` and `linear`). The kNN follows the recipe's monitor: its --knn_split, --knn_features,
+--knn_k, --knn_temperature and --eval_max_samples; both protocols its --eval_crop_pct and (from
+the checkpoint) its --normalize.
 `--seeds N` repeats both arms with seeds seed, seed+1, ...; the table gives mean ± standard
 deviation over the seeds, and the difference of the means, since one run's difference is often
 noise. Options it does not know go to `hnmix.train`, so any dataset and recipe works; the
 default is `LEARN_DEFAULTS` on `synthetic-hard`, sized to finish on a 2-core CPU in about 10
-minutes.
+minutes. A `--config` recipe replaces those defaults (as flags, they would override the recipe).
 """
 
 from __future__ import annotations
@@ -43,21 +46,62 @@ def arm_configs(config) -> dict[str, Any]:
     return {"moco": replace(config, s1_hard=0, s2_hard=0), "mochi": config}
 
 
+def learn_defaults(trainer_argv: Sequence[str]) -> list[str]:
+    """LEARN_DEFAULTS, or nothing when `trainer_argv` names a --config recipe: the defaults go in as
+    flags, and flags override a recipe."""
+    named = any(arg == "--config" or arg.startswith("--config=") for arg in trainer_argv)
+    return [] if named else list(LEARN_DEFAULTS)
+
+
+def evaluation_argv(model: str, config, protocol: str, json_path: Path) -> list[str]:
+    """`python -m hnmix.evaluate`'s arguments for `model` under the recipe `config`: its data
+    (dataset, split, columns, image size, seed), its evaluation crop and, for the kNN, its
+    monitor's settings."""
+    argv = [model, "--protocol", protocol, "--dataset", config.dataset, "--split", config.split,
+            "--image_column", config.image_column, "--img_size", str(config.img_size),
+            "--eval_crop_pct", str(config.eval_crop_pct), "--synthetic_size", str(config.synthetic_size),
+            "--seed", str(config.seed), "--num_workers", str(config.num_workers), "--json", str(json_path)]
+    for name in ("label_column", "dir_data"):
+        if getattr(config, name) is not None:
+            argv += [f"--{name}", str(getattr(config, name))]
+    if protocol == "knn":
+        argv += ["--knn_k", str(config.knn_k), "--knn_temperature", str(config.knn_temperature),
+                 "--knn_features", config.knn_features, "--eval_max_samples", str(config.eval_max_samples)]
+        if config.knn_split is not None:
+            argv += ["--knn_split", config.knn_split]
+    return argv
+
+
 def evaluate(model: str, config, protocol: str, json_path: Path) -> dict[str, float]:
-    """kNN or linear-probe accuracies of `model` (a checkpoint directory or a timm name) on the
-    run's dataset, split, image size and seed."""
+    """kNN or linear-probe accuracies of `model` (a checkpoint directory) as `evaluation_argv` says."""
     from hnmix.evaluate.cli import build_parser, run_evaluation
 
-    argv = [model, "--protocol", protocol, "--dataset", config.dataset, "--split", config.split,
-            "--img_size", str(config.img_size), "--synthetic_size", str(config.synthetic_size),
-            "--seed", str(config.seed), "--num_workers", str(config.num_workers), "--json", str(json_path)]
-    report = run_evaluation(build_parser().parse_args(argv))
+    report = run_evaluation(build_parser().parse_args(evaluation_argv(model, config, protocol, json_path)))
     return {name: report[name] for name in METRICS if name in report}
 
 
 def evaluate_both(model: str, config, directory: Path) -> dict[str, float]:
     return (evaluate(model, config, "knn", directory / "knn.json")
             | evaluate(model, config, "linear", directory / "linear.json"))
+
+
+def untrained_checkpoint(config, directory: Path) -> Path:
+    """The arms' starting point as a checkpoint `python -m hnmix.evaluate` reads: the query encoder
+    (backbone with its stem, projection head) that the trainer's `build_model` makes under
+    config.seed, in `directory/model.safetensors` beside `directory/config.yaml`."""
+    from safetensors.torch import save_file
+
+    from hnmix.evaluate.models import ENCODER_PREFIX
+    from hnmix.train.components import build_model
+    from hnmix.train.config import config_to_yaml
+
+    encoder = build_model(replace(config, compile=False), (0, 0)).encoder_q
+    directory.mkdir(parents=True, exist_ok=True)
+    # safetensors stores contiguous tensors only (the conv weights are channels_last).
+    save_file({ENCODER_PREFIX + name: tensor.contiguous() for name, tensor in encoder.state_dict().items()},
+              str(directory / "model.safetensors"))
+    (directory / "config.yaml").write_text(config_to_yaml(config))
+    return directory
 
 
 def train_arm(config, directory: Path) -> Path:
@@ -106,14 +150,14 @@ def run_learn(args: argparse.Namespace, trainer_argv: Sequence[str]) -> dict[str
     """Both arms for each seed, evaluated next to the untrained network; the JSON payload."""
     from hnmix.train.config import parse_config
 
-    base = parse_config([*LEARN_DEFAULTS, *trainer_argv])
+    base = parse_config([*learn_defaults(trainer_argv), *trainer_argv])
     runs: dict[str, list[dict[str, float]]] = {arm: [] for arm in ARMS}
     with tempfile.TemporaryDirectory(prefix="hnmix-learn-") as tmp:
         for offset in range(args.seeds):
             seeded = replace(base, seed=base.seed + offset)
             where = Path(tmp) / f"seed{seeded.seed}"
-            (where / "untrained").mkdir(parents=True)
-            runs["untrained"].append(evaluate_both(seeded.arch, seeded, where / "untrained"))
+            untrained = untrained_checkpoint(seeded, where / "untrained")
+            runs["untrained"].append(evaluate_both(str(untrained), seeded, untrained))
             for arm, config in arm_configs(seeded).items():
                 checkpoint = train_arm(config, where / arm)
                 runs[arm].append(evaluate_both(str(checkpoint), config, where / arm))

@@ -3,14 +3,18 @@
 The math is in `hnmix.evaluate.probes` and `hnmix.evaluate.lincls`, the splits and features in
 `hnmix.evaluate.splits` and `hnmix.evaluate.features`, the models in `hnmix.evaluate.models`.
 Protocols, in short:
-- knn (fast): the bank is the train split and its queries the held-out split (the dataset's
-  `validation` split, else a fixed stratified part of the train split).
+- knn (fast): the bank is the train split and its queries the held-out split (`--knn_split`
+  with the whole train split as bank, else the dataset's `validation` split, else a fixed
+  stratified part of the train split); it compares the backbone's features, or with
+  `--knn_features projection` a checkpoint's L2-normalised projection (MoCo's CIFAR-10 demo).
 - linear (fast probe, precomputed centre-crop features): trains on the train split, picks lr and
   weight decay on a selection split and reports on `test`; without a test split it reports the
   held-out split and selects on a second stratified part of the train split, so the reported
   split never takes part in the choice (the JSON says which split played which role).
 - lincls (the papers' linear evaluation, `hnmix.evaluate.lincls`): SGD on augmented views of the
   train split through the frozen backbone, reported on `test`, else the held-out split.
+Every protocol's evaluation images are centre-cropped by `--eval_crop_pct`, by default the
+crop the encoder was evaluated with in training (`LoadedModel.crop_pct`).
 
 Logging goes through the standard `logging` module; results on several processes are computed on
 the main process and broadcast, so every rank returns the same numbers.
@@ -34,7 +38,8 @@ import torch.utils.data
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
-from hnmix.errors import ConfigError, HnmixError
+from hnmix.data.transforms import EVAL_CROP_PCT
+from hnmix.errors import ConfigError, DataError, HnmixError
 from hnmix.evaluate.features import EvalImages, extract_features, make_eval_loader
 from hnmix.evaluate.lincls import (
     BACKBONE_KEY,
@@ -45,8 +50,8 @@ from hnmix.evaluate.lincls import (
     check_lincls_dir,
     train_lincls,
 )
-from hnmix.evaluate.models import LoadedModel, load_backbone
-from hnmix.evaluate.monitor import broadcast_from_main
+from hnmix.evaluate.models import LoadedModel, load_backbone, projection_network
+from hnmix.evaluate.monitor import KNN_FEATURES, broadcast_from_main
 from hnmix.evaluate.probes import (
     LINEAR_LRS,
     LINEAR_WEIGHT_DECAYS,
@@ -112,6 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
                       f"probe and a random-init timm model (default: {DEFAULT_SEED})")
     data.add_argument("--img_size", "-i", type=int, help="evaluation crop (default: the training run's img_size, "
                       "the encoder's input_size, else 224)")
+    data.add_argument("--eval_crop_pct", type=float, help="centre crop of the evaluation images, a fraction of the "
+                      "resized short side: resize to img_size / eval_crop_pct, crop img_size (0.875: ImageNet's 256 "
+                      "then 224; 1: no crop, images of img_size pass unchanged, as MoCo's CIFAR-10 demo) (default: "
+                      "the training run's eval_crop_pct, else the encoder's pretrained_cfg crop_pct, else 0.875)")
     data.add_argument("--eval_split_size", type=_split_size, default=0.1, help="held-out part of the train split "
                       "when there is no validation split: a fraction or a count (default: 0.1)")
     data.add_argument("--eval_max_samples", type=int, help="at most this many images per split, a seeded subset; "
@@ -122,8 +131,15 @@ def build_parser() -> argparse.ArgumentParser:
                       help=f"DataLoader workers per process (default: 4, at most the CPU cores: {workers} here)")
     data.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), help="(default: the accelerate config)")
     proto = parser.add_argument_group("FAST PROBES (--protocol knn, linear: precomputed centre-crop features)")
-    proto.add_argument("--knn_k", type=int, default=200, help="neighbours (default: 200)")
-    proto.add_argument("--knn_temperature", type=float, default=0.1, help="vote weight exp(sim / T) (default: 0.1)")
+    proto.add_argument("--knn_k", type=int, help="neighbours (default: the training run's knn_k, else 200)")
+    proto.add_argument("--knn_temperature", type=float, help="vote weight exp(sim / T) (default: the training "
+                       "run's knn_temperature, else 0.1)")
+    proto.add_argument("--knn_split", help="the split the kNN classifies, with the whole --split as bank, e.g. test "
+                       "as MoCo's CIFAR-10 demo (default: the training run's knn_split on its dataset, else the "
+                       "validation split, else a stratified held-out part of --split, left out of the bank)")
+    proto.add_argument("--knn_features", choices=KNN_FEATURES, help="what the kNN compares: backbone (pooled "
+                       "features) or projection (the query encoder's L2-normalised head output, as MoCo's CIFAR-10 "
+                       "demo; a trainer checkpoint only, since an export has no head) (default: backbone)")
     proto.add_argument("--linear_lrs", type=_float_list, default=LINEAR_LRS,
                        help=f"Adam learning rates to choose from (default: {','.join(map(str, LINEAR_LRS))})")
     proto.add_argument("--linear_weight_decays", type=_float_list, default=LINEAR_WEIGHT_DECAYS,
@@ -170,6 +186,11 @@ class EvalOptions:
     dir_data: Optional[str]
     seed: int
     img_size: int
+    crop_pct: float = EVAL_CROP_PCT
+    knn_k: int = 200
+    knn_temperature: float = 0.1
+    knn_split: Optional[str] = None  # --protocol knn only
+    knn_features: str = "backbone"
     lincls: Optional[LinclsSettings] = None  # --protocol lincls only
     lincls_dir: Optional[Path] = None
 
@@ -180,14 +201,17 @@ class EvalOptions:
         return self.lincls.identity() | {
             "arch": model.arch, "dataset": self.dataset, "split": self.split, "image_column": self.image_column,
             "label_column": self.label_column, "synthetic_size": self.synthetic_size, "img_size": self.img_size,
+            "eval_crop_pct": self.crop_pct,
             "eval_split_size": self.args.eval_split_size, "eval_max_samples": self.args.eval_max_samples,
             BACKBONE_KEY: backbone_sha256(model.backbone)}
 
 
 def resolve_options(args: argparse.Namespace, model: LoadedModel, num_processes: int = 1) -> EvalOptions:
     """Flags win; then the training run's config (a checkpoint's, or the one beside an exported
-    encoder); then hnmix's defaults. Bad values are one-line ConfigErrors. `--eval_max_samples 0`
-    (all, as in hnmix.train) becomes None in `args`, so reports and a lincls resume see one spelling."""
+    encoder; the crop also an encoder's pretrained_cfg, `LoadedModel.crop_pct`); then hnmix's
+    defaults. The run's knn_split only applies to the run's dataset. Bad values are one-line
+    ConfigErrors. `--eval_max_samples 0` (all, as in hnmix.train) becomes None in `args`, so
+    reports and a lincls resume see one spelling."""
     trained = model.train_config
 
     def pick(name: str, default: Any) -> Any:
@@ -199,8 +223,18 @@ def resolve_options(args: argparse.Namespace, model: LoadedModel, num_processes:
         image_column=pick("image_column", "image"), label_column=pick("label_column", None),
         synthetic_size=pick("synthetic_size", 512), dir_data=pick("dir_data", None), seed=pick("seed", DEFAULT_SEED),
         img_size=args.img_size or model.img_size or 224,
+        crop_pct=args.eval_crop_pct if args.eval_crop_pct is not None else (model.crop_pct or EVAL_CROP_PCT),
+        knn_k=pick("knn_k", 200), knn_temperature=pick("knn_temperature", 0.1),
+        knn_features=args.knn_features or "backbone",
     )
-    positive = {"img_size": options.img_size, "batch_size": args.batch_size, "knn_k": args.knn_k,
+    if args.protocol == "knn":
+        on_the_runs_data = options.dataset == trained.get("dataset") and options.split == trained.get("split", "train")
+        options.knn_split = args.knn_split or (trained.get("knn_split") if on_the_runs_data else None)
+    elif args.knn_split is not None or args.knn_features is not None:
+        raise ConfigError("options knn_split and knn_features belong to --protocol knn")
+    if not 0 < options.crop_pct <= 1:
+        raise ConfigError(f"option eval_crop_pct must be in (0, 1] (1: no crop), got {options.crop_pct}")
+    positive = {"img_size": options.img_size, "batch_size": args.batch_size, "knn_k": options.knn_k,
                 "linear_epochs": args.linear_epochs, "linear_batch_size": args.linear_batch_size,
                 "synthetic_size": options.synthetic_size}
     for name, value in positive.items():
@@ -211,8 +245,8 @@ def resolve_options(args: argparse.Namespace, model: LoadedModel, num_processes:
     if args.eval_max_samples is not None and args.eval_max_samples < 0:
         raise ConfigError(f"option eval_max_samples must be >= 0 (0: all), got {args.eval_max_samples}")
     args.eval_max_samples = args.eval_max_samples or None  # 0 means all, as in hnmix.train: one spelling saved
-    if not args.knn_temperature > 0:
-        raise ConfigError(f"option knn_temperature must be > 0, got {args.knn_temperature}")
+    if not options.knn_temperature > 0:
+        raise ConfigError(f"option knn_temperature must be > 0, got {options.knn_temperature}")
     if args.protocol == "linear" and not (args.linear_lrs and args.linear_weight_decays):
         raise ConfigError("options linear_lrs and linear_weight_decays need at least one value each")
     if args.protocol == "lincls":
@@ -258,17 +292,12 @@ def run_evaluation(args: argparse.Namespace) -> dict[str, Any]:
     if options.lincls is not None:
         identity = options.lincls_identity(model)
         resume_from = check_lincls_dir(options.lincls_dir, identity, resume=args.resume)
-    with accelerator.main_process_first():
-        splits = load_eval_splits(
-            options.dataset, split=options.split, image_column=options.image_column,
-            label_column=options.label_column, eval_split_size=args.eval_split_size,
-            max_samples=args.eval_max_samples, seed=options.seed, cache_dir=options.dir_data,
-            synthetic_size=options.synthetic_size, with_test=args.protocol == "lincls",
-            with_selection=args.protocol == "linear",
-        )
-    backbone = model.backbone.to(accelerator.device)
+    network = projection_network(model) if options.knn_features == "projection" else model.backbone
+    splits = _load_splits(args, options, accelerator)
+    backbone = network.to(accelerator.device)
     mean, std = model.normalization()  # the statistics the encoder was trained with
-    settings: dict[str, Any] = {"img_size": options.img_size, "batch_size": args.batch_size,
+    settings: dict[str, Any] = {"img_size": options.img_size, "eval_crop_pct": options.crop_pct,
+                                "batch_size": args.batch_size,
                                 "eval_split_size": args.eval_split_size, "eval_max_samples": args.eval_max_samples,
                                 "seed": options.seed, "mixed_precision": accelerator.mixed_precision,
                                 "num_processes": accelerator.num_processes, "normalize_mean": list(mean),
@@ -280,7 +309,7 @@ def run_evaluation(args: argparse.Namespace) -> dict[str, Any]:
                        mean=mean, std=std)
         metrics = train_lincls(
             backbone, AugmentedImages(splits.train, **columns, seed=options.seed),
-            EvalImages(splits.reported, **columns), accelerator, num_classes=splits.num_classes,
+            EvalImages(splits.reported, **columns, crop_pct=options.crop_pct), accelerator, num_classes=splits.num_classes,
             settings=options.lincls, lincls_dir=options.lincls_dir, resume_from=resume_from,
             identity=identity, num_workers=args.num_workers, eval_batch_size=args.batch_size,
             metadata={"arch": model.arch, "model": model.source, "num_classes": str(splits.num_classes),
@@ -295,7 +324,7 @@ def run_evaluation(args: argparse.Namespace) -> dict[str, Any]:
 
     def features_of(dataset: datasets.Dataset) -> tuple[torch.Tensor, torch.Tensor]:
         images = EvalImages(dataset, image_column=splits.image_column, label_column=splits.label_column,
-                            img_size=options.img_size, mean=mean, std=std)
+                            img_size=options.img_size, mean=mean, std=std, crop_pct=options.crop_pct)
         loader = accelerator.prepare(make_eval_loader(images, batch_size=args.batch_size, num_workers=args.num_workers))
         extracted = extract_features(backbone, loader, accelerator)
         unreadable[0] += extracted.skipped
@@ -315,9 +344,10 @@ def run_evaluation(args: argparse.Namespace) -> dict[str, Any]:
     if accelerator.is_main_process:
         started = time.perf_counter()
         if args.protocol == "knn":
-            settings |= {"knn_k": args.knn_k, "knn_temperature": args.knn_temperature}
+            settings |= {"knn_k": options.knn_k, "knn_temperature": options.knn_temperature,
+                         "knn_split": splits.held_out_name, "knn_features": options.knn_features}
             metrics = knn_accuracy(train_f, train_y, held_f, held_y, num_classes=splits.num_classes,
-                                   k=args.knn_k, temperature=args.knn_temperature)
+                                   k=options.knn_k, temperature=options.knn_temperature)
         else:
             settings |= {"linear_lrs": list(args.linear_lrs), "linear_weight_decays": list(args.linear_weight_decays),
                          "linear_epochs": args.linear_epochs, "linear_batch_size": args.linear_batch_size,
@@ -333,6 +363,23 @@ def run_evaluation(args: argparse.Namespace) -> dict[str, Any]:
                     "eval_bad_samples": unreadable[0]}
     metrics = broadcast_from_main(metrics, accelerator)
     return _finish(accelerator, args, model, options, splits, roles[args.protocol], metrics, settings, json_path)
+
+
+def _load_splits(args: argparse.Namespace, options: EvalOptions, accelerator: Accelerator) -> EvalSplits:
+    """The protocol's splits (`load_eval_splits`); the kNN's queries are --knn_split when set."""
+    try:
+        with accelerator.main_process_first():
+            return load_eval_splits(
+                options.dataset, split=options.split, image_column=options.image_column,
+                label_column=options.label_column, eval_split_size=args.eval_split_size,
+                max_samples=args.eval_max_samples, seed=options.seed, cache_dir=options.dir_data,
+                synthetic_size=options.synthetic_size, with_test=args.protocol == "lincls",
+                with_selection=args.protocol == "linear", held_out_split=options.knn_split,
+            )
+    except DataError as error:
+        if options.knn_split is not None and str(error).startswith(f"split {options.knn_split!r} does not exist"):
+            raise ConfigError(f"option knn_split: {error}") from None
+        raise
 
 
 def _finish(accelerator: Accelerator, args: argparse.Namespace, model: LoadedModel, options: EvalOptions,

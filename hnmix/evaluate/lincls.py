@@ -51,7 +51,7 @@ import torch.utils.data
 from accelerate import Accelerator
 from torchvision import transforms
 
-from hnmix.data.transforms import IMAGENET_MEAN, IMAGENET_STD, ImageTransform
+from hnmix.data.transforms import EVAL_CROP_PCT, IMAGENET_MEAN, IMAGENET_STD, ImageTransform
 from hnmix.data.two_views import EpochSampler, sample_rng
 from hnmix.data.workers import ignore_stop_signals
 from hnmix.errors import CheckpointError, ConfigError, describe
@@ -73,6 +73,8 @@ STATE_FILE = "lincls_state.json"
 CLASSIFIER_FILE = "classifier.safetensors"
 METRICS_FILE = "metrics.jsonl"
 BACKBONE_KEY = "backbone_sha256"  # in the identity: `backbone_sha256` of the weights the classifier was trained on
+# Settings an older hnmix did not record in a saved run's identity, as it used them.
+UNRECORDED_IDENTITY = {"eval_crop_pct": EVAL_CROP_PCT}
 _EPOCH_DIR = re.compile(r"^epoch_(\d{4,})$")
 
 
@@ -225,6 +227,7 @@ def check_lincls_dir(lincls_dir: Path, identity: dict[str, Any], *, resume: bool
             raise ConfigError(f"--resume: no saved lincls state under {lincls_dir}; start without --resume")
         return None
     state = json.loads((saved / STATE_FILE).read_text())
+    state["identity"] = UNRECORDED_IDENTITY | state["identity"]
     if state["identity"].get(BACKBONE_KEY) != identity.get(BACKBONE_KEY):
         why = ("the model was exported or trained again since, or is another one" if state["identity"].get(BACKBONE_KEY)
                else "an older hnmix did not record which weights")

@@ -16,10 +16,13 @@ import yaml
 
 from hnmix.backbones import apply_stem
 from hnmix.data.augmentation import IMAGENET_MEAN, IMAGENET_STD, normalization
+from hnmix.data.transforms import EVAL_CROP_PCT
 from hnmix.errors import ConfigError, HubError, describe, network_error_types
 from hnmix.hub.load import load_encoder
+from hnmix.moco import MoCoEncoder
 
 CHECKPOINT_PREFIX = "encoder_q.backbone."  # the query backbone's keys in a trainer checkpoint
+ENCODER_PREFIX = "encoder_q."  # the query encoder's (backbone and projection head)
 
 
 @dataclass
@@ -33,6 +36,10 @@ class LoadedModel:
     img_size: Optional[int]  # what it was trained / configured for, when known
     train_config: dict[str, Any] = field(default_factory=dict)  # the training run's options, when known
     train_config_source: Optional[str] = None  # the file they were read from
+    # The evaluation crop (timm's crop_pct) it was evaluated / exported with, when known: the run's
+    # --eval_crop_pct (a checkpoint's from before the option: 0.875, what it used), else the
+    # pretrained_cfg's crop_pct (an export's is the run's; timm's pretrained weights', their own).
+    crop_pct: Optional[float] = None
 
     def describe(self) -> dict[str, Any]:
         return {"source": self.source, "kind": self.kind, "arch": self.arch,
@@ -86,7 +93,8 @@ def load_backbone(model: str, *, pretrained: bool = False) -> LoadedModel:
             config, config_source = run_config_of_encoder(path, arch)
             img_size = config.get("img_size")
             img_size = img_size if isinstance(img_size, int) and not isinstance(img_size, bool) else _input_size(backbone)
-            return LoadedModel(backbone, "encoder", str(path), arch, img_size, config, config_source)
+            crop_pct = _valid_crop_pct(config.get("eval_crop_pct")) or _crop_pct(backbone)
+            return LoadedModel(backbone, "encoder", str(path), arch, img_size, config, config_source, crop_pct)
         hints = [str(path / name) for name in ("encoder", "checkpoints") if (path / name).is_dir()]
         hint = f" (found {', '.join(hints)})" if hints else ""
         raise ConfigError(f"{model} is neither a checkpoint directory (model.safetensors + config.yaml) nor an "
@@ -102,7 +110,8 @@ def load_backbone(model: str, *, pretrained: bool = False) -> LoadedModel:
         backbone = _create(model, pretrained=pretrained,
                            what=f"timm's pretrained weights of {model}" if pretrained else f"the timm model {model}")
         return LoadedModel(backbone, "timm", model + (" (timm pretrained)" if pretrained else " (random init)"),
-                           model, _input_size(backbone) if pretrained else None)
+                           model, _input_size(backbone) if pretrained else None,
+                           crop_pct=_crop_pct(backbone) if pretrained else None)
     if _HUB_ID.fullmatch(model):
         return _load_from_hub(model, local_missing=True)
     if "/" in model:
@@ -137,7 +146,8 @@ def _load_from_hub(repo_id: str, *, local_missing: bool = False) -> LoadedModel:
         backbone = load_encoder(f"hf-hub:{repo_id}", num_classes=0)
     except HubError as error:
         raise HubError(f"{error}{also}") from None
-    return LoadedModel(backbone, "hub", f"hf-hub:{repo_id}", _arch_of(backbone), _input_size(backbone))
+    return LoadedModel(backbone, "hub", f"hf-hub:{repo_id}", _arch_of(backbone), _input_size(backbone),
+                       crop_pct=_crop_pct(backbone))
 
 
 def _create(name: str, *, pretrained: bool, what: str, also: str = "") -> nn.Module:
@@ -177,8 +187,33 @@ def _load_checkpoint(path: Path) -> LoadedModel:
         raise ConfigError(f"the weights in {path} do not fit {arch} ({describe(error)}); "
                           "pass a checkpoint written by hnmix.train") from None
     img_size = config.get("img_size")
+    crop_pct = _valid_crop_pct(config.get("eval_crop_pct", EVAL_CROP_PCT))
     return LoadedModel(backbone, "checkpoint", str(path), arch, img_size if isinstance(img_size, int) else None,
-                       config, str(path / "config.yaml"))
+                       config, str(path / "config.yaml"), crop_pct)
+
+
+def projection_network(model: LoadedModel) -> nn.Module:
+    """The query encoder of the trainer checkpoint `model` (`hnmix.moco.MoCoEncoder`: images
+    [B, 3, S, S] -> its L2-normalised projection [B, dim_moco] float32), what `--knn_features
+    projection` compares, as MoCo's CIFAR-10 demo's monitor does. Only a checkpoint holds the
+    projection head; any other model is a one-line ConfigError."""
+    if model.kind != "checkpoint":
+        raise ConfigError(f"--knn_features projection needs the projection head, which only a trainer checkpoint "
+                          f"holds, not {model.source} ({model.kind}); pass DIR_OUT/checkpoints/step_N, or "
+                          "--knn_features backbone")
+    from safetensors.torch import load_file
+
+    config, path = model.train_config, Path(model.source)
+    weights = {k.removeprefix(ENCODER_PREFIX): v for k, v in load_file(path / "model.safetensors").items()
+               if k.startswith(ENCODER_PREFIX)}
+    try:  # a checkpoint from before --head has the MLP head, as its trainer built
+        encoder = MoCoEncoder(model.arch, int(config.get("dim_moco", 128)), stem=config.get("stem", "default"),
+                              head=config.get("head", "mlp"))
+        encoder.load_state_dict(weights)
+    except (RuntimeError, ValueError, KeyError) as error:
+        raise ConfigError(f"the projection head in {path} does not fit its config.yaml ({describe(error)}); "
+                          "pass a checkpoint written by hnmix.train, or --knn_features backbone") from None
+    return encoder
 
 
 def run_config_of_encoder(path: Path, arch: str) -> tuple[dict[str, Any], Optional[str]]:
@@ -233,3 +268,15 @@ def _arch_of(backbone: nn.Module) -> str:
 def _input_size(backbone: nn.Module) -> Optional[int]:
     size = (getattr(backbone, "pretrained_cfg", None) or {}).get("input_size")
     return int(size[-1]) if size else None
+
+
+def _crop_pct(backbone: nn.Module) -> Optional[float]:
+    """The pretrained_cfg's crop_pct (an export's: its run's --eval_crop_pct), when one in (0, 1]."""
+    return _valid_crop_pct((getattr(backbone, "pretrained_cfg", None) or {}).get("crop_pct"))
+
+
+def _valid_crop_pct(value: Any) -> Optional[float]:
+    """`value` as a crop_pct when it is a number in (0, 1], else None (a file's value is a hint, not an order)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        return None
+    return float(value)

@@ -11,7 +11,9 @@ from huggingface_hub import ModelCard, ModelCardData
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
+from hnmix.data.augmentation import NORMALIZATIONS, normalization
 from hnmix.data.synthetic import SYNTHETIC_SOURCES
+from hnmix.data.transforms import EVAL_CROP_PCT
 
 MODEL_CARD_TAGS = ("image-feature-extraction", "timm", "self-supervised", "moco", "mochi", "hnmix")
 
@@ -193,11 +195,30 @@ def _evaluation_table(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n" + note
 
 
+# How the card names the normalisations `--normalize` knows by name.
+_NORMALIZATION_NAMES = {"imagenet": "ImageNet", "cifar10": "CIFAR-10"}
+
+
+def _preprocessing(config: dict[str, Any]) -> str:
+    """The evaluation preprocessing the export's config.json records, in words: the run's
+    --eval_crop_pct and --normalize (a config from before those options: 0.875 and ImageNet's)."""
+    size, crop_pct = config.get("img_size"), float(config.get("eval_crop_pct") or EVAL_CROP_PCT)
+    if not size:
+        crop = "resize, centre crop"
+    elif crop_pct == 1:
+        crop = f"resize the short side to {size}, centre crop {size} (no crop of a {size} x {size} image)"
+    else:
+        crop = f"resize to {round(size / crop_pct)}, centre crop {size} (crop_pct {crop_pct:g})"
+    normalize = str(config.get("normalize") or "imagenet")
+    if normalize.lower() in NORMALIZATIONS:
+        return f"{crop}, {_NORMALIZATION_NAMES.get(normalize.lower(), normalize)} mean and std"
+    mean, std = normalization(normalize)
+    return f"{crop}, mean {', '.join(f'{m:g}' for m in mean)} and std {', '.join(f'{s:g}' for s in std)}"
+
+
 def _usage(repo_id: Optional[str], config: dict[str, Any]) -> str:
     name = f"hf-hub:{repo_id}" if repo_id else "hf-hub:USER/MODEL"
-    size = config.get("img_size")
-    preprocessing = (f"resize to {round(size * 256 / 224)}, centre crop {size}, ImageNet mean and std"
-                     if size else "resize, centre crop, ImageNet mean and std")
+    preprocessing = _preprocessing(config)
     repo = repo_id or "USER/MODEL"
     imports, intro = "import timm\nimport torch\nfrom PIL import Image\n\n", ""
     load = f'model = timm.create_model("{name}", pretrained=True, num_classes=0).eval()\n'

@@ -26,6 +26,7 @@ from timm.models import save_for_hf
 
 from hnmix.backbones import stem_of
 from hnmix.data.augmentation import IMAGENET_MEAN, IMAGENET_STD
+from hnmix.data.transforms import EVAL_CROP_PCT
 
 
 # What timm's pretrained_cfg says about the ImageNet weights it ships (their tag, paper, origin,
@@ -39,25 +40,31 @@ HNMIX_SECTION = "hnmix"
 
 
 def encoder_pretrained_cfg(backbone: nn.Module, *, img_size: int, mean: Sequence[float] = IMAGENET_MEAN,
-                           std: Sequence[float] = IMAGENET_STD) -> dict:
+                           std: Sequence[float] = IMAGENET_STD, crop_pct: float = EVAL_CROP_PCT) -> dict:
     """The `pretrained_cfg` of an exported encoder: timm's architecture fields kept, its weights'
     metadata replaced by hnmix's, and the preprocessing hnmix evaluates with (resize to
-    img_size * 256/224, centre crop img_size, bilinear, the `mean` and `std` it was trained
-    with: `timm.data.resolve_data_config` hands them to whoever uses the encoder)."""
+    img_size / crop_pct, centre crop img_size, bilinear, the `mean` and `std` it was trained
+    with: `timm.data.resolve_data_config` hands them to whoever uses the encoder). `crop_pct` is
+    the run's --eval_crop_pct (0.875: ImageNet's 256 then 224; 1: no crop, as MoCo's CIFAR-10 demo)."""
+    if not 0 < crop_pct <= 1:
+        raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}")
     cfg = {k: v for k, v in dict(backbone.pretrained_cfg).items() if k not in TIMM_WEIGHT_METADATA}
     if tuple(cfg.get("input_size", ())[1:]) != (img_size, img_size) or stem_of(backbone) != "default":
         cfg.pop("pool_size", None)  # the feature map of another input size or stem
     return cfg | {"tag": "hnmix", "paper_ids": HNMIX_PAPER, "input_size": (3, img_size, img_size),
-                  "crop_pct": 224 / 256, "crop_mode": "center", "mean": tuple(mean), "std": tuple(std),
+                  "crop_pct": float(crop_pct), "crop_mode": "center", "mean": tuple(mean), "std": tuple(std),
                   "interpolation": "bilinear", "num_classes": 0}
 
 
 def export_encoder(backbone: nn.Module, directory: str | Path, *, img_size: int,
-                   mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> Path:
+                   mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
+                   crop_pct: float = EVAL_CROP_PCT) -> Path:
     """Save `backbone` (a timm model) to `directory`; returns the directory.
 
     config.json carries `encoder_pretrained_cfg` (not timm's claims about its own ImageNet
-    weights), with the normalisation `mean` and `std` the encoder was trained with. It is set on a copy of the backbone, so `save_for_hf`'s plain signature works with
+    weights), with the normalisation `mean` and `std` the encoder was trained with and the
+    evaluation crop `crop_pct` (the run's --eval_crop_pct), which `python -m hnmix.evaluate` and
+    timm's `resolve_data_config` read. It is set on a copy of the backbone, so `save_for_hf`'s plain signature works with
     every timm the requirements allow. A channels_last backbone is saved contiguous (safetensors
     stores contiguous tensors only). config.json's `hnmix` section records the stem
     (`hnmix.backbones.stem_of`): a CIFAR-stem encoder loads with `hnmix.load_encoder`, as stock
@@ -68,7 +75,8 @@ def export_encoder(backbone: nn.Module, directory: str | Path, *, img_size: int,
     exported = copy.copy(backbone)  # shallow: the same parameters, its own pretrained_cfg attribute
     if any(not p.is_contiguous() for p in backbone.parameters()):
         exported = copy.deepcopy(backbone).to(memory_format=torch.contiguous_format)
-    exported.pretrained_cfg = encoder_pretrained_cfg(backbone, img_size=img_size, mean=mean, std=std)
+    exported.pretrained_cfg = encoder_pretrained_cfg(backbone, img_size=img_size, mean=mean, std=std,
+                                                       crop_pct=crop_pct)
     save_for_hf(exported, str(directory), model_config={HNMIX_SECTION: {"stem": stem_of(backbone)}},
                 safe_serialization=True)
     readable_like_siblings(directory)

@@ -3,10 +3,16 @@ in one table and one JSON (correctness only: no timing, and accuracy only where 
 it certain)."""
 
 import json
+import logging
 import subprocess
 import sys
 
-from hnmix.bench.learn import LEARN_DEFAULTS, METRICS, arm_configs
+import pytest
+from accelerate.state import AcceleratorState, GradientState
+from data_images import write_cifar10_like_repo
+
+from hnmix.bench.learn import LEARN_DEFAULTS, METRICS, arm_configs, evaluate, learn_defaults, untrained_checkpoint
+from hnmix.data.augmentation import CIFAR10_MEAN
 from hnmix.train.config import parse_config
 from launch import REPO
 
@@ -21,6 +27,39 @@ def test_the_arms_differ_only_in_the_synthetic_negatives():
     moco, mochi = arms["moco"].to_dict(), arms["mochi"].to_dict()
     assert {k for k in moco if moco[k] != mochi[k]} == {"s1_hard", "s2_hard"}
     assert (moco["s1_hard"], moco["s2_hard"], mochi["s1_hard"], mochi["s2_hard"]) == (0, 0, 4, 4)
+
+
+def test_a_config_recipe_is_not_overridden_by_the_small_default_recipe():
+    argv = ["--config", str(REPO / "configs" / "moco_cifar10.yaml")]
+    config = parse_config([*learn_defaults(argv), *argv])
+    assert (config.arch, config.stem, config.img_size, config.batch_size, config.dataset) == \
+        ("resnet18", "cifar", 32, 512, "uoft-cs/cifar10")
+    assert parse_config([*learn_defaults(TINY_LEARN), *TINY_LEARN]).warmup_fraction == 0.05  # LEARN_DEFAULTS'
+
+
+@pytest.fixture
+def restore_logging_and_accelerate():
+    """The evaluation runs in this process: give the root logger and Accelerate's state back."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    root.handlers[:], root.level = handlers, level
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def test_the_knn_evaluation_follows_the_recipes_monitor(tmp_path, restore_logging_and_accelerate):
+    data = write_cifar10_like_repo(tmp_path / "cifar", {"train": 20, "test": 10})
+    config = parse_config([*LEARN_DEFAULTS, *TINY_LEARN, "--dataset", str(data), "--image_column", "img",
+                           "--normalize", "cifar10", "--knn_split", "test", "--knn_features", "projection",
+                           "--eval_crop_pct", "1", "--knn_k", "3", "--knn_temperature", "0.5", "--eval_max_samples", "0"])
+    checkpoint = untrained_checkpoint(config, tmp_path / "untrained")
+    evaluate(str(checkpoint), config, "knn", tmp_path / "knn.json")
+    report = json.loads((tmp_path / "knn.json").read_text())
+    settings = report["settings"]
+    assert (settings["knn_split"], settings["knn_features"], settings["eval_crop_pct"], settings["knn_k"],
+            settings["knn_temperature"]) == ("test", "projection", 1.0, 3, 0.5)
+    assert settings["normalize_mean"] == list(CIFAR10_MEAN) and report["dataset"]["sizes"] == {"train": 20, "held_out": 10}
 
 
 def test_learn_trains_and_evaluates_every_arm_for_every_seed(tmp_path):
