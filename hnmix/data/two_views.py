@@ -23,7 +23,7 @@ from hnmix.data.geometric import two_crops, two_crops_of_pixels
 from hnmix.data.images import DECODE_ERRORS, encoded_bytes, open_image
 from hnmix.data.sources import resolve_columns
 from hnmix.data.transforms import ImageTransform
-from hnmix.data.workers import ignore_stop_signals
+from hnmix.data.workers import fit_prefetch, ignore_stop_signals
 from hnmix.errors import DataError, describe, first_line
 
 logger = logging.getLogger(__name__)
@@ -116,6 +116,12 @@ class TwoViewDataset(torch.utils.data.Dataset):
 
     def __len__(self) -> int:
         return len(self.dataset)
+
+    def batch_bytes(self, batch_size: int) -> int:
+        """Bytes of one collated batch: two views [B, 3, S, S], uint8 as cropped or float32 after
+        the photometric half, and index, label and unreadable [B] int64."""
+        view_bytes = 3 * self.img_size**2 * (1 if self.photometric is None else 4)
+        return batch_size * (2 * view_bytes + 3 * 8)
 
     def __getitem__(self, encoded_index: int) -> tuple[torch.Tensor, torch.Tensor, int, int, int]:
         """(view_q, view_k, index, label, unreadable): `unreadable` counts the images that could
@@ -235,21 +241,25 @@ class EpochSampler(torch.utils.data.Sampler[int]):
 
 
 def make_train_loader(
-    dataset: TwoViewDataset, *, batch_size: int, num_workers: int, seed: int
+    dataset: TwoViewDataset, *, batch_size: int, num_workers: int, seed: int, prefetch_factor: Optional[int] = None
 ) -> torch.utils.data.DataLoader:
     """The training DataLoader: EpochSampler order, full batches only (drop_last).
 
-    Batches: (view_q [B, 3, H, W] float32, view_k [B, 3, H, W] float32, index [B] int64,
-    label [B] int64). The loader has its own seeded generator, so making an iterator does not
-    consume the global RNG. An exception in a worker is re-raised by the DataLoader in the main
-    process with the same type; its message then holds the worker's traceback (the original
-    one-line message is its last line). Workers ignore the run's stop signals (`hnmix.data.workers`).
+    Batches: (view_q [B, 3, H, W], view_k [B, 3, H, W], uint8 crops or float32 after the
+    photometric half, index [B] int64, label [B] int64, unreadable [B] int64). The loader has its
+    own seeded generator, so making an iterator does not consume the global RNG. An exception in a
+    worker is re-raised by the DataLoader in the main process with the same type; its message then
+    holds the worker's traceback (the original one-line message is its last line). Workers ignore
+    the run's stop signals (`hnmix.data.workers`). `prefetch_factor`: batches each worker keeps
+    ready (default: as many as fit in /dev/shm, at most 4, or a ConfigError: `fit_prefetch`).
     """
     if len(dataset) < batch_size:
         raise DataError(
             f"the dataset has {len(dataset)} images, fewer than one batch of {batch_size} (incomplete "
             f"batches are dropped); lower --batch_size to at most {len(dataset)} or use more images"
         )
+    if num_workers > 0 and prefetch_factor is None:
+        prefetch_factor = fit_prefetch(dataset.batch_bytes(batch_size), num_workers).prefetch_factor
     return torch.utils.data.DataLoader(
         dataset,
         batch_size=batch_size,
@@ -258,7 +268,7 @@ def make_train_loader(
         num_workers=num_workers,
         pin_memory=torch.cuda.is_available(),
         persistent_workers=num_workers > 0,
-        prefetch_factor=4 if num_workers > 0 else None,
+        prefetch_factor=prefetch_factor if num_workers > 0 else None,
         generator=torch.Generator().manual_seed(seed),
         worker_init_fn=ignore_stop_signals,
     )

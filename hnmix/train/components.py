@@ -41,6 +41,7 @@ from hnmix.data.decoded import GIB
 from hnmix.data.sources import load_image_dataset, resolve_columns
 from hnmix.data.transforms import moco_v2_photometric
 from hnmix.data.two_views import TwoViewDataset, make_train_loader
+from hnmix.data.workers import default_num_workers, fit_prefetch, local_processes
 from hnmix.errors import ConfigError, DataError, HubError, describe, first_line
 from hnmix.evaluate.monitor import KnnMonitor
 from hnmix.evaluate.splits import NO_LABELS, load_eval_splits
@@ -317,6 +318,14 @@ def augment_on_accelerator(config: TrainConfig, device: torch.device) -> bool:
     return config.augment_device == "accelerator"
 
 
+def loader_workers(config: TrainConfig, accelerator: Accelerator) -> tuple[int, str]:
+    """(DataLoader workers per process, how that was chosen): --num_workers, or when it is left
+    out this process's share of the node's cores (`default_num_workers`)."""
+    if config.num_workers is not None:
+        return config.num_workers, "--num_workers"
+    return default_num_workers(local_processes(accelerator.num_processes))
+
+
 def build_data(config: TrainConfig, accelerator: Accelerator, *, photometric_in_workers: bool):
     """The training DataLoader and whether the data has labels. The workers crop and flip, and
     run the photometric half too when `photometric_in_workers`, as the augmentation options say
@@ -331,7 +340,15 @@ def build_data(config: TrainConfig, accelerator: Accelerator, *, photometric_in_
     views = TwoViewDataset(dataset, image_column=image_column, label_column=label_column, img_size=config.img_size,
                            seed=config.seed, photometric=photometric, augmentation=augmentation,
                            in_memory_bytes=int(config.images_in_memory_gib * GIB))
-    loader = make_train_loader(views, batch_size=config.batch_size, num_workers=config.num_workers, seed=config.seed)
+    workers, chosen_by = loader_workers(config, accelerator)
+    prefetch, ready = None, "loading in the main process"
+    if workers:  # every process of the node has its loader in the same /dev/shm; refused before any worker starts
+        fit = fit_prefetch(views.batch_bytes(config.batch_size), workers,
+                           processes=local_processes(accelerator.num_processes))
+        prefetch, ready = fit.prefetch_factor, fit.describe()
+    logger.info(f"DataLoader: {workers} worker(s) per process ({chosen_by}), {ready}")
+    loader = make_train_loader(views, batch_size=config.batch_size, num_workers=workers, seed=config.seed,
+                               prefetch_factor=prefetch)
     return loader, label_column is not None
 
 
@@ -366,7 +383,7 @@ def build_knn_monitor(config: TrainConfig, accelerator: Accelerator) -> Optional
     logger.info(f"kNN monitor of the {config.knn_features} features every {cadence}: {splits.describe()}")
     augmentation = config.augmentation
     return KnnMonitor.from_splits(splits, accelerator, img_size=config.img_size, batch_size=config.batch_size,
-                                  num_workers=config.num_workers, k=config.knn_k, temperature=config.knn_temperature,
+                                  num_workers=loader_workers(config, accelerator)[0], k=config.knn_k, temperature=config.knn_temperature,
                                   features=config.knn_features, mean=augmentation.mean, std=augmentation.std,
                                   crop_pct=config.eval_crop_pct)
 

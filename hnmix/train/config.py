@@ -79,7 +79,7 @@ class TrainConfig:
     image_column: str = option("image", "Column holding the images.", group="data")
     label_column: Optional[str] = option(None, "Column holding class labels (default: `label` if present; `none`: no labels).", group="data")
     synthetic_size: int = option(512, "Number of images of each split of `--dataset synthetic` and `synthetic-hard`.", group="data")
-    num_workers: int = option(4, "DataLoader worker processes per training process.", group="data")
+    num_workers: Optional[int] = option(None, "DataLoader worker processes per training process (default: the usable cores of this node, a cgroup's CPU quota included, / the training processes on it, less 1 for the process itself; at least 1).", group="data")
     images_in_memory_gib: float = option(1.0, "Decode the training images once and keep them in memory, shared by the DataLoader workers, when they take at most this many GiB per process and each is under twice img_size on its short side (so that the views are the same as when decoded at every draw). CIFAR-10's 50,000 take 0.14 GiB. 0: decode at every draw.", group="data")
     augment_device: Optional[str] = option(
         None,
@@ -287,7 +287,7 @@ def validate(config: TrainConfig) -> None:
     non_negative = ("num_workers", "keep_checkpoints", "n_hard", "s1_hard", "s2_hard", "weight_decay", "momentum",
                     "images_in_memory_gib")
     for name in non_negative:
-        if getattr(config, name) < 0:
+        if getattr(config, name) is not None and getattr(config, name) < 0:  # num_workers None: auto
             raise ConfigError(f"option {name} must be >= 0, got {getattr(config, name)}")
     if config.bn_splits < 1 or config.batch_size % config.bn_splits:
         raise ConfigError(f"option bn_splits must be >= 1 and divide batch_size {config.batch_size}, got {config.bn_splits}")
