@@ -60,8 +60,8 @@ def evaluation_argv(model: str, config, protocol: str, json_path: Path) -> list[
     argv = [model, "--protocol", protocol, "--dataset", config.dataset, "--split", config.split,
             "--image_column", config.image_column, "--img_size", str(config.img_size),
             "--eval_crop_pct", str(config.eval_crop_pct), "--synthetic_size", str(config.synthetic_size),
-            "--seed", str(config.seed), "--num_workers", str(config.num_workers), "--json", str(json_path)]
-    for name in ("label_column", "dir_data"):
+            "--seed", str(config.seed), "--json", str(json_path)]
+    for name in ("label_column", "dir_data", "num_workers"):  # None: each program's own default
         if getattr(config, name) is not None:
             argv += [f"--{name}", str(getattr(config, name))]
     if protocol == "knn":

@@ -37,6 +37,20 @@ def test_a_config_recipe_is_not_overridden_by_the_small_default_recipe():
     assert parse_config([*learn_defaults(TINY_LEARN), *TINY_LEARN]).warmup_fraction == 0.05  # LEARN_DEFAULTS'
 
 
+def test_a_recipe_without_num_workers_leaves_the_evaluations_worker_count_to_its_default():
+    from hnmix.bench.learn import evaluation_argv
+    from hnmix.evaluate.cli import build_parser
+
+    argv = ["--config", str(REPO / "configs" / "moco_cifar10.yaml")]
+    config = parse_config([*learn_defaults(argv), *argv])
+    assert config.num_workers is None  # the GPU recipes size their workers to the machine
+    command = evaluation_argv("runs/x/checkpoints/step_1", config, "knn", REPO / "knn.json")
+    assert "--num_workers" not in command
+    build_parser().parse_args(command)  # "None" would be refused
+    config = parse_config([*argv, "--num_workers", "3"])
+    assert build_parser().parse_args(evaluation_argv("m", config, "knn", REPO / "knn.json")).num_workers == 3
+
+
 @pytest.fixture
 def restore_logging_and_accelerate():
     """The evaluation runs in this process: give the root logger and Accelerate's state back."""
