@@ -5,7 +5,8 @@ read, pixels not yet decoded), with its file's bytes, and returns two uint8 view
 RandomResizedCrop (scale `AugmentationSpec.crop_scale`, MoCo v2's 0.2-1.0; ratio 3/4-4/3,
 antialiased bilinear) and a horizontal flip with p=`flip_p` (0.5). The draws follow torchvision's `RandomResizedCrop.get_params` but come from a
 `random.Random` seeded per sample: the ten tries of torchvision's draw through torch's global
-generator cost more than the crop itself.
+generator cost more than the crop itself. `one_crop` (and `one_crop_of_pixels`) is the same for a
+single view, as the linear evaluation (`hnmix.evaluate.lincls`) trains on.
 
 Why the crops are drawn before decoding: a JPEG can be decoded at 1/2, 1/4 or 1/8 of its size
 (libjpeg's DCT scaling, through simplejpeg or PIL's `draft`), which saves most of the inverse DCT and colour
@@ -114,6 +115,43 @@ def two_crops(image: Image.Image, img_size: int, rng: random.Random, encoded: Op
     """
     width, height = upright_size(image)
     crops, flips = draw_two_crops(width, height, rng, augmentation)
+    return _decode_and_cut(image, encoded, crops, flips, img_size, width=width, height=height)
+
+
+def one_crop(image: Image.Image, img_size: int, rng: random.Random, encoded: Optional[bytes] = None, *,
+             augmentation: AugmentationSpec = MOCO_V2) -> torch.Tensor:
+    """`two_crops` for one view: a lazily opened image -> one uint8 view [3, img_size, img_size],
+    a RandomResizedCrop with `augmentation.crop_scale` then a flip with p=`flip_p`, drawn from
+    `rng` in that order (`draw_one_crop`). The image is decoded at a reduced size when the one
+    crop allows (1/r with the crop at least r * img_size on each side), as `two_crops` decodes."""
+    width, height = upright_size(image)
+    crop, flip = draw_one_crop(width, height, rng, augmentation)
+    return _decode_and_cut(image, encoded, [crop], [flip], img_size, width=width, height=height)[0]
+
+
+def draw_one_crop(width: int, height: int, rng: random.Random,
+                  augmentation: AugmentationSpec = MOCO_V2) -> tuple[Crop, bool]:
+    """The crop box and horizontal flip of one view of a width x height upright image, drawn from
+    `rng` (torchvision's RandomResizedCrop, then RandomHorizontalFlip)."""
+    crop = random_resized_crop(width, height, rng, augmentation.crop_scale)
+    return crop, rng.random() < augmentation.flip_p
+
+
+def one_crop_of_pixels(pixels: torch.Tensor, img_size: int, rng: random.Random, *,
+                       augmentation: AugmentationSpec = MOCO_V2) -> torch.Tensor:
+    """Upright uint8 pixels [H, W, 3], already decoded -> one uint8 view [3, img_size, img_size],
+    drawn from `rng` as `one_crop` draws it; the same view as `one_crop`'s whenever that one
+    decodes at full size (the crop under 2 * img_size pixels on a side)."""
+    height, width = pixels.shape[:2]
+    crop, flip = draw_one_crop(width, height, rng, augmentation)
+    return _cut_views(pixels.permute(2, 0, 1).unsqueeze(0), [crop], [flip], img_size, reduction=1, pad_y=0,
+                      pad_x=0)[0]
+
+
+def _decode_and_cut(image: Image.Image, encoded: Optional[bytes], crops: list[Crop], flips: list[bool],
+                    img_size: int, *, width: int, height: int) -> list[torch.Tensor]:
+    """Decode `image` (width x height upright) once, at the largest reduction every crop allows,
+    and cut the uint8 views [3, img_size, img_size] of `crops`, flipped where `flips`."""
     reduction = draft_reduction(crops, img_size)
     orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
     pixels = decode_jpeg_upright(image, encoded, reduction) if encoded is not None else None  # [h, w, 3]

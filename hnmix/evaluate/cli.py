@@ -38,12 +38,15 @@ import torch.utils.data
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
+from hnmix.data.decoded import GIB
 from hnmix.data.transforms import EVAL_CROP_PCT
+from hnmix.data.workers import default_num_workers, local_processes
 from hnmix.errors import ConfigError, DataError, HnmixError
 from hnmix.evaluate.features import EvalImages, extract_features, make_eval_loader
 from hnmix.evaluate.lincls import (
     BACKBONE_KEY,
     SCHEDULES,
+    TRAIN_VIEWS,
     AugmentedImages,
     LinclsSettings,
     backbone_sha256,
@@ -66,10 +69,12 @@ logger = logging.getLogger("hnmix.evaluate")  # not __name__: that is "__main__"
 DEFAULT_DATASET = "ilee0022/Caltech-256"
 
 
-def default_num_workers() -> int:
-    """4, or fewer on a machine with fewer usable cores (more only compete, and torch warns)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(4, cores))
+def resolve_num_workers(args: argparse.Namespace, accelerator: Accelerator) -> tuple[int, str]:
+    """(DataLoader workers per process, how that was chosen): --num_workers, else the trainer's
+    default, this process's share of the node's usable cores less one (`hnmix.data.workers`)."""
+    if args.num_workers is not None:
+        return args.num_workers, "--num_workers"
+    return default_num_workers(local_processes(accelerator.num_processes))
 
 
 def _split_size(text: str) -> Union[int, float]:
@@ -126,9 +131,13 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--eval_max_samples", type=int, help="at most this many images per split, a seeded subset; "
                       "0: all, as in hnmix.train (default: all)")
     data.add_argument("--batch_size", type=int, default=128, help="per process (default: 128)")
-    workers = default_num_workers()
-    data.add_argument("--num_workers", type=int, default=workers,
-                      help=f"DataLoader workers per process (default: 4, at most the CPU cores: {workers} here)")
+    data.add_argument("--num_workers", type=int, help="DataLoader workers per process (default: as hnmix.train, the "
+                      "usable cores of this node, a cgroup's CPU quota included, / the processes on it, less 1 for "
+                      "the process itself; at least 1)")
+    data.add_argument("--images_in_memory_gib", type=float, default=1.0, help="lincls: decode the training images "
+                      "once and keep them in shared memory when they take at most this many GiB per process and each "
+                      "is under twice img_size on its short side (the same views, as hnmix.train); 0: decode at every "
+                      "draw (default: 1)")
     data.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), help="(default: the accelerate config)")
     proto = parser.add_argument_group("FAST PROBES (--protocol knn, linear: precomputed centre-crop features)")
     proto.add_argument("--knn_k", type=int, help="neighbours (default: the training run's knn_k, else 200)")
@@ -240,8 +249,11 @@ def resolve_options(args: argparse.Namespace, model: LoadedModel, num_processes:
     for name, value in positive.items():
         if value < 1:
             raise ConfigError(f"option {name} must be >= 1, got {value}")
-    if args.num_workers < 0:
+    if args.num_workers is not None and args.num_workers < 0:
         raise ConfigError(f"option num_workers must be >= 0, got {args.num_workers}")
+    if not args.images_in_memory_gib >= 0:
+        raise ConfigError(f"option images_in_memory_gib must be >= 0 (0: decode at every draw), got "
+                          f"{args.images_in_memory_gib}")
     if args.eval_max_samples is not None and args.eval_max_samples < 0:
         raise ConfigError(f"option eval_max_samples must be >= 0 (0: all), got {args.eval_max_samples}")
     args.eval_max_samples = args.eval_max_samples or None  # 0 means all, as in hnmix.train: one spelling saved
@@ -293,11 +305,13 @@ def run_evaluation(args: argparse.Namespace) -> dict[str, Any]:
         identity = options.lincls_identity(model)
         resume_from = check_lincls_dir(options.lincls_dir, identity, resume=args.resume)
     network = projection_network(model) if options.knn_features == "projection" else model.backbone
+    num_workers, workers_from = resolve_num_workers(args, accelerator)
+    logger.info(f"DataLoader workers per process: {num_workers} ({workers_from})")
     splits = _load_splits(args, options, accelerator)
     backbone = network.to(accelerator.device)
     mean, std = model.normalization()  # the statistics the encoder was trained with
     settings: dict[str, Any] = {"img_size": options.img_size, "eval_crop_pct": options.crop_pct,
-                                "batch_size": args.batch_size,
+                                "batch_size": args.batch_size, "num_workers": num_workers,
                                 "eval_split_size": args.eval_split_size, "eval_max_samples": args.eval_max_samples,
                                 "seed": options.seed, "mixed_precision": accelerator.mixed_precision,
                                 "num_processes": accelerator.num_processes, "normalize_mean": list(mean),
@@ -307,26 +321,29 @@ def run_evaluation(args: argparse.Namespace) -> dict[str, Any]:
         started = time.perf_counter()
         columns = dict(image_column=splits.image_column, label_column=splits.label_column, img_size=options.img_size,
                        mean=mean, std=std)
+        train_images = AugmentedImages(splits.train, **columns, seed=options.seed,
+                                       in_memory_bytes=int(args.images_in_memory_gib * GIB))
         metrics = train_lincls(
-            backbone, AugmentedImages(splits.train, **columns, seed=options.seed),
-            EvalImages(splits.reported, **columns, crop_pct=options.crop_pct), accelerator, num_classes=splits.num_classes,
+            backbone, train_images, EvalImages(splits.reported, **columns, crop_pct=options.crop_pct, as_uint8=True),
+            accelerator, num_classes=splits.num_classes,
             settings=options.lincls, lincls_dir=options.lincls_dir, resume_from=resume_from,
-            identity=identity, num_workers=args.num_workers, eval_batch_size=args.batch_size,
+            identity=identity, num_workers=num_workers, eval_batch_size=args.batch_size,
             metadata={"arch": model.arch, "model": model.source, "num_classes": str(splits.num_classes),
                       "img_size": str(options.img_size)})
         metrics["seconds_protocol"] = time.perf_counter() - started
         settings |= {f"lincls_{k}": v for k, v in options.lincls.identity().items() if k != "seed"}
         settings |= {"lincls_milestones": list(options.lincls.milestones()) if options.lincls.schedule == "step"
-                     else None, "lincls_stop_at": options.lincls.stop_at, "lincls_resumed": resume_from is not None}
+                     else None, "lincls_stop_at": options.lincls.stop_at, "lincls_resumed": resume_from is not None,
+                     "lincls_train_views": TRAIN_VIEWS, "lincls_images_in_memory": train_images.decoded is not None}
         return _finish(accelerator, args, model, options, splits, roles["lincls"], metrics, settings, json_path)
 
     unreadable = [0]  # images skipped over all splits
 
     def features_of(dataset: datasets.Dataset) -> tuple[torch.Tensor, torch.Tensor]:
         images = EvalImages(dataset, image_column=splits.image_column, label_column=splits.label_column,
-                            img_size=options.img_size, mean=mean, std=std, crop_pct=options.crop_pct)
-        loader = accelerator.prepare(make_eval_loader(images, batch_size=args.batch_size, num_workers=args.num_workers))
-        extracted = extract_features(backbone, loader, accelerator)
+                            img_size=options.img_size, mean=mean, std=std, crop_pct=options.crop_pct, as_uint8=True)
+        loader = accelerator.prepare(make_eval_loader(images, batch_size=args.batch_size, num_workers=num_workers))
+        extracted = extract_features(backbone, loader, accelerator, normalization=images.normalization)
         unreadable[0] += extracted.skipped
         return extracted
 

@@ -22,22 +22,35 @@ from contextlib import contextmanager
 from typing import Iterator, Optional, Sequence
 
 import datasets
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.utils.data
 from accelerate import Accelerator
 from accelerate.utils import gather_object
+from torchvision import transforms
 
 from hnmix import errors
 from hnmix.data.images import to_rgb
 from hnmix.data.augmentation import IMAGENET_MEAN, IMAGENET_STD
+from hnmix.data.photometric import normalize
 from hnmix.data.transforms import EVAL_CROP_PCT, eval_transform
 from hnmix.data.two_views import DECODE_ERRORS, TwoViewDataset, warn_a_few
 from hnmix.data.workers import ignore_stop_signals
 from hnmix.errors import DataError, HnmixError, describe, first_line
 
 UNREADABLE = -1  # the label of an image that could not be read
+
+Normalization = tuple[Sequence[float], Sequence[float]]  # (mean, std), three floats each
+
+
+def normalize_uint8(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """uint8 images [B, 3, H, W] -> float32 [B, 3, H, W], (images / 255 - mean) / std per channel, on
+    the images' device: torchvision's ToTensor + Normalize of each image, batched (the same float32
+    operations, so the same numbers). DataLoader workers then hand over uint8 crops, a quarter of
+    the bytes, and the accelerator does the float work."""
+    return normalize(images.float().div_(255), tuple(mean), tuple(std))
 
 
 class ExtractedFeatures(tuple):
@@ -113,7 +126,8 @@ def main_process_buffers(module: nn.Module, accelerator: Accelerator) -> Iterato
 
 @torch.no_grad()
 def extract_features(
-    backbone: nn.Module, loader: torch.utils.data.DataLoader, accelerator: Accelerator
+    backbone: nn.Module, loader: torch.utils.data.DataLoader, accelerator: Accelerator, *,
+    normalization: Optional[Normalization] = None,
 ) -> ExtractedFeatures:
     """Run `backbone` over `loader` -> (features [N, D] float32, labels [N] int64) on every rank,
     without the images that could not be read (their number: `.skipped`).
@@ -122,7 +136,8 @@ def extract_features(
     (`accelerator.prepare(loader)`): each process then sees a shard, and
     `accelerator.gather_for_metrics` puts the shards back together in dataset order, dropping the
     samples Accelerate repeats to even out the last batch, so each of the N samples counts once.
-    The backbone runs in eval mode, without gradients, under `accelerator.autocast()`, with the
+    With `normalization` (mean, std) the images are uint8 (`EvalImages(as_uint8=True)`) and are
+    normalised on `accelerator.device` (`normalize_uint8`); without it they come normalised. The backbone runs in eval mode, without gradients, under `accelerator.autocast()`, with the
     main process's buffers (`main_process_buffers`); its training mode and buffers are restored
     afterwards. Results stay on `accelerator.device`.
 
@@ -139,7 +154,7 @@ def extract_features(
             while True:
                 failure, batch = None, None
                 try:
-                    batch = _features_of_next_batch(backbone, batches, accelerator)
+                    batch = _features_of_next_batch(backbone, batches, accelerator, normalization)
                 except Exception as error:  # noqa: BLE001 - made known to every rank, then raised
                     failure = error
                 raise_if_any_rank_failed(failure, accelerator, "feature extraction")
@@ -163,16 +178,19 @@ def extract_features(
     return ExtractedFeatures(features[readable], labels[readable], skipped)
 
 
-def _features_of_next_batch(backbone: nn.Module, batches: Iterator, accelerator: Accelerator
-                            ) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+def _features_of_next_batch(backbone: nn.Module, batches: Iterator, accelerator: Accelerator,
+                            normalization: Optional[Normalization]) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
     """(features [B, D] float32, labels [B] int64) of this rank's next batch, or None at the end.
     No collective: a failure here is this rank's alone until `raise_if_any_rank_failed`."""
     batch = next(batches, None)
     if batch is None:
         return None
     images, batch_labels = batch
+    images = images.to(accelerator.device, non_blocking=True)
+    if normalization is not None:
+        images = normalize_uint8(images, *normalization)
     with accelerator.autocast():
-        batch_features = backbone(images.to(accelerator.device))
+        batch_features = backbone(images)
     return batch_features.float().flatten(1), batch_labels.to(accelerator.device).long()
 
 
@@ -196,13 +214,21 @@ class EvalImages(TwoViewDataset):
     deterministic `hnmix.data.transforms.eval_transform(img_size, crop_pct=crop_pct)` (1: no crop
     of an image of img_size) and normalised with `mean` and `std` (the encoder's training
     normalisation: `AugmentationSpec.mean`, `.std`).
+
+    as_uint8: the image is resized and cropped only, uint8 [3, S, S]; pass `self.normalization`
+    to `extract_features`, which normalises each batch on the accelerator (the same numbers).
     """
 
     def __init__(self, dataset: datasets.Dataset, *, image_column: str, label_column: str, img_size: int,
                  mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
-                 crop_pct: float = EVAL_CROP_PCT):
+                 crop_pct: float = EVAL_CROP_PCT, as_uint8: bool = False):
         super().__init__(dataset, image_column=image_column, label_column=label_column, img_size=img_size, seed=0)
         self.transform = eval_transform(img_size, mean=mean, std=std, crop_pct=crop_pct)
+        self.as_uint8 = as_uint8
+        self.normalization: Normalization = (tuple(mean), tuple(std))
+        if as_uint8:
+            # eval_transform's resize and centre crop, without its ToTensor and Normalize.
+            self.transform = transforms.Compose(self.transform.transforms[:-2] + [_uint8_tensor])
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         """(image [3, S, S], label); a blank image labelled UNREADABLE when it cannot be read."""
@@ -217,12 +243,18 @@ class EvalImages(TwoViewDataset):
         except (DataError, *DECODE_ERRORS) as error:
             reported = error if isinstance(error, DataError) else self._unreadable(index, error)
             warn_a_few(self.warned, f"{first_line(reported)}; skipped in the evaluation", counted_in="eval_bad_samples")
-            return torch.zeros(3, self.img_size, self.img_size), UNREADABLE
+            blank = torch.zeros(3, self.img_size, self.img_size, dtype=torch.uint8 if self.as_uint8 else torch.float32)
+            return blank, UNREADABLE
+
+
+def _uint8_tensor(image) -> torch.Tensor:
+    """RGB PIL image -> uint8 [3, H, W]."""
+    return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
 
 
 def make_eval_loader(images: EvalImages, *, batch_size: int, num_workers: int) -> torch.utils.data.DataLoader:
-    """Batches (images [B, 3, S, S] float32, labels [B] int64) in dataset order, the last one
-    possibly smaller. Prepare it with `accelerator.prepare` before `extract_features`.
+    """Batches (images [B, 3, S, S] float32, uint8 from `EvalImages(as_uint8=True)`; labels [B] int64)
+    in dataset order, the last one possibly smaller. Prepare it with `accelerator.prepare` before `extract_features`.
 
     The loader has a generator of its own: a DataLoader without one draws its workers' base seed
     from the global RNG on every pass, and an evaluation in the middle of training would then

@@ -3,9 +3,17 @@
 A linear classifier (`nn.Linear` on the backbone's pooled features, [B, D] -> [B, C]) is trained
 on the FROZEN backbone: the backbone stays in eval mode (BatchNorm uses its running statistics)
 and gets no gradient. The training images are augmented afresh every epoch (RandomResizedCrop
-with torchvision's default scale (0.08, 1) + horizontal flip + ImageNet normalisation), so the
+with torchvision's default scale (0.08, 1) + horizontal flip + the encoder's normalisation), so the
 features are recomputed every epoch, never precomputed; the split reported is seen through the
-evaluation view (resize to img_size * 256/224, centre crop). The defaults are those of
+evaluation view (resize to img_size * 256/224, centre crop).
+
+The data path is the trainer's: DataLoader workers cut uint8 crops (`hnmix.data.geometric.one_crop`:
+a JPEG decoded at 1/2, 1/4 or 1/8 of its size where the crop allows, or images kept decoded in
+shared memory where they all qualify, `hnmix.data.decoded`), and each batch is converted to float
+and normalised on the accelerator (`hnmix.evaluate.features.normalize_uint8`); the test split too
+is handed over as uint8. Before this (issue 21), each worker decoded the whole image with PIL,
+cropped it with torchvision's transforms and normalised it in float32 (`python -m hnmix.bench data
+--lincls` measures the loader against the trainer's). The defaults are those of
 facebookresearch/moco `main_lincls.py`: SGD, lr 30, momentum 0.9, weight decay 0, a global batch
 of 256, 100 epochs, lr x0.1 at epochs 60 and 80, classifier weights ~ N(0, 0.01), bias 0.
 
@@ -25,7 +33,10 @@ with the same classifier as an uninterrupted one because nothing depends on wher
 the epoch order comes from (seed + epoch) (`EpochSampler`), each crop and flip from (seed, epoch,
 index) (`hnmix.data.two_views.sample_rng`), the lr from the epoch, and the momentum buffers are
 saved. No random generator outside these is drawn, so there is no RNG state to save. A run
-interrupted inside an epoch repeats that epoch. On several processes the last training batch of
+interrupted inside an epoch repeats that epoch. A run saved by an older hnmix (whose crops came
+from torchvision's RandomResizedCrop, other draws of the same distribution: `TRAIN_VIEWS` is not in
+its state) is resumed with a warning: its remaining epochs get this version's crops, so it ends
+with a classifier as good, but not bit for bit the one either version would have trained alone. On several processes the last training batch of
 an epoch includes the few repeats Accelerate adds to even out the shards (as DistributedSampler
 pads in MoCo); the test split is counted exactly once.
 """
@@ -39,7 +50,7 @@ import math
 import os
 import re
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -49,18 +60,22 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.data
 from accelerate import Accelerator
-from torchvision import transforms
 
-from hnmix.data.transforms import EVAL_CROP_PCT, IMAGENET_MEAN, IMAGENET_STD, ImageTransform
-from hnmix.data.two_views import EpochSampler, sample_rng
-from hnmix.data.workers import ignore_stop_signals
-from hnmix.errors import CheckpointError, ConfigError, describe
+from hnmix.data.augmentation import MOCO_V2
+from hnmix.data.geometric import one_crop, one_crop_of_pixels
+from hnmix.data.images import DECODE_ERRORS, encoded_bytes
+from hnmix.data.transforms import EVAL_CROP_PCT, IMAGENET_MEAN, IMAGENET_STD
+from hnmix.data.two_views import EpochSampler, TwoViewDataset, sample_rng, warn_a_few
+from hnmix.data.workers import fit_prefetch, ignore_stop_signals, local_processes
+from hnmix.errors import CheckpointError, ConfigError, DataError, describe, first_line
 from hnmix.evaluate.features import (
     UNREADABLE,
     EvalImages,
+    Normalization,
     extract_features,
     main_process_buffers,
     make_eval_loader,
+    normalize_uint8,
 )
 from hnmix.evaluate.monitor import broadcast_from_main
 from hnmix.evaluate.probes import top_k_accuracy
@@ -76,6 +91,12 @@ BACKBONE_KEY = "backbone_sha256"  # in the identity: `backbone_sha256` of the we
 # Settings an older hnmix did not record in a saved run's identity, as it used them.
 UNRECORDED_IDENTITY = {"eval_crop_pct": EVAL_CROP_PCT}
 _EPOCH_DIR = re.compile(r"^epoch_(\d{4,})$")
+# moco/main_lincls.py's training view: RandomResizedCrop (torchvision's scale 0.08-1, ratio 3/4-4/3)
+# and RandomHorizontalFlip; the photometric fields are unused.
+LINCLS_AUGMENTATION = replace(MOCO_V2, crop_scale=(0.08, 1.0), flip_p=0.5)
+# How the training views are drawn, saved with each epoch: a resume from a run whose views were
+# drawn otherwise (an older hnmix saved none) warns that it cannot be bit for bit an uninterrupted run.
+TRAIN_VIEWS = "hnmix.data.geometric.one_crop, uint8, normalised on the accelerator"
 
 
 @dataclass(frozen=True)
@@ -131,55 +152,72 @@ class LinclsSettings:
         return {k: v for k, v in asdict(self).items() if k != "stop_at"}
 
 
-def lincls_train_transform(img_size: int, *, mean: Sequence[float] = IMAGENET_MEAN,
-                           std: Sequence[float] = IMAGENET_STD) -> ImageTransform:
-    """moco/main_lincls.py's training view: one RGB image -> [3, img_size, img_size] float32.
+class AugmentedImages(TwoViewDataset):
+    """The lincls training view of row i of a labelled `datasets.Dataset`, drawn afresh per epoch.
 
-    RandomResizedCrop(img_size) (torchvision's defaults: scale (0.08, 1), ratio (3/4, 4/3),
-    bilinear), RandomHorizontalFlip, ToTensor, Normalize(mean, std) (MoCo's: ImageNet's; here
-    the encoder's own). It draws from torch's global CPU generator; `AugmentedImages` seeds it
-    per sample.
-    """
-    return transforms.Compose([
-        transforms.RandomResizedCrop(img_size),
-        transforms.RandomHorizontalFlip(),
-        transforms.ToTensor(),
-        transforms.Normalize(tuple(mean), tuple(std)),
-    ])
-
-
-class AugmentedImages(EvalImages):
-    """`EvalImages` with `lincls_train_transform`, drawn afresh per epoch.
-
-    `__getitem__(epoch * len(self) + index)` (what `EpochSampler` yields) -> (image [3, S, S]
-    float32, label int). The draws come from torch's CPU generator seeded from
-    `sample_rng(seed, epoch, index)` inside `torch.random.fork_rng`: the same view of a sample in
-    an epoch whichever worker or process loads it, and the caller's RNG state is left alone.
+    `__getitem__(epoch * len(self) + index)` (what `EpochSampler` yields) -> (image uint8 [3, S, S],
+    label int): a RandomResizedCrop (scale 0.08-1) and a flip with p 0.5 (`LINCLS_AUGMENTATION`),
+    cut by `hnmix.data.geometric.one_crop` from the image decoded at a reduced size where the crop
+    allows, or from the pixels kept in memory (`in_memory_bytes`: `hnmix.data.decoded`, the same
+    views). Normalise the batches with `normalize_uint8(images, *self.normalization)` on the
+    accelerator. The draws come from `sample_rng(seed, epoch, index)`: the same view of a sample in
+    an epoch whichever worker or process loads it, and no global generator is drawn. An image that
+    cannot be read comes as a blank one labelled UNREADABLE (no loss; counted).
     """
 
     def __init__(self, dataset: datasets.Dataset, *, image_column: str, label_column: str, img_size: int, seed: int,
-                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD):
-        super().__init__(dataset, image_column=image_column, label_column=label_column, img_size=img_size,
-                         mean=mean, std=std)
-        self.transform = lincls_train_transform(img_size, mean=mean, std=std)
-        self.seed = seed
+                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
+                 in_memory_bytes: int = 0):
+        super().__init__(dataset, image_column=image_column, label_column=label_column, img_size=img_size, seed=seed,
+                         augmentation=LINCLS_AUGMENTATION, in_memory_bytes=in_memory_bytes)
+        self.normalization: Normalization = (tuple(mean), tuple(std))
+
+    def batch_bytes(self, batch_size: int) -> int:
+        """Bytes of one collated batch: images uint8 [B, 3, S, S] and labels [B] int64."""
+        return batch_size * (3 * self.img_size**2 + 8)
 
     def __getitem__(self, encoded_index: int) -> tuple[torch.Tensor, int]:
         epoch, index = divmod(int(encoded_index), len(self))
-        with torch.random.fork_rng(devices=[]):
-            torch.default_generator.manual_seed(sample_rng(self.seed, epoch, index).getrandbits(63))
-            return super().__getitem__(index)
+        try:
+            return self._view_and_label(index, sample_rng(self.seed, epoch, index))
+        except (DataError, *DECODE_ERRORS) as error:
+            reported = error if isinstance(error, DataError) else self._unreadable(index, error)
+            warn_a_few(self.warned, f"{first_line(reported)}; it adds no loss to lincls",
+                       counted_in="bad_samples in the lincls metrics.jsonl")
+            return torch.zeros(3, self.img_size, self.img_size, dtype=torch.uint8), UNREADABLE
+
+    def _view_and_label(self, index: int, rng) -> tuple[torch.Tensor, int]:
+        if self.decoded is not None:
+            view = one_crop_of_pixels(self.decoded.pixels_of(index), self.img_size, rng,
+                                      augmentation=self.augmentation)
+            return view, int(self.labels[index])
+        row = self._read_row(index)
+        cell = row[self.image_column]
+        encoded = encoded_bytes(cell) if cell is not None else None
+        image = self._open(cell, index, encoded)
+        try:
+            view = one_crop(image, self.img_size, rng, encoded, augmentation=self.augmentation)
+        except DECODE_ERRORS as error:
+            raise self._unreadable(index, error) from None
+        finally:
+            image.close()
+        return view, int(row[self.label_column])
 
 
-def make_lincls_loader(images: AugmentedImages, *, batch_size: int, num_workers: int,
-                       seed: int) -> torch.utils.data.DataLoader:
-    """Batches (images [b, 3, S, S] float32, labels [b] int64) of `batch_size` per process in an
+def make_lincls_loader(images: AugmentedImages, *, batch_size: int, num_workers: int, seed: int,
+                       processes_on_node: int = 1) -> torch.utils.data.DataLoader:
+    """Batches (images uint8 [b, 3, S, S], labels [b] int64) of `batch_size` per process in an
     `EpochSampler` order (seed + epoch), the last one possibly smaller (as MoCo: no drop_last).
+    Each worker keeps as many batches ready as fit in /dev/shm with the node's other processes'
+    loaders (`hnmix.data.workers.fit_prefetch`, at most 4; a ConfigError when not one fits).
     Prepare it with `accelerator.prepare` (which shards it) and call `set_epoch` before each pass."""
+    prefetch = None
+    if num_workers > 0:
+        prefetch = fit_prefetch(images.batch_bytes(batch_size), num_workers, processes=processes_on_node).prefetch_factor
     return torch.utils.data.DataLoader(
         images, batch_size=batch_size, sampler=EpochSampler(len(images), seed), drop_last=False,
         num_workers=num_workers, pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0,
-        generator=torch.Generator().manual_seed(seed), worker_init_fn=ignore_stop_signals,
+        prefetch_factor=prefetch, generator=torch.Generator().manual_seed(seed), worker_init_fn=ignore_stop_signals,
     )
 
 
@@ -253,7 +291,8 @@ def _save(accelerator: Accelerator, lincls_dir: Path, classifier: nn.Module, opt
     every rank, and the loop draws nothing from a random generator it would have to save.
     epoch_NNNN/ holds classifier.safetensors (weight [C, D], bias [C]), optimizer.safetensors (the
     optimizer's state tensors, e.g. SGD's momentum buffers, as "INDEX.NAME") and lincls_state.json
-    (epochs done, identity, the optimizer's param_groups, an fp16 loss scaler's state).
+    (epochs done, identity, how the training views were drawn (`TRAIN_VIEWS`), the optimizer's
+    param_groups, an fp16 loss scaler's state).
     """
     from safetensors.torch import save_file
 
@@ -267,7 +306,8 @@ def _save(accelerator: Accelerator, lincls_dir: Path, classifier: nn.Module, opt
         state_tensors = {f"{index}.{name}": value.detach().cpu().contiguous()
                          for index, state in optimizer_state["state"].items() for name, value in state.items()
                          if torch.is_tensor(value)}
-        record = {"epochs_done": epochs_done, "identity": identity, "param_groups": optimizer_state["param_groups"],
+        record = {"epochs_done": epochs_done, "identity": identity, "train_views": TRAIN_VIEWS,
+                  "param_groups": optimizer_state["param_groups"],
                   "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None}
         try:
             shutil.rmtree(partial, ignore_errors=True)
@@ -310,7 +350,13 @@ def _load(saved: Path, classifier: nn.Module, optimizer: torch.optim.Optimizer, 
     except (OSError, RuntimeError, ValueError, KeyError, SafetensorError) as error:
         raise ConfigError(f"cannot resume from {saved} ({describe(error)}); pass another --lincls_dir "
                           "to start afresh") from None
-    return int(record["epochs_done"])
+    epochs_done = int(record["epochs_done"])
+    if record.get("train_views") != TRAIN_VIEWS:
+        drawn = record.get("train_views") or "torchvision's RandomResizedCrop on PIL images (an older hnmix)"
+        logger.warning(f"lincls: the {epochs_done} epoch(s) saved in {saved} were trained on views drawn by {drawn}; "
+                       f"the epochs from {epochs_done + 1} on are drawn by {TRAIN_VIEWS} (the same distribution), so "
+                       "the classifier will not be bit for bit that of an uninterrupted run")
+    return epochs_done
 
 
 # ----------------------------------------------------------------------------- training
@@ -384,7 +430,8 @@ def _train_and_test(backbone, train_images, test_images, accelerator, *, num_cla
     optimizer = torch.optim.SGD(classifier.parameters(), lr=settings.lr, momentum=settings.momentum,
                                 weight_decay=settings.weight_decay)
     loader = make_lincls_loader(train_images, batch_size=settings.batch_size // accelerator.num_processes,
-                                num_workers=num_workers, seed=settings.seed)
+                                num_workers=num_workers, seed=settings.seed,
+                                processes_on_node=local_processes(accelerator.num_processes))
     classifier, optimizer, loader = accelerator.prepare(classifier, optimizer, loader)
     start = _load(resume_from, classifier, optimizer, accelerator) if resume_from is not None else 0
     end = settings.stop_at or settings.epochs
@@ -416,8 +463,10 @@ def _train_and_test(backbone, train_images, test_images, accelerator, *, num_cla
             loader.set_epoch(epoch)
             totals = torch.zeros(4, device=accelerator.device)  # summed loss, right answers, images, unreadable
             for images, labels in loader:
-                with torch.no_grad(), accelerator.autocast():
-                    features = backbone(images)
+                with torch.no_grad():
+                    images = normalize_uint8(images, *train_images.normalization)  # [b, 3, S, S] float32
+                    with accelerator.autocast():
+                        features = backbone(images)
                 logits = classifier(features.float().flatten(1))  # [b, C]
                 # An image that could not be read comes as a blank one labelled UNREADABLE: no loss.
                 readable = labels != UNREADABLE  # [b]
@@ -448,7 +497,9 @@ def _train_and_test(backbone, train_images, test_images, accelerator, *, num_cla
 
     test_loader = accelerator.prepare(make_eval_loader(test_images, batch_size=eval_batch_size,
                                                        num_workers=num_workers))
-    extracted = extract_features(backbone, test_loader, accelerator)  # [N, D], [N]: every readable sample once
+    normalization = test_images.normalization if test_images.as_uint8 else None
+    extracted = extract_features(backbone, test_loader, accelerator,
+                                 normalization=normalization)  # [N, D], [N]: every readable sample once
     features, labels = extracted
     classifier.eval()
     with torch.no_grad():
