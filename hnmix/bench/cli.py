@@ -6,20 +6,25 @@ Usage:
                                  (bare encoder loop, in-memory MoCo and MoCHi steps, the full trainer)
     python -m hnmix.bench data [--max_workers W | --workers 1,4,16] [--img_size 224] [--jpeg_size 768x512]
                                [--images 256 | --dataset PATH [--split train]] [--config RECIPE.yaml]
-                               [--in_memory_gib 1] [--photometric_batch_size N] [--device cuda|cpu]
+                               [--in_memory_gib 1] [--photometric_batch_size N] [--device cuda|cpu] [--lincls]
                                  (worker pipeline for 1..W workers, both --augment_device modes,
                                   decoding at every draw and kept decoded in memory; the batched
-                                  photometric half on the device)
+                                  photometric half on the device; --lincls: hnmix.evaluate's lincls
+                                  loader on the same images)
     python -m hnmix.bench mixing [--batch 256] [--queue 65536] [--dim 128] [--n_hard 1024]
                                  [--s1 1024] [--s2 512] [--temperature 0.2]
                                  [--repeats 5] [--warmup 1] [--device cuda|cpu]
                                  [--dtype float32|bfloat16] [--no_peak] [--json PATH]
+    python -m hnmix.bench overhead [--archs resnet18,resnet50] [--splits 1,8] [--warmup_steps 1]
+                                   [--measure_steps 2] [--json PATH] [hnmix.train options]
+                                 (kernel launches per step, counted on the CPU: the bare loop and
+                                  the trainer's step, each model x bn_splits a row)
     python -m hnmix.bench learn [--seeds N] [hnmix.train options]
                                  (plain MoCo and MoCHi trained alike, kNN and linear probe of each
                                   next to the untrained network)
 
 Each benchmark is a module of this package: `hnmix.bench.mixing`, `hnmix.bench.train`,
-`hnmix.bench.data`, `hnmix.bench.learn`; this one is the command line. The GPU check
+`hnmix.bench.data`, `hnmix.bench.learn`, `hnmix.bench.overhead`; this one is the command line. The GPU check
 (`launch/gpu_check.sh`, `python -m hnmix.bench.gpu_check`) runs them at the paper's sizes with
 the CUDA tests, in one call.
 """
@@ -36,6 +41,8 @@ import torch
 from hnmix.bench.data import run_data, worker_counts
 from hnmix.bench.learn import run_learn
 from hnmix.bench.mixing import DTYPES, VARIANTS, run_mixing, run_mixing_peak
+from hnmix.bench.overhead import add_arguments as add_overhead_arguments
+from hnmix.bench.overhead import run_overhead
 from hnmix.bench.system import write_json
 from hnmix.bench.train import run_train
 
@@ -109,7 +116,16 @@ def build_parser() -> argparse.ArgumentParser:
                       help="images per view of the batched photometric row (default: --batch_size)")
     data.add_argument("--device", default=_default_device(), help="device of the batched photometric row")
     data.add_argument("--repeats", type=int, default=3, help="timed batches of the batched photometric row")
+    data.add_argument("--lincls", action="store_true",
+                      help="also measure the training loader of hnmix.evaluate --protocol lincls (one crop per image)")
     data.set_defaults(func=run_data)
+    overhead = commands.add_parser(
+        "overhead", parents=[common], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        help="kernel launches per step of the bare loop and the trainer's step, counted on the CPU; options it "
+             "does not know go to hnmix.train (default: 32 px, batch 16, SGD, MoCHi on)",
+    )
+    add_overhead_arguments(overhead)
+    overhead.set_defaults(func=run_overhead)
     learn = commands.add_parser(
         "learn", parents=[common], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         help="train plain MoCo and MoCHi alike, evaluate both next to the untrained network (kNN, linear "
@@ -126,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args, rest = build_parser().parse_known_args(argv)
-    if args.func in (run_train, run_learn):  # these pass the options they do not know to hnmix.train
+    if args.func in (run_train, run_learn, run_overhead):  # these pass the options they do not know to hnmix.train
         payload = args.func(args, rest)
     elif rest:
         build_parser().error(f"unrecognized arguments: {' '.join(rest)}")

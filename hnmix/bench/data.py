@@ -4,7 +4,9 @@ the images qualify (`hnmix.data.decoded`), keeping them decoded in memory; the J
 and the batched photometric half on a device. Each worker row is also given per core as a
 fraction of the decode floor (decoding each image once at full size on one core: the ceiling of a
 pipeline that decodes at every draw). The images are generated JPEGs, or `--dataset`'s, with
-`--config`'s view size and augmentation.
+`--config`'s view size and augmentation. `--lincls` adds the loader of `python -m hnmix.evaluate
+--protocol lincls` (one uint8 crop + flip per image, `hnmix.evaluate.lincls.make_lincls_loader`) on
+the same images, with its images/s as a fraction of the two-view crop row's.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any
 
 import datasets
 import torch
+import torch.utils.data
 from rich.console import Console
 from rich.table import Table
 
@@ -33,7 +36,25 @@ from hnmix.train.config import load_yaml_options
 def worker_pipeline_images_per_s(views: TwoViewDataset, *, workers: int, batches: int, batch_size: int) -> float:
     """Images/s (each giving two views) of `workers` DataLoader workers loading `views` over
     `batches` batches after the first (which includes the workers' start-up)."""
-    loader = make_train_loader(views, batch_size=batch_size, num_workers=workers, seed=0)
+    return loader_images_per_s(make_train_loader(views, batch_size=batch_size, num_workers=workers, seed=0), batches)
+
+
+def lincls_loader_images_per_s(dataset: datasets.Dataset, image_column: str, *, img_size: int, in_memory_bytes: int,
+                               counts: list[int], batches: int, batch_size: int) -> dict[int, float]:
+    """{workers: images/s (one view each)} of the lincls training loader over `dataset` (every image
+    labelled 0), as `python -m hnmix.evaluate --protocol lincls` builds it (`in_memory_bytes`: its
+    --images_in_memory_gib), for each worker count of `counts`."""
+    from hnmix.evaluate.lincls import AugmentedImages, make_lincls_loader
+
+    labelled = dataset.add_column("bench_label", [0] * len(dataset))
+    images = AugmentedImages(labelled, image_column=image_column, label_column="bench_label", img_size=img_size,
+                             seed=0, in_memory_bytes=in_memory_bytes)
+    return {workers: loader_images_per_s(make_lincls_loader(images, batch_size=batch_size, num_workers=workers, seed=0),
+                                         batches) for workers in counts}
+
+
+def loader_images_per_s(loader: torch.utils.data.DataLoader, batches: int) -> float:
+    """Images/s of `loader` over `batches` batches after the first (the workers' start-up)."""
     iterator = iter(loader)
     next(iterator)
     start = time.perf_counter()
@@ -132,9 +153,14 @@ def run_data(args: argparse.Namespace) -> dict[str, Any]:
                 rows[f"{mode}, {storage}"] = {
                     workers: worker_pipeline_images_per_s(views, workers=workers, batches=args.batches,
                                                           batch_size=args.batch_size) for workers in counts}
+                if args.lincls and mode == "accelerator":  # the same images kept in memory or not
+                    rows[f"lincls, {storage}"] = lincls_loader_images_per_s(
+                        dataset, image_column, img_size=img_size, in_memory_bytes=int(budget), counts=counts,
+                        batches=args.batches, batch_size=args.batch_size)
     photometric_rate = batched_photometric_images_per_s(img_size=img_size, batch_size=photometric_batch,
                                                         device=device, repeats=args.repeats)
-    titles = {"accelerator": "workers: crop, flip -> uint8", "cpu": "workers: + photometric per image"}
+    titles = {"accelerator": "workers: crop, flip -> uint8", "cpu": "workers: + photometric per image",
+              "lincls": "lincls: one crop, flip -> uint8"}
     table = Table(title=f"Data pipeline: two {img_size}px views per image of {what} (images/s)")
     for column in ("pipeline", "workers", "images/s", "per core", "per core, of the floor"):
         table.add_column(column, justify="right")
@@ -143,7 +169,10 @@ def run_data(args: argparse.Namespace) -> dict[str, Any]:
         mode, storage = name.split(", ")
         for workers, images_per_s in per_workers.items():
             per_core = images_per_s / workers
-            table.add_row(f"{titles[mode]}, {storage}", str(workers), f"{images_per_s:.0f}", f"{per_core:.0f}",
+            name = f"{titles[mode]}, {storage}"
+            if mode == "lincls":
+                name += f", {images_per_s / rows[f'accelerator, {storage}'][workers]:.0%} of crop row"
+            table.add_row(name, str(workers), f"{images_per_s:.0f}", f"{per_core:.0f}",
                           f"{per_core / decode_floor:.0%}")
     table.add_row(f"batched photometric on {device_description(device)}, batch {photometric_batch}", "-",
                   f"{photometric_rate:.0f}", "-", "-")
@@ -154,11 +183,18 @@ def run_data(args: argparse.Namespace) -> dict[str, Any]:
                                    **_per_core(rows["accelerator, kept in memory"], decode_floor),
                                    "photometric_in_workers": {"images_per_s": rows["cpu, kept in memory"]},
                                    "decode_all_seconds": decode_all_seconds}}
+    lincls = {}
+    if args.lincls:
+        lincls = {"lincls_loader": {storage: {"images_per_s": rows[f"lincls, {storage}"],
+                                              "of_crop_row": {w: v / rows[f"accelerator, {storage}"][w]
+                                                              for w, v in rows[f"lincls, {storage}"].items()}}
+                                    for storage in ("decoded at every draw", "kept in memory")
+                                    if f"lincls, {storage}" in rows}}
     return {"images_per_s": rows["accelerator, decoded at every draw"],
             **_per_core(rows["accelerator, decoded at every draw"], decode_floor),
             "photometric_in_workers": {"images_per_s": rows["cpu, decoded at every draw"],
                                        **_per_core(rows["cpu, decoded at every draw"], decode_floor)},
-            **kept, "decode_only_images_per_s": decode_floor,
+            **kept, **lincls, "decode_only_images_per_s": decode_floor,
             "batched_photometric": {"images_per_s": photometric_rate, "device": device_description(device),
                                     "batch_size": photometric_batch},
             "img_size": img_size, "data": what, "augmentation": augmentation.describe(),

@@ -144,3 +144,19 @@ def test_data_benchmark_reads_a_cifar_layout_dataset_with_its_recipe_and_keeps_i
     assert set(kept["images_per_s"]) == set(result["images_per_s"]) == {"1"} and kept["images_per_s"]["1"] > 0
     assert kept["photometric_in_workers"]["images_per_s"]["1"] > 0 and kept["decode_all_seconds"] > 0
     assert "kept in memory" in done.stdout
+
+
+def test_data_benchmark_measures_the_lincls_loader_on_the_same_images(tmp_path):
+    """`bench data --lincls`: the loader of `hnmix.evaluate --protocol lincls` next to the trainer's
+    crop row, for each worker count and both storages (96 x 64 JPEGs for 64 px views: kept in memory)."""
+    out = tmp_path / "data.json"
+    command = [sys.executable, "-m", "hnmix.bench", "data", "--workers", "1", "--img_size", "64", "--images", "24",
+               "--batches", "2", "--batch_size", "4", "--jpeg_size", "96x64", "--device", "cpu", "--repeats", "1",
+               "--lincls", "--json", str(out)]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lincls = json.loads(out.read_text())["lincls_loader"]
+    assert set(lincls) == {"decoded at every draw", "kept in memory"}
+    for storage, rows in lincls.items():
+        assert set(rows["images_per_s"]) == set(rows["of_crop_row"]) == {"1"} and rows["images_per_s"]["1"] > 0
+        assert f"lincls: one crop, flip -> uint8, {storage}" in done.stdout
