@@ -225,7 +225,7 @@ def train(config: TrainConfig) -> int:
                     if stopping and accelerator.is_main_process:  # first: a launcher's SIGKILL may follow soon
                         write_stopped_marker(dir_out, cause=stop_cause(stop), step=step, checkpoint=saved)
                     deadline_warned = deadline_warned or deadline.warn_if_too_short(
-                        step_s, time.perf_counter() - save_started)
+                        step_s, time.perf_counter() - save_started, stop.agree_s)
                     if accelerator.is_main_process:
                         refresh_curves(dir_out)
                     if pusher and step < end and not stopping:

@@ -1,8 +1,12 @@
 """SIGTERM / SIGINT / SIGUSR1 become a request to stop cleanly after the current step, on every rank.
 
-A signal may reach the ranks at different steps, so the decision is an all-reduce (MAX) of
-each rank's flag after every step. It runs over a gloo group on the CPU: no GPU synchronisation
-in the step. A second SIGINT (Ctrl-C twice) interrupts at once. Launchers deliver the signal to
+A signal may reach the ranks at different steps, so with several processes the decision is an
+all-reduce (MAX) of each rank's flag over a gloo group on the CPU: no GPU synchronisation. It is
+not taken after every step, where it would be a host barrier per step, but at the steps the
+ranks agreed on at the previous agreement: about every AGREE_EVERY_S seconds, judged from the
+slowest rank's step time (`steps_between_agreements`), so every rank stops at the same step, at
+most about AGREE_EVERY_S (or one step, if longer) after the signal. One process stops after the
+step in which the signal came. A second SIGINT (Ctrl-C twice) interrupts at once. Launchers deliver the signal to
 whole process trees or groups; the DataLoader workers ignore it (`hnmix.data.workers`), so that the
 step in flight finishes.
 
@@ -93,13 +97,16 @@ class StopDeadline:
     imposed_by: str = ""
     way_out: str = ""
 
-    def warn_if_too_short(self, step_s: float, save_s: float) -> bool:
-        """Warn when a step plus a save would not fit before the SIGKILL; returns whether it warned."""
-        if step_s + save_s <= self.seconds:
+    def warn_if_too_short(self, step_s: float, save_s: float, agree_s: float = 0.0) -> bool:
+        """Warn when a step (or the `agree_s` seconds the ranks may train on before they agree
+        on the stop, if longer) plus a save would not fit before the SIGKILL; returns whether it
+        warned."""
+        if max(step_s, agree_s) + save_s <= self.seconds:
             return False
-        logger.warning(f"A step ({step_s:.1f} s) plus a save ({save_s:.1f} s) take longer than the {self.seconds:.0f} s "
-                       f"that {self.imposed_by} leaves after a stop signal: a preempted run would lose the steps since "
-                       f"its last checkpoint. {self.way_out}")
+        agreement = f" (with up to {agree_s:.1f} s until the ranks agree on the stop)" if agree_s > step_s else ""
+        logger.warning(f"A step ({step_s:.1f} s){agreement} plus a save ({save_s:.1f} s) take longer than the "
+                       f"{self.seconds:.0f} s that {self.imposed_by} leaves after a stop signal: a preempted run would "
+                       f"lose the steps since its last checkpoint. {self.way_out}")
         return True
 
 
@@ -123,27 +130,67 @@ def stop_deadline() -> StopDeadline:
     return StopDeadline(math.inf)
 
 
-class StopSignal:
-    """Installs the handlers (until `restore`, or the end of a `with` block); `requested()` says,
-    identically on every rank, whether to stop."""
+# Several processes agree on a stop about this often: a barrier a second costs nothing, and a
+# stop then comes within about a second (or one step, if longer) of the signal.
+AGREE_EVERY_S = 1.0
+MAX_STEPS_BETWEEN_AGREEMENTS = 1000
 
-    def __init__(self) -> None:
+
+def steps_between_agreements(slowest_step_s: float, agree_every_s: float = AGREE_EVERY_S) -> int:
+    """The steps until the next agreement: those that take `agree_every_s` at the slowest rank's
+    seconds per step, at least 1, at most MAX_STEPS_BETWEEN_AGREEMENTS."""
+    if slowest_step_s <= 0:
+        return MAX_STEPS_BETWEEN_AGREEMENTS
+    return max(1, min(MAX_STEPS_BETWEEN_AGREEMENTS, int(agree_every_s / slowest_step_s)))
+
+
+class StopSignal:
+    """Installs the handlers (until `restore`, or the end of a `with` block); `requested()`,
+    called once per step on every rank, says whether to stop, and says it at the same step on
+    every rank.
+
+    Several processes agree at the first call, then every `steps_between_agreements` calls: each
+    agreement all-reduces (MAX) the flag with the seconds per step since the last one, so every
+    rank derives the same next agreement from the slowest rank's pace. Between agreements a call
+    reads nothing from the other ranks and waits for none of them. `agreements` counts them."""
+
+    def __init__(self, agree_every_s: float = AGREE_EVERY_S) -> None:
         self.received: Optional[signal.Signals] = None
         self.received_at: Optional[float] = None  # time.monotonic() of the first signal
+        self.agree_every_s = agree_every_s
+        self.agreements = 0
         self._previous = {sig: signal.signal(sig, self._handle) for sig in STOP_SIGNALS}
         distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         self._group = dist.new_group(backend="gloo") if distributed else None
+        self._calls_to_agreement, self._calls_since, self._since = 1, 0, time.monotonic()
 
     def _handle(self, signum: int, frame) -> None:
         self.received = signal.Signals(signum)
         self.received_at = self.received_at or time.monotonic()
         signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C interrupts at once
 
+    @property
+    def agree_s(self) -> float:
+        """How long the ranks may train on after a signal before they agree on it: 0 for one process."""
+        return 0.0 if self._group is None else self.agree_every_s
+
     def requested(self) -> bool:
-        flag = torch.tensor([int(self.received is not None)])
-        if self._group is not None:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)
-        return bool(flag.item())
+        if self._group is None:
+            return self.received is not None
+        self._calls_since += 1
+        if self._calls_since < self._calls_to_agreement:
+            return False
+        return self._agree()
+
+    def _agree(self) -> bool:
+        seconds_per_step = (time.monotonic() - self._since) / self._calls_since
+        agreed = torch.tensor([float(self.received is not None), seconds_per_step], dtype=torch.float64)
+        dist.all_reduce(agreed, op=dist.ReduceOp.MAX, group=self._group)
+        self.agreements += 1
+        stop, slowest_step_s = bool(agreed[0]), float(agreed[1])
+        self._calls_to_agreement = steps_between_agreements(slowest_step_s, self.agree_every_s)
+        self._calls_since, self._since = 0, time.monotonic()
+        return stop
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():

@@ -58,3 +58,16 @@ def test_the_trainer_warns_once_when_a_save_does_not_fit(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert "torch's elastic agent (TORCH_ELASTIC_SHUTDOWN_TIMEOUT) leaves 0 s to finish the step and save" in done.stderr
     assert done.stderr.count("take longer than the 0 s") == 1
+
+
+def test_the_time_until_the_ranks_agree_counts_when_longer_than_the_step(caplog):
+    """Several processes agree on a stop about once a second, not after every step: a run of
+    short steps may train on that long after the signal before it saves."""
+    PartialState()
+    deadline = StopDeadline(5.0, "torch's elastic agent (TORCH_ELASTIC_SHUTDOWN_TIMEOUT)", "Raise it.")
+    with caplog.at_level(logging.WARNING):
+        assert not deadline.warn_if_too_short(step_s=0.1, save_s=3.9, agree_s=1.0)
+        assert caplog.records == []
+        assert deadline.warn_if_too_short(step_s=0.1, save_s=4.5, agree_s=1.0)
+    [warning] = caplog.records
+    assert "up to 1.0 s until the ranks agree on the stop" in warning.message and "4.5 s" in warning.message
