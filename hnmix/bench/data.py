@@ -160,7 +160,7 @@ def run_data(args: argparse.Namespace) -> dict[str, Any]:
     photometric_rate = batched_photometric_images_per_s(img_size=img_size, batch_size=photometric_batch,
                                                         device=device, repeats=args.repeats)
     titles = {"accelerator": "workers: crop, flip -> uint8", "cpu": "workers: + photometric per image",
-              "lincls": "lincls: one crop, flip -> uint8"}
+              "lincls": "lincls: crop, flip -> uint8"}
     table = Table(title=f"Data pipeline: two {img_size}px views per image of {what} (images/s)")
     for column in ("pipeline", "workers", "images/s", "per core", "per core, of the floor"):
         table.add_column(column, justify="right")

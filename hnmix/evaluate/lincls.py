@@ -385,7 +385,9 @@ def train_lincls(
 ) -> dict[str, Any]:
     """Train the linear classifier on the frozen `backbone` ([B, 3, S, S] -> [B, D]) and test it.
 
-    train_images: the augmented train split; test_images: the reported split, evaluation view.
+    train_images: the augmented train split (uint8 views, normalised here per batch on the
+    accelerator with its `normalization`); test_images: the reported split, evaluation view (uint8
+    too when `as_uint8`).
     `settings.check` must have passed, and `resume_from` comes from `check_lincls_dir`. Every rank
     must call this; every rank returns the same {"lincls_top1", "lincls_top5" (percent,
     top-min(5, C)), "lincls_test_images" (the samples scored, each once), "lincls_epochs_done",

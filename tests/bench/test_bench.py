@@ -159,4 +159,4 @@ def test_data_benchmark_measures_the_lincls_loader_on_the_same_images(tmp_path):
     assert set(lincls) == {"decoded at every draw", "kept in memory"}
     for storage, rows in lincls.items():
         assert set(rows["images_per_s"]) == set(rows["of_crop_row"]) == {"1"} and rows["images_per_s"]["1"] > 0
-        assert f"lincls: one crop, flip -> uint8, {storage}" in done.stdout
+        assert f"lincls: crop, flip -> uint8, {storage}" in done.stdout
