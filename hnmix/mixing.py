@@ -32,6 +32,11 @@ class MixingDraws(NamedTuple):
     alpha:          [B, s1] float32, weight of pair_i, ~ U(0, 1).
     single:         [B, s2] int64, position of the hard negative mixed with the query.
     beta:           [B, s2] float32, weight of the query, ~ U(0, 0.5).
+    positions:      [B, 2*s1 + s2] int64, pair_i, pair_j and single side by side, or None;
+                    `draw_mixing` gives it, and the three fields above are its columns.
+    weights:        [B, s1 + s2] float32, alpha and beta side by side, or None (as positions).
+    blocked:        [B, s1 + s2] bool, True where the query has too few hard negatives for the
+                    type (type 1 needs two, type 2 one), or None (as positions).
     """
 
     pair_i: torch.Tensor
@@ -39,6 +44,9 @@ class MixingDraws(NamedTuple):
     alpha: torch.Tensor
     single: torch.Tensor
     beta: torch.Tensor
+    positions: Optional[torch.Tensor] = None
+    weights: Optional[torch.Tensor] = None
+    blocked: Optional[torch.Tensor] = None
 
 
 class MixedLogits(NamedTuple):
@@ -61,26 +69,25 @@ def draw_mixing(
 
     n_valid: [B] int64, how many hard negatives each query has (positions 0..n_valid-1).
     Rows with too few hard negatives (<2 for type 1, <1 for type 2) get position 0; the caller
-    masks their synthetic logits. Draw order is fixed (pair_i, pair_j, alpha, single, beta) so a
-    seeded generator repeats a call exactly.
+    masks their synthetic logits. One uniform draw [B, 3*s1 + 2*s2] feeds everything, its
+    columns in a fixed order (pair_i, pair_j, single, alpha, beta), so a seeded generator repeats
+    a call exactly; the positions are computed side by side: each op costs a kernel launch
+    whatever its size, so a handful of ops over all columns beats one set per field.
     """
-    device = n_valid.device
     B = n_valid.shape[0]
-
-    def uniform(cols: int) -> torch.Tensor:
-        return torch.rand(B, cols, generator=generator, device=device, dtype=torch.float32)
-
-    def positions(u: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
-        count = count.clamp_min(1).unsqueeze(1)
-        return torch.minimum((u * count).long(), count - 1)
-
-    pair_i = positions(uniform(s1), n_valid)
-    pair_j = positions(uniform(s1), n_valid - 1)
-    pair_j = pair_j + (pair_j >= pair_i).long()  # skip pair_i: uniform over the other positions
-    alpha = uniform(s1)
-    single = positions(uniform(s2), n_valid)
-    beta = 0.5 * uniform(s2)
-    return MixingDraws(pair_i, pair_j, alpha, single, beta)
+    uniform = torch.rand(B, 3 * s1 + 2 * s2, generator=generator, device=n_valid.device, dtype=torch.float32)
+    # How many positions each column draws from: pair_j skips pair_i, so one fewer.
+    counts = n_valid.unsqueeze(1).expand(B, 2 * s1 + s2).clone()
+    counts[:, s1 : 2 * s1].sub_(1)
+    blocked = counts[:, s1:] < 1  # pair_j's columns for type 1, single's for type 2
+    # floor(u * count) < count: a float32 u < 1 is at most 1 - 2^-24, and the float32 product of
+    # that with an integer count < 2^24 rounds below the count.
+    positions = (uniform[:, : 2 * s1 + s2] * counts.clamp_min_(1)).long()
+    pair_i, pair_j, single = positions[:, :s1], positions[:, s1 : 2 * s1], positions[:, 2 * s1 :]
+    pair_j += pair_j >= pair_i  # skip pair_i: uniform over the other positions
+    weights = uniform[:, 2 * s1 + s2 :]
+    weights[:, s1:].mul_(0.5)  # beta ~ U(0, 0.5)
+    return MixingDraws(pair_i, pair_j, weights[:, :s1], single, weights[:, s1:], positions, weights, blocked)
 
 
 def validate_mixing_sizes(*, queue_size: int, temperature: float, n_hard: int, s1: int, s2: int) -> None:
@@ -176,48 +183,48 @@ def _synthetic_logits(
     queue: torch.Tensor,
     hard_logits: torch.Tensor,
     hard_indices: torch.Tensor,
-    n_valid: torch.Tensor,
+    hard_valid: torch.Tensor,
     draws: MixingDraws,
     out: torch.Tensor,
 ) -> _SyntheticGrad:
     """Write q·normalise(a x + c y) of both types into out [B, s1 + s2], -inf where masked.
 
-    q: [B, d]; queue: [K, d]; hard_logits, hard_indices: [B, n_hard] (q·queue, best first);
-    n_valid: [B]. Type 1 is x = n_i, y = n_j, a = alpha; type 2 is x = q, y = n_i, a = beta.
-    Both types share each op on [B, s1 + s2]: ops this small cost about the same whatever their
-    size (a parallel region each on CPU, a launch on GPU), so their number is what counts.
+    q: [B, d]; queue: [K, d]; hard_logits, hard_indices, hard_valid: [B, n_hard] (q·queue, best
+    first, and which of them are unmasked). Type 1 is x = n_i, y = n_j, a = alpha; type 2 is
+    x = q, y = n_i, a = beta. Both types share each op on [B, s1 + s2]: ops this small cost about
+    the same whatever their size (a parallel region each on CPU, a launch on GPU), so their
+    number is what counts.
     """
     B, s1 = draws.alpha.shape
     s2 = draws.beta.shape[1]
-    positions = torch.cat([draws.pair_i, draws.pair_j, draws.single], dim=1)  # [B, 2*s1 + s2]
+    positions = (torch.cat([draws.pair_i, draws.pair_j, draws.single], dim=1) if draws.positions is None
+                 else draws.positions)  # [B, 2*s1 + s2]
+    a = torch.cat([draws.alpha, draws.beta], dim=1) if draws.weights is None else draws.weights
     index = hard_indices.gather(1, positions)
     q_dot = hard_logits.gather(1, positions)  # -inf only in masked rows
-    sq_norm = torch.linalg.vector_norm(queue, dim=1).square_()[index]
+    sq_norm = torch.linalg.vector_norm(queue, dim=1)[index].square_()
     q_sq = torch.linalg.vecdot(q, q).unsqueeze(1).expand(B, s2)  # 1 up to rounding
 
     # [B, s1 + s2] each: q·x, q·y, |x|², |y|², x·y.
-    qx = torch.cat([q_dot[:, :s1], q_sq], dim=1)
+    qx, xx = torch.cat([q_dot[:, :s1], q_sq, sq_norm[:, :s1], q_sq], dim=1).split(s1 + s2, dim=1)
     qy = q_dot[:, s1:]
-    xx = torch.cat([sq_norm[:, :s1], q_sq], dim=1)
     yy = sq_norm[:, s1:]
     xy = torch.empty_like(qy)
     _pair_dots(queue, index[:, : 2 * s1].view(B, 2, s1), out=xy[:, :s1])
     xy[:, s1:] = q_dot[:, 2 * s1 :]
 
-    a = torch.cat([draws.alpha, draws.beta], dim=1)
-    c = 1 - a
-    norm_sq = (a * xx).addcmul_(c, xy, value=2).mul_(a).addcmul_(c * c, yy)  # |a x + c y|²
-    # Type 1 needs two hard negatives, type 2 one.
-    needed = torch.full((s1 + s2,), 2, device=q.device)
-    needed[s1:] = 1
-    masked = n_valid.unsqueeze(1) < needed  # [B, s1 + s2]
-    scale = norm_sq.clamp_min_(1e-12).rsqrt_().masked_fill_(masked, 0.0)
-    torch.mul(torch.lerp(qy, qx, a), scale, out=out).masked_fill_(masked, float("-inf"))  # a q·x + c q·y
+    # |a x + c y|² = a x·(a x + c y) + c y·(a x + c y), c = 1 - a: three lerps.
+    norm_sq = torch.lerp(torch.lerp(yy, xy, a), torch.lerp(xy, xx, a), a)
+    blocked = draws.blocked
+    if blocked is None:  # type 1 needs two hard negatives (hard_valid[:, 1]), type 2 one (hard_valid[:, 0])
+        blocked = hard_valid[:, :2].logical_not()
+        blocked = torch.cat([blocked[:, 1:2].expand(B, s1), blocked[:, :1].expand(B, s2)], dim=1)
+    scale = norm_sq.clamp_min_(1e-12).rsqrt_().masked_fill_(blocked, 0.0)
+    torch.mul(torch.lerp(qy, qx, a), scale, out=out).masked_fill_(blocked, float("-inf"))  # a q·x + c q·y
 
-    weight = torch.empty_like(q_dot)  # laid out like index
-    torch.mul(a[:, :s1], scale[:, :s1], out=weight[:, :s1])
-    torch.mul(c, scale, out=weight[:, s1:])
-    return _SyntheticGrad(index, weight, self_weight=a[:, s1:] * scale[:, s1:])
+    scaled_a = a * scale
+    weight = torch.cat([scaled_a[:, :s1], scale - scaled_a], dim=1)  # laid out like index: a, c, c times scale
+    return _SyntheticGrad(index, weight, self_weight=scaled_a[:, s1:])
 
 
 def _queue_logits(
@@ -232,7 +239,7 @@ def _queue_logits(
 
     Returns the [B, K] bool mask of those duplicates, or None without ids.
     """
-    out[:, 0] = torch.linalg.vecdot(q, k)
+    torch.linalg.vecdot(q, k, out=out[:, 0])
     neg = out[:, 1:]
     torch.mm(q, queue.T, out=neg)
     if ids is None:
@@ -242,22 +249,14 @@ def _queue_logits(
     return duplicate
 
 
-def _hard_negatives(
-    neg: torch.Tensor, duplicate: Optional[torch.Tensor], n_hard: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The n_hard highest of neg [B, K] per row, best first: (logits, indices, n_valid [B]).
+def _hard_negatives(neg: torch.Tensor, n_hard: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The n_hard highest of neg [B, K] per row, best first: (logits, indices, valid [B, n_hard] bool).
 
-    n_valid counts the unmasked ones among them: masked entries are -inf and sort after every
-    (finite) unmasked one, so counting them among the chosen is enough, and much cheaper than
-    summing the whole [B, K] mask.
+    Masked entries are -inf and sort after every (finite) unmasked one, so the unmasked ones
+    among the chosen are exactly the finite ones, and come first.
     """
-    B = neg.shape[0]
     hard_logits, hard_indices = neg.topk(n_hard, dim=1)
-    if duplicate is None:
-        n_valid = torch.full((B,), n_hard, dtype=torch.long, device=neg.device)
-    else:
-        n_valid = n_hard - duplicate.gather(1, hard_indices).sum(1)
-    return hard_logits, hard_indices, n_valid
+    return hard_logits, hard_indices, torch.isfinite(hard_logits)
 
 
 def _add_synthetic_grad(
@@ -291,12 +290,11 @@ class _MochiLogits(torch.autograd.Function):
         duplicate = _queue_logits(q, k, queue, ids, queue_ids, out=logits[:, : 1 + K])
         synthetic = _SyntheticGrad(None, None, None)
         if n_hard > 0:
-            hard_logits, hard_indices, n_valid = _hard_negatives(logits[:, 1 : 1 + K], duplicate, n_hard)
-            hard_valid = torch.arange(n_hard, device=q.device) < n_valid.unsqueeze(1)
+            hard_logits, hard_indices, hard_valid = _hard_negatives(logits[:, 1 : 1 + K], n_hard)
             if s1 or s2:
-                draws = draw_mixing(n_valid, s1, s2, generator)
+                draws = draw_mixing(hard_valid.sum(1), s1, s2, generator)
                 synthetic = _synthetic_logits(
-                    q, queue, hard_logits, hard_indices, n_valid, draws, out=logits[:, 1 + K :]
+                    q, queue, hard_logits, hard_indices, hard_valid, draws, out=logits[:, 1 + K :]
                 )
         else:
             hard_indices = torch.zeros(B, 0, dtype=torch.long, device=q.device)
@@ -326,7 +324,7 @@ class _MochiLogits(torch.autograd.Function):
             grad_q = grad[:, :1] * k
             if synthetic is not None:
                 _add_synthetic_grad(grad[:, 1 + K :], synthetic, q, grad_neg, grad_q)
-            grad_q = torch.addmm(grad_q, grad_neg, queue).div_(ctx.temperature)
+            grad_q = torch.addmm(grad_q, grad_neg, queue, beta=1 / ctx.temperature, alpha=1 / ctx.temperature)
         return (grad_q,) + (None,) * 9
 
 

@@ -15,13 +15,16 @@ from __future__ import annotations
 import copy
 import hashlib
 import random
-from typing import Optional
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Iterator, Optional
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import BatchNormAct2d
+from torch.autograd.function import once_differentiable
 
 from hnmix.backbones import create_backbone
 from hnmix.mixing import MixedLogits, mix_logits, validate_mixing_sizes
@@ -125,47 +128,133 @@ def has_batchnorm(module: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
 
 
-def _is_channels_last(x: torch.Tensor) -> bool:
-    """Whether `x` [N, C, *spatial] is laid out channels-last (C innermost) and not also contiguous."""
-    return x.dim() > 2 and not x.is_contiguous() and x.movedim(1, -1).is_contiguous()
-
-
-def _groups_as_channels(x: torch.Tensor, groups: int) -> torch.Tensor:
-    """[N, C, *spatial] -> [N / groups, groups * C, *spatial]: channel g * C + c of row i holds
-    channel c of sample g * N / groups + i, so group g is the g-th contiguous block of the batch.
-    One copy, in `x`'s memory format (a channels-last `x` gives a channels-last result)."""
+def _empty_groups(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """An empty [N / groups, groups * C, *spatial] tensor laid out as x is: channels innermost
+    when x has them innermost (channels_last), else contiguous."""
     n, c, spatial = x.shape[0], x.shape[1], x.shape[2:]
-    if _is_channels_last(x):
-        by_group = x.movedim(1, -1).reshape(groups, n // groups, *spatial, c).movedim(0, -2)  # [N/g, *spatial, g, C]
-        return by_group.reshape(n // groups, *spatial, groups * c).movedim(-1, 1)
-    return x.reshape(groups, n // groups, -1).transpose(0, 1).reshape(n // groups, groups * c, *spatial)
+    if x.dim() > 2 and not x.is_contiguous() and x.movedim(1, -1).is_contiguous():
+        return x.new_empty(n // groups, *spatial, groups * c).movedim(-1, 1)
+    return x.new_empty(n // groups, groups * c, *spatial)
 
 
-def _channels_as_groups(y: torch.Tensor, groups: int) -> torch.Tensor:
-    """The inverse of `_groups_as_channels`: [N / groups, groups * C, *spatial] -> [N, C, *spatial]."""
-    rows, c, spatial = y.shape[0], y.shape[1] // groups, y.shape[2:]
-    if _is_channels_last(y):
-        by_group = y.movedim(1, -1).reshape(rows, *spatial, groups, c).movedim(-2, 0)  # [g, N/g, *spatial, C]
-        return by_group.reshape(rows * groups, *spatial, c).movedim(-1, 1)
-    return y.reshape(rows, groups, -1).transpose(0, 1).reshape(rows * groups, c, *spatial)
+def _copy_to_groups(x: torch.Tensor, out: torch.Tensor, groups: int) -> torch.Tensor:
+    """Copy x [N, C, *spatial] into out [N / groups, groups * C, *spatial]: channel g * C + c of
+    row i holds channel c of sample g * N / groups + i, so group g is the g-th contiguous block of
+    the batch. One copy, between views of both."""
+    out.unflatten(1, (groups, x.shape[1])).copy_(x.unflatten(0, (groups, x.shape[0] // groups)).transpose(0, 1))
+    return out
 
 
-def _repeat(vector: Optional[torch.Tensor], times: int) -> Optional[torch.Tensor]:
-    """[C] -> [times * C], `vector` repeated (one copy; `Tensor.repeat` costs several ops on the CPU); None stays None."""
-    return None if vector is None else vector.expand(times, -1).reshape(-1)
+def _copy_from_groups(y: torch.Tensor, out: torch.Tensor, groups: int) -> torch.Tensor:
+    """The inverse of `_copy_to_groups`: y [N / groups, groups * C, *spatial] into out [N, C, *spatial]."""
+    out.unflatten(0, (groups, y.shape[0])).transpose(0, 1).copy_(y.unflatten(1, (groups, y.shape[1] // groups)))
+    return out
+
+
+class _SplitBatchNorm(torch.autograd.Function):
+    """Training-mode BatchNorm over `splits` contiguous groups of x [N, C, *spatial], in one kernel
+    each way: the groups become channels ([N / S, S * C, *spatial], `_copy_to_groups`), normalised
+    by one native_batch_norm, and copied back into a new tensor laid out as x. Backward mirrors
+    it, and sums the gradients of the repeated weight and bias over the groups.
+
+    repeated: [rows, S * C], the weight and bias (where the layer has them) and the running mean
+    and variance, each repeated S times: the batch norm reads its weight and bias there, and
+    updates the last two rows in place, each group its own copy.
+
+    Autograd alone would cost more: its copies back are views, so an in-place activation after
+    the layer makes autograd copy the whole tensor again, and each repeat of a parameter costs a
+    copy forward and a reduction backward."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, repeated, splits: int, factor: float, eps: float):
+        *affine, mean_repeated, var_repeated = repeated.unbind()
+        weight_repeated = affine[0] if weight is not None else None
+        bias_repeated = affine[-1] if bias is not None else None
+        grouped = _copy_to_groups(x, _empty_groups(x, splits), splits)
+        out, save_mean, save_invstd = torch.native_batch_norm(
+            grouped, weight_repeated, bias_repeated, mean_repeated, var_repeated, True, factor, eps)
+        ctx.save_for_backward(grouped, weight_repeated, save_mean, save_invstd)
+        ctx.splits, ctx.eps, ctx.layout = splits, eps, (x.shape, x.stride())
+        return _copy_from_groups(out, torch.empty_like(x), splits)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        grouped, weight_repeated, save_mean, save_invstd = ctx.saved_tensors
+        splits, (needs_x, needs_weight, needs_bias) = ctx.splits, ctx.needs_input_grad[:3]
+        grad_grouped = _copy_to_groups(grad_out, torch.empty_like(grouped), splits)
+        grad_x, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
+            grad_grouped, grouped, weight_repeated, None, None, save_mean, save_invstd, True, ctx.eps,
+            [needs_x, needs_weight, needs_bias])
+        if needs_x:
+            shape, stride = ctx.layout
+            grad_x = _copy_from_groups(grad_x, grad_out.new_empty_strided(shape, stride), splits)
+        channels = grouped.shape[1] // splits
+        grad_weight = grad_weight.view(splits, channels).sum(0) if needs_weight else None
+        grad_bias = grad_bias.view(splits, channels).sum(0) if needs_bias else None
+        return grad_x, grad_weight, grad_bias, None, None, None, None
+
+
+class _DeferredStatistics:
+    """Split layers' running statistics whose mean over the groups waits for `flush`: one mean
+    over all layers instead of two per layer. A layer that runs again settles its own first."""
+
+    def __init__(self) -> None:
+        self.pending: dict[nn.Module, torch.Tensor] = {}  # layer -> its updated statistics [2, S, C]
+
+    def settle(self, layer: nn.Module) -> None:
+        """Bring `layer`'s running statistics up to date (before it reads them)."""
+        if layer in self.pending:
+            _settle(layer, self.pending.pop(layer))
+
+    def flush(self) -> None:
+        by_splits: dict[int, list[nn.Module]] = {}
+        for layer, statistics in self.pending.items():
+            by_splits.setdefault(statistics.shape[1], []).append(layer)
+        for layers in by_splits.values():
+            pieces = [self.pending[layer] for layer in layers]
+            means = torch.cat(pieces, dim=2).mean(dim=1).split([p.shape[2] for p in pieces], dim=1)  # [2, C] each
+            torch._foreach_copy_([b for layer in layers for b in (layer.running_mean, layer.running_var)],
+                                 [row for mean in means for row in mean.unbind()])
+        self.pending.clear()
+
+
+_DEFERRED: ContextVar[Optional[_DeferredStatistics]] = ContextVar("hnmix_deferred_split_statistics", default=None)
+
+
+@contextmanager
+def deferred_split_statistics() -> Iterator[None]:
+    """Inside, split BatchNorm layers leave the mean of their groups' running statistics to the
+    end of the block, where one mean settles every layer's (a few kernels per block, not two per
+    layer and forward). Read no running statistics inside."""
+    deferred = _DeferredStatistics()
+    token = _DEFERRED.set(deferred)
+    try:
+        yield
+    finally:
+        _DEFERRED.reset(token)
+        deferred.flush()
+
+
+def _settle(layer: nn.Module, statistics: torch.Tensor) -> None:
+    """The layer's running mean and variance become the means over the groups of `statistics` [2, S, C]."""
+    torch.mean(statistics[0], 0, out=layer.running_mean)
+    torch.mean(statistics[1], 0, out=layer.running_var)
 
 
 def _split_batchnorm_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """BatchNorm over `num_splits` contiguous groups of the batch, as on that many GPUs.
 
     Each group is normalised with its own statistics; the running statistics become the mean of
-    the groups' updates, and `num_batches_tracked` counts one per call. As the MoCo CIFAR demo's
-    SplitBatchNorm (and torch's instance_norm) do, the groups become channels: one `F.batch_norm`
-    over x as [N / S, S * C, *spatial] with the weight, bias and running statistics repeated S
-    times, where a loop over the groups would cost S times the kernel launches. The demo's
-    `x.view(-1, C * S, H, W)` would group samples S apart; reshaping contiguous groups costs one
-    copy in and one out. timm's BatchNormAct2d then applies its drop and activation.
-    Eval mode, one split, and layers that track no running statistics run the layer's own forward.
+    the groups' updates (at the end of a `deferred_split_statistics` block when inside one), and
+    `num_batches_tracked` counts one per call. As the MoCo CIFAR demo's SplitBatchNorm (and
+    torch's instance_norm) do, the groups become channels: one batch-norm kernel over x as
+    [N / S, S * C, *spatial] with the weight, bias and running statistics repeated S times (one
+    cat; `_SplitBatchNorm`), where a loop over the groups would cost S times the kernel launches.
+    The demo's `x.view(-1, C * S, H, W)` groups samples S apart and is free only in the
+    contiguous layout; contiguous groups cost one copy in and one out, in either layout.
+    timm's BatchNormAct2d then applies its drop and activation. Eval mode, one split, and layers
+    that track no running statistics run the layer's own forward.
     """
     if not self.training or self.num_splits == 1 or not self.track_running_stats:
         return super(type(self), self).forward(x)
@@ -176,14 +265,18 @@ def _split_batchnorm_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     self.num_batches_tracked.add_(1)
     # momentum=None is BatchNorm's cumulative average; like torch's BatchNorm, it reads the count on the host.
     factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
-    running_mean, running_var = _repeat(self.running_mean, splits), _repeat(self.running_var, splits)
-    weight, bias = _repeat(self.weight, splits), _repeat(self.bias, splits)
-    grouped = F.batch_norm(_groups_as_channels(x, splits), running_mean, running_var, weight, bias,
-                           True, factor, self.eps)
+    deferred = None if torch.compiler.is_compiling() else _DEFERRED.get()
+    if deferred is not None:
+        deferred.settle(self)
+    rows = [t for t in (self.weight, self.bias) if t is not None] + [self.running_mean, self.running_var]
     with torch.no_grad():
-        torch.mean(running_mean.view(splits, -1), 0, out=self.running_mean)
-        torch.mean(running_var.view(splits, -1), 0, out=self.running_var)
-    out = _channels_as_groups(grouped, splits)
+        repeated = torch.cat([t for t in rows for _ in range(splits)]).view(len(rows), -1)
+    out = _SplitBatchNorm.apply(x, self.weight, self.bias, repeated, splits, factor, self.eps)
+    statistics = repeated[-2:].view(2, splits, -1)
+    if deferred is None:
+        _settle(self, statistics)
+    else:
+        deferred.pending[self] = statistics
     if isinstance(self, BatchNormAct2d):
         out = self.act(self.drop(out))
     return out
@@ -245,10 +338,18 @@ class KeyQueue(nn.Module):
         self.register_buffer("ids", torch.full((size,), -1, dtype=torch.long))
         self.register_buffer("labels", torch.full((size,), -1, dtype=torch.long))
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
+        self._constants: dict[tuple, torch.Tensor] = {}  # never written, so made once per size and device
 
     @property
     def size(self) -> int:
         return self.keys.shape[0]
+
+    def _offsets(self, count: int) -> torch.Tensor:
+        """[count] int64 0, 1, ..., count - 1 on the buffers' device, made once (a constant)."""
+        key = (count, self.ptr.device)
+        if key not in self._constants:
+            self._constants[key] = torch.arange(count, device=self.ptr.device)
+        return self._constants[key]
 
     def fingerprint(self) -> str:
         """SHA-256 of all four buffers: equal on every rank, unchanged by a save and load."""
@@ -268,23 +369,34 @@ class KeyQueue(nn.Module):
         """
         G = keys.shape[0]
         validate_queue_size(self.size, G)
-        slots = (self.ptr + torch.arange(G, device=self.ptr.device)) % self.size
+        # The modulo: a run resumed on another number of processes may start mid-block.
+        slots = torch.add(self._offsets(G), self.ptr).remainder_(self.size)
         if labels is None:
             labels = torch.full_like(self.labels[:G], -1)
         keys, ids, labels = keys.to(self.keys.dtype), ids.to(self.ids.dtype), labels.to(self.labels.dtype)
-        advance = G
         if apply is not None:
             keys = torch.where(apply, keys, self.keys[slots])
             ids = torch.where(apply, ids, self.ids[slots])
             labels = torch.where(apply, labels, self.labels[slots])
-            advance = apply.long() * G
         self.keys.index_copy_(0, slots, keys)
         self.ids.index_copy_(0, slots, ids)
         self.labels.index_copy_(0, slots, labels)
-        self.ptr.copy_((self.ptr + advance) % self.size)
+        self.ptr.add_(G if apply is None else apply, alpha=1 if apply is None else G).remainder_(self.size)
 
 
 # ----------------------------------------------------------------------------- MoCo
+
+
+def _byte_size(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
+
+
+def _as_bytes(buffers: list[torch.Tensor]) -> Optional[torch.Tensor]:
+    """The contents of `buffers` (contiguous, one device, any dtypes) as one new uint8 tensor
+    [sum of their sizes in bytes], in order; None for no buffers."""
+    if not buffers:
+        return None
+    return torch.cat([b.reshape(-1).view(torch.uint8) for b in buffers])
 
 
 class MoCo(nn.Module):
@@ -313,7 +425,8 @@ class MoCo(nn.Module):
     this forward kept, only where `keep` (the step was not skipped); a skipped step's possibly
     non-finite keys and statistics never stay. The trainer runs forward so, under autocast, and
     calls `momentum_update` and `commit` after each optimizer step; commit=True (the default)
-    enqueues at once.
+    enqueues at once. Held back, the logits read the queue itself rather than a copy, so `commit`
+    must come after the backward (autograd refuses a backward through a queue written since).
     """
 
     def __init__(
@@ -350,7 +463,8 @@ class MoCo(nn.Module):
         self.encoder_q = encoder_q
         self.encoder_k = copy.deepcopy(encoder_q).requires_grad_(False)
         self.queue = KeyQueue(k_moco, dim_moco)
-        self._held_back: Optional[tuple[tuple, list[torch.Tensor]]] = None  # see commit()
+        self._held_back: Optional[tuple[tuple, Optional[torch.Tensor]]] = None  # see commit()
+        self._constants: dict[tuple, torch.Tensor] = {}  # never written, so made once per size and device
 
     def mixing_sizes(self, step: int) -> tuple[int, int]:
         """(s1, s2) in force at `step` under the curriculum."""
@@ -375,7 +489,7 @@ class MoCo(nn.Module):
         if apply is None:
             torch._foreach_lerp_(k_params, q_params, 1.0 - m)
             return
-        weight = apply.to(k_params[0].dtype) * (1.0 - m)
+        weight = torch.where(apply, 1.0 - m, 0.0).to(k_params[0].dtype)
         torch._foreach_lerp_(k_params, q_params, [weight] * len(k_params))
 
     @torch.no_grad()
@@ -415,17 +529,20 @@ class MoCo(nn.Module):
         step: int = 0,
         commit: bool = True,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        statistics_before = [] if commit else [buffer.clone() for buffer in self.batchnorm_statistics()]
-        q = self.encoder_q(view_q)
-        k, keys_all = self.encode_keys(view_k)
-        # The clone keeps the logits' saved queue intact when enqueue writes in place below.
-        queue_keys = self.queue.keys.clone()
+        statistics_before = None if commit else _as_bytes(self.batchnorm_statistics())
+        with deferred_split_statistics():
+            q = self.encoder_q(view_q)
+            k, keys_all = self.encode_keys(view_k)
+            if self.symmetric:
+                q_of_k = self.encoder_q(view_k)
+                k_of_q, _ = self.encode_keys(view_q)
+        # Enqueued at once, the queue is written in place below, after the logits saved it for
+        # their backward: they get a copy. Held back, `commit` comes after the backward.
+        queue_keys = self.queue.keys.clone() if commit else self.queue.keys
         s1, s2 = self.mixing_sizes(step)
         generator = mixing_generator(self.seed, step, world_size_and_rank()[1], q.device) if s1 or s2 else None
         loss, stats = self.contrast(q, k, queue_keys, ids, labels, s1=s1, s2=s2, generator=generator)
         if self.symmetric:
-            q_of_k = self.encoder_q(view_k)
-            k_of_q, _ = self.encode_keys(view_q)
             loss_back, stats_back = self.contrast(q_of_k, k_of_q, queue_keys, ids, labels, s1=s1, s2=s2,
                                                   generator=generator)
             loss = (loss + loss_back) / 2
@@ -437,6 +554,13 @@ class MoCo(nn.Module):
         else:
             self._held_back = (batch, statistics_before)
         return loss, stats
+
+    def _zeros(self, size: int, device: torch.device) -> torch.Tensor:
+        """[size] int64 zeros on `device` (the targets: the positive is class 0), made once."""
+        key = (size, device)
+        if key not in self._constants or torch.is_inference_mode_enabled():  # autograd saves it
+            self._constants[key] = torch.zeros(size, dtype=torch.long, device=device)
+        return self._constants[key]
 
     def batchnorm_statistics(self) -> list[torch.Tensor]:
         """The running statistics buffers of both encoders' BatchNorm layers (a forward in
@@ -450,14 +574,19 @@ class MoCo(nn.Module):
         """Apply what the last `forward(..., commit=False)` held back, where `keep` ([] bool on the
         model's device) is True: enqueue its global batch of keys, and keep the BatchNorm
         statistics it updated; where False, queue and statistics stay as before that forward.
-        No host synchronisation."""
+        No host synchronisation. The statistics of every layer travel as one tensor of their
+        bytes (`_as_bytes`): a snapshot, a `where` and a copy back cost a few kernels, not a few
+        per buffer (a ResNet-50 has 318 in its two encoders), and a byte-wise select restores
+        every dtype (float statistics, int64 counts) exactly."""
         if self._held_back is None:
             raise RuntimeError("commit() without a forward(..., commit=False) before it")
         (keys, ids, labels), before = self._held_back
         self._held_back = None
         self.queue.enqueue(keys, ids, labels, apply=keep)
-        for buffer, old in zip(self.batchnorm_statistics(), before):
-            buffer.copy_(torch.where(keep, buffer, old))
+        buffers = self.batchnorm_statistics()
+        if buffers:
+            kept = torch.where(keep, _as_bytes(buffers), before).split([_byte_size(b) for b in buffers])
+            torch._foreach_copy_([b.view(-1).view(torch.uint8) for b in buffers], list(kept))
 
     def contrast(self, q: torch.Tensor, k: torch.Tensor, queue_keys: torch.Tensor, ids: torch.Tensor,
                  labels: Optional[torch.Tensor], *, s1: int, s2: int,
@@ -468,8 +597,7 @@ class MoCo(nn.Module):
             q, k, queue_keys, temperature=self.t_moco, n_hard=self.n_hard, s1=s1, s2=s2,
             ids=ids, queue_ids=self.queue.ids, generator=generator,
         )
-        target = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
-        loss = F.cross_entropy(mixed.logits, target)
+        loss = F.cross_entropy(mixed.logits, self._zeros(q.shape[0], q.device))
         stats = step_statistics(mixed, queue_size=self.queue.size, s1=s1, s2=s2, labels=labels,
                                 queue_labels=self.queue.labels)
         return loss, stats
@@ -498,26 +626,36 @@ def step_statistics(
     """
     logits = mixed.logits
     pos = logits[:, 0]
-    hardest = logits[:, 1 : 1 + queue_size].max(dim=1).values
-    stats = {
-        "acc1": (pos > hardest).float().mean(),
-        "logit_pos": pos.mean(),
-        "logit_hardest": hardest.mean(),
-    }
+    hardest = logits[:, 1 : 1 + queue_size].amax(dim=1)
+    # A handful of ops whatever the number of statistics: the means in one reduction, the
+    # fractions as one division of stacked numerators by stacked denominators (each stack of one
+    # dtype, which a GPU concatenates in one kernel).
+    names = ["acc1", "logit_pos", "logit_hardest"]
+    rows = torch.stack([pos, pos, hardest])
+    torch.gt(rows[1], rows[2], out=rows[0])  # 1 where the positive ranks first, 0 elsewhere
+    means = rows.mean(dim=1)
+    numerators, denominators = [], []
     synthetic = logits[:, 1 + queue_size :]
-    for name, block in (("logit_type1", synthetic[:, :s1]), ("logit_type2", synthetic[:, s1:])):
-        if block.numel():
-            finite = torch.isfinite(block)
-            stats[name] = block.where(finite, 0).sum() / finite.sum().clamp_min(1)
     if synthetic.numel():
         finite = torch.isfinite(synthetic)
-        above = (synthetic > pos.unsqueeze(1)) & finite
-        stats["synthetic_above_pos"] = above.sum() / finite.sum().clamp_min(1)
+        finite_values = synthetic.where(finite, 0)
+        for name, block in (("logit_type1", slice(0, s1)), ("logit_type2", slice(s1, None))):
+            if finite[:, block].numel():
+                names.append(name)
+                numerators.append(finite_values[:, block].sum())
+                denominators.append(finite[:, block].sum())
+        names.append("synthetic_above_pos")
+        numerators.append((synthetic > pos.unsqueeze(1)).sum(dtype=means.dtype))  # -inf and NaN never are
+        denominators.append(finite.sum())
     if labels is not None and queue_labels is not None and mixed.hard_indices.numel():
         # Over the hard negatives whose class is known: slots not yet filled (or filled from a
         # batch without labels) hold label -1, which says nothing about the class.
         hard_labels = queue_labels[mixed.hard_indices]  # [B, n_hard]
-        known = mixed.hard_valid & (hard_labels >= 0) & (labels.unsqueeze(1) >= 0)
-        same_class = (hard_labels == labels.unsqueeze(1)) & known
-        stats["hard_false_negative"] = same_class.sum() / known.sum().clamp_min(1)
-    return {name: value.float() for name, value in stats.items()}
+        considered = mixed.hard_valid & (labels.unsqueeze(1) >= 0)
+        hard_labels = hard_labels.where(considered, -2)  # -2 matches no label, known or not
+        names.append("hard_false_negative")
+        numerators.append((hard_labels == labels.unsqueeze(1)).sum(dtype=means.dtype))
+        denominators.append((hard_labels >= 0).sum())
+    if numerators:
+        means = torch.cat([means, torch.stack(numerators) / torch.stack(denominators).clamp_min(1)])
+    return dict(zip(names, means.float().unbind()))

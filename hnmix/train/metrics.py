@@ -19,29 +19,50 @@ class StatsWindow:
     """Sums of 0-dim statistic tensors over the applied steps since the last log line, with the
     number of those steps, per statistic. Both stay on the device: a step's `applied` (the
     non-finite guard's decision, a [] bool tensor) weights its statistics without a host read,
-    so a skipped step (NaN loss) leaves the means to the applied ones."""
+    so a skipped step (NaN loss) leaves the means to the applied ones.
+
+    A step's statistics are summed as one stacked tensor (a few kernels per step however many
+    statistics there are, where a sum per statistic would launch several each), continuing the
+    per-statistic sums exactly as adding them one by one would; `sums` and `counts` hold them by
+    name again whenever they are read, or when the set of statistics changes."""
 
     def __init__(self) -> None:
         self.sums: dict[str, torch.Tensor] = {}
         self.counts: dict[str, torch.Tensor] = {}  # [] float32, applied steps that had the statistic
+        self._names: tuple[str, ...] = ()  # the statistics summed in _sums and _counts, in their order
+        self._sums: Optional[torch.Tensor] = None  # [len(_names)]
+        self._counts: Optional[torch.Tensor] = None  # [len(_names)] float32
 
     def add(self, stats: dict[str, torch.Tensor], applied: Optional[torch.Tensor] = None) -> None:
         """Add one step's `stats` (name -> [] tensor) unless `applied` ([] bool on their device)
         is False; None counts the step."""
-        for name, value in stats.items():
-            value = value.detach()
-            if applied is None:
-                weight = torch.ones((), device=value.device)
-            else:
-                keep = applied.to(value.device)
-                value = torch.where(keep, value, torch.zeros_like(value))  # not value * keep: NaN x 0 is NaN
-                weight = keep.float()
-            self.sums[name] = self.sums.get(name, 0) + value
-            self.counts[name] = self.counts.get(name, 0) + weight
+        names = tuple(stats)
+        values = torch.stack([value.detach() for value in stats.values()])
+        if applied is None:
+            weight = torch.ones((), device=values.device)
+        else:
+            weight = applied.to(values.device)  # bool: added to the float counts as 0 or 1
+            values = torch.where(weight, values, 0.0)  # not values * keep: NaN x 0 is NaN
+        if names != self._names:
+            self._unstack()
+            self._names = names
+            if any(name in self.sums for name in names):  # go on from their sums so far
+                zero = values.new_zeros(())
+                self._sums = torch.stack([self.sums.get(name, zero) for name in names])
+                self._counts = torch.stack([self.counts.get(name, zero).float() for name in names])
+        self._sums = values if self._sums is None else self._sums + values
+        self._counts = weight.float().expand(len(names)) if self._counts is None else self._counts + weight
+
+    def _unstack(self) -> None:
+        """Move the stacked sums into `sums` and `counts`, by name."""
+        for index, name in enumerate(self._names):
+            self.sums[name], self.counts[name] = self._sums[index], self._counts[index]
+        self._names, self._sums, self._counts = (), None, None
 
     def _totals_over_processes(self, accelerator: Accelerator) -> tuple[list[str], list[float], list[float]]:
         """(names, sums, counts), the sums averaged over processes, the counts as every rank has
         them (the guard decides alike on every rank): one all-reduce."""
+        self._unstack()
         names = sorted(self.sums)
         if not names:
             return [], [], []
@@ -61,6 +82,7 @@ class StatsWindow:
         """For a checkpoint: every rank's own sums (so that a resume on as many processes adds to
         exactly the same float32 values as the uninterrupted run) and the counts of applied steps
         (ints). Every rank calls it."""
+        self._unstack()
         names = sorted(self.sums)
         if not names:
             return {"names": [], "per_rank": [], "counts": {}}
@@ -71,6 +93,7 @@ class StatsWindow:
     def load_state(self, state: dict[str, Any], device: torch.device, *, rank: int, world: int) -> None:
         """Restore `state()`. On the same number of processes each rank gets its own sums back; on
         another, every rank gets their mean, which keeps the window's mean over processes."""
+        self._names, self._sums, self._counts = (), None, None
         if "per_rank" not in state:  # a checkpoint of hnmix 0.1: {name: [mean over ranks, count]}
             state = {"names": sorted(state), "per_rank": [[state[n][0] for n in sorted(state)]],
                      "counts": {n: count for n, (_, count) in state.items()}}
@@ -92,10 +115,14 @@ class RunningCount:
         self.pending: torch.Tensor | int = 0  # this rank's, since then
 
     def add(self, counts: torch.Tensor) -> None:
-        self.pending = self.pending + counts.sum()
+        """Add one step's `counts` ([B]); summed when read, so one op per step while B stays the same."""
+        if isinstance(self.pending, int) or self.pending.shape == counts.shape:
+            self.pending = self.pending + counts
+        else:
+            self.pending = self.pending.sum() + counts.sum()
 
     def total(self, accelerator: Accelerator) -> int:
-        pending = torch.as_tensor(self.pending, device=accelerator.device).reshape(1)
+        pending = torch.as_tensor(self.pending, device=accelerator.device).sum().reshape(1)
         self.counted += int(accelerator.reduce(pending, reduction="sum").item())
         self.pending = 0
         return self.counted

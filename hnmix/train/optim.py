@@ -104,11 +104,11 @@ class NonFiniteGuard:
         fp16, after unscaling), equal on every rank) is inf or NaN. Returns `applied`, [] bool on
         the norm's device, for `MoCo.momentum_update(applied)` and `MoCo.commit(applied)`."""
         applied = torch.isfinite(grad_norm)
-        nonfinite = (~applied).long().to(self.counters.device)  # [] 0 or 1
+        nonfinite = applied.logical_not().to(self.counters.device)  # [] bool
         total, run, since_limit = self.counters.unbind()
-        run = (run + 1) * nonfinite
-        reached_now = torch.where(run >= self.max_nonfinite_steps, 0, -1)
-        since_limit = torch.where(since_limit >= 0, since_limit + 1, reached_now)  # stays >= 0 once reached
+        run = run.add(1).mul_(nonfinite)
+        # -1 until a run reaches the limit; from the step it does (-1 + 1 = 0), one more every step.
+        since_limit = since_limit + ((since_limit >= 0) | (run >= self.max_nonfinite_steps))
         self.counters = torch.stack([total + nonfinite, run, since_limit])
         if self.scaler_skips:
             self.optimizer.step()  # the GradScaler skips a step with inf/NaN gradients

@@ -143,10 +143,11 @@ def test_split_layer_refuses_a_batch_its_splits_do_not_divide(kind):
 
 
 def test_split_layer_calls_batch_norm_once_whatever_the_number_of_splits(monkeypatch):
-    """The groups share one batch_norm call (a loop over them would launch S times the kernels)."""
+    """The groups share one batch-norm kernel (a loop over them would launch S times the kernels)."""
     calls = []
-    batch_norm = F.batch_norm
-    monkeypatch.setattr(F, "batch_norm", lambda *args, **kwargs: calls.append(args[0].shape) or batch_norm(*args, **kwargs))
+    batch_norm = torch.native_batch_norm
+    monkeypatch.setattr(torch, "native_batch_norm",
+                        lambda *args, **kwargs: calls.append(args[0].shape) or batch_norm(*args, **kwargs))
     split = convert_split_batchnorm(BatchNormAct2d(CHANNELS), 8)
     split(batch(16, (3, 3), seed=7))
     assert calls == [torch.Size([2, 8 * CHANNELS, 3, 3])]
