@@ -211,6 +211,13 @@ def use_deterministic_algorithms() -> None:
     torch.backends.cudnn.benchmark = False
 
 
+def cudnn_benchmark_on(config: TrainConfig, device: torch.device) -> bool:
+    """Whether cuDNN times its convolution algorithms for each new shape and keeps the fastest
+    (`torch.backends.cudnn.benchmark`): on a CUDA device, where a step's shapes are the same every
+    step, unless --deterministic (the fastest algorithm may differ between runs)."""
+    return device.type == "cuda" and not config.deterministic
+
+
 def make_accelerator(config: TrainConfig) -> Accelerator:
     if config.device not in (None, "cpu"):
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -423,9 +430,8 @@ def negatives_used(moco: MoCo, steps_trained: int) -> dict[str, Optional[int]]:
 
 def build_model(config: TrainConfig, curriculum: tuple[int, int]) -> MoCo:
     """The MoCo model of `config`, identical on every rank; `curriculum`: the first steps of type-1
-    and type-2 mixing (`resolve_curriculum`). With --compile both encoders are compiled in place
-    (`nn.Module.compile`: the state-dict keys stay those of the eager model, so checkpoints and
-    the export do not depend on the option); the queue update, mixing and loss stay eager.
+    and type-2 mixing (`resolve_curriculum`). Eager: --compile compiles the prepared model
+    (`compile_step`).
 
     The global RNGs (torch, numpy, random) are seeded with --seed on every rank for the build,
     then with seed + rank (as Accelerate's `set_seed(device_specific=True)`, which needs an
@@ -443,11 +449,20 @@ def build_model(config: TrainConfig, curriculum: tuple[int, int]) -> MoCo:
         start1_hard=start1_hard, start2_hard=start2_hard, bn_splits=config.bn_splits,
         symmetric=config.symmetric, seed=config.seed,
     )
-    if config.compile:
-        moco.encoder_q.compile()
-        moco.encoder_k.compile()
     set_seed(config.seed + world_size_and_rank()[1])  # from here, a stream of its own on each rank
     return moco
+
+
+def compile_step(model: nn.Module, mode: str) -> nn.Module:
+    """`model` as `accelerator.prepare` made it (DDP's wrapper under several processes), compiled
+    for --compile: the forward of the whole step (encoders, shuffle BN, queue, mixing, loss) and its
+    backward, with graph breaks where dynamo cannot trace (the mixing's seeded generator). Compiled
+    after DDP wraps it, dynamo splits the graph at DDP's gradient buckets, so that their
+    all-reduce overlaps the backward. Only the returned wrapper is called: the prepared model,
+    which Accelerate saves, keeps the eager state-dict keys (no `_orig_mod.`), so checkpoints and
+    the export do not depend on the option. mode: torch.compile's (`--compile_mode`); reduce-overhead
+    replays the graphs as CUDA graphs on a GPU, and compiles as the default on the CPU."""
+    return torch.compile(model, mode=None if mode == "default" else mode)
 
 
 def shuffle_bn_warning(moco: MoCo, num_processes: int) -> Optional[str]:

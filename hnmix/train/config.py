@@ -36,6 +36,7 @@ MIXED_PRECISION = ("no", "fp16", "bf16")
 AUGMENT_DEVICES = ("cpu", "accelerator")
 OPTIMIZERS = ("adamw", "sgd", "lars")
 MOMENTUM_SCHEDULES = ("constant", "cosine")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 _START = re.compile(r"(\d+)(ep)?")
 
 
@@ -123,7 +124,8 @@ class TrainConfig:
     clip_grad: float = option(5.0, "Clip the gradient norm to this value (0: no clipping).", alias="-cg")
     max_nonfinite_steps: int = option(10, "Stop after this many consecutive steps with a non-finite loss or gradient (each is skipped; fp16 uses loss scaling instead).")
     mixed_precision: Optional[str] = option(None, "no|fp16|bf16 (default: the accelerate config).", choices=MIXED_PRECISION)
-    compile: bool = option(False, "torch.compile the two encoders (the queue, the mixing and the loss stay eager).")
+    compile: bool = option(False, "torch.compile the training step (forward and backward of the encoders, queue, mixing and loss), after Accelerate prepares the model: DDP's all-reduce overlaps the backward; checkpoints stay those of the eager model.")
+    compile_mode: str = option("default", "torch.compile's mode under --compile: default, reduce-overhead (CUDA graphs on a GPU: fewer kernel launches from the host) or max-autotune.", choices=COMPILE_MODES)
     deterministic: bool = option(False, "torch's deterministic algorithms (cuDNN and cuBLAS included, CUBLAS_WORKSPACE_CONFIG set): a run and its resume repeat their losses exactly on CUDA too, somewhat slower.")
     keep_checkpoints: int = option(3, "Keep the newest N checkpoints (0: keep all).")
     report_to: str = option("none", "Trackers for Accelerate: none, all, tensorboard, wandb, ... (comma separated).")
@@ -184,7 +186,7 @@ class TrainConfig:
 RESUMABLE_CHANGES = ("overwrite_dir_out", "steps", "stop_at", "steps_print", "steps_save", "keep_checkpoints", "num_workers", "resume", "config",
                      "report_to", "dir_data", "dir_out", "device", "eval_every", "eval_max_samples",
                      "push_to_hub", "hub_model_id", "hub_private", "hub_strategy", "max_bad_fraction",
-                     "max_nonfinite_steps", "augment_device", "images_in_memory_gib", "compile", "deterministic", "eval_at_start")
+                     "max_nonfinite_steps", "augment_device", "images_in_memory_gib", "compile", "compile_mode", "deterministic", "eval_at_start")
 
 
 def _field_type(f: dataclasses.Field) -> type:
@@ -279,6 +281,8 @@ def parse_config(argv: Optional[Sequence[str]] = None) -> TrainConfig:
 
 def validate(config: TrainConfig) -> None:
     """Checks that need no model, data or processes; one ConfigError line each."""
+    if config.compile_mode != "default" and not config.compile:
+        raise ConfigError(f"option compile_mode={config.compile_mode} needs --compile; add it, or leave --compile_mode out")
     positive = ("img_size", "steps", "batch_size", "steps_save", "steps_print", "dim_moco", "k_moco", "synthetic_size",
                 "max_nonfinite_steps")
     for name in positive:

@@ -40,7 +40,9 @@ from hnmix.train.components import (
     build_optimizer,
     check_views_fit_in_memory,
     check_writable,
+    compile_step,
     console,
+    cudnn_benchmark_on,
     describe_device,
     make_accelerator,
     out_of_memory_line,
@@ -100,6 +102,7 @@ def train(config: TrainConfig) -> int:
     if config.deterministic:
         use_deterministic_algorithms()
     accelerator = make_accelerator(config)
+    torch.backends.cudnn.benchmark = cudnn_benchmark_on(config, accelerator.device)
     quiet_other_processes(accelerator)
     dir_out = Path(config.dir_out)
     check_views_fit_in_memory(config, accelerator.device)
@@ -125,6 +128,7 @@ def train(config: TrainConfig) -> int:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(config))
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     moco: MoCo = accelerator.unwrap_model(model)
+    step_model = compile_step(model, config.compile_mode) if config.compile else model
     momentum_at = momentum_schedule(config)
     guard = NonFiniteGuard(optimizer, config.max_nonfinite_steps, device=accelerator.device)
 
@@ -176,7 +180,9 @@ def train(config: TrainConfig) -> int:
                 step_started = time.perf_counter()
                 if photometric:
                     view_q, view_k = photometric(view_q, view_k, step)
-                loss, stats = model(view_q, view_k, ids, labels if has_labels else None, step=step, commit=False)
+                if config.compile:
+                    torch.compiler.cudagraph_mark_step_begin()  # CUDA graphs' outputs of the last step are spent
+                loss, stats = step_model(view_q, view_k, ids, labels if has_labels else None, step=step, commit=False)
                 accelerator.backward(loss)
                 # The norm is equal on every rank (DDP averaged the gradients, NaN/inf included): a
                 # non-finite one skips both updates everywhere, decided on the device.
