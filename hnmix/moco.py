@@ -15,7 +15,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import random
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from contextvars import ContextVar
 from typing import Iterator, Optional
 
@@ -530,7 +530,9 @@ class MoCo(nn.Module):
         commit: bool = True,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         statistics_before = None if commit else _as_bytes(self.batchnorm_statistics())
-        with deferred_split_statistics():
+        # Compiled, each split layer settles its own statistics (dynamo traces no context variable).
+        deferred = self.bn_splits > 1 and not torch.compiler.is_compiling()
+        with deferred_split_statistics() if deferred else nullcontext():
             q = self.encoder_q(view_q)
             k, keys_all = self.encode_keys(view_k)
             if self.symmetric:

@@ -174,7 +174,8 @@ def count_row(config, *, warmup: int, measure: int, bare: Optional[Counter] = No
     bare_total, trainer_total = sum(bare.values()), sum(trainer.values())
     return {
         "arch": config.arch, "bn_splits": config.bn_splits, "bare": bare_total, "trainer": trainer_total,
-        "ratio": trainer_total / bare_total, "device": device_description(device), "trainer_host_reads": sum(trainer[name] for name in HOST_READS),
+        "ratio": trainer_total / bare_total, "device": device_description(device),
+        "trainer_host_reads": sum(trainer[name] for name in HOST_READS),
         "trainer_extra_by_op": {name: count for name, count in extra.most_common() if count},
         "bare_by_op": dict(bare.most_common()), "trainer_by_op": dict(trainer.most_common()),
         "_bare_counter": bare,
@@ -201,6 +202,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_overhead(args: argparse.Namespace, trainer_argv: Sequence[str]) -> dict[str, Any]:
     """Launches per step of the bare loop and the trainer's step, for each row; a table and the JSON payload."""
+    from hnmix.train.components import check_arch
     from hnmix.train.config import parse_config
 
     base = parse_config([*DEFAULT_TRAIN_OPTIONS, *trainer_argv])
@@ -209,6 +211,7 @@ def run_overhead(args: argparse.Namespace, trainer_argv: Sequence[str]) -> dict[
     for arch in args.archs or [base.arch]:
         for splits in args.splits or [base.bn_splits]:
             config = parse_config([*DEFAULT_TRAIN_OPTIONS, *trainer_argv, "--arch", arch, "--bn_splits", str(splits)])
+            check_arch(config.arch, config.stem, config.resnet_init)  # an unknown model is one line
             row = count_row(config, warmup=args.warmup_steps, measure=args.measure_steps, bare=bare_of.get(arch))
             bare_of[arch] = row.pop("_bare_counter")
             console.log(f"{arch}, bn_splits {splits}: bare {row['bare']:,.0f}, trainer {row['trainer']:,.0f} "
