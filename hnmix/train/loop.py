@@ -75,6 +75,7 @@ from hnmix.train.preemption import (
     write_stopped_marker,
 )
 from hnmix.train.schedule import lr_schedule, momentum_schedule
+from hnmix.train.step import TrainStep
 from hnmix.train.state import (
     checkpoint_to_resume,
     load_training_state,
@@ -135,6 +136,8 @@ def train(config: TrainConfig) -> int:
     metrics_path = dir_out / "metrics.jsonl"
     window, bad_images = StatsWindow(), RunningCount()
     step = load_training_state(accelerator, checkpoint, window, bad_images, guard, metrics_path) if checkpoint else 0
+    train_step = TrainStep(step_model, moco, accelerator, optimizer, scheduler, guard, window, bad_images, momentum_at,
+                           config.clip_grad, photometric=photometric, has_labels=has_labels)
     first_step, run_started = step, time.perf_counter()
     if accelerator.is_main_process:
         (dir_out / CONFIG_FILE).write_text(config_to_yaml(config))
@@ -178,22 +181,9 @@ def train(config: TrainConfig) -> int:
             loader.set_epoch(epoch)
             for view_q, view_k, ids, labels, unreadable in accelerator.skip_first_batches(loader, skip) if skip else loader:
                 step_started = time.perf_counter()
-                if photometric:
-                    view_q, view_k = photometric(view_q, view_k, step)
                 if config.compile:
                     torch.compiler.cudagraph_mark_step_begin()  # CUDA graphs' outputs of the last step are spent
-                loss, stats = step_model(view_q, view_k, ids, labels if has_labels else None, step=step, commit=False)
-                accelerator.backward(loss)
-                # The norm is equal on every rank (DDP averaged the gradients, NaN/inf included): a
-                # non-finite one skips both updates everywhere, decided on the device.
-                grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.clip_grad or math.inf)
-                applied = guard.step(grad_norm)
-                moco.momentum_update(applied, momentum_at(step))
-                moco.commit(applied)  # a skipped step enqueues nothing and keeps the BN statistics
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                window.add(stats, applied)  # a skipped step's statistics stay out of the means
-                bad_images.add(unreadable)
+                train_step(view_q, view_k, ids, labels, unreadable, step)
                 step += 1
                 window_steps += 1
                 progress.update(task, completed=step)
