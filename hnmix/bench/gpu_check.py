@@ -18,7 +18,9 @@ them well. Its sections, in order of value:
                        bare loop, plain MoCo, MoCHi and the full trainer, with peak GPU memory
   bench_data           `bench data`: 1, 2, 4, ... and all the host's cores, Caltech-256-like
                        JPEGs, the batched photometric half on the GPU at batch 256
-  bench_train_compile  `bench train` as above with --compile
+  bench_train_compile  `bench train` as above with --compile --compile_mode reduce-overhead: the
+                       compiled step replayed as CUDA graphs (images/s with them, against the
+                       eager section's without)
 
 A section runs as its own process (its output goes to the log) within its share of the time
 (`--budget_s` over all; a section that would start with under 20 s left is skipped). One that
@@ -109,7 +111,7 @@ def bench_arguments(name: str, *, dry_run: bool, cores: int) -> list[str]:
                  ["--warmup_steps", "5", "--measure_steps", "20", "--images", "2048", "-a", "resnet50", "-i", "224",
                   "-bs", "256", "-km", "65536", "-nh", "1024", "-s1h", "1024", "-s2h", "512",
                   "--num_workers", str(cores)])
-        compiled = ["--compile"] if name == "bench_train_compile" else []
+        compiled = ["--compile", "--compile_mode", "reduce-overhead"] if name == "bench_train_compile" else []
         return ["train", *sizes, "-st1h", "0", "-st2h", "0", "--mixed_precision", "bf16", *compiled]
     raise ValueError(f"no benchmark section {name!r}")
 
@@ -575,8 +577,9 @@ def train_rows(name: str, result: dict[str, Any], goals: dict) -> list[Row]:
     config = result["config"]
     rows = []
     for what, images_per_s in result["images_per_s"].items():
+        compiled = f", compiled {config['compile_mode']}" if config["compile"] else ""
         label = what if what != BARE_LOOP else (f"{what}, {config['arch']} {config['img_size']}px "
-                                                f"{config['mixed_precision']} batch {config['batch_size']}")
+                                                f"{config['mixed_precision']} batch {config['batch_size']}{compiled}")
         goal, met = "", None
         if what == FULL_TRAINER:
             speed, share = goals[f"trainer_images_per_s_{mode}"], goals[f"trainer_of_bare_loop_{mode}"]

@@ -82,6 +82,7 @@ def test_dry_run_sections_hold_what_the_table_and_targets_read(dry_run):
     for name, compiled in (("bench_train_eager", False), ("bench_train_compile", True)):
         train = results[name]
         assert train["config"]["compile"] is compiled and train["config"]["mixed_precision"] == "bf16"
+        assert train["config"]["compile_mode"] == ("reduce-overhead" if compiled else "default")  # CUDA graphs
         assert len(train["images_per_s"]) == 4 and all(v > 0 for v in train["images_per_s"].values())
         assert set(train["peak_gpu_memory_bytes"]) == set(train["images_per_s"])
         assert all(v is None for v in train["peak_gpu_memory_bytes"].values())  # no GPU here
@@ -101,6 +102,7 @@ def test_dry_run_prints_the_table_and_logs_every_command(dry_run):
     table = (out / "gpu_check.md").read_text()
     assert table.startswith("### GPU check, ") and "| section | what | value |" in table
     assert "bench_train_compile | full trainer (data pipeline)" in table
+    assert "bf16 batch 8, compiled reduce-overhead |" in table
 
 
 def test_a_failing_section_is_recorded_and_the_next_one_still_runs(tmp_path, monkeypatch, capsys):
