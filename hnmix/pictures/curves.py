@@ -37,6 +37,7 @@ MAX_EPOCH_LABELS = 12
 
 # Options that say nothing about the method or the data: never in a legend.
 _NOT_IN_LEGEND = {"dir_out", "dir_data", "overwrite_dir_out", "resume", "config", "report_to", "num_workers",
+                  "compile_mode", "images_in_memory_gib",
                   "push_to_hub", "hub_model_id", "hub_private", "hub_strategy", "device", "stop_at", "compile",
                   "keep_checkpoints", "steps_print", "steps_save", "eval_every", "eval_max_samples",
                   "augment_device", "max_bad_fraction", "max_nonfinite_steps", "n_hard", "s1_hard", "s2_hard"}
