@@ -144,8 +144,7 @@ def one_crop_of_pixels(pixels: torch.Tensor, img_size: int, rng: random.Random, 
     decodes at full size (the crop under 2 * img_size pixels on a side)."""
     height, width = pixels.shape[:2]
     crop, flip = draw_one_crop(width, height, rng, augmentation)
-    return _cut_views(pixels.permute(2, 0, 1).unsqueeze(0), [crop], [flip], img_size, reduction=1, pad_y=0,
-                      pad_x=0)[0]
+    return _cut_full_size(pixels, [crop], [flip], img_size)[0]
 
 
 def _decode_and_cut(image: Image.Image, encoded: Optional[bytes], crops: list[Crop], flips: list[bool],
@@ -180,6 +179,11 @@ def two_crops_of_pixels(pixels: torch.Tensor, img_size: int, rng: random.Random,
     are equal to its views of the same image and `rng`."""
     height, width = pixels.shape[:2]
     crops, flips = draw_two_crops(width, height, rng, augmentation)
+    return _cut_full_size(pixels, crops, flips, img_size)
+
+
+def _cut_full_size(pixels: torch.Tensor, crops: list[Crop], flips: list[bool], img_size: int) -> list[torch.Tensor]:
+    """`_cut_views` of upright uint8 pixels [H, W, 3] decoded at full size."""
     return _cut_views(pixels.permute(2, 0, 1).unsqueeze(0), crops, flips, img_size, reduction=1, pad_y=0, pad_x=0)
 
 

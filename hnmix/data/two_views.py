@@ -74,8 +74,8 @@ class TwoViewDataset(torch.utils.data.Dataset):
       of the same spec: float32, normalised): the whole augmentation in the worker.
     The image is decoded once for both views, at a reduced size when the crops allow
     (`hnmix.data.geometric.two_crops`); or, when all the dataset's images are small and fit in
-    `in_memory_bytes` decoded, once for the whole run (`hnmix.data.decoded`; the same views). An image that cannot be read (truncated, empty, not an image,
-    a decompression bomb) is replaced by another drawn from (seed, epoch, index), so batches keep
+    `in_memory_bytes` decoded, once for the whole run (`hnmix.data.decoded`; the same views). An
+    image that cannot be read (truncated, empty, not an image, a decompression bomb) is replaced by another drawn from (seed, epoch, index), so batches keep
     their size; `unreadable` counts the replacements.
 
     Why the views are seeded per sample: every draw comes from `sample_rng(seed, epoch, index)`
@@ -160,11 +160,13 @@ class TwoViewDataset(torch.utils.data.Dataset):
             label = int(row[self.label_column])
         return self._photometric(views, rng), label
 
-    def _crops_of_cell(self, cell: Optional[dict], index: int, rng: random.Random) -> list[torch.Tensor]:
+    def _crops_of_cell(self, cell: Optional[dict], index: int, rng: random.Random, cut=two_crops):
+        """`cut(image, img_size, rng, encoded, augmentation=...)` (`two_crops`, or `one_crop`) of the
+        undecoded image `cell` of row `index`; an unreadable image raises a DataError naming it."""
         encoded = encoded_bytes(cell) if cell is not None else None
         image = self._open(cell, index, encoded)
         try:
-            return two_crops(image, self.img_size, rng, encoded, augmentation=self.augmentation)
+            return cut(image, self.img_size, rng, encoded, augmentation=self.augmentation)
         except DECODE_ERRORS as error:
             raise self._unreadable(index, error) from None
         finally:

@@ -63,7 +63,7 @@ from accelerate import Accelerator
 
 from hnmix.data.augmentation import MOCO_V2
 from hnmix.data.geometric import one_crop, one_crop_of_pixels
-from hnmix.data.images import DECODE_ERRORS, encoded_bytes
+from hnmix.data.images import DECODE_ERRORS
 from hnmix.data.transforms import EVAL_CROP_PCT, IMAGENET_MEAN, IMAGENET_STD
 from hnmix.data.two_views import EpochSampler, TwoViewDataset, sample_rng, warn_a_few
 from hnmix.data.workers import fit_prefetch, ignore_stop_signals, local_processes
@@ -192,16 +192,7 @@ class AugmentedImages(TwoViewDataset):
                                       augmentation=self.augmentation)
             return view, int(self.labels[index])
         row = self._read_row(index)
-        cell = row[self.image_column]
-        encoded = encoded_bytes(cell) if cell is not None else None
-        image = self._open(cell, index, encoded)
-        try:
-            view = one_crop(image, self.img_size, rng, encoded, augmentation=self.augmentation)
-        except DECODE_ERRORS as error:
-            raise self._unreadable(index, error) from None
-        finally:
-            image.close()
-        return view, int(row[self.label_column])
+        return self._crops_of_cell(row[self.image_column], index, rng, cut=one_crop), int(row[self.label_column])
 
 
 def make_lincls_loader(images: AugmentedImages, *, batch_size: int, num_workers: int, seed: int,
