@@ -105,6 +105,14 @@ def default_num_workers(processes_on_node: int) -> tuple[int, str]:
     return workers, f"auto: {cores} {source} / {processes_on_node} process(es) on this node, less 1 for the main process"
 
 
+def workers_per_process(requested: Optional[int], num_processes: int) -> tuple[int, str]:
+    """(DataLoader workers per process, how that was chosen): `requested` (--num_workers), or when
+    it is None this process's share of the node's cores (`default_num_workers`)."""
+    if requested is not None:
+        return requested, "--num_workers"
+    return default_num_workers(local_processes(num_processes))
+
+
 # Where DataLoader workers put their batches (torch's shared memory), at most this many batches
 # ready per worker (torch's default is 2, MoCo's main_moco.py keeps that; 4 smooths slow JPEGs),
 # and the share of the free space the training loader may take (the kNN monitor's loader and

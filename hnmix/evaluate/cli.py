@@ -40,7 +40,7 @@ from accelerate.utils import set_seed
 
 from hnmix.data.decoded import GIB
 from hnmix.data.transforms import EVAL_CROP_PCT
-from hnmix.data.workers import default_num_workers, local_processes
+from hnmix.data.workers import workers_per_process
 from hnmix.errors import ConfigError, DataError, HnmixError
 from hnmix.evaluate.features import EvalImages, extract_features, make_eval_loader
 from hnmix.evaluate.lincls import (
@@ -72,9 +72,7 @@ DEFAULT_DATASET = "ilee0022/Caltech-256"
 def resolve_num_workers(args: argparse.Namespace, accelerator: Accelerator) -> tuple[int, str]:
     """(DataLoader workers per process, how that was chosen): --num_workers, else the trainer's
     default, this process's share of the node's usable cores less one (`hnmix.data.workers`)."""
-    if args.num_workers is not None:
-        return args.num_workers, "--num_workers"
-    return default_num_workers(local_processes(accelerator.num_processes))
+    return workers_per_process(args.num_workers, accelerator.num_processes)
 
 
 def _split_size(text: str) -> Union[int, float]:

@@ -41,7 +41,7 @@ from hnmix.data.decoded import GIB
 from hnmix.data.sources import load_image_dataset, resolve_columns
 from hnmix.data.transforms import moco_v2_photometric
 from hnmix.data.two_views import TwoViewDataset, make_train_loader
-from hnmix.data.workers import default_num_workers, fit_prefetch, local_processes
+from hnmix.data.workers import fit_prefetch, local_processes, workers_per_process
 from hnmix.errors import ConfigError, DataError, HubError, describe, first_line
 from hnmix.evaluate.monitor import KnnMonitor
 from hnmix.evaluate.splits import NO_LABELS, load_eval_splits
@@ -327,10 +327,8 @@ def augment_on_accelerator(config: TrainConfig, device: torch.device) -> bool:
 
 def loader_workers(config: TrainConfig, accelerator: Accelerator) -> tuple[int, str]:
     """(DataLoader workers per process, how that was chosen): --num_workers, or when it is left
-    out this process's share of the node's cores (`default_num_workers`)."""
-    if config.num_workers is not None:
-        return config.num_workers, "--num_workers"
-    return default_num_workers(local_processes(accelerator.num_processes))
+    out this process's share of the node's cores (`hnmix.data.workers.workers_per_process`)."""
+    return workers_per_process(config.num_workers, accelerator.num_processes)
 
 
 def build_data(config: TrainConfig, accelerator: Accelerator, *, photometric_in_workers: bool):
