@@ -23,6 +23,7 @@ import datasets
 import numpy as np
 import torch
 
+from hnmix.data.geometric import upright_size
 from hnmix.data.images import DECODE_ERRORS, decode_jpeg_upright, encoded_bytes, open_image, to_rgb
 from hnmix.errors import DataError
 
@@ -80,8 +81,6 @@ def estimated_bytes(dataset: datasets.Dataset, image_column: str, *,
                     sample: int = SAMPLED_FOR_ESTIMATE) -> tuple[int, int]:
     """(bytes of all the images of `dataset` (undecoded cells) decoded, the largest short side),
     estimated from `sample` evenly spaced ones' headers."""
-    from hnmix.data.geometric import upright_size
-
     indices = np.linspace(0, len(dataset) - 1, min(sample, len(dataset))).round().astype(int).tolist()
     sizes, short_side = [], 0
     for index in indices:
