@@ -12,7 +12,7 @@ from launch import REPO, two_node_commands
 from tiny_run import TINY, checkpoints, losses, metrics
 
 pytestmark = pytest.mark.multiprocess
-COMMON = ["-m", "hnmix.train", *TINY, "-bs", "4", "-s", "12", "-sp", "1", "-ss", "100", "--num_workers", "0",
+COMMON = ["-m", "hnmix.train", *TINY, "-bs", "4", "-s", "400", "-sp", "1", "-ss", "1000", "--num_workers", "0",
           "--eval_every", "0"]
 
 
@@ -27,14 +27,8 @@ def finish(nodes, timeout=400):
 
 
 def test_two_nodes_train_stop_on_a_signal_to_one_and_resume_exactly(tmp_path):
-    straight = tmp_path / "straight"
-    for code, stderr in finish(start_nodes(straight)):
-        assert code == 0, stderr[-3000:]
-    state = json.loads((straight / "checkpoints/step_00000012/trainer_state.json").read_text())
-    assert state["num_processes"] == 2
-    first, second = state["queue_sha256_per_rank"]
-    assert first == second  # both nodes hold the same queue
-
+    """The nodes agree on a stop about once a second, so the run is long enough (400 steps) to
+    stop well before its end; the reference trains to the stopped step + 2 only."""
     stopped = tmp_path / "stopped"
     nodes = start_nodes(stopped)
     deadline = time.monotonic() + 300
@@ -43,11 +37,20 @@ def test_two_nodes_train_stop_on_a_signal_to_one_and_resume_exactly(tmp_path):
     nodes[1].send_signal(signal.SIGTERM)  # node 1's launcher only
     results = finish(nodes)
     [stopped_at] = checkpoints(stopped)
-    assert 2 <= int(stopped_at.split("_")[1]) < 12, results[0][1][-2000:]
+    step = int(stopped_at.split("_")[1])
+    assert 2 <= step < 400, results[0][1][-2000:]
     checkpoint = stopped / "checkpoints" / stopped_at
     assert (checkpoint / "random_states_0.pkl").exists() and (checkpoint / "random_states_1.pkl").exists()
     assert stopped_at in (stopped / "STOPPED").read_text()  # what a requeue script reads
+    first, second = json.loads((checkpoint / "trainer_state.json").read_text())["queue_sha256_per_rank"]
+    assert first == second  # both nodes hold the same queue
 
-    for code, stderr in finish(start_nodes(stopped, "--resume", "latest")):
+    straight = tmp_path / "straight"
+    for code, stderr in finish(start_nodes(straight, "--stop_at", str(step + 2))):
         assert code == 0, stderr[-3000:]
-    assert losses(stopped) == losses(straight)
+    assert json.loads((straight / f"checkpoints/step_{step + 2:08d}/trainer_state.json").read_text())["num_processes"] == 2
+    for code, stderr in finish(start_nodes(stopped, "--resume", "latest", "--stop_at", str(step + 2))):
+        assert code == 0, stderr[-3000:]
+    expected = losses(straight)
+    assert sorted(expected) == list(range(1, step + 3))
+    assert losses(stopped) == expected
