@@ -17,15 +17,30 @@ slice, select, resolve_conj, ...) are left out, and where one of them copies (a 
 non-contiguous tensor, `contiguous`, `to`) the ops it calls count instead. One warm-up step, then
 `--measure_steps` profiled steps; a row reports their mean. Host reads (`item`, i.e.
 `_local_scalar_dense`) count as ops and are also reported on their own: the trainer's step has
-none.
+none. On a GPU a row also counts the CUDA runtime's launches (`CUDA_LAUNCHES`: kernels, copies,
+memsets, graph replays) per step, which is what the host pays for.
 
-Options it does not know go to `hnmix.train`; its defaults are the issue's measurement: 32 px,
-batch 16, SGD, on the CPU.
+Time per step, after the counts, over `--time_steps` more steps of each row:
+- host ms: the time the host takes to issue one step, the device drained before it;
+- GPU busy ms (GPU only): the kernels' own time per step, from the profiler's device events;
+- step ms: `--time_steps` steps back to back, timed with CUDA events on a GPU (wall time
+  elsewhere); images/s is the batch over it.
+A step whose host ms reaches its step ms while its GPU busy ms is lower is host-bound.
+
+`--modes eager,reduce-overhead` adds the trainer's step compiled as `--compile --compile_mode`
+does (`compile_step`, reduce-overhead replaying CUDA graphs on a GPU): the GPU check's images/s
+with and without CUDA graphs. A compiled step's aten ops run inside compiled kernels, so its
+`trainer` count is not comparable; its CUDA launches are.
+
+Options it does not know go to `hnmix.train`; without `--config` its defaults are the issue's
+measurement (32 px, batch 16, SGD, on the CPU), with one the recipe's values stand.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
+import time
 from collections import Counter
 from dataclasses import replace
 from typing import Any, Callable, Iterable, Optional, Sequence
@@ -35,7 +50,7 @@ from rich.console import Console
 from rich.table import Table
 from torch.profiler import ProfilerActivity, profile
 
-from hnmix.bench.system import device_description
+from hnmix.bench.system import _synchronize, device_description
 
 # Views, reshapes and allocations: no kernel of their own (a copying one counts through its children).
 NOT_WORK = frozenset({
@@ -47,8 +62,11 @@ NOT_WORK = frozenset({
     "contiguous", "to", "type_as", "view_as_real", "view_as_complex", "unfold",
 })
 HOST_READS = frozenset({"aten::_local_scalar_dense", "aten::item"})
-DEFAULT_TRAIN_OPTIONS = ["--img_size", "32", "--batch_size", "16", "--optimizer", "sgd", "--device", "cpu",
-                         "--eval_every", "0"]
+# The CUDA runtime calls that put work on the device: what a GPU's host pays per launch.
+CUDA_LAUNCHES = frozenset({"cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx",
+                           "cudaGraphLaunch", "cudaMemcpyAsync", "cudaMemsetAsync"})
+DEFAULT_TRAIN_OPTIONS = ["--img_size", "32", "--batch_size", "16", "--optimizer", "sgd", "--device", "cpu"]
+MODES = ("eager", "default", "reduce-overhead", "max-autotune")
 RULE = ("torch.profiler on the CPU: top-level aten ops that do work (views, reshapes and allocations left out), "
         "per step, after one warm-up step")
 
@@ -82,12 +100,57 @@ def work_ops(events: Iterable) -> Counter:
 
 def ops_per_step(step: Callable[[], None], *, warmup: int = 1, measure: int = 2) -> Counter:
     """op name -> its mean count per call of `step`, over `measure` profiled calls after `warmup`."""
+    return profile_steps(step, warmup=warmup, measure=measure)["ops"]
+
+
+def profile_steps(step: Callable[[], None], *, warmup: int, measure: int,
+                  device: torch.device = torch.device("cpu")) -> dict[str, Any]:
+    """Per call of `step`, means over `measure` profiled calls after `warmup`: `ops` (op name ->
+    count, by the counting rule) and, on a GPU, `cuda_launches` and `gpu_busy_ms` (else None)."""
     for _ in range(warmup):
         step()
-    with profile(activities=[ProfilerActivity.CPU]) as profiler:
+    _synchronize(device)
+    on_gpu = device.type == "cuda"
+    activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if on_gpu else [])]
+    with profile(activities=activities) as profiler:
         for _ in range(measure):
             step()
-    return Counter({name: count / measure for name, count in work_ops(profiler.events()).items()})
+        _synchronize(device)
+    events = profiler.events()
+    result = {"ops": Counter({name: count / measure for name, count in work_ops(events).items()}),
+              "cuda_launches": None, "gpu_busy_ms": None}
+    if on_gpu:
+        result["cuda_launches"] = sum(event.name in CUDA_LAUNCHES for event in events) / measure
+        device_us = sum(event.time_range.elapsed_us() for event in events
+                        if event.device_type == torch.autograd.DeviceType.CUDA)
+        result["gpu_busy_ms"] = device_us / 1000 / measure
+    return result
+
+
+def time_steps(step: Callable[[], None], *, steps: int, device: torch.device) -> dict[str, float]:
+    """`host_ms`: the median time the host takes to issue one `step`, the device drained before
+    each; `step_ms`: `steps` calls back to back, per call (CUDA events on a GPU, else wall time)."""
+    host_s = []
+    for _ in range(steps):
+        _synchronize(device)
+        started = time.perf_counter()
+        step()
+        host_s.append(time.perf_counter() - started)
+    _synchronize(device)
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(steps):
+            step()
+        end.record()
+        end.synchronize()
+        step_ms = start.elapsed_time(end) / steps
+    else:
+        started = time.perf_counter()
+        for _ in range(steps):
+            step()
+        step_ms = (time.perf_counter() - started) * 1000 / steps
+    return {"host_ms": statistics.median(host_s) * 1000, "step_ms": step_ms}
 
 
 def _autocast_dtype(config) -> Optional[torch.dtype]:
@@ -115,13 +178,15 @@ def bare_step(config, device: torch.device) -> Callable[[], None]:
 
 
 def trainer_step(config, *, calls: int) -> tuple[Callable[[], None], torch.device]:
-    """The trainer's step as the loop makes it, built as the loop builds its parts, over `calls`
-    in-memory batches (made beforehand, so that no op of the bench's own counts); and its device."""
+    """The trainer's step as the loop makes it, built as the loop builds its parts (compiled under
+    `config.compile`), over `calls` in-memory batches, made beforehand so that no op of the
+    bench's own counts (a step past them reuses them in turn); and its device."""
     from hnmix.data.photometric import StepPhotometric
     from hnmix.train.components import (
         augment_on_accelerator,
         build_model,
         build_optimizer,
+        compile_step,
         make_accelerator,
     )
     from hnmix.train.metrics import RunningCount, StatsWindow
@@ -135,11 +200,12 @@ def trainer_step(config, *, calls: int) -> tuple[Callable[[], None], torch.devic
     optimizer = build_optimizer(config, model.encoder_q, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(config))
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    step_model = compile_step(model, config.compile_mode) if config.compile else model
     on_accelerator = augment_on_accelerator(config, device)
     photometric = (StepPhotometric(config.img_size, seed=config.seed, rank=0, augmentation=config.augmentation)
                    if on_accelerator else None)
     train_step = TrainStep(
-        model=model, moco=accelerator.unwrap_model(model), accelerator=accelerator, optimizer=optimizer,
+        model=step_model, moco=accelerator.unwrap_model(model), accelerator=accelerator, optimizer=optimizer,
         scheduler=scheduler, guard=NonFiniteGuard(optimizer, config.max_nonfinite_steps, device=device),
         window=StatsWindow(), bad_images=RunningCount(), momentum_at=momentum_schedule(config),
         clip_grad=config.clip_grad, photometric=photometric, has_labels=True,
@@ -156,30 +222,46 @@ def trainer_step(config, *, calls: int) -> tuple[Callable[[], None], torch.devic
     done = [0]
 
     def step() -> None:
-        ids, labels, unreadable = batches[done[0]]
+        if config.compile:
+            torch.compiler.cudagraph_mark_step_begin()  # as the loop does
+        ids, labels, unreadable = batches[done[0] % calls]
         train_step(*views, ids, labels, unreadable, done[0])
         done[0] += 1
 
     return step, device
 
 
-def count_row(config, *, warmup: int, measure: int, bare: Optional[Counter] = None) -> dict[str, Any]:
-    """The counts of one configuration: bare loop (or `bare`, already counted for its network) and trainer."""
+def count_row(config, *, warmup: int, measure: int, timed: int, bare: Optional[dict] = None) -> dict[str, Any]:
+    """The counts and times of one configuration: bare loop (or `bare`, already measured for its
+    network) and trainer."""
     step, device = trainer_step(config, calls=warmup + measure)
-    trainer = ops_per_step(step, warmup=warmup, measure=measure)
+    trainer = profile_steps(step, warmup=warmup, measure=measure, device=device)
+    trainer |= time_steps(step, steps=timed, device=device)
     if bare is None:
-        bare = ops_per_step(bare_step(config, device), warmup=warmup, measure=measure)
-    extra = Counter(trainer)
-    extra.subtract(bare)
-    bare_total, trainer_total = sum(bare.values()), sum(trainer.values())
-    return {
-        "arch": config.arch, "bn_splits": config.bn_splits, "bare": bare_total, "trainer": trainer_total,
-        "ratio": trainer_total / bare_total, "device": device_description(device),
-        "trainer_host_reads": sum(trainer[name] for name in HOST_READS),
+        bare_loop = bare_step(config, device)
+        bare = profile_steps(bare_loop, warmup=warmup, measure=measure, device=device)
+        bare |= time_steps(bare_loop, steps=timed, device=device)
+    extra = Counter(trainer["ops"])
+    extra.subtract(bare["ops"])
+    bare_total, trainer_total = sum(bare["ops"].values()), sum(trainer["ops"].values())
+    row = {
+        "arch": config.arch, "bn_splits": config.bn_splits, "mode": config.compile_mode if config.compile else "eager",
+        "bare": bare_total, "trainer": trainer_total, "ratio": trainer_total / bare_total,
+        "device": device_description(device),
+        "trainer_host_reads": sum(trainer["ops"][name] for name in HOST_READS),
         "trainer_extra_by_op": {name: count for name, count in extra.most_common() if count},
-        "bare_by_op": dict(bare.most_common()), "trainer_by_op": dict(trainer.most_common()),
-        "_bare_counter": bare,
+        "bare_by_op": dict(bare["ops"].most_common()), "trainer_by_op": dict(trainer["ops"].most_common()),
+        "_bare": bare,
     }
+    for name, measured in (("bare", bare), ("trainer", trainer)):
+        for key in ("cuda_launches", "gpu_busy_ms", "host_ms", "step_ms"):
+            row[f"{name}_{key}"] = measured[key]
+        row[f"{name}_images_per_s"] = config.batch_size * 1000 / measured["step_ms"]
+    return row
+
+
+def _ms(value: Optional[float]) -> str:
+    return "-" if value is None else f"{value:.2f}"
 
 
 def _comma_list(kind: Callable[[str], Any]) -> Callable[[str], list]:
@@ -191,6 +273,12 @@ def _comma_list(kind: Callable[[str], Any]) -> Callable[[str], list]:
     return parse
 
 
+def _mode(text: str) -> str:
+    if text not in MODES:
+        raise ValueError(f"{text} is not a mode; choose from {','.join(MODES)}")
+    return text
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--archs", type=_comma_list(str), default=None,
                         help="rows: these models, e.g. resnet18,resnet50 (default: the trainer's --arch)")
@@ -198,33 +286,49 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="rows: these --bn_splits, e.g. 1,8 (default: the trainer's --bn_splits)")
     parser.add_argument("--warmup_steps", type=int, default=1, help="steps run before counting")
     parser.add_argument("--measure_steps", type=int, default=2, help="steps counted (the mean is reported)")
+    parser.add_argument("--time_steps", type=int, default=5, help="steps timed after the counted ones")
+    parser.add_argument("--modes", type=_comma_list(_mode), default=["eager"],
+                        help=f"rows: the trainer's step eager and/or compiled in these --compile_mode's, of {MODES}")
 
 
 def run_overhead(args: argparse.Namespace, trainer_argv: Sequence[str]) -> dict[str, Any]:
-    """Launches per step of the bare loop and the trainer's step, for each row; a table and the JSON payload."""
+    """Launches and times per step of the bare loop and the trainer's step, for each row; a table
+    and the JSON payload."""
     from hnmix.train.components import check_arch
     from hnmix.train.config import parse_config
 
-    base = parse_config([*DEFAULT_TRAIN_OPTIONS, *trainer_argv])
+    defaults = [] if "--config" in trainer_argv else DEFAULT_TRAIN_OPTIONS
+    given = [*defaults, *trainer_argv, "--eval_every", "0"]
+    base = parse_config(given)
     rows, bare_of = [], {}
     console = Console()
     for arch in args.archs or [base.arch]:
         for splits in args.splits or [base.bn_splits]:
-            config = parse_config([*DEFAULT_TRAIN_OPTIONS, *trainer_argv, "--arch", arch, "--bn_splits", str(splits)])
-            check_arch(config.arch, config.stem, config.resnet_init)  # an unknown model is one line
-            row = count_row(config, warmup=args.warmup_steps, measure=args.measure_steps, bare=bare_of.get(arch))
-            bare_of[arch] = row.pop("_bare_counter")
-            console.log(f"{arch}, bn_splits {splits}: bare {row['bare']:,.0f}, trainer {row['trainer']:,.0f} "
-                        f"({row['ratio']:.2f}x)")
-            rows.append(row)
+            for mode in args.modes:
+                compiled = [] if mode == "eager" else ["--compile", "--compile_mode", mode]
+                config = parse_config([*given, "--arch", arch, "--bn_splits", str(splits), *compiled])
+                check_arch(config.arch, config.stem, config.resnet_init)  # an unknown model is one line
+                warmup = args.warmup_steps if mode == "eager" else max(args.warmup_steps, 3)  # compiles, records
+                row = count_row(config, warmup=warmup, measure=args.measure_steps, timed=args.time_steps,
+                                bare=bare_of.get(arch))
+                bare_of[arch] = row.pop("_bare")
+                console.log(f"{arch}, bn_splits {splits}, {mode}: bare {row['bare']:,.0f}, trainer "
+                            f"{row['trainer']:,.0f} ({row['ratio']:.2f}x), {row['trainer_images_per_s']:,.0f} images/s")
+                rows.append(row)
     table = Table(title=f"Kernel launches per step ({RULE}, mean of {args.measure_steps}); {base.img_size} px, "
                         f"batch {base.batch_size}, n_hard {base.n_hard}, s1 {base.s1_hard}, s2 {base.s2_hard}, "
-                        f"{base.optimizer}, {base.mixed_precision or 'no'} mixed precision")
-    for column in ("model", "bn_splits", "bare loop", "trainer step", "trainer / bare"):
-        table.add_column(column, justify="left" if column == "model" else "right")
+                        f"{base.optimizer}, {base.mixed_precision or 'no'} mixed precision; times over "
+                        f"{args.time_steps} steps")
+    columns = ("model", "bn_splits", "mode", "bare loop", "trainer step", "trainer / bare", "CUDA launches",
+               "host ms", "GPU busy ms", "step ms", "images/s")
+    for column in columns:
+        table.add_column(column, justify="left" if column in ("model", "mode") else "right")
     for row in rows:
-        table.add_row(row["arch"], str(row["bn_splits"]), f"{row['bare']:,.0f}", f"{row['trainer']:,.0f}",
-                      f"{row['ratio']:.2f}x")
-    console.print(table)
-    return {"rule": RULE, "warmup_steps": args.warmup_steps, "measured_steps": args.measure_steps, "rows": rows,
-            "config": base.to_dict(), "torch": torch.__version__}
+        launches = row["trainer_cuda_launches"]
+        table.add_row(row["arch"], str(row["bn_splits"]), row["mode"], f"{row['bare']:,.0f}", f"{row['trainer']:,.0f}",
+                      f"{row['ratio']:.2f}x", "-" if launches is None else f"{launches:,.0f}",
+                      _ms(row["trainer_host_ms"]), _ms(row["trainer_gpu_busy_ms"]), _ms(row["trainer_step_ms"]),
+                      f"{row['trainer_images_per_s']:,.0f}")
+    Console(width=max(console.width, 150)).print(table)  # eleven columns: wider than a log's 80
+    return {"rule": RULE, "warmup_steps": args.warmup_steps, "measured_steps": args.measure_steps,
+            "timed_steps": args.time_steps, "rows": rows, "config": base.to_dict(), "torch": torch.__version__}

@@ -4,10 +4,12 @@ per-buffer or per-parameter loop in the step (BatchNorm hold-back, momentum upda
 clipping). Split BN costs a fixed handful of launches per BatchNorm layer."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import timm
 import torch
 from torch import nn
@@ -19,11 +21,12 @@ SMALL = ["--img_size", "32", "--batch_size", "8", "--k_moco", "64", "--dim_moco"
          "--s1_hard", "4", "--s2_hard", "4", "--measure_steps", "1"]
 
 
-def run_overhead(tmp_path, archs, splits):
+def run_overhead(tmp_path, archs, splits, *extra, env=None):
     out = tmp_path / "overhead.json"
-    command = [sys.executable, "-m", "hnmix.bench", "overhead", "--archs", archs, "--splits", splits, *SMALL,
+    command = [sys.executable, "-m", "hnmix.bench", "overhead", "--archs", archs, "--splits", splits, *SMALL, *extra,
                "--json", str(out)]
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env=None if env is None else os.environ | env)
     assert done.returncode == 0, done.stderr
     return done.stdout, json.loads(out.read_text())
 
@@ -34,11 +37,21 @@ def batchnorm_layers(arch):
     return sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
-def test_overhead_reports_bare_and_trainer_launches_per_row_with_their_ratio(tmp_path):
-    stdout, result = run_overhead(tmp_path, "test_resnet", "1,2")
+def test_overhead_reports_bare_and_trainer_launches_and_times_per_row_with_their_ratio(tmp_path):
+    """Rows per model, split and mode; a compiled mode's row goes through compile_step (inductor is
+    disabled here: it takes minutes on 2 cores; the GPU check compiles for real)."""
+    stdout, result = run_overhead(tmp_path, "test_resnet", "1,2", "--modes", "eager,reduce-overhead",
+                                  "--time_steps", "2", env={"TORCH_COMPILE_DISABLE": "1"})
     assert "Kernel launches per step" in stdout and "top-level aten ops" in result["rule"]
-    assert [(row["arch"], row["bn_splits"]) for row in result["rows"]] == [("test_resnet", 1), ("test_resnet", 2)]
+    assert [(row["arch"], row["bn_splits"], row["mode"]) for row in result["rows"]] == [
+        ("test_resnet", 1, "eager"), ("test_resnet", 1, "reduce-overhead"),
+        ("test_resnet", 2, "eager"), ("test_resnet", 2, "reduce-overhead")]
+    assert result["timed_steps"] == 2
     for row in result["rows"]:
+        for name in ("bare", "trainer"):
+            assert row[f"{name}_host_ms"] > 0 and row[f"{name}_step_ms"] > 0
+            assert row[f"{name}_images_per_s"] == pytest.approx(8 * 1000 / row[f"{name}_step_ms"])
+            assert row[f"{name}_cuda_launches"] is None and row[f"{name}_gpu_busy_ms"] is None  # CPU: no device events
         assert row["trainer"] > row["bare"] > 0
         assert row["ratio"] == row["trainer"] / row["bare"]
         assert row["trainer_host_reads"] == 0  # the step never waits for the device
@@ -80,3 +93,11 @@ def test_views_and_allocations_are_not_counted_but_the_copies_they_make_are():
 
     counts = ops_per_step(step, warmup=0, measure=2)
     assert counts == {"aten::clone": 1, "aten::add": 1}
+
+
+def test_an_unknown_mode_is_one_line(tmp_path):
+    command = [sys.executable, "-m", "hnmix.bench", "overhead", "--modes", "eager,fast", *SMALL]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1].endswith(
+        "argument --modes: fast is not a mode; choose from eager,default,reduce-overhead,max-autotune")
