@@ -17,9 +17,17 @@ copy (`hf download REPO --include "last-checkpoint/*" --local-dir X`, then
 `--resume X/last-checkpoint`). That state includes the checkpoint's `config.yaml`, local paths
 (`dir_out`, `dir_data`) included: push it to a private repository if that matters.
 
-Logging goes through `logging.getLogger(__name__)`, not accelerate's logger: the pusher lives on
-the main process only and logs from its worker thread, where accelerate's main-process filter
-would need an initialised accelerate state (tests have none).
+Why a thread of our own and not huggingface_hub's `upload_folder(run_as_future=True)`: that runs
+in `HfApi.run_as_future`'s one-worker `ThreadPoolExecutor`, whose worker the interpreter joins at
+exit, after running every queued call. `HfApi` calls have no timeout, so a run that gave up
+waiting (the end-of-run wait, elastic's deadline on a stop) would still hang at exit until the
+upload ended or the launcher's SIGKILL came, losing the stop's exit code 75. A daemon thread lets
+the process go. The library's per-request retries (`http_backoff`: network errors, 408, 429,
+5xx) do not retry a whole upload, hence `max_attempts`; `CommitScheduler` pushes a live folder
+on a timer, with neither snapshots nor a replaceable waiting push.
+
+Logging goes through `logging.getLogger(__name__)`, not accelerate's logger: the pusher logs from
+its worker thread, where accelerate's main-process filter needs an initialised state (tests have none).
 """
 
 from __future__ import annotations
@@ -35,9 +43,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import huggingface_hub
-from huggingface_hub.errors import (
-    HfHubHTTPError,
-)
+from huggingface_hub.errors import HfHubHTTPError
 
 from hnmix.errors import HubError, describe
 from hnmix.hub.access import check_hub_access, scrub_token, token_or_none
@@ -46,11 +52,7 @@ logger = logging.getLogger(__name__)
 
 
 STRATEGIES = ("end", "every_save", "checkpoint")
-
-
 LAST_CHECKPOINT = "last-checkpoint"
-
-
 
 
 @dataclasses.dataclass
@@ -69,13 +71,6 @@ class UploadResult:
     @property
     def ok(self) -> bool:
         return self.status == "pushed"
-
-
-@dataclasses.dataclass
-class _Upload:
-    snapshot: Path
-    result: UploadResult
-    delete_patterns: Optional[list[str]] = None
 
 
 class HubPusher:
@@ -109,22 +104,15 @@ class HubPusher:
         self.api = api if api is not None else huggingface_hub.HfApi(token=self._token)
         self.history: list[UploadResult] = []
         self._changed = threading.Condition()
-        self._pending: Optional[_Upload] = None
-        self._in_flight: Optional[_Upload] = None
+        self._pending: Optional[tuple[Path, UploadResult, dict]] = None  # snapshot, result, upload_folder extras
         self._worker: Optional[threading.Thread] = None
         self._failures_reported: set[int] = set()  # id() of the failed results wait() has logged
-
-    @property
-    def results(self) -> list[UploadResult]:
-        return self.history
 
     def check(self) -> None:
         """Before training: a valid repo id, a token, and a reachable Hub where the repository
         exists or can be created (`hnmix.hub.access.check_hub_access`). HubError, one line."""
         self._known_token = check_hub_access(self.api, self.repo_id, private=self.private, token=self._token,
                                              timeout_s=self.check_timeout_s, scrub=self._scrub)
-
-    # --------------------------------------------------------------------- strategies
 
     def on_save(self, step: int, *, encoder_dir: str | Path, checkpoint_dir: Optional[str | Path] = None) -> bool:
         """At a checkpoint: push per the strategy (nothing for `end`). Returns whether it queued."""
@@ -149,8 +137,6 @@ class HubPusher:
         return self._enqueue(parts, path_in_repo="", commit_message=f"hnmix: {what} at step {step} ({when})",
                              delete_patterns=delete_patterns)
 
-    # --------------------------------------------------------------------- pushing
-
     def push(self, folder: str | Path, *, path_in_repo: str = "", commit_message: str) -> None:
         """Queue an upload of `folder` to `path_in_repo`; returns once a snapshot is taken."""
         self._enqueue([(Path(folder), "", False)], path_in_repo=path_in_repo, commit_message=commit_message)
@@ -169,17 +155,17 @@ class HubPusher:
             result.status, result.error = "failed", self._scrub(describe(error))
             logger.error(f"Hub push {commit_message!r} not queued: cannot snapshot {result.folder}: {result.error}")
             return False
-        upload = _Upload(snapshot=snapshot, result=result, delete_patterns=delete_patterns)
+        extra = {"delete_patterns": delete_patterns} if delete_patterns else {}
         with self._changed:
-            replaced, self._pending = self._pending, upload
+            replaced, self._pending = self._pending, (snapshot, result, extra)
             if self._worker is None:
                 self._worker = threading.Thread(target=self._work, name="hnmix-hub-push", daemon=True)
                 self._worker.start()
         if replaced is not None:
-            replaced.result.status = "skipped"
-            replaced.result.error = f"replaced by the newer push {commit_message!r} before it started"
-            shutil.rmtree(replaced.snapshot, ignore_errors=True)
-            logger.info(f"Hub push {replaced.result.commit_message!r} skipped: replaced by {commit_message!r} "
+            old_snapshot, old, _ = replaced
+            old.status, old.error = "skipped", f"replaced by the newer push {commit_message!r} before it started"
+            shutil.rmtree(old_snapshot, ignore_errors=True)
+            logger.info(f"Hub push {old.commit_message!r} skipped: replaced by {commit_message!r} "
                         "while an upload was in flight")
         return True
 
@@ -200,23 +186,20 @@ class HubPusher:
         while True:
             with self._changed:
                 upload, self._pending = self._pending, None
-                self._in_flight = upload
                 if upload is None:
                     self._worker = None
                     self._changed.notify_all()
                     return
             try:
-                self._upload(upload)
+                self._upload(*upload)
             finally:
-                shutil.rmtree(upload.snapshot, ignore_errors=True)
+                shutil.rmtree(upload[0], ignore_errors=True)
 
-    def _upload(self, upload: _Upload) -> None:
-        result = upload.result
+    def _upload(self, snapshot: Path, result: UploadResult, extra: dict) -> None:
         for attempt in range(self.max_attempts):
             result.attempts = attempt + 1
             try:
-                extra = {"delete_patterns": upload.delete_patterns} if upload.delete_patterns else {}
-                info = self.api.upload_folder(repo_id=self.repo_id, folder_path=str(upload.snapshot),
+                info = self.api.upload_folder(repo_id=self.repo_id, folder_path=str(snapshot),
                                               path_in_repo=result.path_in_repo, commit_message=result.commit_message,
                                               repo_type="model", **extra)
             except Exception as error:  # noqa: BLE001 - an upload must never stop training
@@ -257,8 +240,6 @@ class HubPusher:
             logger.info(f"Pushed {len(pushed)} upload(s) to https://huggingface.co/{self.repo_id}, last commit "
                         f"{last.commit or last.commit_message!r}")
         return idle and not failed
-
-    # --------------------------------------------------------------------- helpers
 
     def _scrub(self, text: str) -> str:
         return scrub_token(text, self._known_token)
