@@ -8,9 +8,12 @@ for it; everything else (ModelCard, timm, the snapshot files) is real.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import shutil
 import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -206,6 +209,25 @@ def test_the_token_appears_in_no_log_error_text_snapshot_or_card(tmp_path, caplo
         for content in upload["files"].values():
             assert TOKEN.encode() not in content
     assert TOKEN not in (folder / "README.md").read_text()
+
+
+def test_a_run_that_stopped_waiting_exits_with_an_upload_still_hanging(tmp_path):
+    """huggingface_hub's run_as_future pool is joined at interpreter exit; the pusher's daemon
+    thread is not, so a bounded wait (the end of a run, elastic's deadline) bounds the exit too."""
+    script = f"""
+import sys, threading
+from fake_hub import FakeHubApi
+from hnmix.hub.pusher import HubPusher
+api = FakeHubApi()
+api.upload_folder = lambda **kw: threading.Event().wait()  # a Hub that never answers
+pusher = HubPusher({REPO!r}, token={TOKEN!r}, api=api, staging_dir={str(tmp_path / "staging")!r})
+pusher.push({str(make_folder(tmp_path / "encoder", {"a.txt": "a"}))!r}, commit_message="hangs")
+sys.exit(75 if pusher.wait(timeout=0.1) is False else 1)
+"""
+    root = Path(__file__).resolve().parents[2]
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                            env=os.environ | {"PYTHONPATH": f"{root}{os.pathsep}{root / 'tests'}"})
+    assert result.returncode == 75, result.stderr[-2000:]
 
 
 def test_the_snapshot_is_taken_before_push_returns(tmp_path):
