@@ -16,6 +16,11 @@ them well. Its sections, in order of value:
   bench_train_eager    `bench train`: resnet50, 224 px, bf16, batch 256, K=65536, the paper's
                        mixing sizes, generated Caltech-256-like JPEGs, all the host's cores: the
                        bare loop, plain MoCo, MoCHi and the full trainer, with peak GPU memory
+  overhead             `bench overhead` on configs/mochi_cifar10.yaml (resnet18, 32 px, batch 512,
+                       bn_splits 8) eager, on configs/mochi_imagenet.yaml (resnet50, 224 px, bf16,
+                       batch 32) eager, then on the CIFAR recipe compiled reduce-overhead (CUDA
+                       graphs), one process each: per step, the bare loop's and the trainer's
+                       CUDA launches, host time, GPU busy time, time back to back and images/s
   bench_data           `bench data`: 1, 2, 4, ... and all the host's cores, Caltech-256-like
                        JPEGs, the batched photometric half on the GPU at batch 256
   bench_train_compile  `bench train` as above with --compile --compile_mode reduce-overhead: the
@@ -26,6 +31,13 @@ A section runs as its own process (its output goes to the log) within its share 
 (`--budget_s` over all; a section that would start with under 20 s left is skipped). One that
 fails, or runs out of time, is recorded and the next one runs. `--sections` picks some (setup
 always runs: a fresh machine needs its wheels), e.g. to rerun what failed.
+
+Each section's cap (`SECTIONS`) is the most it may take; the caps add up to more than the 450 s
+of `--budget_s`, so a section gets the smaller of its cap and what the ones before it left, and
+the last ones give way: bench_data and bench_train_compile first (the overhead section already
+holds images/s with and without CUDA graphs, for the CIFAR recipe), then the overhead section's
+compiled run (its eager runs come first and are kept). Rerun what gave way while the machine is
+warm, e.g. `--sections bench_data,bench_train_compile --budget_s 300`.
 
 `--dry-run` runs the same sections on the CPU at tiny sizes (CUDA hidden from every section; the
 CUDA tests are collected and skip; --compile runs with TORCH_COMPILE_DISABLE=1, since inductor
@@ -77,6 +89,12 @@ SYNC_TESTS = ("test_training_steps_do_not_synchronise_outside_the_log_lines[bf16
               "test_fused_guarded_step_does_not_synchronise_on_cuda")
 # The issue's targets on an H100/H200.
 TRAINER_IMAGES_PER_S, OF_BARE_LOOP, MOCHI_OVER_MOCO, MIXING_RATIO = 2500, 0.90, 0.03, 0.5
+# bench overhead's runs, (recipe: configs/mochi_RECIPE.yaml, mode), one process each, the eager ones
+# first; ImageNet's compiled step is bench_train_compile's (resnet50 at 224 px compiles for minutes).
+OVERHEAD_RUNS = (("cifar10", "eager"), ("imagenet", "eager"), ("cifar10", "reduce-overhead"))
+# The issue's bound on the trainer's ops per step over the bare loop's (bench overhead's counting
+# rule), with bn_splits 1 and with more.
+OPS_OF_BARE_ONE_SPLIT, OPS_OF_BARE_SPLITS = 1.5, 2.5
 ENVIRONMENT_KEYS = ("python", "platform", "cpu", "cores", "torch", "cuda", "cudnn", "cuda_available", "device_count",
                     "device", "device_memory_mib", "compute_capability", "driver")
 
@@ -114,6 +132,14 @@ def bench_arguments(name: str, *, dry_run: bool, cores: int) -> list[str]:
         compiled = ["--compile", "--compile_mode", "reduce-overhead"] if name == "bench_train_compile" else []
         return ["train", *sizes, "-st1h", "0", "-st2h", "0", "--mixed_precision", "bf16", *compiled]
     raise ValueError(f"no benchmark section {name!r}")
+
+
+def overhead_arguments(recipe: str, mode: str, *, dry_run: bool) -> list[str]:
+    """The `python -m hnmix.bench overhead` arguments of one run: the recipe's own values, or a tiny model."""
+    sizes = (["--arch", "test_resnet", "--stem", "default", "--img_size", "32", "--batch_size", "8", "--k_moco", "64",
+              "--n_hard", "8", "--s1_hard", "4", "--s2_hard", "4", "--device", "cpu", "--time_steps", "2"] if dry_run
+             else ["--device", "cuda", "--time_steps", "20"])
+    return ["overhead", "--config", f"configs/mochi_{recipe}.yaml", "--modes", mode, "--measure_steps", "2", *sizes]
 
 
 class SectionFailed(Exception):
@@ -307,21 +333,49 @@ def junit_summary(path: Path) -> dict[str, Any]:
     return {**counts, "tests": tests}
 
 
+def run_bench(check: Check, arguments: list[str], output: Path, *, compiles: bool) -> dict[str, Any]:
+    """`python -m hnmix.bench ARGUMENTS --json OUTPUT`: its JSON."""
+    # Inductor takes minutes on a 2-core CPU even for the tiny model: the dry run passes --compile
+    # through, uncompiled.
+    env = {"TORCH_COMPILE_DISABLE": "1"} if check.dry_run and compiles else None
+    code = check.run([sys.executable, "-m", "hnmix.bench", *arguments, "--json", str(output)], env=env)
+    if code != 0:
+        raise SectionFailed(f"python -m hnmix.bench {arguments[0]} exited {code}")
+    return json.loads(output.read_text())
+
+
 def bench_section(name: str) -> Callable[[Check], dict[str, Any]]:
     """A section that runs `python -m hnmix.bench` with `bench_arguments(name)` and returns its JSON."""
 
     def run(check: Check) -> dict[str, Any]:
         arguments = bench_arguments(name, dry_run=check.dry_run, cores=check.cores)
-        output = check.work / f"{name}.json"
-        # Inductor takes minutes on a 2-core CPU even for the tiny model: the dry run passes --compile
-        # through, uncompiled.
-        env = {"TORCH_COMPILE_DISABLE": "1"} if check.dry_run and "--compile" in arguments else None
-        code = check.run([sys.executable, "-m", "hnmix.bench", *arguments, "--json", str(output)], env=env)
-        if code != 0:
-            raise SectionFailed(f"python -m hnmix.bench {arguments[0]} exited {code}")
-        return json.loads(output.read_text())
+        return run_bench(check, arguments, check.work / f"{name}.json", compiles="--compile" in arguments)
 
     return run
+
+
+def run_overhead_section(check: Check) -> dict[str, Any]:
+    """Each run of OVERHEAD_RUNS: {recipe: bench overhead's JSON, the rows of all its modes}. A run
+    that fails does not stop the next; one out of time keeps what the others measured."""
+    result: dict[str, Any] = {}
+    failures = []
+    for recipe, mode in OVERHEAD_RUNS:
+        arguments = overhead_arguments(recipe, mode, dry_run=check.dry_run)
+        output = check.work / f"overhead_{recipe}_{mode}.json"
+        try:
+            payload = run_bench(check, arguments, output, compiles=mode != "eager")
+        except SectionFailed as failure:
+            failures.append(f"{recipe} {mode}: {failure}")
+            continue
+        except SectionTimeout as timeout:
+            raise SectionTimeout(f"{recipe} {mode}: {timeout}", result or None) from None
+        if recipe in result:
+            result[recipe]["rows"] += payload["rows"]
+        else:
+            result[recipe] = payload
+    if failures:
+        raise SectionFailed("; ".join(failures), result or None)
+    return result
 
 
 @dataclass(frozen=True)
@@ -336,6 +390,7 @@ SECTIONS = (
     Section("cuda_tests", 240, run_cuda_tests),
     Section("bench_mixing", 60, bench_section("bench_mixing")),
     Section("bench_train_eager", 120, bench_section("bench_train_eager")),
+    Section("overhead", 180, run_overhead_section),
     Section("bench_data", 90, bench_section("bench_data")),
     Section("bench_train_compile", 300, bench_section("bench_train_compile")),
 )
@@ -484,6 +539,14 @@ def targets(sections: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
         f">= {TRAINER_IMAGES_PER_S} images/s (feeds the trainer)",
         data and data["images_per_s"][str(max(map(int, data["images_per_s"])))],
         lambda v: v >= TRAINER_IMAGES_PER_S)
+    overhead = (sections.get("overhead") or {}).get("result") or {}  # a run cut short keeps the others
+    for recipe in dict(OVERHEAD_RUNS):
+        eager = next((r for r in overhead.get(recipe, {}).get("rows", []) if r["mode"] == "eager"), None)
+        bound = None if eager is None else OPS_OF_BARE_ONE_SPLIT if eager["bn_splits"] == 1 else OPS_OF_BARE_SPLITS
+        found[f"ops_of_bare_loop_{recipe}"] = target(
+            f"<= {bound}x the bare loop's aten ops" if bound else
+            f"<= {OPS_OF_BARE_ONE_SPLIT}x the bare loop's aten ops (bn_splits 1), {OPS_OF_BARE_SPLITS}x (more)",
+            eager and eager["ratio"], lambda v, bound=bound: v <= bound)
     tests = ((sections.get("cuda_tests") or {}).get("result") or {}).get("tests", {})
     outcomes = [test["outcome"] for name, test in tests.items() if name.split("::")[-1] in SYNC_TESTS]
     no_sync = None if len(outcomes) < len(SYNC_TESTS) or "skipped" in outcomes else all(o == "passed" for o in outcomes)
@@ -509,10 +572,10 @@ def table_rows(sections: dict[str, dict[str, Any]], goals: dict[str, dict[str, A
     rows: list[Row] = []
     for name, record in sections.items():
         result = record.get("result")
-        if record["status"] != "passed" and not (name in ("setup", "cuda_tests") and result):
+        if record["status"] != "passed":
             rows.append(row(name, record["status"], record.get("error") or "", met=False))
-            continue
-        rows.extend(ROW_BUILDERS[name](name, result, goals))
+        if result:  # what a section failing or out of time measured still shows
+            rows.extend(ROW_BUILDERS[name](name, result, goals))
     return rows
 
 
@@ -594,9 +657,43 @@ def train_rows(name: str, result: dict[str, Any], goals: dict) -> list[Row]:
     return rows
 
 
+def overhead_rows(name: str, result: dict[str, Any], goals: dict) -> list[Row]:
+    """Per recipe, its bare loop, then the trainer's step in each mode: launches per step (CUDA
+    launches on a GPU, the counting rule's aten ops elsewhere) and their ratio to the bare loop's, host
+    ms, GPU busy ms, step ms, images/s; of its ceiling: images/s over the bare loop's."""
+    rows = []
+    for recipe, payload in result.items():
+        config, measured = payload["config"], payload["rows"]
+        first = measured[0]
+        precision = config["mixed_precision"] if config["mixed_precision"] not in (None, "no") else "fp32"
+        rows.append(row(name, f"{recipe} recipe: bare loop, {first['arch']} {config['img_size']}px {precision} "
+                              f"batch {config['batch_size']}", per_step(first, "bare"), of_ceiling="100%"))
+        for measured_row in measured:
+            mode = measured_row["mode"] + (" (CUDA graphs)" if measured_row["mode"] == "reduce-overhead" else "")
+            goal = goals[f"ops_of_bare_loop_{recipe}"] if measured_row["mode"] == "eager" else None
+            rows.append(row(name, f"{recipe} recipe: trainer's step, bn_splits {measured_row['bn_splits']}, {mode}",
+                            per_step(measured_row, "trainer"),
+                            of_ceiling=f"{measured_row['trainer_images_per_s'] / measured_row['bare_images_per_s']:.0%}",
+                            goal=goal["target"] if goal else "", met=goal["met"] if goal else None))
+    return rows
+
+
+def per_step(measured: dict[str, Any], who: str) -> str:
+    """One `bench overhead` row's figures per step for `who` ("bare" or "trainer"), in one line."""
+    launches = measured[f"{who}_cuda_launches"]
+    count = f"{measured[who]:,.0f} aten ops" if launches is None else f"{launches:,.0f} CUDA launches"
+    if who == "trainer":
+        ratio = measured["ratio"] if launches is None else launches / measured["bare_cuda_launches"]
+        count += f" ({ratio:.2f}x the bare loop's" + ("" if launches is None else f", aten ops {measured['ratio']:.2f}x") + ")"
+    busy = measured[f"{who}_gpu_busy_ms"]
+    return ", ".join([count, f"host {measured[f'{who}_host_ms']:.2f} ms",
+                      *([f"GPU busy {busy:.2f} ms"] if busy is not None else []),
+                      f"step {measured[f'{who}_step_ms']:.2f} ms", f"{measured[f'{who}_images_per_s']:,.0f} images/s"])
+
+
 ROW_BUILDERS: dict[str, Callable[[str, dict, dict], list[Row]]] = {
     "setup": setup_rows, "cuda_tests": cuda_test_rows, "bench_mixing": mixing_rows, "bench_data": data_rows,
-    "bench_train_eager": train_rows, "bench_train_compile": train_rows,
+    "bench_train_eager": train_rows, "bench_train_compile": train_rows, "overhead": overhead_rows,
 }
 COLUMNS = {"section": "section", "what": "what", "value": "value", "of_ceiling": "of its ceiling",
            "peak_gpu_memory": "peak GPU memory", "target": "target", "met": "met"}
@@ -610,8 +707,10 @@ def markdown(report: dict[str, Any]) -> str:
             f"`launch/gpu_check.sh{' --dry-run' if report['mode'] == 'dry-run' else ''}` ({report['mode']}, "
             f"{report['wall_s']:.0f} s, commit {report['commit'] or 'unknown'}); every section: "
             + ", ".join(f"{n} {s['status']}" for n, s in report["sections"].items()) + ".\n"
-            "Of its ceiling: a training row's images/s over the bare loop's, plain MoCo's time over a mixing "
-            "row's, a worker row's images/s per core over the one-core decode's.\n\n")
+            "Of its ceiling: a training or overhead row's images/s over the bare loop's, plain MoCo's time over a "
+            "mixing row's, a worker row's images/s per core over the one-core decode's. Overhead rows: per step, "
+            "CUDA launches on a GPU (aten ops, bench overhead's counting rule, elsewhere), the host's time to issue "
+            "it, the GPU's busy time, its time back to back.\n\n")
     lines = ["| " + " | ".join(COLUMNS.values()) + " |", "|" + "---|" * len(COLUMNS)]
     for r in report["table"]:
         lines.append("| " + " | ".join(r[key].replace("|", "/") for key in COLUMNS) + " |")

@@ -5,6 +5,7 @@ relies on read what they should."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -32,7 +33,8 @@ TOP_KEYS = {"mode", "ok", "exit_code", "started_at", "finished_at", "wall_s", "b
 SECTION_KEYS = {"status", "seconds", "error", "commands", "result"}
 TARGETS = {"trainer_images_per_s_eager", "trainer_of_bare_loop_eager", "mochi_over_moco_eager",
            "trainer_images_per_s_compile", "trainer_of_bare_loop_compile", "mochi_over_moco_compile",
-           "mixing_added_of_materialised", "workers_images_per_s_all_cores", "no_host_sync_in_step"}
+           "mixing_added_of_materialised", "workers_images_per_s_all_cores", "no_host_sync_in_step",
+           "ops_of_bare_loop_cifar10", "ops_of_bare_loop_imagenet"}
 TABLE_KEYS = {"section", "what", "value", "of_ceiling", "peak_gpu_memory", "target", "met"}
 
 
@@ -63,6 +65,9 @@ def test_dry_run_runs_every_section_and_writes_every_key(dry_run):
     for name, goal in report["targets"].items():
         assert set(goal) == {"target", "value", "met"}, name
     assert report["targets"]["no_host_sync_in_step"]["value"] is None  # skipped without CUDA: not measured
+    for recipe, bound in (("cifar10", 2.5), ("imagenet", 1.5)):  # the recipe's bn_splits picks the bound: 8, 1
+        goal = report["targets"][f"ops_of_bare_loop_{recipe}"]
+        assert goal["target"] == f"<= {bound}x the bare loop's aten ops" and goal["value"] > 1, goal
     assert {row["section"] for row in report["table"]} == set(report["sections"])
     assert all(set(row) == TABLE_KEYS for row in report["table"])
 
@@ -86,6 +91,19 @@ def test_dry_run_sections_hold_what_the_table_and_targets_read(dry_run):
         assert len(train["images_per_s"]) == 4 and all(v > 0 for v in train["images_per_s"].values())
         assert set(train["peak_gpu_memory_bytes"]) == set(train["images_per_s"])
         assert all(v is None for v in train["peak_gpu_memory_bytes"].values())  # no GPU here
+    overhead = results["overhead"]
+    assert {recipe: [r["mode"] for r in payload["rows"]] for recipe, payload in overhead.items()} == {
+        "cifar10": ["eager", "reduce-overhead"], "imagenet": ["eager"]}  # graphs for the CIFAR recipe only
+    cifar10, imagenet = overhead["cifar10"]["config"], overhead["imagenet"]["config"]
+    assert (cifar10["bn_splits"], cifar10["mixed_precision"]) == (8, None)  # the recipes' own values stand
+    assert (imagenet["bn_splits"], imagenet["mixed_precision"]) == (1, "bf16")
+    for payload in overhead.values():
+        for measured in payload["rows"]:
+            assert measured["bare"] > 0 and measured["trainer"] > measured["bare"]
+            for who in ("bare", "trainer"):
+                assert measured[f"{who}_host_ms"] > 0 and measured[f"{who}_step_ms"] > 0
+                assert measured[f"{who}_images_per_s"] > 0
+                assert measured[f"{who}_cuda_launches"] is None and measured[f"{who}_gpu_busy_ms"] is None  # no GPU
     data = results["bench_data"]
     assert set(data["images_per_s"]) == {str(w) for w in power_of_two_workers(os.cpu_count() or 1)}
     assert set(data["per_core_of_decode_floor"]) == set(data["images_per_s"])
@@ -103,6 +121,13 @@ def test_dry_run_prints_the_table_and_logs_every_command(dry_run):
     assert table.startswith("### GPU check, ") and "| section | what | value |" in table
     assert "bench_train_compile | full trainer (data pipeline)" in table
     assert "bf16 batch 8, compiled reduce-overhead |" in table
+    assert "-m hnmix.bench overhead --config configs/mochi_cifar10.yaml --modes reduce-overhead" in log
+    assert "| overhead | cifar10 recipe: bare loop, test_resnet 32px fp32 batch 8 | " in table
+    assert "| overhead | imagenet recipe: bare loop, test_resnet 32px bf16 batch 8 | " in table
+    assert "| overhead | cifar10 recipe: trainer's step, bn_splits 8, reduce-overhead (CUDA graphs) | " in table
+    eager = next(line for line in table.splitlines() if "imagenet recipe: trainer's step, bn_splits 1, eager" in line)
+    assert re.search(r"\| [\d,]+ aten ops \(\d+\.\d\dx the bare loop's\), host [\d.]+ ms, step [\d.]+ ms, "
+                     r"[\d,]+ images/s \| \d+% \|  \| <= 1.5x the bare loop's aten ops \| (yes|NO) \|$", eager), eager
 
 
 def test_a_failing_section_is_recorded_and_the_next_one_still_runs(tmp_path, monkeypatch, capsys):
@@ -125,7 +150,8 @@ def test_a_failing_section_is_recorded_and_the_next_one_still_runs(tmp_path, mon
     assert sections["bench_data"]["status"] == "failed"
     assert sections["bench_data"]["error"] == "python -m hnmix.bench data exited 2"
     assert sections["bench_mixing"]["status"] == "passed" and sections["setup"]["status"] == "passed"
-    assert {sections[n]["status"] for n in ("cuda_tests", "bench_train_eager", "bench_train_compile")} == {"skipped"}
+    assert {sections[n]["status"] for n in ("cuda_tests", "bench_train_eager", "overhead", "bench_train_compile")} \
+        == {"skipped"}
     assert not report["ok"] and report["exit_code"] == 1
     assert {"section": "bench_data", "what": "failed"}.items() <= next(
         r for r in report["table"] if r["section"] == "bench_data").items()
@@ -144,6 +170,43 @@ def test_a_section_past_its_time_is_stopped_and_recorded_as_timeout(tmp_path, mo
         check = Check(dry_run=True, out=tmp_path, work=tmp_path, log=log, budget_s=1.0, env=env)
         check.deadline = time.monotonic() - 1
         assert run_section(check, SECTIONS[2])["error"].startswith("out of time")
+
+
+def overhead_row(mode: str, trainer_launches: float) -> dict:
+    """A row as `bench overhead` writes it on a GPU (hnmix.bench.overhead.count_row)."""
+    figures = {"bare": 300.0, "trainer": 750.0, "ratio": 2.5, "bare_cuda_launches": 320.0,
+               "trainer_cuda_launches": trainer_launches, "bare_gpu_busy_ms": 2.0, "trainer_gpu_busy_ms": 2.5,
+               "bare_host_ms": 1.5, "trainer_host_ms": 4.0, "bare_step_ms": 2.1, "trainer_step_ms": 4.2,
+               "bare_images_per_s": 240_000.0, "trainer_images_per_s": 120_000.0}
+    return {"arch": "resnet18", "bn_splits": 8, "mode": mode, **figures}
+
+
+def test_overhead_rows_on_a_gpu_count_cuda_launches_and_a_cut_run_keeps_what_it_measured():
+    """On a GPU an overhead row shows CUDA launches with their ratio to the bare loop's (the aten
+    ops' beside it) and the GPU's busy time; a section out of time during the compiled run shows
+    its status, then the eager rows its runs measured, their target read."""
+    config = {"img_size": 32, "batch_size": 512, "mixed_precision": "no"}
+    sections = {"overhead": {"status": "timeout", "error": "cifar10 reduce-overhead: ran out", "commands": [],
+                             "seconds": 180.0, "result": {"cifar10": {"config": config,
+                                                                      "rows": [overhead_row("eager", 960.0)]}}}}
+    goals = gpu_check.targets(sections)
+    assert goals["ops_of_bare_loop_cifar10"] == {"target": "<= 2.5x the bare loop's aten ops", "value": 2.5,
+                                                 "met": True}
+    assert goals["ops_of_bare_loop_imagenet"]["value"] is None  # not reached
+    rows = gpu_check.table_rows(sections, goals)
+    assert [(r["what"], r["value"]) for r in rows] == [
+        ("timeout", "cifar10 reduce-overhead: ran out"),
+        ("cifar10 recipe: bare loop, resnet18 32px fp32 batch 512",
+         "320 CUDA launches, host 1.50 ms, GPU busy 2.00 ms, step 2.10 ms, 240,000 images/s"),
+        ("cifar10 recipe: trainer's step, bn_splits 8, eager",
+         "960 CUDA launches (3.00x the bare loop's, aten ops 2.50x), host 4.00 ms, GPU busy 2.50 ms, step 4.20 ms, "
+         "120,000 images/s"),
+    ]
+    assert (rows[2]["of_ceiling"], rows[2]["met"]) == ("50%", "yes")
+    graphs = gpu_check.overhead_rows("overhead", {"cifar10": {"config": config,
+                                                              "rows": [overhead_row("reduce-overhead", 32.0)]}}, goals)
+    assert graphs[1]["what"].endswith("reduce-overhead (CUDA graphs)") and graphs[1]["target"] == ""
+    assert graphs[1]["value"].startswith("32 CUDA launches (0.10x the bare loop's")
 
 
 def test_junit_summary_reads_outcomes_messages_and_properties(tmp_path):
