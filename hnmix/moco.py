@@ -1,9 +1,10 @@
 """MoCo (He et al.) with MoCHi's hard negative mixing: encoders, queue, shuffle BN, loss.
 
 `MoCo` holds a query encoder (trained), a key encoder (its momentum copy), and a `KeyQueue` of
-past keys. One call of `MoCo.forward` encodes both views, builds the logits with
-`hnmix.mixing.mix_logits`, returns the loss with its step statistics, and enqueues the keys of
-the whole global batch. `MoCo.momentum_update` is called once per optimizer step by the trainer.
+past keys. One call of `MoCo.forward` encodes both views, the keys on a shuffled batch
+(`hnmix.distributed.batch_shuffle`), builds the logits with `hnmix.mixing.mix_logits`, returns
+the loss with its step statistics, and enqueues the keys of the whole global batch.
+`MoCo.momentum_update` is called once per optimizer step by the trainer.
 
 Several processes: every collective goes through `torch.distributed` when it is initialised
 (Accelerate initialises it), so each rank gathers the same global batch of keys and holds an
@@ -13,40 +14,18 @@ identical queue. Build the model under the same seed on every rank.
 from __future__ import annotations
 
 import copy
-import hashlib
 import random
-from contextlib import contextmanager, nullcontext
-from contextvars import ContextVar
-from typing import Iterator, Optional
+from typing import Optional
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import BatchNormAct2d
-from torch.autograd.function import once_differentiable
 
 from hnmix.backbones import create_backbone
+from hnmix.distributed import all_gather_cat, batch_shuffle, batch_unshuffle, world_size_and_rank
 from hnmix.mixing import MixedLogits, mix_logits, validate_mixing_sizes
-
-# ----------------------------------------------------------------------------- distributed
-
-
-def world_size_and_rank() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size(), dist.get_rank()
-    return 1, 0
-
-
-@torch.no_grad()
-def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
-    """[B, ...] on every rank -> [world * B, ...], concatenated in rank order. No gradient."""
-    world, _ = world_size_and_rank()
-    if world == 1:
-        return tensor
-    parts = [torch.empty_like(tensor) for _ in range(world)]
-    dist.all_gather(parts, tensor.contiguous())
-    return torch.cat(parts)
+from hnmix.queue import KeyQueue
+from hnmix.split_bn import convert_split_batchnorm, deferred_split_statistics, has_batchnorm
 
 
 def mixing_generator(seed: int, step: int, rank: int, device: torch.device) -> torch.Generator:
@@ -59,15 +38,6 @@ def mixing_generator(seed: int, step: int, rank: int, device: torch.device) -> t
     return generator
 
 
-def exchange_dtype(images: torch.Tensor) -> torch.dtype:
-    """The dtype `images` cross ranks in: autocast's for their device type when it is on (the
-    encoder's first layer casts to it anyway), else their own."""
-    device_type = images.device.type
-    if images.is_floating_point() and torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
-    return images.dtype
-
-
 def unwrap(module: nn.Module) -> nn.Module:
     """The module inside DDP (`.module`) and torch.compile (`._orig_mod`) wrappers."""
     while True:
@@ -75,9 +45,6 @@ def unwrap(module: nn.Module) -> nn.Module:
         if not isinstance(inner, nn.Module):
             return module
         module = inner
-
-
-# ----------------------------------------------------------------------------- encoders
 
 
 HEADS = ("mlp", "linear")
@@ -122,269 +89,6 @@ class MoCoEncoder(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         features = self.backbone(images.contiguous(memory_format=self.memory_format))
         return F.normalize(self.head(features).float(), dim=1)
-
-
-def has_batchnorm(module: nn.Module) -> bool:
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
-
-
-def _empty_groups(x: torch.Tensor, groups: int) -> torch.Tensor:
-    """An empty [N / groups, groups * C, *spatial] tensor laid out as x is: channels innermost
-    when x has them innermost (channels_last), else contiguous."""
-    n, c, spatial = x.shape[0], x.shape[1], x.shape[2:]
-    if x.dim() > 2 and not x.is_contiguous() and x.movedim(1, -1).is_contiguous():
-        return x.new_empty(n // groups, *spatial, groups * c).movedim(-1, 1)
-    return x.new_empty(n // groups, groups * c, *spatial)
-
-
-def _copy_to_groups(x: torch.Tensor, out: torch.Tensor, groups: int) -> torch.Tensor:
-    """Copy x [N, C, *spatial] into out [N / groups, groups * C, *spatial]: channel g * C + c of
-    row i holds channel c of sample g * N / groups + i, so group g is the g-th contiguous block of
-    the batch. One copy, between views of both."""
-    out.unflatten(1, (groups, x.shape[1])).copy_(x.unflatten(0, (groups, x.shape[0] // groups)).transpose(0, 1))
-    return out
-
-
-def _copy_from_groups(y: torch.Tensor, out: torch.Tensor, groups: int) -> torch.Tensor:
-    """The inverse of `_copy_to_groups`: y [N / groups, groups * C, *spatial] into out [N, C, *spatial]."""
-    out.unflatten(0, (groups, y.shape[0])).transpose(0, 1).copy_(y.unflatten(1, (groups, y.shape[1] // groups)))
-    return out
-
-
-class _SplitBatchNorm(torch.autograd.Function):
-    """Training-mode BatchNorm over `splits` contiguous groups of x [N, C, *spatial], in one kernel
-    each way: the groups become channels ([N / S, S * C, *spatial], `_copy_to_groups`), normalised
-    by one native_batch_norm, and copied back into a new tensor laid out as x. Backward mirrors
-    it, and sums the gradients of the repeated weight and bias over the groups.
-
-    repeated: [rows, S * C], the weight and bias (where the layer has them) and the running mean
-    and variance, each repeated S times: the batch norm reads its weight and bias there, and
-    updates the last two rows in place, each group its own copy.
-
-    Autograd alone would cost more: its copies back are views, so an in-place activation after
-    the layer makes autograd copy the whole tensor again, and each repeat of a parameter costs a
-    copy forward and a reduction backward."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, repeated, splits: int, factor: float, eps: float):
-        *affine, mean_repeated, var_repeated = repeated.unbind()
-        weight_repeated = affine[0] if weight is not None else None
-        bias_repeated = affine[-1] if bias is not None else None
-        grouped = _copy_to_groups(x, _empty_groups(x, splits), splits)
-        out, save_mean, save_invstd = torch.native_batch_norm(
-            grouped, weight_repeated, bias_repeated, mean_repeated, var_repeated, True, factor, eps)
-        ctx.save_for_backward(grouped, weight_repeated, save_mean, save_invstd)
-        ctx.splits, ctx.eps, ctx.layout = splits, eps, (x.shape, x.stride())
-        return _copy_from_groups(out, torch.empty_like(x), splits)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out):
-        grouped, weight_repeated, save_mean, save_invstd = ctx.saved_tensors
-        splits, (needs_x, needs_weight, needs_bias) = ctx.splits, ctx.needs_input_grad[:3]
-        grad_grouped = _copy_to_groups(grad_out, torch.empty_like(grouped), splits)
-        grad_x, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
-            grad_grouped, grouped, weight_repeated, None, None, save_mean, save_invstd, True, ctx.eps,
-            [needs_x, needs_weight, needs_bias])
-        if needs_x:
-            shape, stride = ctx.layout
-            grad_x = _copy_from_groups(grad_x, grad_out.new_empty_strided(shape, stride), splits)
-        channels = grouped.shape[1] // splits
-        grad_weight = grad_weight.view(splits, channels).sum(0) if needs_weight else None
-        grad_bias = grad_bias.view(splits, channels).sum(0) if needs_bias else None
-        return grad_x, grad_weight, grad_bias, None, None, None, None
-
-
-class _DeferredStatistics:
-    """Split layers' running statistics whose mean over the groups waits for `flush`: one mean
-    over all layers instead of two per layer. A layer that runs again settles its own first."""
-
-    def __init__(self) -> None:
-        self.pending: dict[nn.Module, torch.Tensor] = {}  # layer -> its updated statistics [2, S, C]
-
-    def settle(self, layer: nn.Module) -> None:
-        """Bring `layer`'s running statistics up to date (before it reads them)."""
-        if layer in self.pending:
-            _settle(layer, self.pending.pop(layer))
-
-    def flush(self) -> None:
-        by_splits: dict[int, list[nn.Module]] = {}
-        for layer, statistics in self.pending.items():
-            by_splits.setdefault(statistics.shape[1], []).append(layer)
-        for layers in by_splits.values():
-            pieces = [self.pending[layer] for layer in layers]
-            means = torch.cat(pieces, dim=2).mean(dim=1).split([p.shape[2] for p in pieces], dim=1)  # [2, C] each
-            torch._foreach_copy_([b for layer in layers for b in (layer.running_mean, layer.running_var)],
-                                 [row for mean in means for row in mean.unbind()])
-        self.pending.clear()
-
-
-_DEFERRED: ContextVar[Optional[_DeferredStatistics]] = ContextVar("hnmix_deferred_split_statistics", default=None)
-
-
-@contextmanager
-def deferred_split_statistics() -> Iterator[None]:
-    """Inside, split BatchNorm layers leave the mean of their groups' running statistics to the
-    end of the block, where one mean settles every layer's (a few kernels per block, not two per
-    layer and forward). Read no running statistics inside."""
-    deferred = _DeferredStatistics()
-    token = _DEFERRED.set(deferred)
-    try:
-        yield
-    finally:
-        _DEFERRED.reset(token)
-        deferred.flush()
-
-
-def _settle(layer: nn.Module, statistics: torch.Tensor) -> None:
-    """The layer's running mean and variance become the means over the groups of `statistics` [2, S, C]."""
-    torch.mean(statistics[0], 0, out=layer.running_mean)
-    torch.mean(statistics[1], 0, out=layer.running_var)
-
-
-def _split_batchnorm_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """BatchNorm over `num_splits` contiguous groups of the batch, as on that many GPUs.
-
-    Each group is normalised with its own statistics; the running statistics become the mean of
-    the groups' updates (at the end of a `deferred_split_statistics` block when inside one), and
-    `num_batches_tracked` counts one per call. As the MoCo CIFAR demo's SplitBatchNorm (and
-    torch's instance_norm) do, the groups become channels: one batch-norm kernel over x as
-    [N / S, S * C, *spatial] with the weight, bias and running statistics repeated S times (one
-    cat; `_SplitBatchNorm`), where a loop over the groups would cost S times the kernel launches.
-    The demo's `x.view(-1, C * S, H, W)` groups samples S apart and is free only in the
-    contiguous layout; contiguous groups cost one copy in and one out, in either layout.
-    timm's BatchNormAct2d then applies its drop and activation. Eval mode, one split, and layers
-    that track no running statistics run the layer's own forward.
-    """
-    if not self.training or self.num_splits == 1 or not self.track_running_stats:
-        return super(type(self), self).forward(x)
-    self._check_input_dim(x)
-    splits = self.num_splits
-    if x.shape[0] % splits:
-        raise ValueError(f"bn_splits={splits} must divide the batch size {x.shape[0]}")
-    self.num_batches_tracked.add_(1)
-    # momentum=None is BatchNorm's cumulative average; like torch's BatchNorm, it reads the count on the host.
-    factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
-    deferred = None if torch.compiler.is_compiling() else _DEFERRED.get()
-    if deferred is not None:
-        deferred.settle(self)
-    rows = [t for t in (self.weight, self.bias) if t is not None] + [self.running_mean, self.running_var]
-    with torch.no_grad():
-        repeated = torch.cat([t for t in rows for _ in range(splits)]).view(len(rows), -1)
-    out = _SplitBatchNorm.apply(x, self.weight, self.bias, repeated, splits, factor, self.eps)
-    statistics = repeated[-2:].view(2, splits, -1)
-    if deferred is None:
-        _settle(self, statistics)
-    else:
-        deferred.pending[self] = statistics
-    if isinstance(self, BatchNormAct2d):
-        out = self.act(self.drop(out))
-    return out
-
-
-_SPLIT_CLASSES: dict[type, type] = {}
-# The forwards a split layer replaces: torch's BatchNorm1d/2d/3d and timm's BatchNormAct2d (BatchNorm, drop, act).
-_SPLITTABLE_FORWARDS = (nn.modules.batchnorm._BatchNorm.forward, BatchNormAct2d.forward)
-
-
-def convert_split_batchnorm(module: nn.Module, num_splits: int) -> nn.Module:
-    """Turn every BatchNorm of `module` into a split BatchNorm with `num_splits` groups, in place.
-
-    The class of each layer is swapped for a subclass, so parameters, buffers and state-dict keys
-    stay as they are and checkpoints load either way. Layers whose forward does more than
-    torch's BatchNorm or timm's BatchNormAct2d are refused (ValueError): their extras would be lost.
-    """
-    if num_splits < 1:
-        raise ValueError(f"bn_splits must be >= 1, got {num_splits}")
-    for layer in module.modules():
-        if isinstance(layer, nn.modules.batchnorm._BatchNorm):
-            base = next(c for c in type(layer).__mro__ if c not in _SPLIT_CLASSES.values())
-            if base.forward not in _SPLITTABLE_FORWARDS:
-                raise ValueError(f"bn_splits={num_splits} cannot split {base.__name__} layers, only torch's "
-                                 "BatchNorm and timm's BatchNormAct2d; use bn_splits=1 with this model")
-            if base not in _SPLIT_CLASSES:
-                _SPLIT_CLASSES[base] = type(f"Split{base.__name__}", (base,), {"forward": _split_batchnorm_forward})
-            layer.__class__ = _SPLIT_CLASSES[base]
-            layer.num_splits = num_splits
-    return module
-
-
-# ----------------------------------------------------------------------------- queue
-
-
-def validate_queue_size(queue_size: int, global_batch: int) -> None:
-    if global_batch < 1 or queue_size % global_batch:
-        raise ValueError(
-            f"k_moco={queue_size} must be a multiple of the global batch {global_batch} "
-            f"(batch_size x processes); try k_moco={max(1, queue_size // max(global_batch, 1)) * global_batch}"
-        )
-
-
-class KeyQueue(nn.Module):
-    """A ring buffer of past keys with their dataset ids and labels.
-
-    Buffers (all in the state dict, so a resumed run continues exactly):
-      keys:   [K, d] float32, L2-normalised; starts as random unit vectors, as in MoCo.
-      ids:    [K] int64 dataset index of each key, -1 for a slot never written.
-      labels: [K] int64 class of each key, -1 when unknown.
-      ptr:    [] int64 next slot to write.
-    The initial keys come from a fixed generator, so every rank starts from the same queue.
-    """
-
-    def __init__(self, size: int, dim: int) -> None:
-        super().__init__()
-        init = torch.randn(size, dim, generator=torch.Generator().manual_seed(0))
-        self.register_buffer("keys", F.normalize(init, dim=1))
-        self.register_buffer("ids", torch.full((size,), -1, dtype=torch.long))
-        self.register_buffer("labels", torch.full((size,), -1, dtype=torch.long))
-        self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
-        self._constants: dict[tuple, torch.Tensor] = {}  # never written, so made once per size and device
-
-    @property
-    def size(self) -> int:
-        return self.keys.shape[0]
-
-    def _offsets(self, count: int) -> torch.Tensor:
-        """[count] int64 0, 1, ..., count - 1 on the buffers' device, made once (a constant)."""
-        key = (count, self.ptr.device)
-        if key not in self._constants:
-            self._constants[key] = torch.arange(count, device=self.ptr.device)
-        return self._constants[key]
-
-    def fingerprint(self) -> str:
-        """SHA-256 of all four buffers: equal on every rank, unchanged by a save and load."""
-        digest = hashlib.sha256()
-        for buffer in (self.keys, self.ids, self.labels, self.ptr):
-            digest.update(buffer.detach().cpu().contiguous().numpy().tobytes())
-        return digest.hexdigest()
-
-    @torch.no_grad()
-    def enqueue(self, keys: torch.Tensor, ids: torch.Tensor, labels: Optional[torch.Tensor] = None,
-                apply: Optional[torch.Tensor] = None) -> None:
-        """Write a global batch: keys [G, d], ids [G], labels [G] or None. K % G must be 0.
-
-        apply: [] bool or None (always). Where False the queue stays exactly as it was (a skipped
-        step's keys may be NaN), decided on the device. Index arithmetic stays on the device too,
-        so there is no host synchronisation.
-        """
-        G = keys.shape[0]
-        validate_queue_size(self.size, G)
-        # The modulo: a run resumed on another number of processes may start mid-block.
-        slots = torch.add(self._offsets(G), self.ptr).remainder_(self.size)
-        if labels is None:
-            labels = torch.full_like(self.labels[:G], -1)
-        keys, ids, labels = keys.to(self.keys.dtype), ids.to(self.ids.dtype), labels.to(self.labels.dtype)
-        if apply is not None:
-            keys = torch.where(apply, keys, self.keys[slots])
-            ids = torch.where(apply, ids, self.ids[slots])
-            labels = torch.where(apply, labels, self.labels[slots])
-        self.keys.index_copy_(0, slots, keys)
-        self.ids.index_copy_(0, slots, ids)
-        self.labels.index_copy_(0, slots, labels)
-        self.ptr.add_(G if apply is None else apply, alpha=1 if apply is None else G).remainder_(self.size)
-
-
-# ----------------------------------------------------------------------------- MoCo
 
 
 def _byte_size(tensor: torch.Tensor) -> int:
@@ -496,29 +200,16 @@ class MoCo(nn.Module):
     def encode_keys(self, view_k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys of this rank's samples [B, d] and of the global batch [world * B, d], rank order.
 
-        With BatchNorm, keys are encoded on a shuffled batch so that no BN group holds both views
-        of an image: across ranks (MoCo's shuffle BN: gather, a permutation broadcast from rank 0,
-        each rank encodes its slice, gather, un-shuffle), or within one process when `bn_splits`
-        > 1 (each split normalises on its own). Models without BatchNorm skip the shuffle.
-        Under autocast the images cross ranks in its dtype (`exchange_dtype`); keys are float32.
+        With BatchNorm, the key encoder sees the batch shuffled (`batch_shuffle`: MoCo's shuffle
+        BN), so that no BN group holds both views of an image: across ranks, or across the
+        `bn_splits` groups of one process. Models without BatchNorm, and one process with one
+        group, have nothing to shuffle. Keys are float32, also under autocast.
         """
-        world, rank = world_size_and_rank()
-        B = view_k.shape[0]
-        if world > 1 and self.shuffle_keys:
-            images = all_gather_cat(view_k.to(exchange_dtype(view_k)))
-            order = torch.randperm(images.shape[0], device=view_k.device)
-            dist.broadcast(order, src=0)
-            keys_in_order = all_gather_cat(self.encoder_k(images[order.view(world, B)[rank]]))
-            keys_all = torch.empty_like(keys_in_order)
-            keys_all[order] = keys_in_order
-            return keys_all[rank * B : (rank + 1) * B], keys_all
-        if world == 1 and self.shuffle_keys and self.bn_splits > 1:
-            order = torch.randperm(B, device=view_k.device)
-            keys = torch.empty(B, self.queue.keys.shape[1], device=view_k.device)
-            keys[order] = self.encoder_k(view_k[order])
-            return keys, keys
-        keys = self.encoder_k(view_k)
-        return keys, all_gather_cat(keys)
+        if not self.shuffle_keys or (self.bn_splits == 1 and world_size_and_rank()[0] == 1):
+            keys = self.encoder_k(view_k)
+            return keys, all_gather_cat(keys)
+        shuffled, order = batch_shuffle(view_k)
+        return batch_unshuffle(self.encoder_k(shuffled), order)
 
     def forward(
         self,
@@ -531,8 +222,7 @@ class MoCo(nn.Module):
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         statistics_before = None if commit else _as_bytes(self.batchnorm_statistics())
         # Compiled, each split layer settles its own statistics (dynamo traces no context variable).
-        deferred = self.bn_splits > 1 and not torch.compiler.is_compiling()
-        with deferred_split_statistics() if deferred else nullcontext():
+        with deferred_split_statistics(self.bn_splits > 1):
             q = self.encoder_q(view_q)
             k, keys_all = self.encode_keys(view_k)
             if self.symmetric:

@@ -42,13 +42,14 @@ from hnmix.data.sources import load_image_dataset, resolve_columns
 from hnmix.data.transforms import moco_v2_photometric
 from hnmix.data.two_views import TwoViewDataset, make_train_loader
 from hnmix.data.workers import fit_prefetch, local_processes, workers_per_process
+from hnmix.distributed import world_size_and_rank
 from hnmix.errors import ConfigError, DataError, HubError, describe, first_line
 from hnmix.evaluate.monitor import KnnMonitor
 from hnmix.evaluate.splits import NO_LABELS, load_eval_splits
 from hnmix.hub.card import write_model_card
 from hnmix.hub.export import export_encoder
 from hnmix.hub.pusher import HubPusher
-from hnmix.moco import MoCo, MoCoEncoder, world_size_and_rank
+from hnmix.moco import MoCo, MoCoEncoder
 from hnmix.pictures.curves import copy_curves
 from hnmix.train.checkpoints import checkpoints_root, complete_checkpoints
 from hnmix.train.config import TrainConfig, curriculum_problem, curriculum_steps, knn_monitor_on

@@ -8,14 +8,10 @@ import torch
 import torch.nn.functional as F
 
 from hnmix.mixing import MixedLogits
-from hnmix.moco import (
-    KeyQueue,
-    MoCo,
-    MoCoEncoder,
-    convert_split_batchnorm,
-    exchange_dtype,
-    step_statistics,
-)
+from hnmix.distributed import exchange_dtype
+from hnmix.moco import MoCo, MoCoEncoder, step_statistics
+from hnmix.queue import KeyQueue
+from hnmix.split_bn import convert_split_batchnorm
 
 IMAGE = 32
 

@@ -49,6 +49,17 @@ def test_under_bf16_autocast_images_cross_ranks_in_bf16_and_keys_stay_float32(ra
         assert r["bf16_unshuffle_error"] < 1e-5  # the encoder casts to bf16 either way: nothing lost
 
 
+def test_batch_shuffle_deals_one_broadcast_permutation_of_the_global_batch_and_unshuffle_undoes_it(ranks):
+    batch = 4
+    order = ranks[0]["shuffle"]["order"]
+    assert torch.equal(ranks[1]["shuffle"]["order"], order)  # rank 0's draw, whatever each rank's RNG
+    assert sorted(order.tolist()) == list(range(2 * batch))
+    for rank, r in enumerate(ranks):
+        # Rank r encodes the images at positions order[r * B : (r + 1) * B] of the global batch.
+        assert r["shuffle"]["rows"].squeeze(1).tolist() == order[rank * batch : (rank + 1) * batch].tolist()
+        assert torch.equal(r["shuffle"]["global"].squeeze(1), 10 * torch.arange(2 * batch).float())
+        assert torch.equal(r["shuffle"]["local"], r["shuffle"]["global"][rank * batch : (rank + 1) * batch])
+
 
 def test_mixing_draws_differ_between_ranks_and_repeat_for_the_same_step_and_rank(ranks):
     for name in ("logit_type1", "logit_type2"):

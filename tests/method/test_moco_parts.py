@@ -11,14 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hnmix.moco import (
-    KeyQueue,
-    MoCoEncoder,
-    convert_split_batchnorm,
-    mixing_generator,
-    unwrap,
-    validate_queue_size,
-)
+from hnmix.moco import MoCoEncoder, mixing_generator, unwrap
+from hnmix.queue import KeyQueue, validate_queue_size
+from hnmix.split_bn import convert_split_batchnorm
 
 EPS = 1e-5  # BatchNorm's default eps
 

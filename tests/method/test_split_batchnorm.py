@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from timm.layers import BatchNormAct2d
 from torch import nn
 
-from hnmix.moco import MoCo, MoCoEncoder, convert_split_batchnorm
+from hnmix.moco import MoCo, MoCoEncoder
+from hnmix.split_bn import convert_split_batchnorm
 
 SPLITS = 4
 CHANNELS = 3

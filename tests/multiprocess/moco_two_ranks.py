@@ -4,8 +4,9 @@ Writes OUT/rank{R}.pt with the queue buffers, the ids each rank fed, how many of
 key encoder saw on this rank came from the other rank, and the largest difference between the
 un-shuffled keys and keys computed without any shuffle (key encoder in eval mode, so a sample's
 key does not depend on its batch), the latter also under bf16 autocast with the dtype the images
-crossed ranks in; and the mixing statistics of one more step on inputs identical on both ranks,
-twice from the same queue (only the per-rank mixing draws can tell the ranks apart there).
+crossed ranks in; the mixing statistics of one more step on inputs identical on both ranks,
+twice from the same queue (only the per-rank mixing draws can tell the ranks apart there); and
+what `batch_shuffle` and `batch_unshuffle` alone make of rows that hold their global position.
 """
 
 import copy
@@ -16,7 +17,8 @@ import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs
 from accelerate.utils import set_seed
 
-from hnmix.moco import MoCo, MoCoEncoder, all_gather_cat
+from hnmix.distributed import all_gather_cat, batch_shuffle, batch_unshuffle
+from hnmix.moco import MoCo, MoCoEncoder
 
 BATCH, QUEUE, DIM, STEPS = 4, 32, 16, 3
 
@@ -75,11 +77,17 @@ def main(out_dir: Path) -> None:
         _, mixing_first = inner(mix_q, mix_k, mix_ids, step=STEPS)
         inner.queue.load_state_dict(queue_before)
         _, mixing_again = inner(mix_q, mix_k, mix_ids, step=STEPS)
+    # The shuffle alone, on rows that hold their global position, from a global RNG that differs
+    # between the ranks (only rank 0's draw may count).
+    torch.manual_seed(rank)
+    shuffled, order = batch_shuffle((torch.arange(BATCH) + rank * BATCH).float().unsqueeze(1))
+    unshuffled_local, unshuffled_global = batch_unshuffle(10 * shuffled, order)
     torch.save(
         {
             "mixing_first": {name: value.item() for name, value in mixing_first.items()},
             "mixing_again": {name: value.item() for name, value in mixing_again.items()},
             "world": world,
+            "shuffle": {"order": order, "rows": shuffled, "local": unshuffled_local, "global": unshuffled_global},
             "queue": {name: buffer.cpu() for name, buffer in queue_before.items()},  # after the training steps
             "fed_ids": torch.cat(fed_ids),
             "cross_rank_images": cross_rank_images,
