@@ -91,22 +91,10 @@ class MoCoEncoder(nn.Module):
         return F.normalize(self.head(features).float(), dim=1)
 
 
-def _byte_size(tensor: torch.Tensor) -> int:
-    return tensor.numel() * tensor.element_size()
-
-
-def _as_bytes(buffers: list[torch.Tensor]) -> Optional[torch.Tensor]:
-    """The contents of `buffers` (contiguous, one device, any dtypes) as one new uint8 tensor
-    [sum of their sizes in bytes], in order; None for no buffers."""
-    if not buffers:
-        return None
-    return torch.cat([b.reshape(-1).view(torch.uint8) for b in buffers])
-
-
 class MoCo(nn.Module):
     """MoCo v2 with MoCHi hard negative mixing.
 
-    forward(view_q, view_k, ids, labels=None, step=0) -> (loss, stats)
+    forward(view_q, view_k, ids, labels=None, step=0, enqueue=True) -> (loss, stats)
       view_q, view_k: [B, 3, H, W] the two views of each image.
       ids:            [B] int64 dataset indices (for the queue's duplicate mask).
       labels:         [B] int64 classes or None (only for the false-negative statistic).
@@ -117,20 +105,18 @@ class MoCo(nn.Module):
       stats:          dict of detached 0-dim tensors (no host synchronisation), see
                       `step_statistics`.
 
+    enqueue=False leaves the queue as it is and returns a third item, the global batch for
+    `queue.enqueue`: (keys [G, d], ids [G], labels [G] or None). The trainer enqueues it after the
+    optimizer step, only where the step was not skipped (`hnmix.train.step`). The logits then read
+    the queue itself rather than a copy, so the enqueue must come after the backward (autograd
+    refuses a backward through a queue written since).
+
     symmetric=True (MoCo v3, solo-learn's MoCo v2+): each view is also a query against the key
     of the other; the loss and the statistics are the means of the two directions (so the loss
     keeps the scale of the one-directional loss). Both directions score against the same queue,
     and the queue is updated once per image, with the keys of `view_k`: enqueueing both views'
     keys would put two near-identical keys of each image into the queue and halve its reach in
     time. It costs a second forward of both encoders.
-
-    commit=False holds the step's effects back until `commit(keep)`, called after the optimizer
-    step: the keys are enqueued, and the BatchNorm running statistics both encoders updated in
-    this forward kept, only where `keep` (the step was not skipped); a skipped step's possibly
-    non-finite keys and statistics never stay. The trainer runs forward so, under autocast, and
-    calls `momentum_update` and `commit` after each optimizer step; commit=True (the default)
-    enqueues at once. Held back, the logits read the queue itself rather than a copy, so `commit`
-    must come after the backward (autograd refuses a backward through a queue written since).
     """
 
     def __init__(
@@ -167,7 +153,6 @@ class MoCo(nn.Module):
         self.encoder_q = encoder_q
         self.encoder_k = copy.deepcopy(encoder_q).requires_grad_(False)
         self.queue = KeyQueue(k_moco, dim_moco)
-        self._held_back: Optional[tuple[tuple, Optional[torch.Tensor]]] = None  # see commit()
         self._constants: dict[tuple, torch.Tensor] = {}  # never written, so made once per size and device
 
     def mixing_sizes(self, step: int) -> tuple[int, int]:
@@ -218,19 +203,17 @@ class MoCo(nn.Module):
         ids: torch.Tensor,
         labels: Optional[torch.Tensor] = None,
         step: int = 0,
-        commit: bool = True,
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        statistics_before = None if commit else _as_bytes(self.batchnorm_statistics())
-        # Compiled, each split layer settles its own statistics (dynamo traces no context variable).
+        enqueue: bool = True,
+    ) -> tuple:
         with deferred_split_statistics(self.bn_splits > 1):
             q = self.encoder_q(view_q)
             k, keys_all = self.encode_keys(view_k)
             if self.symmetric:
                 q_of_k = self.encoder_q(view_k)
                 k_of_q, _ = self.encode_keys(view_q)
-        # Enqueued at once, the queue is written in place below, after the logits saved it for
-        # their backward: they get a copy. Held back, `commit` comes after the backward.
-        queue_keys = self.queue.keys.clone() if commit else self.queue.keys
+        # Enqueued here, the queue is written in place below, after the logits saved it for their
+        # backward: they get a copy.
+        queue_keys = self.queue.keys.clone() if enqueue else self.queue.keys
         s1, s2 = self.mixing_sizes(step)
         generator = mixing_generator(self.seed, step, world_size_and_rank()[1], q.device) if s1 or s2 else None
         loss, stats = self.contrast(q, k, queue_keys, ids, labels, s1=s1, s2=s2, generator=generator)
@@ -241,10 +224,9 @@ class MoCo(nn.Module):
             stats = {name: (value + stats_back[name]) / 2 for name, value in stats.items()}
         stats["loss"] = loss.detach()
         batch = (keys_all, all_gather_cat(ids), None if labels is None else all_gather_cat(labels))
-        if commit:
-            self.queue.enqueue(*batch)
-        else:
-            self._held_back = (batch, statistics_before)
+        if not enqueue:
+            return loss, stats, batch
+        self.queue.enqueue(*batch)
         return loss, stats
 
     def _zeros(self, size: int, device: torch.device) -> torch.Tensor:
@@ -253,32 +235,6 @@ class MoCo(nn.Module):
         if key not in self._constants or torch.is_inference_mode_enabled():  # autograd saves it
             self._constants[key] = torch.zeros(size, dtype=torch.long, device=device)
         return self._constants[key]
-
-    def batchnorm_statistics(self) -> list[torch.Tensor]:
-        """The running statistics buffers of both encoders' BatchNorm layers (a forward in
-        training mode updates them)."""
-        return [buffer for module in self.modules() if isinstance(module, nn.modules.batchnorm._BatchNorm)
-                for buffer in (module.running_mean, module.running_var, module.num_batches_tracked)
-                if buffer is not None]
-
-    @torch.no_grad()
-    def commit(self, keep: torch.Tensor) -> None:
-        """Apply what the last `forward(..., commit=False)` held back, where `keep` ([] bool on the
-        model's device) is True: enqueue its global batch of keys, and keep the BatchNorm
-        statistics it updated; where False, queue and statistics stay as before that forward.
-        No host synchronisation. The statistics of every layer travel as one tensor of their
-        bytes (`_as_bytes`): a snapshot, a `where` and a copy back cost a few kernels, not a few
-        per buffer (a ResNet-50 has 318 in its two encoders), and a byte-wise select restores
-        every dtype (float statistics, int64 counts) exactly."""
-        if self._held_back is None:
-            raise RuntimeError("commit() without a forward(..., commit=False) before it")
-        (keys, ids, labels), before = self._held_back
-        self._held_back = None
-        self.queue.enqueue(keys, ids, labels, apply=keep)
-        buffers = self.batchnorm_statistics()
-        if buffers:
-            kept = torch.where(keep, _as_bytes(buffers), before).split([_byte_size(b) for b in buffers])
-            torch._foreach_copy_([b.view(-1).view(torch.uint8) for b in buffers], list(kept))
 
     def contrast(self, q: torch.Tensor, k: torch.Tensor, queue_keys: torch.Tensor, ids: torch.Tensor,
                  labels: Optional[torch.Tensor], *, s1: int, s2: int,

@@ -91,6 +91,7 @@ def in_memory_images_per_s(config, *, device: torch.device, bare: bool, warmup: 
     )
     from hnmix.train.optim import NonFiniteGuard
     from hnmix.train.schedule import lr_schedule
+    from hnmix.train.hold_back import restore_batchnorm_statistics, save_batchnorm_statistics
 
     moco = build_model(config, curriculum=(0, 0)).to(device)  # mixing from the first step
     optimizer = build_optimizer(config, moco.encoder_q, device)
@@ -117,13 +118,15 @@ def in_memory_images_per_s(config, *, device: torch.device, bare: bool, warmup: 
                     moco.encoder_k(view_k)
             else:
                 ids = torch.arange(config.batch_size, device=device) + step_number[0] * config.batch_size
-                loss, _ = moco(view_q, view_k, ids, labels, step=step_number[0], commit=False)
+                saved = save_batchnorm_statistics(moco)
+                loss, _, keys = moco(view_q, view_k, ids, labels, step=step_number[0], enqueue=False)
                 loss.backward()
         if not bare:
             grad_norm = torch.nn.utils.clip_grad_norm_(moco.encoder_q.parameters(), config.clip_grad or math.inf)
             applied = guard.step(grad_norm)
             moco.momentum_update(applied)
-            moco.commit(applied)
+            moco.queue.enqueue(*keys, apply=applied)
+            restore_batchnorm_statistics(moco, saved, unless=applied)
             scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step_number[0] += 1

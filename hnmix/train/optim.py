@@ -102,7 +102,7 @@ class NonFiniteGuard:
     def step(self, grad_norm: torch.Tensor) -> torch.Tensor:
         """Step the optimizer unless `grad_norm` ([] float, the norm after clipping (and, under
         fp16, after unscaling), equal on every rank) is inf or NaN. Returns `applied`, [] bool on
-        the norm's device, for `MoCo.momentum_update(applied)` and `MoCo.commit(applied)`."""
+        the norm's device, for `MoCo.momentum_update(applied)` and the enqueue (`hnmix.train.step`)."""
         applied = torch.isfinite(grad_norm)
         nonfinite = applied.logical_not().to(self.counters.device)  # [] bool
         total, run, since_limit = self.counters.unbind()

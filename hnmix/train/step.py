@@ -1,6 +1,9 @@
-"""One training step: the forward held back, backward, clipping, the guarded optimizer step, the
-key encoder's momentum update, the commit of the queue and BatchNorm statistics, the schedule and
-the step's statistics, all without a host synchronisation.
+"""One training step: the forward, backward, clipping, the guarded optimizer step, the key
+encoder's momentum update, the enqueue, the schedule and the step's statistics, all without a
+host synchronisation. The step's effects on the model outside the optimizer wait for the guard:
+the keys are enqueued, and the BatchNorm running statistics the forward updated kept, only where
+the step was not skipped, so that a skipped step's possibly non-finite keys and statistics never
+stay.
 
 `TrainStep` holds the parts a step needs; `hnmix.train.loop` runs one per batch, and
 `python -m hnmix.bench overhead` counts the kernel launches of the same call.
@@ -17,6 +20,7 @@ from accelerate import Accelerator
 
 from hnmix.data.photometric import StepPhotometric
 from hnmix.moco import MoCo
+from hnmix.train.hold_back import restore_batchnorm_statistics, save_batchnorm_statistics
 from hnmix.train.metrics import RunningCount, StatsWindow
 from hnmix.train.optim import NonFiniteGuard
 
@@ -51,14 +55,17 @@ class TrainStep:
         skipped the step (a non-finite gradient norm)."""
         if self.photometric:
             view_q, view_k = self.photometric(view_q, view_k, step)
-        loss, stats = self.model(view_q, view_k, ids, labels if self.has_labels else None, step=step, commit=False)
+        saved = save_batchnorm_statistics(self.moco)
+        loss, stats, keys = self.model(view_q, view_k, ids, labels if self.has_labels else None, step=step,
+                                       enqueue=False)
         self.accelerator.backward(loss)
         # The norm is equal on every rank (DDP averaged the gradients, NaN/inf included): a
         # non-finite one skips both updates everywhere, decided on the device.
         grad_norm = self.clip_gradients()
         applied = self.guard.step(grad_norm)
         self.moco.momentum_update(applied, self.momentum_at(step))
-        self.moco.commit(applied)  # a skipped step enqueues nothing and keeps the BN statistics
+        self.moco.queue.enqueue(*keys, apply=applied)  # after the backward, which read the queue
+        restore_batchnorm_statistics(self.moco, saved, unless=applied)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.window.add(stats, applied)  # a skipped step's statistics stay out of the means

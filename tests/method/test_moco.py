@@ -122,38 +122,6 @@ def test_mixing_draws_are_a_function_of_seed_and_step():
     assert type1_logit(seed=1, step=5) != type1_logit(seed=2, step=5)
 
 
-def test_a_held_back_step_enqueues_and_keeps_bn_statistics_only_when_committed_true():
-    x1, x2, ids = images(4, 1), images(4, 2), torch.arange(4)
-    kept, skipped, plain = small_moco(), small_moco(), small_moco()
-    queue_before = copy.deepcopy(skipped.queue.state_dict())
-    statistics_before = [b.clone() for b in skipped.batchnorm_statistics()]
-    assert statistics_before  # test_resnet has BatchNorm in both encoders
-    for model, keep in ((kept, True), (skipped, False)):
-        model(x1, x2, ids, commit=False)
-        model.commit(torch.tensor(keep))
-    plain(x1, x2, ids)  # commit=True: what a kept step must equal
-    for name, value in skipped.queue.state_dict().items():
-        assert torch.equal(value, queue_before[name]), name
-    for buffer, before in zip(skipped.batchnorm_statistics(), statistics_before):
-        assert torch.equal(buffer, before)
-    for name, value in kept.queue.state_dict().items():
-        assert torch.equal(value, plain.queue.state_dict()[name]), name
-    for buffer, reference in zip(kept.batchnorm_statistics(), plain.batchnorm_statistics()):
-        assert torch.equal(buffer, reference)
-    assert not all(torch.equal(a, b) for a, b in zip(kept.batchnorm_statistics(), statistics_before))
-    with pytest.raises(RuntimeError, match="commit"):
-        kept.commit(torch.tensor(True))
-
-
-def test_a_nan_step_held_back_leaves_no_nan_in_the_queue_or_statistics():
-    moco = small_moco()
-    nan_images = images(4, 1) * float("nan")
-    moco(nan_images, nan_images, torch.arange(4), commit=False)
-    moco.commit(torch.tensor(False))
-    assert torch.isfinite(moco.queue.keys).all() and moco.queue.ptr.item() == 0
-    assert all(torch.isfinite(b.float()).all() for b in moco.batchnorm_statistics())
-
-
 def test_images_cross_ranks_in_the_autocast_dtype_else_their_own():
     x = images(2, 0)
     assert exchange_dtype(x) == torch.float32 and exchange_dtype(x.double()) == torch.float64

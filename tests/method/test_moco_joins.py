@@ -264,8 +264,3 @@ def test_momentum_zero_copies_the_query_encoder_and_one_freezes_the_key_encoder(
     expected = list(moco.encoder_q.parameters()) if m == 0.0 else before
     for p_k, p_expected in zip(moco.encoder_k.parameters(), expected):
         assert torch.equal(p_k, p_expected)
-
-
-def test_commit_without_a_held_back_forward_raises():
-    with pytest.raises(RuntimeError, match=r"^commit\(\) without a forward"):
-        tiny_moco().commit(torch.tensor(True))

@@ -3,15 +3,12 @@ same outputs, gradients and running statistics as normalising each contiguous gr
 on its own (the oracle: one float64 F.batch_norm per group), for torch's BatchNorm and timm's
 BatchNormAct2d, in both memory formats, with momentum and with the cumulative average."""
 
-import copy
-
 import pytest
 import torch
 import torch.nn.functional as F
 from timm.layers import BatchNormAct2d
 from torch import nn
 
-from hnmix.moco import MoCo, MoCoEncoder
 from hnmix.split_bn import convert_split_batchnorm
 
 SPLITS = 4
@@ -172,16 +169,3 @@ def test_layers_that_add_to_batchnorm_are_refused_and_plain_subclasses_kept():
 def test_converting_twice_keeps_one_split_class_and_the_new_number_of_splits():
     layer = convert_split_batchnorm(convert_split_batchnorm(nn.BatchNorm2d(CHANNELS), 2), 4)
     assert type(layer).__mro__[1] is nn.BatchNorm2d and layer.num_splits == 4
-
-
-def test_a_skipped_step_leaves_the_split_statistics_as_they_were():
-    """MoCo.commit(False) after a split-BN forward restores every running statistic and count."""
-    torch.manual_seed(0)
-    moco = MoCo(MoCoEncoder("test_efficientnet", 16), dim_moco=16, k_moco=32, m_moco=0.9, t_moco=0.2, bn_splits=2)
-    before = copy.deepcopy(moco.state_dict())
-    images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    moco(images, images.flip(0), torch.arange(4), commit=False)
-    assert not all(torch.equal(b, before[n]) for n, b in moco.named_buffers() if "running_mean" in n)
-    moco.commit(torch.tensor(False))
-    for name, buffer in moco.named_buffers():
-        assert torch.equal(buffer, before[name]), name

@@ -14,6 +14,7 @@ from hnmix.train.optim import (
     innermost_optimizer,
     make_optimizer,
 )
+from hnmix.train.hold_back import restore_batchnorm_statistics, save_batchnorm_statistics
 
 NAN, INF = float("nan"), float("inf")
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny convolutions: 1 thread is faster
@@ -172,18 +173,20 @@ def test_fused_guarded_step_reads_nothing_on_the_host(no_host_reads):
     assert guard.state()["skipped_steps"] == 2
 
 
-def test_a_whole_guarded_step_with_its_commit_reads_nothing_on_the_host(no_host_reads):
+def test_a_whole_guarded_step_with_its_enqueue_and_restore_reads_nothing_on_the_host(no_host_reads):
     moco = small_moco()
     guard = NonFiniteGuard(adamw(moco, True), 2, device="cpu")
     views = torch.randn(2, 4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     for poison in (None, NAN):
-        loss, _ = moco(views[0], views[1], torch.arange(4), commit=False)
+        saved = save_batchnorm_statistics(moco)
+        loss, _, keys = moco(views[0], views[1], torch.arange(4), enqueue=False)
         (loss * poison if poison is not None else loss).backward()
         norm = grad_norm(moco)
         with no_host_reads:
             applied = guard.step(norm)
             moco.momentum_update(applied)
-            moco.commit(applied)
+            moco.queue.enqueue(*keys, apply=applied)
+            restore_batchnorm_statistics(moco, saved, unless=applied)
         moco.encoder_q.zero_grad()
     assert moco.queue.ptr.item() == 4  # the NaN step enqueued nothing
 

@@ -355,8 +355,8 @@ def nan_loss_on(monkeypatch, calls_with_nan):
 
     def forward(self, *args, **kwargs):
         calls.append(1)
-        loss, stats = original(self, *args, **kwargs)
-        return (loss * float("nan") if len(calls) in calls_with_nan else loss), stats
+        loss, stats, *keys = original(self, *args, **kwargs)
+        return (loss * float("nan") if len(calls) in calls_with_nan else loss), stats, *keys
 
     monkeypatch.setattr(MoCo, "forward", forward)
 
@@ -385,11 +385,11 @@ def test_a_skipped_step_leaves_the_logged_means_to_the_applied_steps(tmp_path, m
     original, step_losses = MoCo.forward, []
 
     def forward(self, *args, **kwargs):  # the third step's loss and statistics are NaN, its gradients too
-        loss, stats = original(self, *args, **kwargs)
+        loss, stats, *keys = original(self, *args, **kwargs)
         if len(step_losses) == 2:
             loss, stats = loss * float("nan"), {name: value * float("nan") for name, value in stats.items()}
         step_losses.append(stats["loss"].item())
-        return loss, stats
+        return loss, stats, *keys
 
     monkeypatch.setattr(MoCo, "forward", forward)
     assert train(parse_config([*TINY, "-s", "4", "-sp", "2", "-ss", "4", "--num_workers", "0", "--eval_every", "0",
