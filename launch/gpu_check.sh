@@ -11,8 +11,8 @@
 # and writes gpu_check.json, gpu_check.log and gpu_check.md to OUT_DIR (default: $OUT), the table
 # also on stdout. Under 8 minutes on an H100/H200 (--budget_s, default 450, bounds it; the last
 # sections give way). --dry-run: every section on the CPU at tiny sizes, in about two minutes. A failing section is recorded and the next
-# one runs; the exit code is 1 when any section failed. The sections are hnmix/bench/gpu_check.py.
+# one runs; the exit code is 1 when any section failed. The sections are tools/gpu_check.py.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
-exec "${PYTHON:-python3}" -m hnmix.bench.gpu_check "$@"
+exec "${PYTHON:-python3}" -m tools.gpu_check "$@"

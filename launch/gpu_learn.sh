@@ -9,8 +9,8 @@
 # .whl/, trains configs/moco_cifar10.yaml for about 7 minutes (--budget_s 480 in all), then
 # configs/mochi_cifar10.yaml with the time left, the kNN after every epoch, and writes
 # gpu_learn.json, gpu_learn.md and gpu_learn.log to OUT_DIR (default: $OUT). --dry-run: on the
-# CPU at tiny sizes (CI runs it). The sections are hnmix/bench/gpu_learn.py.
+# CPU at tiny sizes (CI runs it). The sections are tools/gpu_learn.py.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
-exec "${PYTHON:-python3}" -m hnmix.bench.gpu_learn "$@"
+exec "${PYTHON:-python3}" -m tools.gpu_learn "$@"

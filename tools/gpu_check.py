@@ -1,6 +1,6 @@
-"""`python -m hnmix.bench.gpu_check` (launch/gpu_check.sh): everything GPU-specific, in one call.
+"""`python -m tools.gpu_check` (launch/gpu_check.sh): everything GPU-specific, in one call.
 
-    python -m hnmix.bench.gpu_check [OUT_DIR] [--dry-run] [--budget_s S] [--sections NAME,...]
+    python -m tools.gpu_check [OUT_DIR] [--dry-run] [--budget_s S] [--sections NAME,...]
 
 A GPU is lent to these sessions now and then, for minutes: the check is one command that spends
 them well. Its sections, in order of value:
@@ -41,7 +41,7 @@ warm, e.g. `--sections bench_data,bench_train_compile --budget_s 300`.
 
 `--dry-run` runs the same sections on the CPU at tiny sizes (CUDA hidden from every section; the
 CUDA tests are collected and skip; --compile runs with TORCH_COMPILE_DISABLE=1, since inductor
-on two CPU cores takes minutes), so that the check cannot rot: tests/bench/test_gpu_check.py runs
+on two CPU cores takes minutes), so that the check cannot rot: tests/tools/test_gpu_check.py runs
 it in CI. The JSON has the same keys in both modes.
 
 Written to OUT_DIR (default: $OUT), the three files the device tool brings back:
@@ -68,12 +68,13 @@ import tempfile
 import time
 import traceback
 import xml.etree.ElementTree as ElementTree
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence, TextIO
+from typing import Any, Callable, Iterator, Optional, Sequence, TextIO
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 WHEELS = REPO / ".whl"
 REQUIREMENTS = REPO / "requirements.txt"
 JSON_FILE, LOG_FILE, TABLE_FILE = "gpu_check.json", "gpu_check.log", "gpu_check.md"
@@ -159,6 +160,8 @@ class Check:
     work: Path  # scratch files (the benchmarks' JSON, the test report), removed at the end
     log: TextIO
     budget_s: float
+    name: str = "gpu_check"
+    started: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
     deadline: float = 0.0  # time.monotonic() by which everything ends
     cores: int = field(default_factory=lambda: os.cpu_count() or 1)
     env: dict[str, str] = field(default_factory=dict)
@@ -174,7 +177,7 @@ class Check:
 
     def say(self, line: str) -> None:
         """A progress line on stdout and in the log."""
-        stamped = f"[gpu_check {datetime.now().strftime('%H:%M:%S')}] {line}"
+        stamped = f"[{self.name} {datetime.now().strftime('%H:%M:%S')}] {line}"
         print(stamped, flush=True)
         self.log.write(stamped + "\n")
         self.log.flush()
@@ -237,7 +240,7 @@ def run_setup(check: Check) -> dict[str, Any]:
     """Install .whl/ against requirements.txt, then probe the environment in a fresh process."""
     install = install_wheels(check)
     probe_file = check.work / "probe.json"
-    code = check.run([sys.executable, "-m", "hnmix.bench.gpu_check", "--probe", str(probe_file)])
+    code = check.run([sys.executable, "-m", "tools.gpu_check", "--probe", str(probe_file)])
     probe = json.loads(probe_file.read_text()) if code == 0 and probe_file.exists() else None
     result = {"install": install, "environment": (probe or {}).get("environment"),
               "requirements": (probe or {}).get("requirements"), "imports": (probe or {}).get("imports")}
@@ -731,7 +734,7 @@ def git_commit() -> Optional[str]:
     return head + ("+changes" if dirty else "")
 
 
-def report_of(check: Check, sections: dict[str, dict[str, Any]], *, started: datetime, argv: Sequence[str],
+def report_of(check: Check, sections: dict[str, dict[str, Any]], *, argv: Sequence[str],
               selected: Sequence[str]) -> dict[str, Any]:
     """Everything gpu_check.json holds; the same keys in both modes and at every stage."""
     environment = ((sections["setup"].get("result") or {}).get("environment")) or {}
@@ -740,8 +743,8 @@ def report_of(check: Check, sections: dict[str, dict[str, Any]], *, started: dat
     now = datetime.now(timezone.utc)
     return {
         "mode": check.mode, "ok": ok, "exit_code": 0 if ok else 1,
-        "started_at": started.isoformat(timespec="seconds"), "finished_at": now.isoformat(timespec="seconds"),
-        "wall_s": round((now - started).total_seconds(), 1), "budget_s": check.budget_s,
+        "started_at": check.started.isoformat(timespec="seconds"), "finished_at": now.isoformat(timespec="seconds"),
+        "wall_s": round((now - check.started).total_seconds(), 1), "budget_s": check.budget_s,
         "command": list(argv), "commit": git_commit(), "out_dir": str(check.out), "sections_selected": list(selected),
         "environment": {key: environment.get(key) for key in ENVIRONMENT_KEYS},
         "sections": sections, "targets": goals,
@@ -759,13 +762,37 @@ def command_environment(work: Path, *, dry_run: bool) -> dict[str, str]:
     return env
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m hnmix.bench.gpu_check", description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_run_arguments(parser: argparse.ArgumentParser, budgets: dict[str, float], *, dry_run: str) -> None:
+    """OUT, --dry-run and --budget_s, which every GPU check takes."""
     parser.add_argument("out", nargs="?", type=Path, default=None, help="output directory (default: $OUT)")
-    parser.add_argument("--dry-run", action="store_true", help="every section on the CPU at tiny sizes")
+    parser.add_argument("--dry-run", action="store_true", help=dry_run)
     parser.add_argument("--budget_s", type=float, default=None,
-                        help=f"seconds for everything (default: {BUDGET_S['gpu']}, dry run {BUDGET_S['dry-run']})")
+                        help=f"seconds for everything (default: {budgets['gpu']}, dry run {budgets['dry-run']})")
+
+
+@contextmanager
+def started_check(name: str, args: argparse.Namespace, parser: argparse.ArgumentParser,
+                  budgets: dict[str, float], usage: str) -> Iterator[Check]:
+    """The GPU check `name` under way: OUT (args.out, else $OUT) made, NAME.log open in it, the
+    commands' environment set, a scratch folder that is removed at the end."""
+    out = args.out or (Path(os.environ["OUT"]) if os.environ.get("OUT") else None)
+    if out is None:
+        parser.error(f"give the output directory ({usage}) or set OUT")
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f"hnmix-{name.replace('_', '-')}-"))
+    budget_s = args.budget_s or budgets["dry-run" if args.dry_run else "gpu"]
+    try:
+        with open(out / f"{name}.log", "w") as log:
+            yield Check(dry_run=args.dry_run, out=out, work=work, log=log, budget_s=budget_s, name=name,
+                        env=command_environment(work, dry_run=args.dry_run))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m tools.gpu_check", description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_run_arguments(parser, BUDGET_S, dry_run="every section on the CPU at tiny sizes")
     parser.add_argument("--sections", default=None,
                         help=f"comma-separated, of {', '.join(s.name for s in SECTIONS[1:])} (setup always runs)")
     parser.add_argument("--probe", type=Path, default=None, help=argparse.SUPPRESS)
@@ -790,31 +817,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.probe is not None:
         probe(args.probe)
         return 0
-    out = args.out or (Path(os.environ["OUT"]) if os.environ.get("OUT") else None)
-    if out is None:
-        parser.error("give the output directory (launch/gpu_check.sh DIR) or set OUT")
     selected = selected_sections(args.sections, parser)
-    out.mkdir(parents=True, exist_ok=True)
-    mode = "dry-run" if args.dry_run else "gpu"
-    budget_s = args.budget_s or BUDGET_S[mode]
-    started = datetime.now(timezone.utc)
-    work = Path(tempfile.mkdtemp(prefix="hnmix-gpu-check-"))
-    env = command_environment(work, dry_run=args.dry_run)
-    with open(out / LOG_FILE, "w") as log:
-        check = Check(dry_run=args.dry_run, out=out, work=work, log=log, budget_s=budget_s, env=env)
-        check.say(f"{mode}, {budget_s:.0f} s at most, sections {', '.join(selected)}; writing to {out}")
+    with started_check("gpu_check", args, parser, BUDGET_S, "launch/gpu_check.sh DIR") as check:
+        out = check.out
+        check.say(f"{check.mode}, {check.budget_s:.0f} s at most, sections {', '.join(selected)}; writing to {out}")
         sections = {s.name: {"status": "pending", "seconds": 0.0, "error": None, "commands": [], "result": None}
                     for s in SECTIONS}
-        try:
-            for section in SECTIONS:
-                if section.name in selected:
-                    sections[section.name] = run_section(check, section)
-                else:
-                    sections[section.name] = sections[section.name] | {"status": "skipped", "error": "not selected"}
-                report = report_of(check, sections, started=started, argv=argv, selected=selected)
-                (out / JSON_FILE).write_text(json.dumps(report, indent=2) + "\n")
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
+        for section in SECTIONS:
+            if section.name in selected:
+                sections[section.name] = run_section(check, section)
+            else:
+                sections[section.name] = sections[section.name] | {"status": "skipped", "error": "not selected"}
+            report = report_of(check, sections, argv=argv, selected=selected)
+            (out / JSON_FILE).write_text(json.dumps(report, indent=2) + "\n")
         table = markdown(report)
         (out / TABLE_FILE).write_text(table)
         print("\n" + table, flush=True)

@@ -9,8 +9,8 @@ import sys
 import pytest
 from data_images import write_cifar10_like_repo
 
-from hnmix.bench.gpu_learn import comparison_rows, summarise
 from launch import REPO
+from tools.gpu_learn import comparison_rows, summarise
 
 pytestmark = pytest.mark.multiprocess
 

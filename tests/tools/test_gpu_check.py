@@ -1,4 +1,4 @@
-"""The GPU check (launch/gpu_check.sh, hnmix/bench/gpu_check.py) cannot rot: its dry run runs
+"""The GPU check (launch/gpu_check.sh, tools/gpu_check.py) cannot rot: its dry run runs
 every section on the CPU and writes gpu_check.json with every key; a section that fails or runs
 out of time is recorded and the next one runs; the test report and the requirement check it
 relies on read what they should."""
@@ -13,8 +13,9 @@ import time
 
 import pytest
 
-from hnmix.bench import gpu_check
-from hnmix.bench.gpu_check import (
+from launch import REPO
+from tools import gpu_check
+from tools.gpu_check import (
     ENVIRONMENT_KEYS,
     SECTIONS,
     SYNC_TESTS,
@@ -26,7 +27,6 @@ from hnmix.bench.gpu_check import (
     requirement_versions,
     run_section,
 )
-from launch import REPO
 
 TOP_KEYS = {"mode", "ok", "exit_code", "started_at", "finished_at", "wall_s", "budget_s", "command", "commit",
             "out_dir", "sections_selected", "environment", "sections", "targets", "table"}

@@ -1,12 +1,12 @@
-"""`python -m hnmix.bench.gpu_learn DATA_DIR [OUT]` (launch/gpu_learn.sh): MoCo's own CIFAR-10
+"""`python -m tools.gpu_learn DATA_DIR [OUT]` (launch/gpu_learn.sh): MoCo's own CIFAR-10
 demo trained by hnmix on a GPU for the minutes a GPU is lent, beside the demo's published curve.
 
-    python -m hnmix.bench.gpu_learn DATA_DIR [OUT] [--dry-run] [--budget_s S] [--arms moco,mochi]
+    python -m tools.gpu_learn DATA_DIR [OUT] [--dry-run] [--budget_s S] [--arms moco,mochi]
 
 DATA_DIR is CIFAR-10 laid out like the Hub's `uoft-cs/cifar10` (a copy of ../shared/data/cifar10
 inside the checkout travels with the device tool: 56 MB, under its 64 MiB). Sections, in order:
 
-  setup   the wheels in .whl/ installed, the environment probed (hnmix.bench.gpu_check's set-up)
+  setup   the wheels in .whl/ installed, the environment probed (tools/gpu_check.py's set-up)
   moco    configs/moco_cifar10.yaml (the demo's recipe, 200-epoch schedule) in bf16, stopped
           cleanly (SIGINT: the step finishes, a checkpoint is saved) when its time is up:
           about 7 minutes (--budget_s 480 less the set-up and MoCHi's minimum)
@@ -27,27 +27,25 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
-import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from hnmix.bench.gpu_check import (
+from hnmix.references import load_reference
+from tools.gpu_check import (
     REPO,
     Check,
     SectionFailed,
     SectionTimeout,
-    command_environment,
+    add_run_arguments,
     environment_line,
     run_setup,
+    started_check,
 )
-from hnmix.references import load_reference
 
-JSON_FILE, LOG_FILE, TABLE_FILE = "gpu_learn.json", "gpu_learn.log", "gpu_learn.md"
+JSON_FILE, TABLE_FILE = "gpu_learn.json", "gpu_learn.md"  # and gpu_learn.log (started_check)
 BUDGET_S = {"gpu": 480, "dry-run": 240}
 MOCO_SHARE_S = 420  # "about 7 minutes" for the demo's recipe
 MIN_ARM_S = 60
@@ -155,13 +153,10 @@ def _number(value: Optional[float], digits: int = 2, *, signed: bool = False) ->
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m hnmix.bench.gpu_learn", description=__doc__.splitlines()[0],
+    parser = argparse.ArgumentParser(prog="python -m tools.gpu_learn", description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("data_dir", type=Path, help="CIFAR-10 laid out like uoft-cs/cifar10")
-    parser.add_argument("out", nargs="?", type=Path, default=None, help="output directory (default: $OUT)")
-    parser.add_argument("--dry-run", action="store_true", help="on the CPU at tiny sizes")
-    parser.add_argument("--budget_s", type=float, default=None,
-                        help=f"seconds for everything (default: {BUDGET_S['gpu']}, dry run {BUDGET_S['dry-run']})")
+    add_run_arguments(parser, BUDGET_S, dry_run="on the CPU at tiny sizes")
     parser.add_argument("--arms", default=",".join(ARMS), help="comma-separated, of moco, mochi")
     return parser
 
@@ -169,45 +164,34 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    out = args.out or (Path(os.environ["OUT"]) if os.environ.get("OUT") else None)
-    if out is None:
-        parser.error("give the output directory (launch/gpu_learn.sh DATA_DIR OUT) or set OUT")
     if not args.data_dir.is_dir():
         parser.error(f"DATA_DIR {args.data_dir} is not a folder; copy ../shared/data/cifar10 into the checkout")
     arms = [arm.strip() for arm in args.arms.split(",") if arm.strip()]
     if not arms or any(arm not in ARMS for arm in arms):
         parser.error(f"--arms takes {', '.join(ARMS)}")
-    out.mkdir(parents=True, exist_ok=True)
-    mode = "dry-run" if args.dry_run else "gpu"
-    budget_s = args.budget_s or BUDGET_S[mode]
-    started = datetime.now(timezone.utc)
-    work = Path(tempfile.mkdtemp(prefix="hnmix-gpu-learn-"))
-    env = command_environment(work, dry_run=args.dry_run)
     reference = load_reference(REFERENCE)
     results: dict[str, dict[str, Any]] = {}
-    with open(out / LOG_FILE, "w") as log:
-        check = Check(dry_run=args.dry_run, out=out, work=work, log=log, budget_s=budget_s, env=env)
-        check.say(f"{mode}, {budget_s:.0f} s at most, arms {', '.join(arms)}; writing to {out}")
-        check.section_deadline = time.monotonic() + min(120.0, budget_s / 4)
+    with started_check("gpu_learn", args, parser, BUDGET_S, "launch/gpu_learn.sh DATA_DIR OUT") as check:
+        out = check.out
+        check.say(f"{check.mode}, {check.budget_s:.0f} s at most, arms {', '.join(arms)}; writing to {out}")
+        check.section_deadline = time.monotonic() + min(120.0, check.budget_s / 4)
         try:
             setup = run_setup(check)
         except (SectionFailed, SectionTimeout) as error:
             check.say(f"set-up failed: {error}")
             setup = error.args[1] if len(error.args) > 1 and isinstance(error.args[1], dict) else {}
-        try:
-            for index, arm in enumerate(arms):
-                left = check.deadline - time.monotonic()
-                later = MIN_ARM_S * (len(arms) - index - 1)
-                seconds = min(MOCO_SHARE_S, left - later) if arm == "moco" and later else left
-                if seconds < MIN_ARM_S:
-                    results[arm] = {"status": f"skipped: {max(0, left):.0f} s left"}
-                    continue
-                results[arm] = run_arm(check, arm, args.data_dir, seconds)
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
+        for index, arm in enumerate(arms):
+            left = check.deadline - time.monotonic()
+            later = MIN_ARM_S * (len(arms) - index - 1)
+            seconds = min(MOCO_SHARE_S, left - later) if arm == "moco" and later else left
+            if seconds < MIN_ARM_S:
+                results[arm] = {"status": f"skipped: {max(0, left):.0f} s left"}
+                continue
+            results[arm] = run_arm(check, arm, args.data_dir, seconds)
         environment = setup.get("environment") or {}
-        report = {"mode": mode, "started_at": started.isoformat(timespec="seconds"), "budget_s": budget_s,
-                  "environment": environment, "environment_line": environment_line(environment),
+        report = {"mode": check.mode, "started_at": check.started.isoformat(timespec="seconds"),
+                  "budget_s": check.budget_s, "environment": environment,
+                  "environment_line": environment_line(environment),
                   "reference": {"name": REFERENCE, "title": reference.title, "images_per_s": reference.images_per_s,
                                 "train_images": reference.train_images},
                   "arms": results, "rows": comparison_rows(results, reference.knn_top1_by_epoch)}
