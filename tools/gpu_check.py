@@ -414,12 +414,9 @@ def run_section(check: Check, section: Section) -> dict[str, Any]:
     try:
         record["result"] = section.run(check)
         record["status"] = "passed"
-    except SectionFailed as failure:
-        record["status"], record["error"] = "failed", str(failure.args[0])
-        record["result"] = failure.args[1] if len(failure.args) > 1 else None
-    except SectionTimeout as timeout:
-        record["status"], record["error"] = "timeout", str(timeout.args[0])
-        record["result"] = timeout.args[1] if len(timeout.args) > 1 else None
+    except (SectionFailed, SectionTimeout) as stop:  # args: the reason, what the section got done
+        record["status"] = "timeout" if isinstance(stop, SectionTimeout) else "failed"
+        record["error"], record["result"] = str(stop.args[0]), stop.args[1] if len(stop.args) > 1 else None
     except Exception as error:  # noqa: BLE001 - a broken section must not cost the others their turn
         record["status"], record["error"] = "failed", f"{type(error).__name__}: {error}"
         check.log.write(traceback.format_exc())
