@@ -82,6 +82,7 @@ def _rank_main(directory: Path) -> None:
         while not _call(stop, calls):
             pass
     (directory / f"rank{rank}.txt").write_text(f"{calls[0]} {stop.agreements}\n")
+    dist.destroy_process_group()  # as the trainer's end_training does: gloo's threads abort at exit otherwise
 
 
 if __name__ == "__main__":
