@@ -25,7 +25,7 @@ Usage:
 
 Each benchmark is a module of this package: `hnmix.bench.mixing`, `hnmix.bench.train`,
 `hnmix.bench.data`, `hnmix.bench.learn`, `hnmix.bench.overhead`; this one is the command line. The GPU check
-(`launch/gpu_check.sh`, `python -m hnmix.bench.gpu_check`) runs them at the paper's sizes with
+(`launch/gpu_check.sh`, `python -m tools.gpu_check`) runs them at the paper's sizes with
 the CUDA tests, in one call.
 """
 
