@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import torch
 from accelerate import Accelerator
@@ -26,12 +27,14 @@ from rich.progress import (
     TextColumn,
     TimeRemainingColumn,
 )
+from torch.utils.data import DataLoader
 
 from hnmix.data.photometric import StepPhotometric
 from hnmix.errors import DataError, HnmixError, describe, first_line
 from hnmix.evaluate.monitor import KnnMonitor
+from hnmix.hub.pusher import HubPusher
 from hnmix.moco import MoCo
-from hnmix.pictures.curves import copy_curves, refresh_curves
+from hnmix.pictures.curves import METRICS_FILE, copy_curves, refresh_curves
 from hnmix.train.components import (
     augment_on_accelerator,
     build_data,
@@ -121,7 +124,6 @@ def train(config: TrainConfig) -> int:
     monitor = build_knn_monitor(config, accelerator)
     loader = accelerator.prepare(loader)
     steps_per_epoch = len(loader)  # this process's share
-    eval_every = eval_every_steps(config, steps_per_epoch=steps_per_epoch)
     model = build_model(config, resolve_curriculum(config, steps_per_epoch, resuming=checkpoint is not None))
     if warning := shuffle_bn_warning(model, accelerator.num_processes):
         logger.warning(warning)
@@ -133,14 +135,50 @@ def train(config: TrainConfig) -> int:
     momentum_at = momentum_schedule(config)
     guard = NonFiniteGuard(optimizer, config.max_nonfinite_steps, device=accelerator.device)
 
-    metrics_path = dir_out / "metrics.jsonl"
     window, bad_images = StatsWindow(), RunningCount()
-    step = load_training_state(accelerator, checkpoint, window, bad_images, guard, metrics_path) if checkpoint else 0
+    step = load_training_state(accelerator, checkpoint, window, bad_images, guard, dir_out / METRICS_FILE) if checkpoint else 0
     train_step = TrainStep(step_model, moco, accelerator, optimizer, scheduler, guard, window, bad_images, momentum_at,
                            config.clip_grad, photometric=photometric, has_labels=has_labels)
-    first_step, run_started = step, time.perf_counter()
+    run_started = time.perf_counter()
+    end = config.stop_at or config.steps
+    announce(config, accelerator, deadline, steps_per_epoch, on_accelerator=on_accelerator, start=step, end=end)
+    run = Run(config, accelerator, moco, monitor, scheduler, guard, window, bad_images, pusher, deadline, loader,
+              step=step, saved=checkpoint, started=run_started)
+    run.evaluate_at_start()
+
+    model.train()
+    with run.progress, StopSignal() as stop:
+        record, stopping = {}, False
+        for step, (view_q, view_k, ids, labels, unreadable) in run.batches(end):
+            step_started = time.perf_counter()
+            if config.compile:
+                torch.compiler.cudagraph_mark_step_begin()  # CUDA graphs' outputs of the last step are spent
+            train_step(view_q, view_k, ids, labels, unreadable, step)
+            run.stepped(step_started)
+            record = run.evaluate_if_due() | run.statistics_if_due()
+            stopping = stop.requested()
+            if run.step == end or stopping:
+                break
+            if record:
+                run.log(record)
+            if run.step % config.steps_save == 0:
+                run.save(stop)
+                run.push()
+        # The end: at --steps, --stop_at or a stop signal. The record of --steps waits for the
+        # final evaluation, after the save and the export.
+        if record and run.step < config.steps:
+            run.log(record)
+        if run.step > run.first_step:
+            run.save(stop, stopping=stopping)
+    return run.finish(record if run.step == config.steps else {}, stop, stopping)
+
+
+def announce(config: TrainConfig, accelerator: Accelerator, deadline: StopDeadline, steps_per_epoch: int, *,
+             on_accelerator: bool, start: int, end: int) -> None:
+    """dir_out/config.yaml, the trackers, and the lines that say where they write, how long a
+    stop signal leaves, and what trains where from which step to which."""
     if accelerator.is_main_process:
-        (dir_out / CONFIG_FILE).write_text(config_to_yaml(config))
+        (Path(config.dir_out) / CONFIG_FILE).write_text(config_to_yaml(config))
     # Trackers take scalars (TensorBoard's hparams refuse lists such as crop_scale's).
     accelerator.init_trackers("hnmix", config={k: str(v) if v is None or isinstance(v, list) else v
                                                for k, v in config.to_dict().items()})
@@ -148,118 +186,179 @@ def train(config: TrainConfig) -> int:
         logger.info(f"Trackers write: {'; '.join(tracker_locations(accelerator))}")
     if math.isfinite(deadline.seconds):
         logger.info(f"On a stop signal, {deadline.imposed_by} leaves {deadline.seconds:.0f} s to finish the step and save")
-
-    global_batch = config.batch_size * accelerator.num_processes
-    end = config.stop_at or config.steps
     logger.info(f"Training {config.arch} on {config.dataset} ({steps_per_epoch} steps per epoch) with "
                 f"{accelerator.num_processes} process(es) on {describe_device(accelerator)}, "
-                f"global batch {global_batch}, "
+                f"global batch {config.batch_size * accelerator.num_processes}, "
                 f"mixed precision {accelerator.mixed_precision}, photometric augmentation on "
-                f"{'the accelerator' if photometric else 'the CPU workers'}, deterministic algorithms "
-                f"{'on' if torch.are_deterministic_algorithms_enabled() else 'off'}, from step {step} to {end} of {config.steps}")
-    results: dict = {"global_batch": global_batch}
-    saved = checkpoint
-    progress = Progress(
-        TextColumn("step"), MofNCompleteColumn(), BarColumn(),
-        TextColumn("{task.fields[speed]} img/s  loss {task.fields[loss]}  lr {task.fields[lr]}  kNN {task.fields[knn]}"),
-        TimeRemainingColumn(), console=console, disable=not accelerator.is_main_process,
-    )
-    task = progress.add_task("train", total=config.steps, completed=step, speed="-", loss="-", lr="-", knn="-")
-    window_start, window_steps = time.perf_counter(), 0
-    stopping = deadline_warned = False
-    final_record = None
+                f"{'the accelerator' if on_accelerator else 'the CPU workers'}, deterministic algorithms "
+                f"{'on' if torch.are_deterministic_algorithms_enabled() else 'off'}, from step {start} to {end} of {config.steps}")
 
-    if config.eval_at_start and monitor and step == 0:
-        untrained = evaluate_without_stopping(monitor, moco, accelerator, 0)
-        log_step(accelerator, {"step": 0, "epoch": 0, "steps_per_epoch": steps_per_epoch} | untrained, metrics_path,
-                 progress, task)
-        window_start = time.perf_counter()  # images/s counts training only
-    model.train()
-    with progress, StopSignal() as stop:
-        while step < end and not stopping:
-            epoch, skip = divmod(step, steps_per_epoch)
-            loader.set_epoch(epoch)
-            for view_q, view_k, ids, labels, unreadable in accelerator.skip_first_batches(loader, skip) if skip else loader:
-                step_started = time.perf_counter()
-                if config.compile:
-                    torch.compiler.cudagraph_mark_step_begin()  # CUDA graphs' outputs of the last step are spent
-                train_step(view_q, view_k, ids, labels, unreadable, step)
-                step += 1
-                window_steps += 1
-                progress.update(task, completed=step)
-                step_s = time.perf_counter() - step_started
 
-                record = {}
-                if monitor and step % eval_every == 0 and step < config.steps:  # the last comes after the save
-                    evaluation_started = time.perf_counter()
-                    record = evaluate_without_stopping(monitor, moco, accelerator, step)
-                    results |= card_results(record)
-                    window_start += time.perf_counter() - evaluation_started  # images/s counts training only
-                # Not at --stop_at: its window goes into the checkpoint, so a resumed run logs as an
-                # uninterrupted one would.
-                if step % config.steps_print == 0 or step == config.steps:
-                    record |= {"lr": scheduler.get_last_lr()[0],
-                               "images_per_s": global_batch * window_steps / (time.perf_counter() - window_start)}
-                    record |= window.mean_over_processes(accelerator)
-                    if accelerator.device.type == "cuda":  # a host-side counter: no synchronisation
-                        record["memory_peak_gib"] = torch.cuda.max_memory_allocated(accelerator.device) / 2**30
-                    record["bad_samples"] = bad_images.total(accelerator)
-                    record["skipped_steps"] = guard.check(step, saved)
-                    record |= dict(zip(("s1_in_use", "s2_in_use"), moco.mixing_sizes(step - 1)))
-                    check_bad_fraction(record["bad_samples"], step * global_batch, config.max_bad_fraction,
-                                       len(loader.dataset))
-                    window_start, window_steps = time.perf_counter(), 0
-                if record and step == config.steps:
-                    final_record = {"step": step, "epoch": epoch, "steps_per_epoch": steps_per_epoch} | record  # logged with the final evaluation
-                elif record:
-                    log_step(accelerator, {"step": step, "epoch": epoch, "steps_per_epoch": steps_per_epoch} | record, metrics_path, progress, task)
-                stopping = stop.requested()
-                if step % config.steps_save == 0 or step == end or stopping:
-                    guard.check(step, saved)  # a diverged run is never saved
-                    save_started = time.perf_counter()
-                    saved = save_training_state(accelerator, moco, window, bad_images, guard, config, step, epoch)
-                    if stopping and accelerator.is_main_process:  # first: a launcher's SIGKILL may follow soon
-                        write_stopped_marker(dir_out, cause=stop_cause(stop), step=step, checkpoint=saved)
-                    deadline_warned = deadline_warned or deadline.warn_if_too_short(
-                        step_s, time.perf_counter() - save_started, stop.agree_s)
-                    if accelerator.is_main_process:
-                        refresh_curves(dir_out)
-                    if pusher and step < end and not stopping:
-                        pusher.on_save(step, encoder_dir=publish_encoder(config, moco, results, step), checkpoint_dir=saved)
-                if step >= end or stopping:
-                    break
+@dataclass
+class Run:
+    """What a run carries from step to step (the step and its epoch, the last checkpoint, the
+    model card's results, the images/s window, the progress bar), the cadences the loop runs
+    after a step (`evaluate_if_due`, `statistics_if_due`, `log`, `save`, `push`) and the end
+    (`finish`). The TrainStep fills `window`; the run reads and saves it."""
 
-    # The checkpoint and the export come first: an evaluation that fails costs no training.
-    if accelerator.is_main_process:
-        encoder_dir = publish_encoder(config, moco, results, step)
-        loading = (f"hnmix.load_encoder('{encoder_dir}')" if config.stem == "cifar"  # timm cannot rebuild that stem
+    config: TrainConfig
+    accelerator: Accelerator
+    moco: MoCo
+    monitor: Optional[KnnMonitor]
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    guard: NonFiniteGuard
+    window: StatsWindow
+    bad_images: RunningCount
+    pusher: Optional[HubPusher]
+    deadline: StopDeadline
+    loader: DataLoader  # prepared by the accelerator
+    step: int  # the steps done
+    saved: Optional[Path]  # the last checkpoint
+    started: float  # time.perf_counter() at the start of the run
+
+    def __post_init__(self) -> None:
+        self.dir_out = Path(self.config.dir_out)
+        self.first_step, self.epoch, self.step_s, self.deadline_warned = self.step, 0, 0.0, False
+        self.steps_per_epoch = len(self.loader)  # this process's share
+        self.eval_every = eval_every_steps(self.config, steps_per_epoch=self.steps_per_epoch)
+        self.global_batch = self.config.batch_size * self.accelerator.num_processes
+        self.results: dict = {"global_batch": self.global_batch}
+        self.progress = Progress(
+            TextColumn("step"), MofNCompleteColumn(), BarColumn(),
+            TextColumn("{task.fields[speed]} img/s  loss {task.fields[loss]}  lr {task.fields[lr]}  kNN {task.fields[knn]}"),
+            TimeRemainingColumn(), console=console, disable=not self.accelerator.is_main_process)
+        self.task = self.progress.add_task("train", total=self.config.steps, completed=self.step, speed="-", loss="-",
+                                           lr="-", knn="-")
+        self.window_start, self.window_steps = time.perf_counter(), 0  # of images/s
+
+    def batches(self, end: int) -> Iterator[tuple[int, tuple]]:
+        """(step, batch) from the run's step on, epoch after epoch, while the step is before `end`
+        (the caller counts the steps, `stepped`); a resumed epoch skips the batches it trained on."""
+        while self.step < end:
+            self.epoch, skip = divmod(self.step, self.steps_per_epoch)
+            self.loader.set_epoch(self.epoch)
+            for batch in self.accelerator.skip_first_batches(self.loader, skip) if skip else self.loader:
+                yield self.step, batch
+
+    def stepped(self, started: float) -> None:
+        """Count the step that began at `started` (time.perf_counter())."""
+        self.step += 1
+        self.window_steps += 1
+        self.progress.update(self.task, completed=self.step)
+        self.step_s = time.perf_counter() - started
+
+    def evaluate_at_start(self) -> None:
+        """With --eval_at_start, a fresh run's first record: the untrained network's kNN at step 0."""
+        if self.config.eval_at_start and self.monitor and self.step == 0:
+            self.log(evaluate_without_stopping(self.monitor, self.moco, self.accelerator, 0))
+            self.window_start = time.perf_counter()  # images/s counts training only
+
+    def evaluate_if_due(self) -> dict:
+        """The kNN record every eval_every steps before --steps (the final one comes after the save)."""
+        if not (self.monitor and self.step % self.eval_every == 0 and self.step < self.config.steps):
+            return {}
+        evaluation_started = time.perf_counter()
+        record = evaluate_without_stopping(self.monitor, self.moco, self.accelerator, self.step)
+        self.results |= card_results(record)
+        self.window_start += time.perf_counter() - evaluation_started  # images/s counts training only
+        return record
+
+    def statistics_if_due(self) -> dict:
+        """Every steps_print steps and at --steps: the window's means (emptying it), images/s and
+        the counters. Not at --stop_at: its window goes into the checkpoint, so a resumed run logs
+        as an uninterrupted one would. Every rank calls it."""
+        config, accelerator = self.config, self.accelerator
+        if not (self.step % config.steps_print == 0 or self.step == config.steps):
+            return {}
+        record = {"lr": self.scheduler.get_last_lr()[0],
+                  "images_per_s": self.global_batch * self.window_steps / (time.perf_counter() - self.window_start)}
+        record |= self.window.mean_over_processes(accelerator)
+        if accelerator.device.type == "cuda":  # a host-side counter: no synchronisation
+            record["memory_peak_gib"] = torch.cuda.max_memory_allocated(accelerator.device) / 2**30
+        record["bad_samples"] = self.bad_images.total(accelerator)
+        record["skipped_steps"] = self.guard.check(self.step, self.saved)
+        record |= dict(zip(("s1_in_use", "s2_in_use"), self.moco.mixing_sizes(self.step - 1)))
+        check_bad_fraction(record["bad_samples"], self.step * self.global_batch, config.max_bad_fraction,
+                           len(self.loader.dataset))
+        self.window_start, self.window_steps = time.perf_counter(), 0
+        return record
+
+    def log(self, record: dict) -> None:
+        """This step's `record` to the trackers, metrics.jsonl, the progress bar and the log."""
+        record = {"step": self.step, "epoch": self.epoch, "steps_per_epoch": self.steps_per_epoch} | record
+        self.accelerator.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+        if not self.accelerator.is_main_process:
+            return
+        append_record(self.dir_out / METRICS_FILE, record)
+        if "loss" in record:
+            self.progress.update(self.task, speed=f"{record['images_per_s']:.0f}", loss=f"{record['loss']:.4f}",
+                                 lr=f"{record['lr']:.2e}")
+        if "knn_top1" in record:
+            self.progress.update(self.task, knn=f"{record['knn_top1']:.1f}")
+        logger.info(format_record(record, self.progress.tasks[0].total))
+        logger.debug(format_details(record))
+
+    def save(self, stop: StopSignal, *, stopping: bool = False) -> None:
+        """A checkpoint of every rank (never of a diverged run), STOPPED first after a stop signal
+        (a launcher's SIGKILL may follow soon), then the curves; warns once when a step plus a
+        save would not fit in the launcher's deadline. Every rank calls it."""
+        self.guard.check(self.step, self.saved)
+        save_started = time.perf_counter()
+        self.saved = save_training_state(self.accelerator, self.moco, self.window, self.bad_images, self.guard,
+                                         self.config, self.step, self.epoch)
+        if stopping and self.accelerator.is_main_process:
+            write_stopped_marker(self.dir_out, cause=stop_cause(stop), step=self.step, checkpoint=self.saved)
+        self.deadline_warned = self.deadline_warned or self.deadline.warn_if_too_short(
+            self.step_s, time.perf_counter() - save_started, stop.agree_s)
+        if self.accelerator.is_main_process:
+            refresh_curves(self.dir_out)
+
+    def push(self) -> None:
+        """The encoder and the checkpoint just saved to the Hub, in the background."""
+        if self.pusher:
+            self.pusher.on_save(self.step, encoder_dir=publish_encoder(self.config, self.moco, self.results, self.step),
+                                checkpoint_dir=self.saved)
+
+    def finish(self, final_record: dict, stop: StopSignal, stopping: bool) -> int:
+        """After the last save: the export, the final evaluation (one that fails costs no
+        training) into `final_record`, curves, the last upload, the summary; returns the exit code."""
+        config, accelerator = self.config, self.accelerator
+        encoder_dir = self.export() if accelerator.is_main_process else None
+        if final_record:
+            if self.monitor:
+                final_record |= evaluate_without_stopping(self.monitor, self.moco, accelerator, self.step)
+                self.results |= card_results(final_record)
+            self.log(final_record)
+            if self.monitor and accelerator.is_main_process:
+                publish_encoder(config, self.moco, self.results, self.step)  # the card with the final kNN
+        if accelerator.is_main_process:
+            refresh_curves(self.dir_out)  # with the final record
+            copy_curves(self.dir_out, encoder_dir)
+            if self.pusher and not stopping:
+                self.pusher.on_train_end(self.step, encoder_dir=encoder_dir, checkpoint_dir=self.saved)
+            if self.pusher:
+                timeout = hub_wait_on_stop(stop, self.deadline) if stopping else HUB_WAIT_S
+                logger.info(f"Waiting up to {timeout:.0f} s for the upload to {config.hub_model_id}")
+                self.pusher.wait(timeout=timeout)
+            print_summary(console, dir_out=self.dir_out, first_step=self.first_step, last_step=self.step,
+                          total_steps=config.steps, wall_s=time.perf_counter() - self.started,
+                          global_batch=self.global_batch, checkpoint=self.saved, encoder_dir=encoder_dir,
+                          hub_model_id=config.hub_model_id if self.pusher else None, stopped=stopping)
+        accelerator.wait_for_everyone()
+        accelerator.end_training()
+        if stopping:
+            logger.warning(f"Stopped by {stop_cause(stop)} after step {self.step}, saved in {self.saved}; "
+                           "continue with --resume latest")
+            return EXIT_STOPPED
+        return 0
+
+    def export(self) -> Path:
+        """The encoder with its model card to dir_out/encoder (main process); the line says how to load it."""
+        encoder_dir = publish_encoder(self.config, self.moco, self.results, self.step)
+        loading = (f"hnmix.load_encoder('{encoder_dir}')" if self.config.stem == "cifar"  # timm cannot rebuild that stem
                    else f"timm.create_model('local-dir:{encoder_dir}', pretrained=True)")
         logger.info(f"Exported the encoder to {encoder_dir}: {loading}")
-    if final_record is not None:
-        if monitor:
-            final_record |= evaluate_without_stopping(monitor, moco, accelerator, step)
-            results |= card_results(final_record)
-        log_step(accelerator, final_record, metrics_path, progress, task)
-        if monitor and accelerator.is_main_process:
-            publish_encoder(config, moco, results, step)  # the card with the final kNN
-    if accelerator.is_main_process:
-        refresh_curves(dir_out)  # with the final record
-        copy_curves(dir_out, encoder_dir)
-        if pusher and not stopping:
-            pusher.on_train_end(step, encoder_dir=encoder_dir, checkpoint_dir=saved)
-        if pusher:
-            timeout = hub_wait_on_stop(stop, deadline) if stopping else HUB_WAIT_S
-            logger.info(f"Waiting up to {timeout:.0f} s for the upload to {config.hub_model_id}")
-            pusher.wait(timeout=timeout)
-        print_summary(console, dir_out=dir_out, first_step=first_step, last_step=step, total_steps=config.steps,
-                      wall_s=time.perf_counter() - run_started, global_batch=global_batch, checkpoint=saved,
-                      encoder_dir=encoder_dir, hub_model_id=config.hub_model_id if pusher else None, stopped=stopping)
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    if stopping:
-        logger.warning(f"Stopped by {stop_cause(stop)} after step {step}, saved in {saved}; continue with --resume latest")
-        return EXIT_STOPPED
-    return 0
+        return encoder_dir
 
 
 def evaluate_without_stopping(monitor: KnnMonitor, moco: MoCo, accelerator: Accelerator, step: int) -> dict:
@@ -291,19 +390,6 @@ def hub_wait_on_stop(stop: StopSignal, deadline: StopDeadline) -> float:
     its launcher would SIGKILL the process sooner (5 s kept for the exit)."""
     elapsed = time.monotonic() - (stop.received_at or time.monotonic())
     return max(0.0, min(HUB_WAIT_ON_STOP_S, deadline.seconds - elapsed - 5))
-
-
-def log_step(accelerator: Accelerator, record: dict, metrics_path: Path, progress: Progress, task) -> None:
-    accelerator.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
-    if not accelerator.is_main_process:
-        return
-    append_record(metrics_path, record)
-    if "loss" in record:
-        progress.update(task, speed=f"{record['images_per_s']:.0f}", loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
-    if "knn_top1" in record:
-        progress.update(task, knn=f"{record['knn_top1']:.1f}")
-    logger.info(format_record(record, progress.tasks[0].total))
-    logger.debug(format_details(record))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
