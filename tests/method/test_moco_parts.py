@@ -122,6 +122,14 @@ def test_queue_takes_a_global_batch_of_one():
     assert queue.ptr.item() == 1 and queue.ids.tolist() == [7, -1, -1] and queue.labels.tolist() == [1, -1, -1]
 
 
+def test_queue_takes_global_batches_of_another_size_mid_run():
+    """A run resumed on another number of processes enqueues global batches of another size."""
+    queue = KeyQueue(12, 2)
+    for count, first_id in ((4, 0), (2, 4), (6, 6)):
+        queue.enqueue(F.normalize(rows(count, 2, first_id), dim=1), torch.arange(count) + first_id)
+    assert queue.ptr.item() == 0 and queue.ids.tolist() == list(range(12))
+
+
 @pytest.mark.parametrize(
     "queue_size,batch,suggested",
     [(6, 4, 4), (10, 4, 8), (2, 4, 4)],  # the largest multiple not above k_moco, at least one batch

@@ -3,13 +3,15 @@ same outputs, gradients and running statistics as normalising each contiguous gr
 on its own (the oracle: one float64 F.batch_norm per group), for torch's BatchNorm and timm's
 BatchNormAct2d, in both memory formats, with momentum and with the cumulative average."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
 from timm.layers import BatchNormAct2d
 from torch import nn
 
-from hnmix.split_bn import convert_split_batchnorm
+from hnmix.split_bn import _empty_groups, convert_split_batchnorm, deferred_split_statistics
 
 SPLITS = 4
 CHANNELS = 3
@@ -169,3 +171,47 @@ def test_layers_that_add_to_batchnorm_are_refused_and_plain_subclasses_kept():
 def test_converting_twice_keeps_one_split_class_and_the_new_number_of_splits():
     layer = convert_split_batchnorm(convert_split_batchnorm(nn.BatchNorm2d(CHANNELS), 2), 4)
     assert type(layer).__mro__[1] is nn.BatchNorm2d and layer.num_splits == 4
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_deferred_statistics_wait_for_the_end_of_the_block_and_equal_those_settled_at_once(momentum):
+    """Inside `deferred_split_statistics` the groups' mean of the running statistics waits for the
+    end of the block, where layers of different splits settle together; a layer that runs again
+    settles its first run before the second. The statistics, counts and outputs are those of the
+    same forwards outside a block, and `enabled=False` settles at once."""
+    layers = [convert_split_batchnorm(with_random_state(nn.BatchNorm2d(CHANNELS, momentum=momentum), seed), splits)
+              for seed, splits in ((1, 2), (2, 4))]
+    deferred, disabled = copy.deepcopy(layers), copy.deepcopy(layers)
+    x = [batch(8, (3, 3), seed) for seed in range(3)]
+
+    def run(pair):
+        return [pair[0](x[0]), pair[1](x[1]), pair[0](x[2])]  # the first layer twice
+
+    expected = run(layers)
+    initial_mean = deferred[1].running_mean.clone()
+    with deferred_split_statistics():
+        outputs = run(deferred)
+        assert torch.equal(deferred[1].running_mean, initial_mean)  # not settled yet
+    with deferred_split_statistics(enabled=False):
+        run(disabled)
+        assert not torch.equal(disabled[1].running_mean, initial_mean)  # settled at once
+    for got, want in zip(outputs, expected):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    for pair in (deferred, disabled):
+        for layer, reference in zip(pair, layers):
+            for name in ("running_mean", "running_var", "num_batches_tracked"):
+                torch.testing.assert_close(getattr(layer, name), getattr(reference, name), rtol=1e-6, atol=0)
+
+
+def test_the_grouped_copy_keeps_channels_innermost_when_the_input_has_them():
+    """The groups-as-channels tensor is laid out as x: channels innermost for channels_last and for
+    a 3-D [N, C, L] stored as [N, L, C], else contiguous, so that each copy is one pass in either."""
+    x = batch(8, (3, 5), 0)
+    sequence_channels_last = batch(8, (5,), 1).transpose(1, 2).contiguous().transpose(1, 2)
+    innermost = [x.contiguous(memory_format=torch.channels_last), sequence_channels_last]
+    for tensor in innermost:
+        grouped = _empty_groups(tensor, 2)
+        assert grouped.shape == (4, 2 * tensor.shape[1], *tensor.shape[2:])
+        assert grouped.movedim(1, -1).is_contiguous() and not grouped.is_contiguous()
+    for tensor in (x, batch(8, (5,), 1), batch(8, (), 2)):
+        assert _empty_groups(tensor, 4).is_contiguous()
