@@ -9,7 +9,7 @@ The package is organised by layer; each uses only the layers listed after it:
 - `hnmix.hub`: the encoder in timm's layout, its model card, background Hub pushes.
 - `hnmix.pictures`: matplotlib figures (training curves, the preview grid, the hardness analysis).
 - `hnmix.data`: datasets, images, the two augmented views, the DataLoader.
-- `hnmix.moco`, `hnmix.mixing`, `hnmix.queue`, `hnmix.split_bn`, `hnmix.distributed`, `hnmix.backbones`:
+- `hnmix.moco`, `hnmix.mixing`, `hnmix.key_queue`, `hnmix.split_bn`, `hnmix.distributed`, `hnmix.backbones`:
   the method (the model, MoCHi's logits, the queue, split BatchNorm, the batch shuffle, the timm
   backbone with its stem).
 - `hnmix.errors`: the error types a user can cause, shared by every layer.

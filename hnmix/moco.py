@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from hnmix.backbones import create_backbone
 from hnmix.distributed import all_gather_cat, batch_shuffle, batch_unshuffle, world_size_and_rank
 from hnmix.mixing import MixedLogits, mix_logits, validate_mixing_sizes
-from hnmix.queue import KeyQueue
+from hnmix.key_queue import KeyQueue
 from hnmix.split_bn import convert_split_batchnorm, deferred_split_statistics, has_batchnorm
 
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from hnmix.mixing import MixedLogits
 from hnmix.distributed import exchange_dtype
 from hnmix.moco import MoCo, MoCoEncoder, step_statistics
-from hnmix.queue import KeyQueue
+from hnmix.key_queue import KeyQueue
 from hnmix.split_bn import convert_split_batchnorm
 
 IMAGE = 32

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hnmix.moco import MoCoEncoder, mixing_generator, unwrap
-from hnmix.queue import KeyQueue, validate_queue_size
+from hnmix.key_queue import KeyQueue, validate_queue_size
 from hnmix.split_bn import convert_split_batchnorm
 
 EPS = 1e-5  # BatchNorm's default eps
