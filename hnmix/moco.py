@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from hnmix.backbones import create_backbone
 from hnmix.distributed import all_gather_cat, batch_shuffle, batch_unshuffle, world_size_and_rank
-from hnmix.mixing import MixedLogits, mix_logits, validate_mixing_sizes
+from hnmix.mixing import NEGATIVE_TYPES, MixedLogits, mix_logits, validate_mixing_sizes
 from hnmix.key_queue import KeyQueue
 from hnmix.split_bn import convert_split_batchnorm, deferred_split_statistics, has_batchnorm
 
@@ -98,9 +98,9 @@ class MoCo(nn.Module):
       view_q, view_k: [B, 3, H, W] the two views of each image.
       ids:            [B] int64 dataset indices (for the queue's duplicate mask).
       labels:         [B] int64 classes or None (only for the false-negative statistic).
-      step:           the optimizer step, for the curriculum: type 1 from `start1_hard`,
-                      type 2 from `start2_hard`; 0 means from the first step. With `seed` it
-                      also seeds the mixing draws (`mixing_generator`, per rank).
+      step:           the optimizer step, for the curriculum: each negative type from its
+                      start option (type 1 from `start1_hard`, ...); 0 means from the first
+                      step. With `seed` it also seeds the mixing draws (`mixing_generator`, per rank).
       loss:           [] float32 cross entropy with target 0, whatever the autocast.
       stats:          dict of detached 0-dim tensors (no host synchronisation), see
                       `step_statistics`.
@@ -128,23 +128,25 @@ class MoCo(nn.Module):
         m_moco: float,
         t_moco: float,
         n_hard: int = 0,
-        s1_hard: int = 0,
-        s2_hard: int = 0,
-        start1_hard: int = 0,
-        start2_hard: int = 0,
         bn_splits: int = 1,
         symmetric: bool = False,
         seed: int = 0,
+        **mixing: int,
     ) -> None:
+        """mixing: each negative type's count per query and first step, by their options
+        (`s1_hard=16, start1_hard=5000, ...`); 0 where left out."""
         super().__init__()
-        validate_mixing_sizes(queue_size=k_moco, temperature=t_moco, n_hard=n_hard, s1=s1_hard, s2=s2_hard)
+        self.counts = {t.count_option: mixing.pop(t.count_option, 0) for t in NEGATIVE_TYPES.values()}
+        self.starts = {t.start_option: mixing.pop(t.start_option, 0) for t in NEGATIVE_TYPES.values()}
+        if mixing:
+            raise TypeError(f"MoCo got unknown options {sorted(mixing)}")
+        validate_mixing_sizes(queue_size=k_moco, temperature=t_moco, n_hard=n_hard, **self.counts)
         if not 0.0 <= m_moco <= 1.0:
             raise ValueError(f"m_moco must be in [0, 1], got {m_moco}")
-        if start1_hard < 0 or start2_hard < 0:
-            raise ValueError(f"start1_hard and start2_hard must be >= 0, got {start1_hard}, {start2_hard}")
-        self.m_moco, self.t_moco = m_moco, t_moco
-        self.n_hard, self.s1_hard, self.s2_hard = n_hard, s1_hard, s2_hard
-        self.start1_hard, self.start2_hard = start1_hard, start2_hard
+        for name, start in self.starts.items():
+            if start < 0:
+                raise ValueError(f"{name} must be >= 0, got {start}")
+        self.m_moco, self.t_moco, self.n_hard = m_moco, t_moco, n_hard
         self.symmetric, self.seed = symmetric, seed
         self.shuffle_keys = has_batchnorm(encoder_q)
         self.bn_splits = bn_splits
@@ -155,11 +157,11 @@ class MoCo(nn.Module):
         self.queue = KeyQueue(k_moco, dim_moco)
         self._constants: dict[tuple, torch.Tensor] = {}  # never written, so made once per size and device
 
-    def mixing_sizes(self, step: int) -> tuple[int, int]:
-        """(s1, s2) in force at `step` under the curriculum."""
-        s1 = self.s1_hard if step >= self.start1_hard else 0
-        s2 = self.s2_hard if step >= self.start2_hard else 0
-        return s1, s2
+    def mixing_sizes(self, step: int) -> tuple[int, ...]:
+        """The count of each negative type in force at `step` under the curriculum, in the
+        registry's order: (s1, s2) for MoCHi's two."""
+        return tuple(self.counts[t.count_option] if step >= self.starts[t.start_option] else 0
+                     for t in NEGATIVE_TYPES.values())
 
     @torch.no_grad()
     def momentum_update(self, apply: Optional[torch.Tensor] = None, momentum: Optional[float] = None) -> None:
@@ -214,11 +216,11 @@ class MoCo(nn.Module):
         # Enqueued here, the queue is written in place below, after the logits saved it for their
         # backward: they get a copy.
         queue_keys = self.queue.keys.clone() if enqueue else self.queue.keys
-        s1, s2 = self.mixing_sizes(step)
-        generator = mixing_generator(self.seed, step, world_size_and_rank()[1], q.device) if s1 or s2 else None
-        loss, stats = self.contrast(q, k, queue_keys, ids, labels, s1=s1, s2=s2, generator=generator)
+        sizes = dict(zip((t.size for t in NEGATIVE_TYPES.values()), self.mixing_sizes(step)))
+        generator = mixing_generator(self.seed, step, world_size_and_rank()[1], q.device) if any(sizes.values()) else None
+        loss, stats = self.contrast(q, k, queue_keys, ids, labels, sizes=sizes, generator=generator)
         if self.symmetric:
-            loss_back, stats_back = self.contrast(q_of_k, k_of_q, queue_keys, ids, labels, s1=s1, s2=s2,
+            loss_back, stats_back = self.contrast(q_of_k, k_of_q, queue_keys, ids, labels, sizes=sizes,
                                                   generator=generator)
             loss = (loss + loss_back) / 2
             stats = {name: (value + stats_back[name]) / 2 for name, value in stats.items()}
@@ -237,17 +239,17 @@ class MoCo(nn.Module):
         return self._constants[key]
 
     def contrast(self, q: torch.Tensor, k: torch.Tensor, queue_keys: torch.Tensor, ids: torch.Tensor,
-                 labels: Optional[torch.Tensor], *, s1: int, s2: int,
+                 labels: Optional[torch.Tensor], *, sizes: dict[str, int],
                  generator: Optional[torch.Generator]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The loss of queries q [B, d] against their keys k [B, d] and `queue_keys` [K, d] with
-        s1 + s2 synthetic negatives each, and its step statistics."""
+        `sizes` synthetic negatives each (by type size: s1=, s2=, ...), and its step statistics."""
         mixed = mix_logits(
-            q, k, queue_keys, temperature=self.t_moco, n_hard=self.n_hard, s1=s1, s2=s2,
-            ids=ids, queue_ids=self.queue.ids, generator=generator,
+            q, k, queue_keys, temperature=self.t_moco, n_hard=self.n_hard,
+            ids=ids, queue_ids=self.queue.ids, generator=generator, **sizes,
         )
         loss = F.cross_entropy(mixed.logits, self._zeros(q.shape[0], q.device))
-        stats = step_statistics(mixed, queue_size=self.queue.size, s1=s1, s2=s2, labels=labels,
-                                queue_labels=self.queue.labels)
+        stats = step_statistics(mixed, queue_size=self.queue.size, labels=labels,
+                                queue_labels=self.queue.labels, **sizes)
         return loss, stats
 
 
@@ -256,17 +258,17 @@ def step_statistics(
     mixed: MixedLogits,
     *,
     queue_size: int,
-    s1: int,
-    s2: int,
     labels: Optional[torch.Tensor] = None,
     queue_labels: Optional[torch.Tensor] = None,
+    **sizes: int,
 ) -> dict[str, torch.Tensor]:
     """Statistics of one step from its logits, no extra passes. All 0-dim float32 tensors.
 
     acc1:                 the positive ranks first among the real (queue) negatives.
     logit_pos:            mean positive logit (divided by the temperature, like all logits).
     logit_hardest:        mean over queries of the highest queue logit.
-    logit_type1/2:        mean type-1 / type-2 logit (only while that type is active).
+    logit_<type>:         mean logit of each negative type active in `sizes` (by its size:
+                          s1=, s2=, ...), e.g. logit_type1, logit_type2.
     synthetic_above_pos:  fraction of synthetic negatives scoring above the positive.
     hard_false_negative:  fraction of the n_hard hard negatives sharing the query's class (the
                           paper's class-oracle false negatives), among those whose class is known
@@ -287,9 +289,12 @@ def step_statistics(
     if synthetic.numel():
         finite = torch.isfinite(synthetic)
         finite_values = synthetic.where(finite, 0)
-        for name, block in (("logit_type1", slice(0, s1)), ("logit_type2", slice(s1, None))):
+        start = 0
+        for t in NEGATIVE_TYPES.values():
+            block = slice(start, start + sizes.get(t.size, 0))
+            start = block.stop
             if finite[:, block].numel():
-                names.append(name)
+                names.append(f"logit_{t.name}")
                 numerators.append(finite_values[:, block].sum())
                 denominators.append(finite[:, block].sum())
         names.append("synthetic_above_pos")

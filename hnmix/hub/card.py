@@ -14,6 +14,7 @@ from huggingface_hub.utils import validate_repo_id
 from hnmix.data.augmentation import NORMALIZATIONS, normalization
 from hnmix.data.synthetic import SYNTHETIC_SOURCES
 from hnmix.data.transforms import EVAL_CROP_PCT
+from hnmix.mixing import NEGATIVE_TYPES
 
 MODEL_CARD_TAGS = ("image-feature-extraction", "timm", "self-supervised", "moco", "mochi", "hnmix")
 
@@ -30,13 +31,17 @@ _MOCO_PARAMETERS = (
 )
 
 
-_MOCHI_PARAMETERS = (
-    ("n_hard", "hardest queue negatives mixed per query"),
-    ("s1_hard", "type-1 synthetic negatives per query (two hard negatives mixed)"),
-    ("s2_hard", "type-2 synthetic negatives per query (query mixed with a hard negative)"),
-    ("start1_hard", "first step with type-1 negatives"),
-    ("start2_hard", "first step with type-2 negatives"),
-)
+def _mochi_parameters() -> tuple[tuple[str, str], ...]:
+    """n_hard, then each negative type's count and start options, as registered."""
+    kinds = NEGATIVE_TYPES.values()
+    return ((("n_hard", "hardest queue negatives mixed per query"),)
+            + tuple((t.count_option, f"{t.label} synthetic negatives per query ({t.about})") for t in kinds)
+            + tuple((t.start_option, f"first step with {t.label} negatives") for t in kinds))
+
+
+def _negatives_reported(results: dict[str, Any]) -> bool:
+    """Whether `results` say which negative types were used (`type1_from`, ...; None: never)."""
+    return any(f"{t.name}_from" in results for t in NEGATIVE_TYPES.values())
 
 
 # (results key prefix, row name); accuracies are percentages, `{prefix}_top1` / `{prefix}_top5`.
@@ -86,7 +91,7 @@ def _card_body(config: dict[str, Any], results: dict[str, Any], repo_id: Optiona
     title = repo_id.split("/")[-1] if repo_id else f"{arch} trained with hnmix"
     mochi = (f"MoCo v2 and MoCHi hard negative mixing ([Kalantidis et al., *Hard Negative Mixing for Contrastive "
              f"Learning*, NeurIPS 2020]({PAPER_URL}))")
-    if ("type1_from" in results or "type2_from" in results) and not _mixing_was_used(results):
+    if _negatives_reported(results) and not _mixing_was_used(results):
         mochi = "MoCo v2 (MoCHi's synthetic negatives were not used in the steps trained; see Training)"
     stem = " with the CIFAR stem" if config.get("stem") == "cifar" else ""
     sections = [
@@ -143,10 +148,10 @@ def _training_table(config: dict[str, Any], results: dict[str, Any]) -> str:
         rows.append(("batch per process", f"{config['batch_size']}", ""))
     if config.get("optimizer"):
         rows.append(("optimizer", _describe_optimizer(config), ""))
-    for name, meaning in _MOCO_PARAMETERS + _MOCHI_PARAMETERS:
+    for name, meaning in _MOCO_PARAMETERS + _mochi_parameters():
         if name in config:
             rows.append((f"`{name}`", f"{config[name]}", meaning))
-    if "type1_from" in results or "type2_from" in results:
+    if _negatives_reported(results):
         rows.append(("negatives used", _describe_negatives(config, results), ""))
     lines = ["| setting | value | meaning |", "|---|---|---|"] + [f"| {key} | {value} | {meaning} |"
                                                                  for key, value, meaning in rows]
@@ -161,15 +166,15 @@ def _describe_optimizer(config: dict[str, Any]) -> str:
 
 
 def _mixing_was_used(results: dict[str, Any]) -> bool:
-    return results.get("type1_from") is not None or results.get("type2_from") is not None
+    return any(results.get(f"{t.name}_from") is not None for t in NEGATIVE_TYPES.values())
 
 
 def _describe_negatives(config: dict[str, Any], results: dict[str, Any]) -> str:
     """Which negatives the run really used: the queue always, each synthetic type from its first step."""
     used = [f"the queue (K={config.get('k_moco')})"]
-    for kind, size in (("type1_from", "s1_hard"), ("type2_from", "s2_hard")):
-        if results.get(kind) is not None:
-            used.append(f"type {kind[4]} ({config.get(size)} per query) from step {results[kind]}")
+    for t in NEGATIVE_TYPES.values():
+        if results.get(f"{t.name}_from") is not None:
+            used.append(f"{t.label} ({config.get(t.count_option)} per query) from step {results[f'{t.name}_from']}")
     if len(used) == 1:
         return used[0] + " only: no synthetic negatives were mixed in the steps trained (plain MoCo)"
     return "; ".join(used)

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Mapping, NamedTuple, Optional, Sequence
 import yaml
 
 from hnmix.errors import ConfigError, describe
+from hnmix.mixing import NEGATIVE_TYPES
 
 if TYPE_CHECKING:
     from hnmix.references import Reference
@@ -40,7 +41,7 @@ _NOT_IN_LEGEND = {"dir_out", "dir_data", "overwrite_dir_out", "resume", "config"
                   "compile_mode", "images_in_memory_gib",
                   "push_to_hub", "hub_model_id", "hub_private", "hub_strategy", "device", "stop_at", "compile",
                   "keep_checkpoints", "steps_print", "steps_save", "eval_every", "eval_max_samples",
-                  "augment_device", "max_bad_fraction", "max_nonfinite_steps", "n_hard", "s1_hard", "s2_hard"}
+                  "augment_device", "max_bad_fraction", "max_nonfinite_steps", "n_hard"}  # and each type's count
 
 
 class Run(NamedTuple):
@@ -61,9 +62,16 @@ class Series(NamedTuple):
 class Panel(NamedTuple):
     title: str
     ylabel: str
-    series: tuple[Series, ...]
+    fixed_series: tuple[Series, ...]
     missing: str  # what an empty panel says
     markers: bool = False  # sparse series (kNN) get a marker per point
+    per_type: Optional[str] = None  # and a series of this statistic per negative type ("logit": logit_type1, ...)
+
+    @property
+    def series(self) -> tuple[Series, ...]:
+        """The panel's series: its own, then one per registered negative type if `per_type`."""
+        kinds = NEGATIVE_TYPES.values() if self.per_type else ()
+        return self.fixed_series + tuple(Series(f"{self.per_type}_{t.name}", f"{t.label} synthetic") for t in kinds)
 
 
 PANELS = (
@@ -74,9 +82,8 @@ PANELS = (
           (Series("knn_top1", "top-1"), Series("knn_top5", "top-5")),
           "no kNN evaluation in this run (--eval_every 0, or no labels)", markers=True),
     Panel("Mean logits (divided by the temperature)", "logit / T",
-          (Series("logit_pos", "positive"), Series("logit_hardest", "hardest queue negative"),
-           Series("logit_type1", "type-1 synthetic"), Series("logit_type2", "type-2 synthetic")),
-          "no logits logged yet"),
+          (Series("logit_pos", "positive"), Series("logit_hardest", "hardest queue negative")),
+          "no logits logged yet", per_type="logit"),
     Panel("Hardness", "% of negatives",
           (Series("synthetic_above_pos", "synthetic above the positive", 100.0),
            Series("hard_false_negative", "false negatives among the n_hard hardest", 100.0)),
@@ -121,11 +128,11 @@ def load_run(dir_out: str | Path, label: Optional[str] = None) -> Run:
 
 
 def method_of(config: dict[str, Any]) -> str:
-    """'MoCo' or 'MoCHi (N=.., s1=.., s2=..)' from a run's options."""
-    s1, s2 = config.get("s1_hard") or 0, config.get("s2_hard") or 0
-    if not (s1 or s2):
+    """'MoCo' or 'MoCHi (N=.., s1=.., s2=..)' from a run's options, a size per negative type."""
+    sizes = [f"{t.size}={config.get(t.count_option) or 0}" for t in NEGATIVE_TYPES.values()]
+    if not any(config.get(t.count_option) for t in NEGATIVE_TYPES.values()):
         return "MoCo"
-    return f"MoCHi (N={config.get('n_hard')}, s1={s1}, s2={s2})"
+    return f"MoCHi (N={config.get('n_hard')}, {', '.join(sizes)})"
 
 
 def run_labels(names: Sequence[str], configs: Sequence[dict[str, Any]], *, most: int = 3) -> list[str]:
@@ -133,7 +140,8 @@ def run_labels(names: Sequence[str], configs: Sequence[dict[str, Any]], *, most:
     among the runs (paths, cadences and other options that do not change the training left out)."""
     differing = []
     if len(configs) > 1:
-        keys = sorted({key for config in configs for key in config} - _NOT_IN_LEGEND)
+        counts = {t.count_option for t in NEGATIVE_TYPES.values()}
+        keys = sorted({key for config in configs for key in config} - _NOT_IN_LEGEND - counts)
         differing = [key for key in keys if len({json.dumps(c.get(key), default=str) for c in configs}) > 1]
     labels = []
     for name, config in zip(names, configs):

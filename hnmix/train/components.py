@@ -49,10 +49,11 @@ from hnmix.evaluate.splits import NO_LABELS, load_eval_splits
 from hnmix.hub.card import write_model_card
 from hnmix.hub.export import export_encoder
 from hnmix.hub.pusher import HubPusher
+from hnmix.mixing import NEGATIVE_TYPES
 from hnmix.moco import MoCo, MoCoEncoder
 from hnmix.pictures.curves import copy_curves
 from hnmix.train.checkpoints import checkpoints_root, complete_checkpoints
-from hnmix.train.config import TrainConfig, curriculum_problem, curriculum_steps, knn_monitor_on
+from hnmix.train.config import TrainConfig, curriculum_problem, curriculum_steps, knn_monitor_on, negative_counts
 from hnmix.train.log_lines import DropRankTag
 from hnmix.train.optim import make_optimizer
 from hnmix.train.preemption import STOPPED_MARKER
@@ -404,13 +405,13 @@ def resolve_lr(config: TrainConfig, num_processes: int) -> TrainConfig:
     return dataclasses.replace(config, lr_base=lr_base)
 
 
-def resolve_curriculum(config: TrainConfig, steps_per_epoch: int, *, resuming: bool) -> tuple[int, int]:
-    """The first steps of type-1 and type-2 mixing. A type asked for (s > 0) that would start at
-    or after the last step is refused with one line, or only warned about when a resumed run's
-    new --steps moved the end before it."""
+def resolve_curriculum(config: TrainConfig, steps_per_epoch: int, *, resuming: bool) -> tuple[int, ...]:
+    """The first step of each negative type, in the registry's order. A type asked for (s > 0)
+    that would start at or after the last step is refused with one line, or only warned about
+    when a resumed run's new --steps moved the end before it."""
     starts = curriculum_steps(config, steps_per_epoch=steps_per_epoch)
-    for name, step in zip(("start1_hard", "start2_hard"), starts):
-        problem = curriculum_problem(config, name, step)
+    for kind, step in zip(NEGATIVE_TYPES.values(), starts):
+        problem = curriculum_problem(config, kind, step)
         if problem and not resuming:
             raise ConfigError(problem)
         if problem:
@@ -424,12 +425,13 @@ def negatives_used(moco: MoCo, steps_trained: int) -> dict[str, Optional[int]]:
     def first(size: int, start: int) -> Optional[int]:
         return start if size and start < steps_trained else None
 
-    return {"type1_from": first(moco.s1_hard, moco.start1_hard), "type2_from": first(moco.s2_hard, moco.start2_hard)}
+    return {f"{t.name}_from": first(moco.counts[t.count_option], moco.starts[t.start_option])
+            for t in NEGATIVE_TYPES.values()}
 
 
-def build_model(config: TrainConfig, curriculum: tuple[int, int]) -> MoCo:
-    """The MoCo model of `config`, identical on every rank; `curriculum`: the first steps of type-1
-    and type-2 mixing (`resolve_curriculum`). Eager: --compile compiles the prepared model
+def build_model(config: TrainConfig, curriculum: tuple[int, ...]) -> MoCo:
+    """The MoCo model of `config`, identical on every rank; `curriculum`: the first step of each
+    negative type, in the registry's order (`resolve_curriculum`). Eager: --compile compiles the prepared model
     (`compile_step`).
 
     The global RNGs (torch, numpy, random) are seeded with --seed on every rank for the build,
@@ -438,15 +440,13 @@ def build_model(config: TrainConfig, curriculum: tuple[int, int]) -> MoCo:
     drop-path) draw their own masks on each rank, and each rank's stream resumes from its RNG
     file in a checkpoint. The queue's initial keys come from a generator of their own."""
     set_seed(config.seed)  # the same initial weights on every rank
-    start1_hard, start2_hard = curriculum
     encoder = MoCoEncoder(config.arch, config.dim_moco, stem=config.stem, head=config.head)
     apply_resnet_init(encoder.backbone, config.resnet_init, arch=config.arch)
     moco = MoCo(
         encoder,
         dim_moco=config.dim_moco, k_moco=config.k_moco, m_moco=config.m_moco, t_moco=config.t_moco,
-        n_hard=config.n_hard, s1_hard=config.s1_hard, s2_hard=config.s2_hard,
-        start1_hard=start1_hard, start2_hard=start2_hard, bn_splits=config.bn_splits,
-        symmetric=config.symmetric, seed=config.seed,
+        n_hard=config.n_hard, bn_splits=config.bn_splits, symmetric=config.symmetric, seed=config.seed,
+        **negative_counts(config), **{t.start_option: start for t, start in zip(NEGATIVE_TYPES.values(), curriculum)},
     )
     set_seed(config.seed + world_size_and_rank()[1])  # from here, a stream of its own on each rank
     return moco

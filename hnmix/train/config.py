@@ -30,6 +30,7 @@ from hnmix.data.augmentation import (
 from hnmix.data.transforms import EVAL_CROP_PCT
 from hnmix.errors import ConfigError
 from hnmix.evaluate.monitor import KNN_FEATURES
+from hnmix.mixing import NEGATIVE_TYPES, NegativeType, validate_mixing_sizes
 from hnmix.moco import HEADS
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
@@ -288,8 +289,7 @@ def validate(config: TrainConfig) -> None:
     for name in positive:
         if getattr(config, name) < 1:
             raise ConfigError(f"option {name} must be >= 1, got {getattr(config, name)}")
-    non_negative = ("num_workers", "keep_checkpoints", "n_hard", "s1_hard", "s2_hard", "weight_decay", "momentum",
-                    "images_in_memory_gib")
+    non_negative = ("num_workers", "keep_checkpoints", "weight_decay", "momentum", "images_in_memory_gib")
     for name in non_negative:
         if getattr(config, name) is not None and getattr(config, name) < 0:  # num_workers None: auto
             raise ConfigError(f"option {name} must be >= 0, got {getattr(config, name)}")
@@ -299,12 +299,11 @@ def validate(config: TrainConfig) -> None:
         raise ConfigError(f"option m_moco must be in [0, 1], got {config.m_moco}")
     if not config.t_moco > 0:
         raise ConfigError(f"option t_moco must be > 0, got {config.t_moco}")
-    if config.n_hard > config.k_moco:
-        raise ConfigError(f"option n_hard must be <= k_moco={config.k_moco} (the queue size), got {config.n_hard}")
-    if config.s1_hard and config.n_hard < 2:
-        raise ConfigError(f"option s1_hard > 0 mixes two hard negatives: n_hard must be >= 2, got {config.n_hard}")
-    if config.s2_hard and config.n_hard < 1:
-        raise ConfigError(f"option s2_hard > 0 mixes a hard negative: n_hard must be >= 1, got {config.n_hard}")
+    try:
+        validate_mixing_sizes(queue_size=config.k_moco, queue_name="k_moco", temperature=config.t_moco,
+                              n_hard=config.n_hard, **negative_counts(config))
+    except ValueError as error:
+        raise ConfigError(f"option {error}") from None
     for name in ("lr_base", "lr_warmup", "lr_min", "clip_grad"):
         if getattr(config, name) < 0:
             raise ConfigError(f"option {name} must be >= 0, got {getattr(config, name)}")
@@ -314,13 +313,13 @@ def validate(config: TrainConfig) -> None:
         raise ConfigError(f"option warmup_fraction must be in [0, 1), got {config.warmup_fraction}")
     if not config.momentum < 1:
         raise ConfigError(f"option momentum must be < 1, got {config.momentum}")
-    for name in ("start1_hard", "start2_hard"):
-        if not _START.fullmatch(getattr(config, name)):
-            raise ConfigError(f"option {name} must be a step (e.g. 5000) or a number of epochs (e.g. 10ep), "
-                              f"got {getattr(config, name)!r}")
+    for kind in NEGATIVE_TYPES.values():
+        if not _START.fullmatch(_start_text(config, kind)):
+            raise ConfigError(f"option {kind.start_option} must be a step (e.g. 5000) or a number of epochs (e.g. "
+                              f"10ep), got {_start_text(config, kind)!r}")
     if config.resume is None:  # a resumed run may have changed --steps: judged once the checkpoint is known
-        for name, step in zip(("start1_hard", "start2_hard"), curriculum_steps(config, steps_per_epoch=None)):
-            problem = curriculum_problem(config, name, step)
+        for kind, step in zip(NEGATIVE_TYPES.values(), curriculum_steps(config, steps_per_epoch=None)):
+            problem = curriculum_problem(config, kind, step)
             if problem:
                 raise ConfigError(problem)
     parse_eval_every(config.eval_every)
@@ -368,22 +367,32 @@ def knn_monitor_on(config: TrainConfig) -> bool:
     return bool(eval_every_steps(config, steps_per_epoch=1))
 
 
-def curriculum_steps(config: TrainConfig, *, steps_per_epoch: Optional[int]) -> tuple[Optional[int], Optional[int]]:
-    """(first step of type 1, of type 2), None where an epoch count awaits steps_per_epoch."""
-    return start_step(config.start1_hard, steps_per_epoch), start_step(config.start2_hard, steps_per_epoch)
+def negative_counts(config: TrainConfig) -> dict[str, int]:
+    """Each registered negative type's count per query by its option (s1_hard, s2_hard, ...); 0 for
+    a type the config has no option for."""
+    return {t.count_option: getattr(config, t.count_option, 0) for t in NEGATIVE_TYPES.values()}
 
 
-def curriculum_problem(config: TrainConfig, name: str, step: Optional[int]) -> Optional[str]:
-    """The line refusing a mixing type that is asked for (s > 0) but would start at or after the
-    last step, so that the run would silently train plain MoCo; else None."""
-    size_name = "s1_hard" if name == "start1_hard" else "s2_hard"
-    if step is None or not getattr(config, size_name) or step < config.steps:
+def _start_text(config: TrainConfig, kind: NegativeType) -> str:
+    return getattr(config, kind.start_option, "0")
+
+
+def curriculum_steps(config: TrainConfig, *, steps_per_epoch: Optional[int]) -> tuple[Optional[int], ...]:
+    """The first step of each negative type in the registry's order ((type 1, type 2) for MoCHi),
+    None where an epoch count awaits steps_per_epoch."""
+    return tuple(start_step(_start_text(config, t), steps_per_epoch) for t in NEGATIVE_TYPES.values())
+
+
+def curriculum_problem(config: TrainConfig, kind: NegativeType, step: Optional[int]) -> Optional[str]:
+    """The line refusing a negative type that is asked for (count > 0) but would start at or after
+    the last step, so that the run would silently train without it; else None."""
+    if step is None or not negative_counts(config)[kind.count_option] or step < config.steps:
         return None
-    given = getattr(config, name)
+    given = _start_text(config, kind)
     shown = given if given.isdigit() else f"{given} = step {step}"
-    return (f"option {name}={shown} is at or past the end of the run (--steps {config.steps}): type-"
-            f"{size_name[1]} negatives would never be used; start it earlier (a step below {config.steps}, "
-            f"or epochs such as 10ep), or pass --{size_name} 0 to train without them")
+    return (f"option {kind.start_option}={shown} is at or past the end of the run (--steps {config.steps}): "
+            f"{kind.label} negatives would never be used; start it earlier (a step below {config.steps}, "
+            f"or epochs such as 10ep), or pass --{kind.count_option} 0 to train without them")
 
 
 def check_queue_fits_global_batch(config: TrainConfig, num_processes: int) -> None:

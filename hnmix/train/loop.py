@@ -33,6 +33,7 @@ from hnmix.data.photometric import StepPhotometric
 from hnmix.errors import DataError, HnmixError, describe, first_line
 from hnmix.evaluate.monitor import KnnMonitor
 from hnmix.hub.pusher import HubPusher
+from hnmix.mixing import NEGATIVE_TYPES
 from hnmix.moco import MoCo
 from hnmix.pictures.curves import METRICS_FILE, copy_curves, refresh_curves
 from hnmix.train.components import (
@@ -277,7 +278,7 @@ class Run:
             record["memory_peak_gib"] = torch.cuda.max_memory_allocated(accelerator.device) / 2**30
         record["bad_samples"] = self.bad_images.total(accelerator)
         record["skipped_steps"] = self.guard.check(self.step, self.saved)
-        record |= dict(zip(("s1_in_use", "s2_in_use"), self.moco.mixing_sizes(self.step - 1)))
+        record |= {f"{t.size}_in_use": n for t, n in zip(NEGATIVE_TYPES.values(), self.moco.mixing_sizes(self.step - 1))}
         check_bad_fraction(record["bad_samples"], self.step * self.global_batch, config.max_bad_fraction,
                            len(self.loader.dataset))
         self.window_start, self.window_steps = time.perf_counter(), 0
