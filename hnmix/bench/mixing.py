@@ -63,7 +63,7 @@ from hnmix.bench.system import (
     _synchronize,
     device_description,
 )
-from hnmix.mixing import draw_mixing, mochi_logits, validate_mixing_arguments
+from hnmix.mixing import active_types, draw_types, mochi_logits, validate_mixing_arguments
 
 VARIANTS = ("moco", "hnmix", "materialised")
 
@@ -91,23 +91,21 @@ def materialised_mochi_logits(
     *,
     temperature: float,
     n_hard: int,
-    s1: int,
-    s2: int,
     ids: Optional[torch.Tensor] = None,
     queue_ids: Optional[torch.Tensor] = None,
     generator: Optional[torch.Generator] = None,
+    **sizes: int,
 ) -> torch.Tensor:
-    """`hnmix.mixing.mochi_logits` computed the naive way, in float32.
+    """`hnmix.mixing.mochi_logits` computed the naive way, in float32, for every registered type.
 
-    Every synthetic negative is built as a vector: the mixed hard negatives are gathered into
-    [B, s, d] tensors (`index_select`), mixed, L2-normalised and multiplied with q (bmm). The hard set is the same
-    top-n_hard selection and the random draws are `draw_mixing`'s, taken in the same order from
-    `generator`, so with equally seeded generators both functions return the same logits and
-    gradients. The mixed vectors are constants (the queue and, for type 2, q are detached).
+    Every synthetic negative is built as a vector: the mixed vectors are gathered into [B, s, d]
+    tensors (`index_select`), mixed, L2-normalised and multiplied with q (bmm). The hard set is
+    the same top-n_hard selection and the random draws are `draw_types`', taken in the same order
+    from `generator`, so with equally seeded generators both functions return the same logits and
+    gradients. The mixed vectors are constants (the queue and q are detached).
     """
-    validate_mixing_arguments(
-        q, k, queue, temperature=temperature, n_hard=n_hard, s1=s1, s2=s2, ids=ids, queue_ids=queue_ids
-    )
+    validate_mixing_arguments(q, k, queue, temperature=temperature, n_hard=n_hard, ids=ids, queue_ids=queue_ids,
+                              **sizes)
     q, k, queue = q.float(), k.float().detach(), queue.float().detach()
     B, K = q.shape[0], queue.shape[0]
     pos = (q * k).sum(-1, keepdim=True)  # [B, 1]
@@ -118,21 +116,19 @@ def materialised_mochi_logits(
         neg = neg.masked_fill(duplicate, float("-inf"))
         n_unmasked = n_unmasked - duplicate.sum(1)
     columns = [pos, neg]
-    if s1 or s2:
+    active = active_types(sizes)
+    if active:
         hard_indices = neg.detach().topk(n_hard, dim=1).indices  # [B, n_hard], best first
         n_valid = n_unmasked.clamp_max(n_hard)
-        draws = draw_mixing(n_valid, s1, s2, generator)
-    if s1:
-        n_i = _gather_rows(queue, hard_indices.gather(1, draws.pair_i))  # [B, s1, d]
-        n_j = _gather_rows(queue, hard_indices.gather(1, draws.pair_j))
-        a = draws.alpha.unsqueeze(2)
-        type1 = _dot_with_mixed(q, a * n_i + (1 - a) * n_j)
-        columns.append(type1.masked_fill((n_valid < 2).unsqueeze(1), float("-inf")))
-    if s2:
-        n_i = _gather_rows(queue, hard_indices.gather(1, draws.single))  # [B, s2, d]
-        b = draws.beta.unsqueeze(2)
-        type2 = _dot_with_mixed(q, b * q.detach().unsqueeze(1) + (1 - b) * n_i)
-        columns.append(type2.masked_fill((n_valid < 1).unsqueeze(1), float("-inf")))
+        draws = draw_types(n_valid, active, generator)
+    for kind, _ in active:
+        x_positions, y_positions, a = draws.of(kind.name)
+        y = _gather_rows(queue, hard_indices.gather(1, y_positions))  # [B, s, d]
+        x = (q.detach().unsqueeze(1) if x_positions is None
+             else _gather_rows(queue, hard_indices.gather(1, x_positions)))
+        a = a.unsqueeze(2)
+        mixed = _dot_with_mixed(q, a * x + (1 - a) * y)
+        columns.append(mixed.masked_fill((n_valid < kind.hard_needed).unsqueeze(1), float("-inf")))
     return torch.cat(columns, dim=1) / temperature
 
 
