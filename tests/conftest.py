@@ -1,7 +1,21 @@
-"""Fixtures shared by several test files."""
+"""Fixtures shared by several test files, and the number of test workers."""
+
+import logging
+import os
 
 import pytest
 import torch
+
+
+@pytest.fixture(autouse=True)
+def root_logger_as_it_was():
+    """The trainer's start-up (run in-process by some tests) configures the root logger with
+    `force=True`: the tests after it in the same worker must not inherit its handler and level."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 @pytest.fixture
@@ -12,3 +26,16 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # pytest-xdist's workers start with COLUMNS=80 and LINES=24 in their environment, which the
+    # trainers they start would take as a terminal's size (rich wraps their log lines at 80).
+    for name in ("COLUMNS", "LINES"):
+        os.environ.pop(name, None)
+
+
+def pytest_xdist_auto_num_workers(config) -> int:
+    """`-n auto` (pyproject's addopts): one worker per core, at most 4, since many tests start
+    two trainer processes of their own."""
+    return max(1, min(len(os.sched_getaffinity(0)), 4))

@@ -78,7 +78,7 @@ REPO = Path(__file__).resolve().parents[1]
 WHEELS = REPO / ".whl"
 REQUIREMENTS = REPO / "requirements.txt"
 JSON_FILE, LOG_FILE, TABLE_FILE = "gpu_check.json", "gpu_check.log", "gpu_check.md"
-BUDGET_S = {"gpu": 450, "dry-run": 300}
+BUDGET_S = {"gpu": 450, "dry-run": 600}
 MIN_SECTION_S = 20
 IMPORTS = ("datasets", "simplejpeg", "hnmix.train.loop", "hnmix.bench.cli")
 # What `bench train` calls two of its rows (hnmix/bench/train.py, not imported: it imports torch,
@@ -299,7 +299,7 @@ def run_cuda_tests(check: Check) -> dict[str, Any]:
     """pytest tests/cuda and the CUDA tests elsewhere (-k cuda), summarised from its JUnit report."""
     report = check.work / "cuda_tests.xml"
     try:
-        code = check.run([sys.executable, "-m", "pytest", "-q", "-rfEs", "-p", "no:cacheprovider",
+        code = check.run([sys.executable, "-m", "pytest", "-q", "-rfEs", "-p", "no:cacheprovider", "-n", "0",
                           "-o", "junit_family=xunit1", f"--junitxml={report}",
                           "tests/cuda", "tests/train/test_optim.py", "-k", "cuda"])
     except SectionTimeout as timeout:  # pytest, interrupted, reports the tests it finished

@@ -46,7 +46,7 @@ from tools.gpu_check import (
 )
 
 JSON_FILE, TABLE_FILE = "gpu_learn.json", "gpu_learn.md"  # and gpu_learn.log (started_check)
-BUDGET_S = {"gpu": 480, "dry-run": 240}
+BUDGET_S = {"gpu": 480, "dry-run": 480}
 MOCO_SHARE_S = 420  # "about 7 minutes" for the demo's recipe
 MIN_ARM_S = 60
 ARMS = ("moco", "mochi")

@@ -2,7 +2,12 @@
 
 import logging
 import re
+import shutil
+import tempfile
+from pathlib import Path
 from types import SimpleNamespace
+
+import pytest
 
 from data_images import write_folder_with_corrupt_files
 from tiny_run import TINY, metrics, run_train
@@ -33,8 +38,16 @@ def test_a_record_line_leads_with_step_loss_lr_acc1_and_knn_and_fits_the_message
     assert "bad" not in quiet and "skipped" not in quiet  # only when there are any
 
 
-def test_a_default_run_logs_one_line_per_record_within_120_columns_and_ends_with_a_table(tmp_path):
-    out = tmp_path / "out"
+@pytest.fixture
+def short_tmp_path():
+    """A scratch folder with a short path (pytest-xdist's tmp_path is 10 characters longer)."""
+    path = Path(tempfile.mkdtemp(prefix="hnmix-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_a_default_run_logs_one_line_per_record_within_120_columns_and_ends_with_a_table(short_tmp_path):
+    out = short_tmp_path / "out"  # the summary table's paths fit its 120 columns unwrapped
     result = run_train(*TINY, "-s", "6", "-sp", "2", "-ss", "3", "--eval_every", "3", "--num_workers", "1",
                        "-do", str(out), env_extra={"COLUMNS": str(LINE_WIDTH)})
     assert result.returncode == 0, result.stderr[-3000:]
