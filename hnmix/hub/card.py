@@ -174,7 +174,8 @@ def _describe_negatives(config: dict[str, Any], results: dict[str, Any]) -> str:
     used = [f"the queue (K={config.get('k_moco')})"]
     for t in NEGATIVE_TYPES.values():
         if results.get(f"{t.name}_from") is not None:
-            used.append(f"{t.label} ({config.get(t.count_option)} per query) from step {results[f'{t.name}_from']}")
+            name = t.label.replace("-", " ")  # "type 1", as cards have always said
+            used.append(f"{name} ({config.get(t.count_option)} per query) from step {results[f'{t.name}_from']}")
     if len(used) == 1:
         return used[0] + " only: no synthetic negatives were mixed in the steps trained (plain MoCo)"
     return "; ".join(used)
