@@ -93,12 +93,22 @@ def active_types(sizes: dict[str, int]) -> Active:
     return tuple((t, sizes[t.size]) for t in NEGATIVE_TYPES.values() if sizes.get(t.size, 0) > 0)
 
 
-class _Layout(NamedTuple):
-    """Where the active types' columns are. columns: each type's slice of the S synthetic
-    negatives; pairs: those of the types whose x is a hard negative (X columns in all), which
-    have x positions of their own; on_query: those whose x is the query."""
+class _Block(NamedTuple):
+    """One active type's n columns: `column` among the S synthetic negatives (logits, weights), `y`
+    among the X + S positions, `x` among them too when x is a hard negative (None: x is q)."""
 
-    columns: tuple[slice, ...]
+    kind: NegativeType
+    n: int
+    column: slice
+    x: Optional[slice]
+    y: slice
+
+
+class _Layout(NamedTuple):
+    """The active types' blocks; `pairs` and `on_query` the columns of those whose x is a hard
+    negative (X columns in all, the first X positions) and of those whose x is the query."""
+
+    blocks: tuple[_Block, ...]
     pairs: tuple[slice, ...]
     on_query: tuple[slice, ...]
     X: int
@@ -106,13 +116,15 @@ class _Layout(NamedTuple):
 
 
 def _layout(active: Active) -> _Layout:
-    columns, start = [], 0
-    for _, n in active:
-        columns.append(slice(start, start + n))
+    X = sum(n for kind, n in active if kind.x == "hard")
+    blocks, start, x_start = [], 0, 0
+    for kind, n in active:
+        x = slice(x_start, x_start + n) if kind.x == "hard" else None
+        x_start += n if x else 0
+        blocks.append(_Block(kind, n, slice(start, start + n), x, slice(X + start, X + start + n)))
         start += n
-    pairs = tuple(c for c, (t, _) in zip(columns, active) if t.x == "hard")
-    on_query = tuple(c for c, (t, _) in zip(columns, active) if t.x == "query")
-    return _Layout(tuple(columns), pairs, on_query, sum(c.stop - c.start for c in pairs), start)
+    pairs = tuple(b.column for b in blocks if b.x)
+    return _Layout(tuple(blocks), pairs, tuple(b.column for b in blocks if not b.x), X, start)
 
 
 def _take(t: torch.Tensor, slices: tuple[slice, ...]) -> torch.Tensor:
@@ -139,13 +151,10 @@ class MixingDraws(NamedTuple):
 
     def of(self, name: str) -> tuple[Optional[torch.Tensor], torch.Tensor, torch.Tensor]:
         """(x positions or None, y positions, a) of one type, [B, count] each; empty if inactive."""
-        layout, x_start = _layout(self.types), 0
-        for (t, n), column in zip(self.types, layout.columns):
-            x = None
-            if t.x == "hard":
-                x, x_start = self.positions[:, x_start : x_start + n], x_start + n
-            if t.name == name:
-                return x, self.positions[:, layout.X + column.start : layout.X + column.stop], self.weights[:, column]
+        for block in _layout(self.types).blocks:
+            if block.kind.name == name:
+                x = None if block.x is None else self.positions[:, block.x]
+                return x, self.positions[:, block.y], self.weights[:, block.column]
         empty = self.positions[:, :0]
         return (empty if NEGATIVE_TYPES[name].x == "hard" else None), empty, self.weights[:, :0]
 
@@ -186,22 +195,19 @@ def draw_types(n_valid: torch.Tensor, active: Active, generator: Optional[torch.
     X, S = layout.X, layout.S
     uniform = torch.rand(B, X + 2 * S, generator=generator, device=n_valid.device, dtype=torch.float32)
     counts = n_valid.unsqueeze(1).expand(B, X + S).clone()
-    y_of_pairs = [slice(X + c.start, X + c.stop) for c in layout.pairs]
-    for y in y_of_pairs:
-        counts[:, y].sub_(1)  # y skips x: one position fewer
+    pairs = [block for block in layout.blocks if block.x]
+    for block in pairs:
+        counts[:, block.y].sub_(1)  # y skips x: one position fewer
     blocked = counts[:, X:] < 1
     # floor(u * count) < count: a float32 u < 1 is at most 1 - 2^-24, and the float32 product of
     # that with an integer count < 2^24 rounds below the count.
     positions = (uniform[:, : X + S] * counts.clamp_min_(1)).long()
-    x_start = 0
-    for y in y_of_pairs:
-        n = y.stop - y.start
-        y_positions = positions[:, y]
-        y_positions += y_positions >= positions[:, x_start : x_start + n]  # uniform over the other positions
-        x_start += n
+    for block in pairs:
+        y = positions[:, block.y]
+        y += y >= positions[:, block.x]  # uniform over the other positions
     weights = uniform[:, X + S :]
-    for (t, _), column in zip(active, layout.columns):
-        low, high = t.a_range
+    for block in layout.blocks:
+        low, high, column = *block.kind.a_range, block.column
         if high - low != 1:
             weights[:, column].mul_(high - low)
         if low:
@@ -305,26 +311,16 @@ def _synthetic_logits(
     q_sq = torch.linalg.vecdot(q, q).unsqueeze(1)  # 1 up to rounding
 
     # [B, S] each: q·x, |x|², q·y, |y|², x·y.
-    x_parts, x_start = ([], []), 0
-    for t, n in draws.types:
-        if t.x == "hard":
-            x_parts[0].append(q_dot[:, x_start : x_start + n])
-            x_parts[1].append(sq_norm[:, x_start : x_start + n])
-            x_start += n
-        else:
-            x_parts[0].append(q_sq.expand(B, n))
-            x_parts[1].append(q_sq.expand(B, n))
-    qx, xx = torch.cat(x_parts[0] + x_parts[1], dim=1).split(S, dim=1)
+    qx = [q_dot[:, b.x] if b.x else q_sq.expand(B, b.n) for b in layout.blocks]
+    xx = [sq_norm[:, b.x] if b.x else q_sq.expand(B, b.n) for b in layout.blocks]
+    qx, xx = torch.cat(qx + xx, dim=1).split(S, dim=1)
     qy, yy = q_dot[:, X:], sq_norm[:, X:]
     xy = torch.empty_like(qy)
-    x_start = 0
-    for column in layout.pairs:
-        n = column.stop - column.start
-        pairs = torch.stack([index[:, x_start : x_start + n], index[:, X + column.start : X + column.stop]], dim=1)
-        _pair_dots(queue, pairs, out=xy[:, column])
-        x_start += n
-    for column in layout.on_query:
-        xy[:, column] = qy[:, column]  # x = q
+    for b in layout.blocks:
+        if b.x:
+            _pair_dots(queue, torch.stack([index[:, b.x], index[:, b.y]], dim=1), out=xy[:, b.column])
+        else:
+            xy[:, b.column] = qy[:, b.column]  # x = q
 
     a = draws.weights
     # |a x + c y|² = a x·(a x + c y) + c y·(a x + c y), c = 1 - a: three lerps.
