@@ -39,3 +39,17 @@ def pytest_xdist_auto_num_workers(config) -> int:
     """`-n auto` (pyproject's addopts): one worker per core, at most 4, since many tests start
     two trainer processes of their own."""
     return max(1, min(len(os.sched_getaffinity(0)), 4))
+
+
+# The test files that take longest (minutes each on 2 cores): collected first, so that the
+# workers do not end the run waiting on one of them started last.
+SLOWEST_FILES = ("tests/tools/test_gpu_check.py", "tests/train/test_train.py", "tests/train/test_launchers.py",
+                 "tests/tools/test_gpu_learn.py", "tests/train/test_resume_world_size.py", "tests/train/test_dir_out.py")
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    def rank(item) -> int:
+        path = item.nodeid.split("::")[0]
+        return SLOWEST_FILES.index(path) if path in SLOWEST_FILES else len(SLOWEST_FILES)
+
+    items.sort(key=rank)  # stable: each file keeps its own order
