@@ -18,7 +18,7 @@ from hnmix.bench.overhead import NOT_WORK, ops_per_step
 
 ROOT = Path(__file__).resolve().parents[2]
 SMALL = ["--img_size", "32", "--batch_size", "8", "--k_moco", "64", "--dim_moco", "16", "--n_hard", "8",
-         "--s1_hard", "4", "--s2_hard", "4", "--measure_steps", "1"]
+         "--s1_hard", "4", "--s2_hard", "4", "--measure_steps", "1", "--time_steps", "1"]
 
 
 def run_overhead(tmp_path, archs, splits, *extra, env=None):

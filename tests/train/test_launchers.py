@@ -2,6 +2,7 @@
 trainers finish the step, save on every rank, leave dir_out/STOPPED, nothing is orphaned, the
 exit code is the README's, and `--resume latest` continues exactly as an uninterrupted run."""
 
+import json
 import os
 import signal
 import subprocess
@@ -180,7 +181,11 @@ def test_sigterm_to_accelerate_launch_with_two_processes_leaves_stopped(tmp_path
     _, stderr = launcher.communicate(timeout=120)
     assert launcher.returncode == 128 + signal.SIGTERM, stderr[-3000:]
     assert "is killed by signal" not in stderr, stderr[-3000:]
-    stopped_step(run, ranks=2)
+    step = stopped_step(run, ranks=2)
+    state = json.loads((run / "checkpoints" / f"step_{step:08d}" / "trainer_state.json").read_text())
+    assert state["num_processes"] == 2
+    first, second = state["queue_sha256_per_rank"]
+    assert first == second  # both ranks saved the same step with the same queue
 
 
 def test_a_run_that_finishes_leaves_no_stopped_marker(tmp_path):
