@@ -277,7 +277,7 @@ def cpu_peak_in_this_process(variant: str, cfg: MixingConfig) -> PeakMemory:
 def cpu_peak(variant: str, cfg: MixingConfig) -> PeakMemory:
     """Run `cpu_peak_in_this_process` in a fresh interpreter and read its JSON line."""
     command = [sys.executable, "-m", "hnmix.bench", "_mixing_peak", "--variant", variant, *mixing_argv(cfg)]
-    root = str(Path(__file__).resolve().parents[2])  # the repository; hnmix/ on the path would shadow the stdlib
+    root = str(Path(__file__).resolve().parents[2])  # the repository, which holds hnmix/
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
     done = subprocess.run(command, capture_output=True, text=True, env=env)
     if done.returncode != 0:
