@@ -3,9 +3,9 @@ sections 3-4) for a training checkpoint, as a PNG and a JSON.
 
 What it computes (the formulas are in `hnmix.evaluate.hardness`):
 - one batch of `--batch_size` held-out queries q = encoder_q(view_q) scored against their keys
-  k = encoder_k(view_k) and the checkpoint's queue, with `hnmix.mixing.mix_logits` (n_hard, s1,
-  s2 from the run, or MoCHi's 32/16/16 for a plain MoCo run, or the flags): histograms of the
-  logits by kind, the false-negative fraction among the N hardest (the queue's labels), the
+  k = encoder_k(view_k) and the checkpoint's queue, with `hnmix.mixing.mix_logits` (n_hard and
+  each negative type's count from the run, or MoCHi's 32/16/16 for a plain MoCo run, or the flags):
+  histograms of the logits by kind, the false-negative fraction among the N hardest (the queue's labels), the
   fraction of synthetic negatives above the hardest real one;
 - alignment and uniformity (Wang and Isola 2020) of the query encoder's projections of both views
   of up to `--max_samples` held-out images.
@@ -44,11 +44,12 @@ from hnmix.evaluate.hardness import (
     uniformity,
 )
 from hnmix.evaluate.splits import bounded_subset, load_eval_splits
-from hnmix.mixing import mix_logits, validate_mixing_sizes
+from hnmix.mixing import NEGATIVE_TYPES, mix_logits, validate_mixing_sizes
 from hnmix.moco import MoCo, MoCoEncoder
 from hnmix.pictures.hardness import draw_hardness
+from hnmix.run_config import load_run_config
 
-MOCHI_SIZES = {"n_hard": 32, "s1_hard": 16, "s2_hard": 16}  # for a run that trained without mixing
+MOCHI_SIZES = {"n_hard": 32, "s1_hard": 16, "s2_hard": 16}  # for a run that trained without mixing (other types: 0)
 DEFAULT_SEED = 69420
 
 
@@ -69,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "against the queue (default: 256)")
     analysis.add_argument("--max_samples", type=int, default=1000, help="held-out images for alignment and "
                           "uniformity (default: 1000)")
-    for name, value in MOCHI_SIZES.items():
+    for name, value in size_defaults().items():
         analysis.add_argument(f"--{name}", type=int, help=f"(default: the run's, or {value} if it did not mix)")
     analysis.add_argument("--num_workers", type=int, default=2, help="DataLoader workers (default: 2)")
     parser.add_argument("--png", help="(default: CHECKPOINT/analysis.png)")
@@ -87,7 +88,7 @@ def load_moco(checkpoint: Path) -> tuple[MoCo, dict[str, Any], int]:
         raise ConfigError(f"{checkpoint} is not a training checkpoint (model.safetensors + config.yaml); pass "
                           "DIR_OUT/checkpoints/step_N")
     try:
-        config = yaml.safe_load((checkpoint / "config.yaml").read_text())
+        config = load_run_config(checkpoint / "config.yaml")
         weights = load_file(checkpoint / "model.safetensors")
     except (OSError, yaml.YAMLError, SafetensorError) as error:
         raise ConfigError(f"cannot read the checkpoint {checkpoint} ({describe(error)}); pass a complete one") from None
@@ -109,14 +110,26 @@ def load_moco(checkpoint: Path) -> tuple[MoCo, dict[str, Any], int]:
     return moco.eval(), config, int(step)
 
 
+def size_defaults() -> dict[str, int]:
+    """n_hard and each registered type's `count_option` ("s1_hard"), with its value for a run that did not mix."""
+    return {"n_hard": MOCHI_SIZES["n_hard"]} | {t.count_option: MOCHI_SIZES.get(t.count_option, 0)
+                                                for t in NEGATIVE_TYPES.values()}
+
+
 def mixing_sizes(args: argparse.Namespace, config: dict[str, Any]) -> dict[str, int]:
-    """n_hard, s1_hard, s2_hard: the flags, else the run's, else MoCHi's when the run did not mix."""
-    mixed = any(config.get(name) for name in ("s1_hard", "s2_hard"))
+    """n_hard and each type's count (s1_hard, s2_hard, ...): the flags, else the run's, else
+    `size_defaults` when the run did not mix."""
+    mixed = any(config.get(t.count_option) for t in NEGATIVE_TYPES.values())
     sizes = {}
-    for name, default in MOCHI_SIZES.items():
+    for name, default in size_defaults().items():
         value = getattr(args, name)
         sizes[name] = value if value is not None else (config.get(name, default) if mixed else default)
     return sizes
+
+
+def by_size(sizes: dict[str, int]) -> dict[str, int]:
+    """{"s1": .., "s2": ..}, `mix_logits`' keywords, of {"s1_hard": .., "s2_hard": ..}."""
+    return {t.size: sizes[t.count_option] for t in NEGATIVE_TYPES.values()}
 
 
 def train_split_rows(held_out: datasets.Dataset) -> Optional[torch.Tensor]:
@@ -147,15 +160,16 @@ def project(moco: MoCo, views: TwoViewDataset, count: int, *, batch_size: int, n
 
 
 def analyze_batch(q: torch.Tensor, k: torch.Tensor, labels: torch.Tensor, ids: Optional[torch.Tensor],
-                  moco: MoCo, *, n_hard: int, s1: int, s2: int, seed: int) -> dict[str, Any]:
+                  moco: MoCo, *, n_hard: int, seed: int, **sizes: int) -> dict[str, Any]:
     """The numbers of one batch of queries q [B, d] with keys k [B, d] against `moco`'s queue.
-    ids: [B] train-split rows of the queries (their own keys in the queue are masked) or None."""
+    ids: [B] train-split rows of the queries (their own keys in the queue are masked) or None;
+    sizes: each type's count by its `size` (s1, s2)."""
     queue = moco.queue
     K = queue.size
-    mixed = mix_logits(q, k, queue.keys, temperature=moco.t_moco, n_hard=n_hard, s1=s1, s2=s2,
+    mixed = mix_logits(q, k, queue.keys, temperature=moco.t_moco, n_hard=n_hard,
                        ids=ids, queue_ids=queue.ids if ids is not None else None,
-                       generator=torch.Generator(device=q.device).manual_seed(seed))
-    groups = logit_groups(mixed, queue_size=K, s1=s1)
+                       generator=torch.Generator(device=q.device).manual_seed(seed), **sizes)
+    groups = logit_groups(mixed, queue_size=K, sizes=sizes)
     top_n = top_n_grid(K, n_hard)
     return {
         "logits": {"mean": {name: g.mean().item() if g.numel() else None for name, g in groups.items()},
@@ -163,7 +177,7 @@ def analyze_batch(q: torch.Tensor, k: torch.Tensor, labels: torch.Tensor, ids: O
         "false_negative_fraction": {
             "top_n": top_n,
             "fraction": false_negative_fraction(mixed.logits[:, 1 : 1 + K], labels, queue.labels, top_n)},
-        "synthetic_harder_than_hardest": synthetic_harder_than_hardest(mixed.logits, queue_size=K, s1=s1),
+        "synthetic_harder_than_hardest": synthetic_harder_than_hardest(mixed.logits, queue_size=K, sizes=sizes),
     }
 
 
@@ -173,7 +187,7 @@ def run_analysis(args: argparse.Namespace) -> tuple[dict[str, Any], Path, Path]:
     sizes = mixing_sizes(args, config)
     try:
         validate_mixing_sizes(queue_size=moco.queue.size, temperature=moco.t_moco, n_hard=sizes["n_hard"],
-                              s1=sizes["s1_hard"], s2=sizes["s2_hard"])
+                              **by_size(sizes))
     except ValueError as error:
         raise ConfigError(f"option {error}") from None
     for name in ("batch_size", "max_samples"):
@@ -216,7 +230,7 @@ def run_analysis(args: argparse.Namespace) -> tuple[dict[str, Any], Path, Path]:
     ids = rows[projected["index"][:batch]].to(device) if rows is not None else None
     result = analyze_batch(projected["q"][:batch].to(device), projected["k"][:batch].to(device),
                            projected["label"][:batch].to(device), ids, moco,
-                           n_hard=sizes["n_hard"], s1=sizes["s1_hard"], s2=sizes["s2_hard"], seed=seed)
+                           n_hard=sizes["n_hard"], seed=seed, **by_size(sizes))
     analysis = {
         "checkpoint": str(checkpoint), "step": step, "arch": config.get("arch"), "dataset": dataset,
         "held_out": splits.held_out_source, "queries": batch, "samples": len(held_out),

@@ -6,8 +6,8 @@ checkpoint's queue (`logit_groups`, `logit_histograms`), the class-oracle false 
 the hardest (`false_negative_fraction`), synthetic negatives harder than every real one
 (`synthetic_harder_than_hardest`), and alignment and uniformity of the projections (Wang and
 Isola, ICML 2020: `alignment`, `uniformity`). Logits are those of `hnmix.mixing.mix_logits`:
-divided by the temperature, column 0 the positive, 1..K the queue, then s1 type-1 and s2 type-2
-synthetic negatives, -inf where masked.
+divided by the temperature, column 0 the positive, 1..K the queue, then each registered negative
+type's synthetic negatives (MoCHi's s1 type-1, s2 type-2), in the registry's order, -inf where masked.
 """
 
 from __future__ import annotations
@@ -16,28 +16,35 @@ from typing import Sequence
 
 import torch
 
-from hnmix.mixing import MixedLogits
-
-GROUPS = ("positive", "queue", "hard", "type1", "type2")
+from hnmix.mixing import NEGATIVE_TYPES, MixedLogits
 
 
-def logit_groups(mixed: MixedLogits, *, queue_size: int, s1: int) -> dict[str, torch.Tensor]:
+def type_columns(logits: torch.Tensor, *, queue_size: int, sizes: dict[str, int]) -> dict[str, torch.Tensor]:
+    """{type name: [B, count]} the columns of each registered type, in the registry's order.
+
+    logits: [B, 1 + K + S] (`mix_logits`), K = queue_size; sizes: each type's count by its `size`
+    ({"s1": 16, "s2": 16}, 0 when left out), as `mix_logits` took them.
+    """
+    counts = [sizes.get(t.size, 0) for t in NEGATIVE_TYPES.values()]
+    return dict(zip(NEGATIVE_TYPES, logits[:, 1 + queue_size :].split(counts, dim=1)))
+
+
+def logit_groups(mixed: MixedLogits, *, queue_size: int, sizes: dict[str, int]) -> dict[str, torch.Tensor]:
     """The logits of one batch, by kind, each a 1-D float32 tensor (divided by the temperature).
 
-    mixed: `mix_logits` of B queries; logits [B, 1 + K + s1 + s2], K = queue_size.
+    mixed: `mix_logits` of B queries with these `sizes`; logits [B, 1 + K + S], K = queue_size.
     positive: [B] l_b0 = q_b·k_b / T.
     queue:    the finite l_bj, j = 1..K (every real negative; an entry masked as the query's own
               image is -inf and left out).
     hard:     the n_hard highest finite queue logits of each query (`hard_valid` ones).
-    type1:    the finite l of columns 1+K .. K+s1; type2: the finite l of the s2 columns after.
+    then each registered type by its name ("type1", "type2"): the finite l of its columns.
     """
     logits = mixed.logits.detach().float()
-    K = queue_size
-    queue = logits[:, 1 : 1 + K]
+    queue = logits[:, 1 : 1 + queue_size]
     hard = queue.gather(1, mixed.hard_indices)[mixed.hard_valid]
-    type1, type2 = logits[:, 1 + K : 1 + K + s1], logits[:, 1 + K + s1 :]
+    types = type_columns(logits, queue_size=queue_size, sizes=sizes)
     return {"positive": logits[:, 0], "queue": queue[torch.isfinite(queue)], "hard": hard,
-            "type1": type1[torch.isfinite(type1)], "type2": type2[torch.isfinite(type2)]}
+            **{name: block[torch.isfinite(block)] for name, block in types.items()}}
 
 
 def logit_histograms(groups: dict[str, torch.Tensor], *, bins: int = 40) -> dict[str, list]:
@@ -90,21 +97,22 @@ def false_negative_fraction(queue_logits: torch.Tensor, labels: torch.Tensor, qu
     return fractions
 
 
-def synthetic_harder_than_hardest(logits: torch.Tensor, *, queue_size: int, s1: int) -> dict[str, float]:
+def synthetic_harder_than_hardest(logits: torch.Tensor, *, queue_size: int,
+                                  sizes: dict[str, int]) -> dict[str, float]:
     """The fraction of synthetic negatives that score above every real negative of their query.
 
-    logits: [B, 1 + K + s1 + s2] (`mix_logits`), K = queue_size. With H_b = max_j l_bj over the
-    queue (j = 1..K) and S_b the finite synthetic logits of query b (of one type, or both):
+    logits: [B, 1 + K + S] (`mix_logits` with these `sizes`), K = queue_size. With H_b = max_j l_bj
+    over the queue (j = 1..K) and S_b the finite synthetic logits of query b (of one type, or all):
 
         fraction = sum_b sum_{s in S_b} [s > H_b]  /  sum_b |S_b|
 
-    Returns {"type1", "type2", "all"}; NaN for a type with no synthetic negative.
+    Returns {each registered type's name ("type1", "type2"), "all"}; NaN for a type with no
+    synthetic negative.
     """
     logits = logits.detach().float()
     K = queue_size
     hardest = logits[:, 1 : 1 + K].max(dim=1, keepdim=True).values
-    blocks = {"type1": logits[:, 1 + K : 1 + K + s1], "type2": logits[:, 1 + K + s1 :],
-              "all": logits[:, 1 + K :]}
+    blocks = {**type_columns(logits, queue_size=K, sizes=sizes), "all": logits[:, 1 + K :]}
     result = {}
     for name, block in blocks.items():
         finite = torch.isfinite(block)

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from method.test_negative_types import EXTRAPOLATION
 from oracle import oracle_logits
 
 from hnmix.evaluate.hardness import (
@@ -17,9 +18,10 @@ from hnmix.evaluate.hardness import (
     top_n_grid,
     uniformity,
 )
-from hnmix.mixing import mix_logits
+from hnmix.mixing import NEGATIVE_TYPES, mix_logits, register_negative_type
 
 B, K, D, N_HARD, S1, S2, T = 6, 20, 8, 5, 4, 3, 0.2
+SIZES = {"s1": S1, "s2": S2}
 
 
 def unit(*shape, seed):
@@ -41,13 +43,13 @@ def batch():
 
 def mixed_of(batch):
     q, k, queue, ids, queue_ids, *_ = batch
-    return mix_logits(q, k, queue, temperature=T, n_hard=N_HARD, s1=S1, s2=S2, ids=ids, queue_ids=queue_ids,
-                      generator=torch.Generator().manual_seed(5))
+    return mix_logits(q, k, queue, temperature=T, n_hard=N_HARD, ids=ids, queue_ids=queue_ids,
+                      generator=torch.Generator().manual_seed(5), **SIZES)
 
 
 def test_logit_groups_are_the_oracles_logits_by_kind(batch):
     q, k, queue, ids, queue_ids, *_ = batch
-    groups = logit_groups(mixed_of(batch), queue_size=K, s1=S1)
+    groups = logit_groups(mixed_of(batch), queue_size=K, sizes=SIZES)
     logits, hard = oracle_logits(q, k, queue, temperature=T, n_hard=N_HARD, s1=S1, s2=S2, ids=ids,
                                  queue_ids=queue_ids, generator=torch.Generator().manual_seed(5))
     masked = ids.unsqueeze(1) == queue_ids.unsqueeze(0)
@@ -97,7 +99,7 @@ def test_false_negative_fraction_counts_same_class_among_the_n_hardest_known(bat
 
 def test_synthetic_harder_than_hardest_compares_with_each_rows_best_real_negative(batch):
     logits = mixed_of(batch).logits.double()
-    got = synthetic_harder_than_hardest(logits, queue_size=K, s1=S1)
+    got = synthetic_harder_than_hardest(logits, queue_size=K, sizes=SIZES)
     for name, columns in (("type1", range(S1)), ("type2", range(S1, S1 + S2)), ("all", range(S1 + S2))):
         above = total = 0
         for b in range(B):
@@ -109,7 +111,29 @@ def test_synthetic_harder_than_hardest_compares_with_each_rows_best_real_negativ
                     above += value > hardest
         assert got[name] == pytest.approx(above / total, abs=1e-12), name
     assert 0 < got["type2"] <= 1  # a query mixed into a hard negative often beats every real one
-    assert math.isnan(synthetic_harder_than_hardest(logits[:, : 1 + K], queue_size=K, s1=0)["all"])
+    assert math.isnan(synthetic_harder_than_hardest(logits[:, : 1 + K], queue_size=K, sizes={})["all"])
+
+
+@pytest.fixture
+def extrapolation():
+    register_negative_type(EXTRAPOLATION)
+    yield EXTRAPOLATION
+    del NEGATIVE_TYPES[EXTRAPOLATION.name]
+
+
+def test_a_registered_type_has_its_own_group_and_fraction_after_type2s(batch, extrapolation):
+    q, k, queue, ids, queue_ids, *_ = batch
+    sizes = SIZES | {"s3": 2}
+    mixed = mix_logits(q, k, queue, temperature=T, n_hard=N_HARD, ids=ids, queue_ids=queue_ids, **sizes)
+    groups, logits = logit_groups(mixed, queue_size=K, sizes=sizes), mixed.logits
+    harder = synthetic_harder_than_hardest(logits, queue_size=K, sizes=sizes)
+    assert list(groups) == ["positive", "queue", "hard", "type1", "type2", "extrapolation"]
+    assert list(harder) == ["type1", "type2", "extrapolation", "all"]
+    type2, third = logits[:, 1 + K + S1 : 1 + K + S1 + S2], logits[:, 1 + K + S1 + S2 :]
+    assert third.shape == (B, 2) and torch.isfinite(third).all()
+    assert torch.equal(groups["type2"], type2.flatten()) and torch.equal(groups["extrapolation"], third.flatten())
+    hardest = logits[:, 1 : 1 + K].max(dim=1, keepdim=True).values
+    assert harder["extrapolation"] == pytest.approx((third > hardest).double().mean().item(), abs=1e-12)
 
 
 def test_alignment_and_uniformity_are_wang_and_isolas_definitions():
