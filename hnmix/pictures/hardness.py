@@ -1,8 +1,8 @@
 """The figure of `python -m hnmix.analyze`: MoCHi's analysis of hardness for one checkpoint.
 
 Four panels, from the analysis JSON (`hnmix.analyze`): histograms of the logits of one batch of
-held-out queries (the positive, every queue negative, the n_hard hardest, type-1 and type-2
-synthetic negatives); the fraction of false negatives among the N hardest as a function of N;
+held-out queries (the positive, every queue negative, the n_hard hardest, the synthetic negatives
+of each registered type); the fraction of false negatives among the N hardest as a function of N;
 the fraction of synthetic negatives harder than the hardest real one; alignment and uniformity.
 """
 
@@ -13,11 +13,17 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
+from hnmix.mixing import NEGATIVE_TYPES
+
 FIGURE_INCHES = (13.0, 9.0)
 DPI = 100
 HARDNESS_PIXELS = (round(FIGURE_INCHES[0] * DPI), round(FIGURE_INCHES[1] * DPI))
-_GROUP_LABELS = {"positive": "positive", "queue": "all queue negatives", "hard": "the n_hard hardest",
-                 "type1": "type-1 synthetic", "type2": "type-2 synthetic"}
+
+
+def _group_labels() -> dict[str, str]:
+    """The logit groups of `hnmix.evaluate.hardness.logit_groups`, a registered type each after the real ones."""
+    return {"positive": "positive", "queue": "all queue negatives", "hard": "the n_hard hardest",
+            **{t.name: f"{t.label} synthetic" for t in NEGATIVE_TYPES.values()}}
 
 
 def _finite(value: Any) -> bool:
@@ -36,7 +42,8 @@ def hardness_figure(analysis: dict[str, Any]):
     histograms = analysis["logits"]["histograms"]
     edges = histograms["edges"]
     width = edges[1] - edges[0]
-    for index, (name, label) in enumerate(_GROUP_LABELS.items()):
+    labels = _group_labels()
+    for index, (name, label) in enumerate(labels.items()):
         counts = histograms.get(name) or []
         total = sum(counts)
         if not total:
@@ -67,9 +74,10 @@ def hardness_figure(analysis: dict[str, Any]):
     fn_ax.grid(True, alpha=0.3)
 
     harder = analysis["synthetic_harder_than_hardest"]
-    names = [("type1", "type 1"), ("type2", "type 2"), ("all", "all synthetic")]
+    names = [(t.name, t.label) for t in NEGATIVE_TYPES.values()] + [("all", "all synthetic")]
     values = [100 * harder[k] if _finite(harder.get(k)) else 0.0 for k, _ in names]
-    bars = synthetic_ax.bar([label for _, label in names], values, color=["C3", "C4", "0.5"])
+    colors = [f"C{3 + i}" for i in range(len(names) - 1)] + ["0.5"]  # as in the histograms
+    bars = synthetic_ax.bar([label for _, label in names], values, color=colors)
     for bar, (key, _) in zip(bars, names):
         text = f"{100 * harder[key]:.1f}%" if _finite(harder.get(key)) else "none"
         synthetic_ax.annotate(text, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center",
@@ -88,9 +96,10 @@ def hardness_figure(analysis: dict[str, Any]):
         f"            {analysis['samples']} held-out images, query-encoder projections",
         "",
         "mean logit / T:",
-        "  " + ", ".join(f"{name} {means[name]:.2f}" for name in _GROUP_LABELS if _finite(means.get(name))),
-        (f"mixing: n_hard {analysis['n_hard']}, s1 {analysis['s1_hard']}, s2 {analysis['s2_hard']}, "
-         f"T {analysis['temperature']}"),
+        "  " + ", ".join(f"{name} {means[name]:.2f}" for name in labels if _finite(means.get(name))),
+        ", ".join([f"mixing: n_hard {analysis['n_hard']}",
+                   *(f"{t.size} {analysis[t.count_option]}" for t in NEGATIVE_TYPES.values()),
+                   f"T {analysis['temperature']}"]),
         f"queue entries with a known class: {analysis['queue_labelled']} of {analysis['queue_size']}",
         f"queries' own keys in the queue: {'masked' if analysis.get('own_keys_masked') else 'none (a split apart)'}",
         textwrap.fill(f"held-out split: {analysis['held_out']}", 66, subsequent_indent="  "),

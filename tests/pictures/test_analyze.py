@@ -8,6 +8,7 @@ import pytest
 import torch
 import yaml
 from data_images import write_image_folder
+from method.test_negative_types import EXTRAPOLATION
 from oracle import oracle_logits
 from PIL import Image
 from safetensors.torch import load_file
@@ -18,8 +19,9 @@ from hnmix.data.sources import load_image_dataset
 from hnmix.data.transforms import moco_v2_photometric
 from hnmix.data.two_views import TwoViewDataset
 from hnmix.evaluate.splits import load_eval_splits
+from hnmix.mixing import NEGATIVE_TYPES, register_negative_type
 from hnmix.moco import MoCo, MoCoEncoder
-from hnmix.pictures.hardness import HARDNESS_PIXELS
+from hnmix.pictures.hardness import HARDNESS_PIXELS, hardness_figure
 
 BATCH, HELD_OUT = 8, 16
 
@@ -113,6 +115,27 @@ def test_analyze_writes_numbers_that_a_direct_computation_gives(run, tmp_path):
     pairs = [(i, j) for i in range(N) for j in range(i + 1, N)]
     direct = math.log(sum(math.exp(-2 * (q[i] - q[j]).norm().item() ** 2) for i, j in pairs) / len(pairs))
     assert got["uniformity"] == pytest.approx(direct, rel=1e-5)
+
+
+@pytest.fixture
+def extrapolation():
+    register_negative_type(EXTRAPOLATION)
+    yield EXTRAPOLATION
+    del NEGATIVE_TYPES[EXTRAPOLATION.name]
+
+
+def test_a_registered_type_gets_its_option_numbers_and_figure_rows(run, tmp_path, extrapolation):
+    _, checkpoint = run
+    json_path = tmp_path / "analysis.json"
+    assert main([str(checkpoint), "-bs", str(BATCH), "--num_workers", "0", "--s3_hard", "2",
+                 "--png", str(tmp_path / "analysis.png"), "--json", str(json_path)]) == 0
+    got = json.loads(json_path.read_text())
+    assert got["s3_hard"] == 2 and sum(got["logits"]["histograms"]["extrapolation"]) == 2 * BATCH
+    assert list(got["synthetic_harder_than_hardest"]) == ["type1", "type2", "extrapolation", "all"]
+    histograms, _, bars, text = hardness_figure(got).axes
+    assert f"extrapolation synthetic ({2 * BATCH})" in [t.get_text() for t in histograms.get_legend().get_texts()]
+    assert [t.get_text() for t in bars.get_xticklabels()] == ["type-1", "type-2", "extrapolation", "all synthetic"]
+    assert ", s1 4, s2 4, s3 2, T " in text.texts[0].get_text()
 
 
 def test_analyze_refuses_what_is_not_a_checkpoint_in_one_line(run, tmp_path, capsys):
