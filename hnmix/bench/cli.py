@@ -15,6 +15,7 @@ Usage:
                                  [--s1 1024] [--s2 512] [--temperature 0.2]
                                  [--repeats 5] [--warmup 1] [--device cuda|cpu]
                                  [--dtype float32|bfloat16] [--no_peak] [--json PATH]
+                                 (a count flag per registered negative type, by its size: --s1, --s2)
     python -m hnmix.bench overhead [--archs resnet18,resnet50] [--splits 1,8] [--warmup_steps 1]
                                    [--measure_steps 2] [--json PATH] [hnmix.train options]
                                  (kernel launches per step, counted on the CPU: the bare loop and
@@ -45,6 +46,9 @@ from hnmix.bench.overhead import add_arguments as add_overhead_arguments
 from hnmix.bench.overhead import run_overhead
 from hnmix.bench.system import write_json
 from hnmix.bench.train import run_train
+from hnmix.mixing import NEGATIVE_TYPES
+
+MIXING_SIZES = {"s1": 1024, "s2": 512}  # the default count of a type by its size keyword; 0 for the others
 
 
 def _default_device() -> str:
@@ -57,8 +61,9 @@ def _mixing_options() -> argparse.ArgumentParser:
     p.add_argument("--queue", type=int, default=65536, help="K, queue size")
     p.add_argument("--dim", type=int, default=128, help="d, embedding size")
     p.add_argument("--n_hard", type=int, default=1024, help="hard negatives per query")
-    p.add_argument("--s1", type=int, default=1024, help="type-1 synthetic negatives per query")
-    p.add_argument("--s2", type=int, default=512, help="type-2 synthetic negatives per query")
+    for t in NEGATIVE_TYPES.values():
+        p.add_argument(f"--{t.size}", type=int, default=MIXING_SIZES.get(t.size, 0),
+                       help=f"{t.label} synthetic negatives per query")
     p.add_argument("--temperature", type=float, default=0.2)
     p.add_argument("--repeats", type=int, default=5, help="timed calls (median reported)")
     p.add_argument("--warmup", type=int, default=1, help="untimed calls first")

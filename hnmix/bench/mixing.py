@@ -3,8 +3,8 @@
 ``mixing`` times one forward + backward of the contrastive loss (logits, cross entropy with
 target 0, backward to ``q``) on random L2-normalised inputs, for three variants:
 
-  moco          plain MoCo: `mochi_logits` with n_hard = s1 = s2 = 0;
-  hnmix         MoCHi as hnmix computes it: `mochi_logits` with n_hard, s1, s2;
+  moco          plain MoCo: `mix_logits` with n_hard = 0 and no synthetic negatives;
+  hnmix         MoCHi as hnmix computes it: `mix_logits` with n_hard and each type's count (s1, s2);
   materialised  MoCHi the naive way (`materialised_mochi_logits` below): the hard negatives are
                 gathered into [B, s, d] tensors, mixed, normalised and multiplied with q.
 
@@ -63,7 +63,7 @@ from hnmix.bench.system import (
     _synchronize,
     device_description,
 )
-from hnmix.mixing import active_types, draw_types, mochi_logits, validate_mixing_arguments
+from hnmix.mixing import NEGATIVE_TYPES, active_types, draw_types, mix_logits, validate_mixing_arguments
 
 VARIANTS = ("moco", "hnmix", "materialised")
 
@@ -96,7 +96,7 @@ def materialised_mochi_logits(
     generator: Optional[torch.Generator] = None,
     **sizes: int,
 ) -> torch.Tensor:
-    """`hnmix.mixing.mochi_logits` computed the naive way, in float32, for every registered type.
+    """The logits of `hnmix.mixing.mix_logits` computed the naive way, in float32, for every registered type.
 
     Every synthetic negative is built as a vector: the mixed vectors are gathered into [B, s, d]
     tensors (`index_select`), mixed, L2-normalised and multiplied with q (bmm). The hard set is
@@ -152,13 +152,19 @@ class MixingConfig:
     queue: int
     dim: int
     n_hard: int
-    s1: int
-    s2: int
     temperature: float
     repeats: int
     warmup: int
     device: str
     dtype: str
+    sizes: dict[str, int]  # each registered type's count by its size keyword ("s1")
+
+
+def config_fields(cfg: MixingConfig) -> dict[str, Any]:
+    """The fields of cfg with each type's count in place of `sizes`, by the flags' names."""
+    fields = asdict(cfg)
+    sizes = fields.pop("sizes")
+    return fields | sizes
 
 
 @dataclass
@@ -193,15 +199,11 @@ def variant_logits(
     variant: str, x: MixingInputs, cfg: MixingConfig, generator: Optional[torch.Generator]
 ) -> torch.Tensor:
     """The logits of one variant; plain MoCo mixes nothing."""
-    if variant == "moco":
-        sizes = dict(n_hard=0, s1=0, s2=0)
-    else:
-        sizes = dict(n_hard=cfg.n_hard, s1=cfg.s1, s2=cfg.s2)
-    fn = materialised_mochi_logits if variant == "materialised" else mochi_logits
-    return fn(
-        x.q, x.k, x.queue, temperature=cfg.temperature, ids=x.ids, queue_ids=x.queue_ids,
-        generator=generator, **sizes,
-    )
+    sizes = {"n_hard": 0} if variant == "moco" else {"n_hard": cfg.n_hard, **cfg.sizes}
+    options = dict(temperature=cfg.temperature, ids=x.ids, queue_ids=x.queue_ids, generator=generator, **sizes)
+    if variant == "materialised":
+        return materialised_mochi_logits(x.q, x.k, x.queue, **options)
+    return mix_logits(x.q, x.k, x.queue, **options).logits
 
 
 def forward_backward(
@@ -264,7 +266,8 @@ def cuda_peak(variant: str, x: MixingInputs, cfg: MixingConfig) -> PeakMemory:
 def cpu_peak_in_this_process(variant: str, cfg: MixingConfig) -> PeakMemory:
     """Peak RSS increase of one call; meant for a fresh interpreter (`_mixing_peak`)."""
     x = make_inputs(cfg)
-    tiny = replace(cfg, batch=4, queue=8, dim=4, n_hard=min(cfg.n_hard, 4), s1=min(cfg.s1, 2), s2=min(cfg.s2, 2))
+    tiny = replace(cfg, batch=4, queue=8, dim=4, n_hard=min(cfg.n_hard, 4),
+                   sizes={name: min(n, 2) for name, n in cfg.sizes.items()})
     forward_backward(variant, make_inputs(tiny), tiny, _new_generator(tiny))
     gc.collect()
     reset = _reset_peak_rss()
@@ -307,8 +310,9 @@ def _ratio(mixing_added: float, materialised_added: float) -> Optional[float]:
 
 
 def print_mixing_report(console: Console, cfg: MixingConfig, results: dict[str, VariantResult]) -> None:
+    sizes = " ".join(f"{name}={n}" for name, n in cfg.sizes.items())
     table = Table(title=f"fwd+bwd, B={cfg.batch} K={cfg.queue} d={cfg.dim} n_hard={cfg.n_hard} "
-                        f"s1={cfg.s1} s2={cfg.s2} {cfg.dtype} on {cfg.device}")
+                        f"{sizes} {cfg.dtype} on {cfg.device}")
     for column in ("variant", "ms per fwd+bwd", "added over plain MoCo (ms)", "peak extra (MiB)"):
         table.add_column(column, justify="left" if column == "variant" else "right")
     for name, r in results.items():
@@ -330,7 +334,7 @@ def mixing_json(cfg: MixingConfig, results: dict[str, VariantResult]) -> dict[st
     ratio = _ratio(x, y)
     return {
         "command": "mixing",
-        "config": asdict(cfg),
+        "config": config_fields(cfg),
         "device": device_description(device),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
@@ -356,15 +360,15 @@ def mixing_json(cfg: MixingConfig, results: dict[str, VariantResult]) -> dict[st
 
 def mixing_config(args: argparse.Namespace) -> MixingConfig:
     return MixingConfig(
-        batch=args.batch, queue=args.queue, dim=args.dim, n_hard=args.n_hard, s1=args.s1, s2=args.s2,
+        batch=args.batch, queue=args.queue, dim=args.dim, n_hard=args.n_hard,
         temperature=args.temperature, repeats=args.repeats, warmup=args.warmup,
-        device=args.device, dtype=args.dtype,
+        device=args.device, dtype=args.dtype, sizes={t.size: getattr(args, t.size) for t in NEGATIVE_TYPES.values()},
     )
 
 
 def mixing_argv(cfg: MixingConfig) -> list[str]:
     """The command-line options that rebuild `cfg` (for the `_mixing_peak` subprocess)."""
-    return [f"--{name}={value}" for name, value in asdict(cfg).items()]
+    return [f"--{name}={value}" for name, value in config_fields(cfg).items()]
 
 
 def run_mixing(args: argparse.Namespace) -> dict[str, Any]:

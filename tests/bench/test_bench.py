@@ -8,9 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from method.test_negative_types import EXTRAPOLATION
 
-from hnmix.bench.mixing import materialised_mochi_logits
-from hnmix.mixing import mochi_logits
+from hnmix.bench.cli import build_parser
+from hnmix.bench.mixing import make_inputs, materialised_mochi_logits, mixing_argv, mixing_config, variant_logits
+from hnmix.mixing import NEGATIVE_TYPES, mix_logits, register_negative_type
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -43,6 +45,10 @@ def _inputs(dtype, B=6, K=40, d=12):
     return q, k, queue, ids, queue_ids
 
 
+def _mixed_logits(*args, **kwargs):
+    return mix_logits(*args, **kwargs).logits
+
+
 def _logits_and_grad(fn, q, k, queue, ids, queue_ids, **sizes):
     q = q.detach().clone().requires_grad_()
     generator = torch.Generator().manual_seed(7)
@@ -53,9 +59,9 @@ def _logits_and_grad(fn, q, k, queue, ids, queue_ids, **sizes):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("sizes", [dict(n_hard=8, s1=5, s2=3), dict(n_hard=8, s1=0, s2=4), dict(n_hard=3, s1=6, s2=0)])
-def test_materialised_matches_mochi_logits(dtype, sizes):
+def test_materialised_matches_mix_logits(dtype, sizes):
     inputs = _inputs(dtype)
-    fast, fast_grad = _logits_and_grad(mochi_logits, *inputs, **sizes)
+    fast, fast_grad = _logits_and_grad(_mixed_logits, *inputs, **sizes)
     slow, slow_grad = _logits_and_grad(materialised_mochi_logits, *inputs, **sizes)
     assert slow.dtype == torch.float32 and slow.shape == fast.shape
     torch.testing.assert_close(slow, fast, atol=1e-5, rtol=0)
@@ -63,13 +69,13 @@ def test_materialised_matches_mochi_logits(dtype, sizes):
 
 
 @pytest.mark.parametrize("n_unmasked", [0, 1])
-def test_materialised_matches_mochi_logits_with_too_few_hard_negatives(n_unmasked):
+def test_materialised_matches_mix_logits_with_too_few_hard_negatives(n_unmasked):
     """A row with < 2 unmasked queue entries gets -inf type-1 logits, with none also -inf type 2."""
     q, k, queue, ids, _ = _inputs(torch.float32, K=8)
     queue_ids = torch.zeros(8, dtype=torch.long)  # all duplicates of row 0 ...
     queue_ids[:n_unmasked] = 100  # ... but these
     sizes = dict(n_hard=8, s1=4, s2=3)
-    fast, fast_grad = _logits_and_grad(mochi_logits, q, k, queue, ids, queue_ids, **sizes)
+    fast, fast_grad = _logits_and_grad(_mixed_logits, q, k, queue, ids, queue_ids, **sizes)
     slow, slow_grad = _logits_and_grad(materialised_mochi_logits, q, k, queue, ids, queue_ids, **sizes)
     torch.testing.assert_close(slow, fast, atol=1e-5, rtol=0)
     torch.testing.assert_close(slow_grad, fast_grad, atol=1e-5, rtol=1e-4)
@@ -77,6 +83,25 @@ def test_materialised_matches_mochi_logits_with_too_few_hard_negatives(n_unmaske
     assert torch.isneginf(type1).all()
     assert torch.isneginf(type2).all() == (n_unmasked == 0)
     assert torch.isfinite(slow[1:]).all()
+
+
+@pytest.fixture
+def extrapolation():
+    register_negative_type(EXTRAPOLATION)
+    yield EXTRAPOLATION
+    del NEGATIVE_TYPES[EXTRAPOLATION.name]
+
+
+def test_mixing_benchmark_has_a_count_flag_and_columns_per_registered_type(extrapolation):
+    defaults = build_parser().parse_args(["mixing"])
+    assert (defaults.s1, defaults.s2, defaults.s3) == (1024, 512, 0)
+    args = build_parser().parse_args(["mixing", "--batch", "4", "--queue", "16", "--dim", "8", "--n_hard", "4",
+                                      "--s1", "2", "--s2", "1", "--s3", "3", "--device", "cpu"])
+    cfg = mixing_config(args)
+    assert cfg.sizes == {"s1": 2, "s2": 1, "s3": 3} and "--s3=3" in mixing_argv(cfg)
+    x = make_inputs(cfg)
+    for variant, synthetic in (("moco", 0), ("hnmix", 6), ("materialised", 6)):
+        assert variant_logits(variant, x, cfg, torch.Generator()).shape == (4, 1 + 16 + synthetic), variant
 
 
 def test_train_benchmark_runs_the_full_trainer_on_generated_jpegs(tmp_path):
