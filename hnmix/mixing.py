@@ -500,8 +500,3 @@ def mix_logits(
             temperature, n_hard, active_types(sizes), generator,
         )
     return MixedLogits(logits, hard_indices, hard_valid)
-
-
-def mochi_logits(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, **options) -> torch.Tensor:
-    """`mix_logits(q, k, queue, **options).logits`: the logits alone."""
-    return mix_logits(q, k, queue, **options).logits

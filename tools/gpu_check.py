@@ -9,7 +9,7 @@ them well. Its sections, in order of value:
                        python, torch, CUDA, cuDNN, the card, the driver; each requirement's
                        installed version; hnmix.train and datasets import
   cuda_tests           pytest tests/cuda and the guard's CUDA test in tests/train/test_optim.py:
-                       the whole step in bf16 and fp16 without host synchronisation, mochi_logits
+                       the whole step in bf16 and fp16 without host synchronisation, mix_logits
                        against the float64 oracle, the batched photometric half against the CPU,
                        --compile with a resume, --deterministic's exact resume
   bench_mixing         `bench mixing`: B=256, K=65536, d=128, n_hard=1024, s1=1024, s2=512
@@ -606,7 +606,7 @@ def mixing_rows(name: str, result: dict[str, Any], goals: dict) -> list[Row]:
     config, variants = result["config"], result["variants"]
     sizes = f"B={config['batch']} K={config['queue']} d={config['dim']} n_hard={config['n_hard']} " \
             f"s1={config['s1']} s2={config['s2']}"
-    labels = {"moco": f"plain MoCo fwd+bwd, {sizes}", "hnmix": "MoCHi, hnmix (mochi_logits)",
+    labels = {"moco": f"plain MoCo fwd+bwd, {sizes}", "hnmix": "MoCHi, hnmix (mix_logits)",
               "materialised": "MoCHi, materialising [B, s, d]"}
     moco_ms = variants["moco"]["ms_median"]
     rows = [row(name, labels[v], f"{r['ms_median']:.2f} ms", of_ceiling=f"{moco_ms / r['ms_median']:.0%}",

@@ -1,4 +1,4 @@
-"""The math of hnmix on CUDA: `mochi_logits` against the float64 oracle, the batched photometric
+"""The math of hnmix on CUDA: `mix_logits` against the float64 oracle, the batched photometric
 half against its CPU result. Marked `cuda` and skipped without a GPU (the GPU check runs them).
 
 The CPU tests (tests/method/test_mixing.py, tests/data/test_photometric.py) hold the references;
@@ -17,7 +17,7 @@ from hnmix.data.photometric import (
     apply_photometric,
     photometric_params,
 )
-from hnmix.mixing import draw_mixing, mochi_logits
+from hnmix.mixing import draw_mixing, mix_logits
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -27,7 +27,7 @@ CUDA_SIZES = [*SIZES, (64, 2048, 128, 128, 64, 32)]
 
 @pytest.fixture
 def oracle_draws_on_cuda(monkeypatch):
-    """The oracle takes its mixing draws from a CUDA generator, as `mochi_logits` on CUDA does
+    """The oracle takes its mixing draws from a CUDA generator, as `mix_logits` on CUDA does
     (`draw_mixing` draws on the generator's device), and mixes them on the host in float64."""
 
     def draws(n_valid, s1, s2, generator):
@@ -38,7 +38,7 @@ def oracle_draws_on_cuda(monkeypatch):
 
 
 def cuda_against_oracle(q, k, queue, *, autocast, **kwargs):
-    """(relative error of the logits, of the q-gradient) of `mochi_logits` on CUDA against the
+    """(relative error of the logits, of the q-gradient) of `mix_logits` on CUDA against the
     float64 oracle on the host; q, k, queue: CPU tensors [B, d], [B, d], [K, d]; ids and
     queue_ids in kwargs, on the host. Both sides draw from a CUDA generator seeded 7; the
     gradient is that of a fixed random weighting of the logits."""
@@ -46,7 +46,8 @@ def cuda_against_oracle(q, k, queue, *, autocast, **kwargs):
     q_oracle = q.double().requires_grad_()
     q_fast = q.clone().cuda().requires_grad_()
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-        fast = mochi_logits(q_fast, k.cuda(), queue.cuda(), generator=torch.Generator("cuda").manual_seed(7), **on_cuda)
+        fast = mix_logits(q_fast, k.cuda(), queue.cuda(), generator=torch.Generator("cuda").manual_seed(7),
+                          **on_cuda).logits
     expected, _ = oracle.oracle_logits(q_oracle, k, queue, generator=torch.Generator("cuda").manual_seed(7), **kwargs)
     assert fast.dtype == torch.float32 and fast.shape == expected.shape
     weights = torch.randn(expected.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
@@ -59,7 +60,7 @@ def cuda_against_oracle(q, k, queue, *, autocast, **kwargs):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("B,K,d,n_hard,s1,s2", CUDA_SIZES)
-def test_mochi_logits_on_cuda_match_the_float64_oracle(B, K, d, n_hard, s1, s2, dtype, oracle_draws_on_cuda):
+def test_mix_logits_on_cuda_match_the_float64_oracle(B, K, d, n_hard, s1, s2, dtype, oracle_draws_on_cuda):
     """float32 inputs, and bf16 inputs under bf16 autocast as the encoders give them in training:
     float32 logits within 1e-6 of the oracle (CUDA's autocast must not lower the math), the
     gradient within 1e-6, or bf16's rounding of a bf16 leaf's gradient."""

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from oracle import oracle_logits
 
 from hnmix import mixing
-from hnmix.mixing import draw_mixing, mix_logits, mochi_logits
+from hnmix.mixing import draw_mixing, mix_logits
 
 
 def unit(*shape, generator, dtype=torch.float32):
@@ -54,7 +54,7 @@ def test_logits_and_gradient_match_the_materialising_float64_oracle(B, K, d, n_h
     q_fast = q.clone().requires_grad_()
     q_oracle = q.double().requires_grad_()
 
-    fast = mochi_logits(q_fast, k, queue, generator=torch.Generator().manual_seed(7), **kwargs)
+    fast = mix_logits(q_fast, k, queue, generator=torch.Generator().manual_seed(7), **kwargs).logits
     expected, _ = oracle_logits(q_oracle, k, queue, generator=torch.Generator().manual_seed(7), **kwargs)
 
     assert fast.dtype == torch.float32
@@ -72,10 +72,10 @@ def test_logits_and_gradient_match_the_materialising_float64_oracle(B, K, d, n_h
 
 
 def _compare_with_oracle(q, k, queue, **kwargs):
-    """Relative errors (logits, q-gradient) of mochi_logits against the float64 oracle."""
+    """Relative errors (logits, q-gradient) of mix_logits against the float64 oracle."""
     q_fast = q.clone().requires_grad_()
     q_oracle = q.double().requires_grad_()
-    fast = mochi_logits(q_fast, k, queue, generator=torch.Generator().manual_seed(7), **kwargs)
+    fast = mix_logits(q_fast, k, queue, generator=torch.Generator().manual_seed(7), **kwargs).logits
     expected, _ = oracle_logits(q_oracle, k, queue, generator=torch.Generator().manual_seed(7), **kwargs)
     weights = torch.randn(expected.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     weights = weights.masked_fill(~torch.isfinite(expected), 0)
@@ -101,7 +101,7 @@ def test_without_ids_matches_the_oracle():
 def test_backward_can_run_twice_on_a_retained_graph():
     q, k, queue, ids, queue_ids = make_inputs(8, 64, 16)
     q.requires_grad_()
-    logits = mochi_logits(q, k, queue, temperature=0.2, n_hard=10, s1=5, s2=4, ids=ids, queue_ids=queue_ids)
+    logits = mix_logits(q, k, queue, temperature=0.2, n_hard=10, s1=5, s2=4, ids=ids, queue_ids=queue_ids).logits
     loss = F.cross_entropy(logits, torch.zeros(8, dtype=torch.long))
     loss.backward(retain_graph=True)
     first = q.grad.clone()
@@ -120,7 +120,7 @@ def test_hard_negatives_are_the_highest_unmasked_queue_entries():
 def test_column_layout_positive_queue_type1_type2():
     B, K, s1, s2, T = 4, 16, 3, 5, 0.5
     q, k, queue, *_ = make_inputs(B, K, 8)
-    logits = mochi_logits(q, k, queue, temperature=T, n_hard=4, s1=s1, s2=s2)
+    logits = mix_logits(q, k, queue, temperature=T, n_hard=4, s1=s1, s2=s2).logits
     torch.testing.assert_close(logits[:, 0], (q * k).sum(1) / T)
     torch.testing.assert_close(logits[:, 1 : 1 + K], q @ queue.T / T)
     assert logits.shape[1] == 1 + K + s1 + s2
@@ -172,8 +172,8 @@ def test_type2_logits_lie_between_the_hard_negative_and_the_half_mix():
 def test_float32_logits_under_bf16_autocast_and_from_bf16_inputs():
     q, k, queue, ids, queue_ids = make_inputs(8, 64, 32, dtype=torch.bfloat16)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        logits = mochi_logits(q, k, queue, temperature=0.07, n_hard=8, s1=4, s2=4, ids=ids, queue_ids=queue_ids,
-                              generator=torch.Generator().manual_seed(0))
+        logits = mix_logits(q, k, queue, temperature=0.07, n_hard=8, s1=4, s2=4, ids=ids, queue_ids=queue_ids,
+                            generator=torch.Generator().manual_seed(0)).logits
     expected, _ = oracle_logits(q, k, queue, temperature=0.07, n_hard=8, s1=4, s2=4, ids=ids, queue_ids=queue_ids,
                                 generator=torch.Generator().manual_seed(0))
     assert logits.dtype == torch.float32
@@ -183,9 +183,9 @@ def test_float32_logits_under_bf16_autocast_and_from_bf16_inputs():
 def test_a_seeded_generator_repeats_the_draws_exactly():
     q, k, queue, *_ = make_inputs(8, 64, 16)
     kwargs = dict(temperature=0.2, n_hard=16, s1=8, s2=8)
-    first = mochi_logits(q, k, queue, generator=torch.Generator().manual_seed(5), **kwargs)
-    again = mochi_logits(q, k, queue, generator=torch.Generator().manual_seed(5), **kwargs)
-    other = mochi_logits(q, k, queue, generator=torch.Generator().manual_seed(6), **kwargs)
+    first = mix_logits(q, k, queue, generator=torch.Generator().manual_seed(5), **kwargs).logits
+    again = mix_logits(q, k, queue, generator=torch.Generator().manual_seed(5), **kwargs).logits
+    other = mix_logits(q, k, queue, generator=torch.Generator().manual_seed(6), **kwargs).logits
     assert torch.equal(first, again)
     assert not torch.equal(first[:, 65:], other[:, 65:])
 
@@ -195,7 +195,7 @@ def test_gradient_reaches_only_q():
     q.requires_grad_()
     k.requires_grad_()
     queue.requires_grad_()
-    mochi_logits(q, k, queue, temperature=0.2, n_hard=4, s1=3, s2=3).sum().backward()
+    mix_logits(q, k, queue, temperature=0.2, n_hard=4, s1=3, s2=3).logits.sum().backward()
     assert q.grad is not None and k.grad is None and queue.grad is None
 
 
@@ -236,7 +236,7 @@ def test_bad_sizes_raise_value_error_naming_the_argument(overrides, name):
     q, k, queue, *_ = make_inputs(4, 16, 8)
     kwargs = dict(temperature=0.2) | overrides
     with pytest.raises(ValueError, match=name):
-        mochi_logits(q, k, queue, **kwargs)
+        mix_logits(q, k, queue, **kwargs)
 
 
 @pytest.mark.parametrize(
@@ -253,7 +253,7 @@ def test_bad_sizes_raise_value_error_naming_the_argument(overrides, name):
 def test_mismatched_shapes_raise_value_error_naming_the_argument(change, name):
     q, k, queue, ids, queue_ids = change(*make_inputs(4, 16, 8))
     with pytest.raises(ValueError, match=name):
-        mochi_logits(q, k, queue, temperature=0.2, ids=ids, queue_ids=queue_ids)
+        mix_logits(q, k, queue, temperature=0.2, ids=ids, queue_ids=queue_ids)
 
 
 def test_type1_logits_lie_on_the_arc_between_their_two_hard_negatives():

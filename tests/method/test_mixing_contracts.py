@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from oracle import oracle_logits
 
 from hnmix import mixing
-from hnmix.mixing import draw_mixing, mix_logits, mochi_logits
+from hnmix.mixing import draw_mixing, mix_logits
 
 
 def unit_rows(n, d, generator):
@@ -33,7 +33,7 @@ def test_a_gradient_arriving_at_masked_logits_reaches_no_query():
     q, k, queue, ids, queue_ids = inputs_with_masks()
     kwargs = {"temperature": 0.2, "n_hard": 3, "s1": 3, "s2": 2, "ids": ids, "queue_ids": queue_ids}
     q_fast, q_oracle = q.clone().requires_grad_(), q.double().requires_grad_()
-    fast = mochi_logits(q_fast, k, queue, generator=torch.Generator().manual_seed(1), **kwargs)
+    fast = mix_logits(q_fast, k, queue, generator=torch.Generator().manual_seed(1), **kwargs).logits
     expected, _ = oracle_logits(q_oracle, k, queue, generator=torch.Generator().manual_seed(1), **kwargs)
     assert torch.isinf(fast[:, 1:]).sum() == 11 + 3  # query 0's masked queue entries and its type 1
     (grad_fast,) = torch.autograd.grad(fast, q_fast, torch.ones_like(fast))
@@ -105,12 +105,12 @@ def test_type1_dot_products_are_gathered_into_one_reused_buffer_a_few_rows_at_a_
 def test_negative_sizes_raise_exactly_this_message(overrides, message):
     q, k, queue, *_ = inputs_with_masks()
     with pytest.raises(ValueError) as raised:
-        mochi_logits(q, k, queue, temperature=0.2, **overrides)
+        mix_logits(q, k, queue, temperature=0.2, **overrides)
     assert str(raised.value) == message
 
 
 def test_ids_without_queue_ids_raise_exactly_this_message():
     q, k, queue, ids, _ = inputs_with_masks()
     with pytest.raises(ValueError) as raised:
-        mochi_logits(q, k, queue, temperature=0.2, ids=ids)
+        mix_logits(q, k, queue, temperature=0.2, ids=ids)
     assert str(raised.value) == "ids and queue_ids must be given together (or neither)"
