@@ -5,8 +5,8 @@ What it computes (the formulas are in `hnmix.evaluate.hardness`):
 - one batch of `--batch_size` held-out queries q = encoder_q(view_q) scored against their keys
   k = encoder_k(view_k) and the checkpoint's queue, with `hnmix.mixing.mix_logits` (n_hard and
   each negative type's count from the run, or MoCHi's 32/16/16 for a plain MoCo run, or the flags):
-  histograms of the logits by kind, the false-negative fraction among the N hardest (the queue's labels), the
-  fraction of synthetic negatives above the hardest real one;
+  histograms of the logits by kind, the false-negative fraction among the N hardest (the queue's
+  labels), the fraction of synthetic negatives above the hardest real one;
 - alignment and uniformity (Wang and Isola 2020) of the query encoder's projections of both views
   of up to `--max_samples` held-out images.
 The held-out split is the kNN monitor's (`hnmix.evaluate.splits.load_eval_splits` with the run's
@@ -47,7 +47,6 @@ from hnmix.evaluate.splits import bounded_subset, load_eval_splits
 from hnmix.mixing import NEGATIVE_TYPES, mix_logits, validate_mixing_sizes
 from hnmix.moco import MoCo, MoCoEncoder
 from hnmix.pictures.hardness import draw_hardness
-from hnmix.run_config import load_run_config
 
 MOCHI_SIZES = {"n_hard": 32, "s1_hard": 16, "s2_hard": 16}  # for a run that trained without mixing (other types: 0)
 DEFAULT_SEED = 69420
@@ -88,7 +87,7 @@ def load_moco(checkpoint: Path) -> tuple[MoCo, dict[str, Any], int]:
         raise ConfigError(f"{checkpoint} is not a training checkpoint (model.safetensors + config.yaml); pass "
                           "DIR_OUT/checkpoints/step_N")
     try:
-        config = load_run_config(checkpoint / "config.yaml")
+        config = yaml.safe_load((checkpoint / "config.yaml").read_text())
         weights = load_file(checkpoint / "model.safetensors")
     except (OSError, yaml.YAMLError, SafetensorError) as error:
         raise ConfigError(f"cannot read the checkpoint {checkpoint} ({describe(error)}); pass a complete one") from None
@@ -112,8 +111,7 @@ def load_moco(checkpoint: Path) -> tuple[MoCo, dict[str, Any], int]:
 
 def size_defaults() -> dict[str, int]:
     """n_hard and each registered type's `count_option` ("s1_hard"), with its value for a run that did not mix."""
-    return {"n_hard": MOCHI_SIZES["n_hard"]} | {t.count_option: MOCHI_SIZES.get(t.count_option, 0)
-                                                for t in NEGATIVE_TYPES.values()}
+    return MOCHI_SIZES | {t.count_option: MOCHI_SIZES.get(t.count_option, 0) for t in NEGATIVE_TYPES.values()}
 
 
 def mixing_sizes(args: argparse.Namespace, config: dict[str, Any]) -> dict[str, int]:
@@ -125,11 +123,6 @@ def mixing_sizes(args: argparse.Namespace, config: dict[str, Any]) -> dict[str, 
         value = getattr(args, name)
         sizes[name] = value if value is not None else (config.get(name, default) if mixed else default)
     return sizes
-
-
-def by_size(sizes: dict[str, int]) -> dict[str, int]:
-    """{"s1": .., "s2": ..}, `mix_logits`' keywords, of {"s1_hard": .., "s2_hard": ..}."""
-    return {t.size: sizes[t.count_option] for t in NEGATIVE_TYPES.values()}
 
 
 def train_split_rows(held_out: datasets.Dataset) -> Optional[torch.Tensor]:
@@ -185,9 +178,10 @@ def run_analysis(args: argparse.Namespace) -> tuple[dict[str, Any], Path, Path]:
     checkpoint = Path(args.checkpoint)
     moco, config, step = load_moco(checkpoint)
     sizes = mixing_sizes(args, config)
+    by_size = {t.size: sizes[t.count_option] for t in NEGATIVE_TYPES.values()}  # mix_logits' keywords: s1, s2
     try:
         validate_mixing_sizes(queue_size=moco.queue.size, temperature=moco.t_moco, n_hard=sizes["n_hard"],
-                              **by_size(sizes))
+                              **by_size)
     except ValueError as error:
         raise ConfigError(f"option {error}") from None
     for name in ("batch_size", "max_samples"):
@@ -230,7 +224,7 @@ def run_analysis(args: argparse.Namespace) -> tuple[dict[str, Any], Path, Path]:
     ids = rows[projected["index"][:batch]].to(device) if rows is not None else None
     result = analyze_batch(projected["q"][:batch].to(device), projected["k"][:batch].to(device),
                            projected["label"][:batch].to(device), ids, moco,
-                           n_hard=sizes["n_hard"], seed=seed, **by_size(sizes))
+                           n_hard=sizes["n_hard"], seed=seed, **by_size)
     analysis = {
         "checkpoint": str(checkpoint), "step": step, "arch": config.get("arch"), "dataset": dataset,
         "held_out": splits.held_out_source, "queries": batch, "samples": len(held_out),
