@@ -47,6 +47,7 @@ from hnmix.evaluate.splits import bounded_subset, load_eval_splits
 from hnmix.mixing import NEGATIVE_TYPES, mix_logits, validate_mixing_sizes
 from hnmix.moco import MoCo, MoCoEncoder
 from hnmix.pictures.hardness import draw_hardness
+from hnmix.run_config import load_run_config
 
 MOCHI_SIZES = {"n_hard": 32, "s1_hard": 16, "s2_hard": 16}  # for a run that trained without mixing (other types: 0)
 DEFAULT_SEED = 69420
@@ -87,7 +88,7 @@ def load_moco(checkpoint: Path) -> tuple[MoCo, dict[str, Any], int]:
         raise ConfigError(f"{checkpoint} is not a training checkpoint (model.safetensors + config.yaml); pass "
                           "DIR_OUT/checkpoints/step_N")
     try:
-        config = yaml.safe_load((checkpoint / "config.yaml").read_text())
+        config = load_run_config(checkpoint / "config.yaml")
         weights = load_file(checkpoint / "model.safetensors")
     except (OSError, yaml.YAMLError, SafetensorError) as error:
         raise ConfigError(f"cannot read the checkpoint {checkpoint} ({describe(error)}); pass a complete one") from None

@@ -42,6 +42,7 @@ from hnmix.data.transforms import moco_v2_photometric
 from hnmix.data.two_views import EpochSampler, TwoViewDataset, sample_rng
 from hnmix.errors import ConfigError, exit_code
 from hnmix.pictures.views import PreviewRow, draw_views
+from hnmix.run_config import load_run_config
 
 DEFAULT_SEED = 69420  # the trainer's
 # The options a run's config.yaml can fill in (`--config`), under the trainer's names.
@@ -109,7 +110,7 @@ def parse_options(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def _run_config(path: str) -> dict[str, Any]:
     try:
-        config = yaml.safe_load(Path(path).read_text())
+        config = load_run_config(path)
     except (OSError, yaml.YAMLError) as error:
         raise ConfigError(f"option config: cannot read {path} ({type(error).__name__}); pass a run's "
                           "DIR_OUT/config.yaml") from None

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -43,7 +42,7 @@ ARMS = ("untrained", "moco", "mochi")
 
 def arm_configs(config) -> dict[str, Any]:
     """{"moco": config without synthetic negatives, "mochi": config}."""
-    return {"moco": replace(config, s1_hard=0, s2_hard=0), "mochi": config}
+    return {"moco": config.with_options(s1_hard=0, s2_hard=0), "mochi": config}
 
 
 def learn_defaults(trainer_argv: Sequence[str]) -> list[str]:
@@ -57,18 +56,18 @@ def evaluation_argv(model: str, config, protocol: str, json_path: Path) -> list[
     """`python -m hnmix.evaluate`'s arguments for `model` under the recipe `config`: its data
     (dataset, split, columns, image size, seed), its evaluation crop and, for the kNN, its
     monitor's settings."""
-    argv = [model, "--protocol", protocol, "--dataset", config.dataset, "--split", config.split,
-            "--image_column", config.image_column, "--img_size", str(config.img_size),
-            "--eval_crop_pct", str(config.eval_crop_pct), "--synthetic_size", str(config.synthetic_size),
-            "--seed", str(config.seed), "--json", str(json_path)]
+    argv = [model, "--protocol", protocol, "--dataset", config.data.dataset, "--split", config.data.split,
+            "--image_column", config.data.image_column, "--img_size", str(config.data.img_size),
+            "--eval_crop_pct", str(config.evaluation.eval_crop_pct), "--synthetic_size", str(config.data.synthetic_size),
+            "--seed", str(config.run.seed), "--json", str(json_path)]
     for name in ("label_column", "dir_data", "num_workers"):  # None: each program's own default
-        if getattr(config, name) is not None:
-            argv += [f"--{name}", str(getattr(config, name))]
+        if getattr(config.data, name) is not None:
+            argv += [f"--{name}", str(getattr(config.data, name))]
     if protocol == "knn":
-        argv += ["--knn_k", str(config.knn_k), "--knn_temperature", str(config.knn_temperature),
-                 "--knn_features", config.knn_features, "--eval_max_samples", str(config.eval_max_samples)]
-        if config.knn_split is not None:
-            argv += ["--knn_split", config.knn_split]
+        argv += ["--knn_k", str(config.evaluation.knn_k), "--knn_temperature", str(config.evaluation.knn_temperature),
+                 "--knn_features", config.evaluation.knn_features, "--eval_max_samples", str(config.evaluation.eval_max_samples)]
+        if config.evaluation.knn_split is not None:
+            argv += ["--knn_split", config.evaluation.knn_split]
     return argv
 
 
@@ -88,14 +87,14 @@ def evaluate_both(model: str, config, directory: Path) -> dict[str, float]:
 def untrained_checkpoint(config, directory: Path) -> Path:
     """The arms' starting point as a checkpoint `python -m hnmix.evaluate` reads: the query encoder
     (backbone with its stem, projection head) that the trainer's `build_model` makes under
-    config.seed, in `directory/model.safetensors` beside `directory/config.yaml`."""
+    config.run.seed, in `directory/model.safetensors` beside `directory/config.yaml`."""
     from safetensors.torch import save_file
 
     from hnmix.evaluate.models import ENCODER_PREFIX
     from hnmix.train.components import build_model
     from hnmix.train.config import config_to_yaml
 
-    encoder = build_model(replace(config, compile=False), (0, 0)).encoder_q
+    encoder = build_model(config.model, config.method, (0, 0), seed=config.run.seed).encoder_q
     directory.mkdir(parents=True, exist_ok=True)
     # safetensors stores contiguous tensors only (the conv weights are channels_last).
     save_file({ENCODER_PREFIX + name: tensor.contiguous() for name, tensor in encoder.state_dict().items()},
@@ -108,10 +107,10 @@ def train_arm(config, directory: Path) -> Path:
     """Train `config` into `directory`; the path of its final checkpoint."""
     from hnmix.train.loop import train
 
-    config = replace(config, dir_out=str(directory), steps_save=config.steps, keep_checkpoints=1, stop_at=None,
+    config = config.with_options(dir_out=str(directory), steps_save=config.optimization.steps, keep_checkpoints=1, stop_at=None,
                      resume=None)
     train(config)
-    return directory / "checkpoints" / f"step_{config.steps:08d}"
+    return directory / "checkpoints" / f"step_{config.optimization.steps:08d}"
 
 
 def summarise(runs: list[dict[str, float]]) -> dict[str, Any]:
@@ -126,8 +125,8 @@ def summarise(runs: list[dict[str, float]]) -> dict[str, Any]:
 
 
 def print_learn_report(console: Console, arms: dict[str, dict[str, Any]], seeds: int, config) -> None:
-    table = Table(title=f"MoCo against MoCHi: {config.arch} {config.img_size}px on {config.dataset}, "
-                        f"{config.steps} steps of {config.batch_size}, {seeds} seed(s) (accuracy %, mean ± std)")
+    table = Table(title=f"MoCo against MoCHi: {config.model.arch} {config.data.img_size}px on {config.data.dataset}, "
+                        f"{config.optimization.steps} steps of {config.optimization.batch_size}, {seeds} seed(s) (accuracy %, mean ± std)")
     table.add_column("arm")
     for name in METRICS:
         table.add_column(name.replace("_", " "), justify="right")
@@ -154,8 +153,8 @@ def run_learn(args: argparse.Namespace, trainer_argv: Sequence[str]) -> dict[str
     runs: dict[str, list[dict[str, float]]] = {arm: [] for arm in ARMS}
     with tempfile.TemporaryDirectory(prefix="hnmix-learn-") as tmp:
         for offset in range(args.seeds):
-            seeded = replace(base, seed=base.seed + offset)
-            where = Path(tmp) / f"seed{seeded.seed}"
+            seeded = base.with_options(seed=base.run.seed + offset)
+            where = Path(tmp) / f"seed{seeded.run.seed}"
             untrained = untrained_checkpoint(seeded, where / "untrained")
             runs["untrained"].append(evaluate_both(str(untrained), seeded, untrained))
             for arm, config in arm_configs(seeded).items():
@@ -163,7 +162,7 @@ def run_learn(args: argparse.Namespace, trainer_argv: Sequence[str]) -> dict[str
                 runs[arm].append(evaluate_both(str(checkpoint), config, where / arm))
     arms = {arm: summarise(values) for arm, values in runs.items()}
     print_learn_report(Console(), arms, args.seeds, base)
-    return {"arms": arms, "seeds": [base.seed + offset for offset in range(args.seeds)],
+    return {"arms": arms, "seeds": [base.run.seed + offset for offset in range(args.seeds)],
             "mochi_minus_moco": {name: arms["mochi"][name]["mean"] - arms["moco"][name]["mean"]
                                  for name in METRICS if name in arms["mochi"] and name in arms["moco"]},
             "config": base.to_dict()}

@@ -154,16 +154,16 @@ def time_steps(step: Callable[[], None], *, steps: int, device: torch.device) ->
 
 
 def _autocast_dtype(config) -> Optional[torch.dtype]:
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.mixed_precision or "no")
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.run.mixed_precision or "no")
 
 
 def bare_step(config, device: torch.device) -> Callable[[], None]:
     """The bare loop of `config`'s network (its BatchNorm unsplit): query forward + backward, key forward."""
     from hnmix.train.components import build_model  # bench may import the trainer; not the reverse
 
-    moco = build_model(replace(config, bn_splits=1), curriculum=(0, 0)).to(device).train()
+    moco = build_model(config.model, replace(config.method, bn_splits=1), (0, 0), seed=config.run.seed).to(device).train()
     generator = torch.Generator().manual_seed(0)
-    shape = (config.batch_size, 3, config.img_size, config.img_size)
+    shape = (config.optimization.batch_size, 3, config.data.img_size, config.data.img_size)
     view_q, view_k = (torch.randn(shape, generator=generator).to(device) for _ in range(2))
     dtype = _autocast_dtype(config)
 
@@ -179,7 +179,7 @@ def bare_step(config, device: torch.device) -> Callable[[], None]:
 
 def trainer_step(config, *, calls: int) -> tuple[Callable[[], None], torch.device]:
     """The trainer's step as the loop makes it, built as the loop builds its parts (compiled under
-    `config.compile`), over `calls` in-memory batches, made beforehand so that no op of the
+    `config.run.compile`), over `calls` in-memory batches, made beforehand so that no op of the
     bench's own counts (a step past them reuses them in turn); and its device."""
     from hnmix.data.photometric import StepPhotometric
     from hnmix.train.components import (
@@ -194,24 +194,24 @@ def trainer_step(config, *, calls: int) -> tuple[Callable[[], None], torch.devic
     from hnmix.train.schedule import lr_schedule, momentum_schedule
     from hnmix.train.step import TrainStep
 
-    accelerator = make_accelerator(config)
+    accelerator = make_accelerator(config.run)
     device = accelerator.device
-    model = build_model(config, curriculum=(0, 0))  # mixing from the first step
-    optimizer = build_optimizer(config, model.encoder_q, device)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(config))
+    model = build_model(config.model, config.method, (0, 0), seed=config.run.seed)  # mixing from the first step
+    optimizer = build_optimizer(config.optimization, model.encoder_q, device)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(config.optimization))
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    step_model = compile_step(model, config.compile_mode) if config.compile else model
-    on_accelerator = augment_on_accelerator(config, device)
-    photometric = (StepPhotometric(config.img_size, seed=config.seed, rank=0, augmentation=config.augmentation)
+    step_model = compile_step(model, config.run.compile_mode) if config.run.compile else model
+    on_accelerator = augment_on_accelerator(config.data, device)
+    photometric = (StepPhotometric(config.data.img_size, seed=config.run.seed, rank=0, augmentation=config.augmentation)
                    if on_accelerator else None)
     train_step = TrainStep(
         model=step_model, moco=accelerator.unwrap_model(model), accelerator=accelerator, optimizer=optimizer,
-        scheduler=scheduler, guard=NonFiniteGuard(optimizer, config.max_nonfinite_steps, device=device),
-        window=StatsWindow(), bad_images=RunningCount(), momentum_at=momentum_schedule(config),
-        clip_grad=config.clip_grad, photometric=photometric, has_labels=True,
+        scheduler=scheduler, guard=NonFiniteGuard(optimizer, config.optimization.max_nonfinite_steps, device=device),
+        window=StatsWindow(), bad_images=RunningCount(), momentum_at=momentum_schedule(config.method, config.optimization.steps),
+        clip_grad=config.optimization.clip_grad, photometric=photometric, has_labels=True,
     )
     generator = torch.Generator().manual_seed(0)
-    B, shape = config.batch_size, (config.batch_size, 3, config.img_size, config.img_size)
+    B, shape = config.optimization.batch_size, (config.optimization.batch_size, 3, config.data.img_size, config.data.img_size)
     if photometric:
         views = [torch.randint(0, 256, shape, dtype=torch.uint8, generator=generator).to(device) for _ in range(2)]
     else:
@@ -222,7 +222,7 @@ def trainer_step(config, *, calls: int) -> tuple[Callable[[], None], torch.devic
     done = [0]
 
     def step() -> None:
-        if config.compile:
+        if config.run.compile:
             torch.compiler.cudagraph_mark_step_begin()  # as the loop does
         ids, labels, unreadable = batches[done[0] % calls]
         train_step(*views, ids, labels, unreadable, done[0])
@@ -245,7 +245,7 @@ def count_row(config, *, warmup: int, measure: int, timed: int, bare: Optional[d
     extra.subtract(bare["ops"])
     bare_total, trainer_total = sum(bare["ops"].values()), sum(trainer["ops"].values())
     row = {
-        "arch": config.arch, "bn_splits": config.bn_splits, "mode": config.compile_mode if config.compile else "eager",
+        "arch": config.model.arch, "bn_splits": config.method.bn_splits, "mode": config.run.compile_mode if config.run.compile else "eager",
         "bare": bare_total, "trainer": trainer_total, "ratio": trainer_total / bare_total,
         "device": device_description(device),
         "trainer_host_reads": sum(trainer["ops"][name] for name in HOST_READS),
@@ -256,7 +256,7 @@ def count_row(config, *, warmup: int, measure: int, timed: int, bare: Optional[d
     for name, measured in (("bare", bare), ("trainer", trainer)):
         for key in ("cuda_launches", "gpu_busy_ms", "host_ms", "step_ms"):
             row[f"{name}_{key}"] = measured[key]
-        row[f"{name}_images_per_s"] = config.batch_size * 1000 / measured["step_ms"]
+        row[f"{name}_images_per_s"] = config.optimization.batch_size * 1000 / measured["step_ms"]
     return row
 
 
@@ -302,12 +302,12 @@ def run_overhead(args: argparse.Namespace, trainer_argv: Sequence[str]) -> dict[
     base = parse_config(given)
     rows, bare_of = [], {}
     console = Console()
-    for arch in args.archs or [base.arch]:
-        for splits in args.splits or [base.bn_splits]:
+    for arch in args.archs or [base.model.arch]:
+        for splits in args.splits or [base.method.bn_splits]:
             for mode in args.modes:
                 compiled = [] if mode == "eager" else ["--compile", "--compile_mode", mode]
                 config = parse_config([*given, "--arch", arch, "--bn_splits", str(splits), *compiled])
-                check_arch(config.arch, config.stem, config.resnet_init)  # an unknown model is one line
+                check_arch(config.model.arch, config.model.stem, config.model.resnet_init)  # an unknown model is one line
                 warmup = args.warmup_steps if mode == "eager" else max(args.warmup_steps, 3)  # compiles, records
                 row = count_row(config, warmup=warmup, measure=args.measure_steps, timed=args.time_steps,
                                 bare=bare_of.get(arch))
@@ -315,9 +315,9 @@ def run_overhead(args: argparse.Namespace, trainer_argv: Sequence[str]) -> dict[
                 console.log(f"{arch}, bn_splits {splits}, {mode}: bare {row['bare']:,.0f}, trainer "
                             f"{row['trainer']:,.0f} ({row['ratio']:.2f}x), {row['trainer_images_per_s']:,.0f} images/s")
                 rows.append(row)
-    table = Table(title=f"Kernel launches per step ({RULE}, mean of {args.measure_steps}); {base.img_size} px, "
-                        f"batch {base.batch_size}, n_hard {base.n_hard}, s1 {base.s1_hard}, s2 {base.s2_hard}, "
-                        f"{base.optimizer}, {base.mixed_precision or 'no'} mixed precision; times over "
+    table = Table(title=f"Kernel launches per step ({RULE}, mean of {args.measure_steps}); {base.data.img_size} px, "
+                        f"batch {base.optimization.batch_size}, n_hard {base.method.n_hard}, s1 {base.method.s1_hard}, s2 {base.method.s2_hard}, "
+                        f"{base.optimization.optimizer}, {base.run.mixed_precision or 'no'} mixed precision; times over "
                         f"{args.time_steps} steps")
     columns = ("model", "bn_splits", "mode", "bare loop", "trainer step", "trainer / bare", "CUDA launches",
                "host ms", "GPU busy ms", "step ms", "images/s")

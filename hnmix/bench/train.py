@@ -18,7 +18,6 @@ import os
 import statistics
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
@@ -93,20 +92,20 @@ def in_memory_images_per_s(config, *, device: torch.device, bare: bool, warmup: 
     from hnmix.train.schedule import lr_schedule
     from hnmix.train.hold_back import restore_batchnorm_statistics, save_batchnorm_statistics
 
-    moco = build_model(config, curriculum=(0, 0)).to(device)  # mixing from the first step
-    optimizer = build_optimizer(config, moco.encoder_q, device)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(config))
-    guard = NonFiniteGuard(optimizer, config.max_nonfinite_steps, device=device)
+    moco = build_model(config.model, config.method, (0, 0), seed=config.run.seed).to(device)  # mixing from the first step
+    optimizer = build_optimizer(config.optimization, moco.encoder_q, device)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(config.optimization))
+    guard = NonFiniteGuard(optimizer, config.optimization.max_nonfinite_steps, device=device)
     generator = torch.Generator().manual_seed(0)
-    on_accelerator = augment_on_accelerator(config, device)
-    photometric = StepPhotometric(config.img_size, seed=0, rank=0) if on_accelerator and not bare else None
-    shape = (config.batch_size, 3, config.img_size, config.img_size)
+    on_accelerator = augment_on_accelerator(config.data, device)
+    photometric = StepPhotometric(config.data.img_size, seed=0, rank=0) if on_accelerator and not bare else None
+    shape = (config.optimization.batch_size, 3, config.data.img_size, config.data.img_size)
     if photometric:
         views = [torch.randint(0, 256, shape, dtype=torch.uint8, generator=generator).to(device) for _ in range(2)]
     else:
         views = [torch.randn(shape, generator=generator).to(device) for _ in range(2)]
-    labels = torch.arange(config.batch_size, device=device) % 10
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.mixed_precision or "no")
+    labels = torch.arange(config.optimization.batch_size, device=device) % 10
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.run.mixed_precision or "no")
     step_number = [0]
 
     def step() -> None:
@@ -117,12 +116,12 @@ def in_memory_images_per_s(config, *, device: torch.device, bare: bool, warmup: 
                 with torch.no_grad():
                     moco.encoder_k(view_k)
             else:
-                ids = torch.arange(config.batch_size, device=device) + step_number[0] * config.batch_size
+                ids = torch.arange(config.optimization.batch_size, device=device) + step_number[0] * config.optimization.batch_size
                 saved = save_batchnorm_statistics(moco)
                 loss, _, keys = moco(view_q, view_k, ids, labels, step=step_number[0], enqueue=False)
                 loss.backward()
         if not bare:
-            grad_norm = torch.nn.utils.clip_grad_norm_(moco.encoder_q.parameters(), config.clip_grad or math.inf)
+            grad_norm = torch.nn.utils.clip_grad_norm_(moco.encoder_q.parameters(), config.optimization.clip_grad or math.inf)
             applied = guard.step(grad_norm)
             moco.momentum_update(applied)
             moco.queue.enqueue(*keys, apply=applied)
@@ -131,7 +130,7 @@ def in_memory_images_per_s(config, *, device: torch.device, bare: bool, warmup: 
         optimizer.zero_grad(set_to_none=True)
         step_number[0] += 1
 
-    return config.batch_size / _seconds_per_step(step, warmup=warmup, measure=measure, device=device)
+    return config.optimization.batch_size / _seconds_per_step(step, warmup=warmup, measure=measure, device=device)
 
 
 def with_peak_gpu_memory(device: torch.device, measure: Callable[[], float]) -> tuple[float, Optional[int]]:
@@ -150,11 +149,11 @@ def full_trainer_images_per_s(config, *, images: int, warmup: int, measure: int)
     from hnmix.train.loop import train
 
     with tempfile.TemporaryDirectory(prefix="hnmix-bench-") as tmp:
-        if config.dataset == GENERATED:
+        if config.data.dataset == GENERATED:
             Console().log(f"writing {images} generated JPEGs")
-            config = replace(config, dataset=str(write_jpeg_folder(Path(tmp) / "images", count=images)))
+            config = config.with_options(dataset=str(write_jpeg_folder(Path(tmp) / "images", count=images)))
         steps = warmup + measure
-        config = replace(config, dir_out=str(Path(tmp) / "out"), steps=steps, steps_print=1, steps_save=steps,
+        config = config.with_options(dir_out=str(Path(tmp) / "out"), steps=steps, steps_print=1, steps_save=steps,
                          keep_checkpoints=1, stop_at=None, resume=None)
         train(config)
         records = [json.loads(line) for line in (Path(tmp) / "out/metrics.jsonl").read_text().splitlines()]
@@ -173,8 +172,8 @@ def run_train(args: argparse.Namespace, trainer_argv: Sequence[str]) -> dict[str
     argv = [*SEED_TRAIN_OPTIONS, "--num_workers", str(os.cpu_count() or 1), "--eval_every", "0",
             "--dataset", GENERATED, *trainer_argv]
     config = parse_config(argv)
-    device = torch.device("cpu" if config.device == "cpu" or not torch.cuda.is_available() else "cuda")
-    plain = replace(config, s1_hard=0, s2_hard=0)
+    device = torch.device("cpu" if config.run.device == "cpu" or not torch.cuda.is_available() else "cuda")
+    plain = config.with_options(s1_hard=0, s2_hard=0)
     timing = dict(warmup=args.warmup_steps, measure=args.measure_steps)
     measures = {
         BARE_LOOP: lambda: in_memory_images_per_s(config, device=device, bare=True, **timing),
@@ -190,10 +189,10 @@ def run_train(args: argparse.Namespace, trainer_argv: Sequence[str]) -> dict[str
         console.log(f"{name}: {rows[name]:.1f} images/s" + ("" if peaks[name] is None else
                                                             f", peak GPU memory {peaks[name] / MIB:.0f} MiB"))
     ceiling = rows[BARE_LOOP]
-    table = Table(title=f"hnmix.train, {config.arch} {config.img_size}px, batch {config.batch_size}, "
-                        f"K={config.k_moco}, n_hard={config.n_hard}, s1={config.s1_hard}, s2={config.s2_hard}, "
-                        f"{config.mixed_precision or 'accelerate default'} precision, "
-                        f"{'compiled' if config.compile else 'eager'}, {device_description(device)}")
+    table = Table(title=f"hnmix.train, {config.model.arch} {config.data.img_size}px, batch {config.optimization.batch_size}, "
+                        f"K={config.method.k_moco}, n_hard={config.method.n_hard}, s1={config.method.s1_hard}, s2={config.method.s2_hard}, "
+                        f"{config.run.mixed_precision or 'accelerate default'} precision, "
+                        f"{'compiled' if config.run.compile else 'eager'}, {device_description(device)}")
     table.add_column("run")
     table.add_column("images/s", justify="right")
     table.add_column("of the bare loop", justify="right")

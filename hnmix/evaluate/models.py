@@ -20,6 +20,7 @@ from hnmix.data.transforms import EVAL_CROP_PCT
 from hnmix.errors import ConfigError, HubError, describe, network_error_types
 from hnmix.hub.load import load_encoder
 from hnmix.moco import MoCoEncoder
+from hnmix.run_config import load_run_config
 
 CHECKPOINT_PREFIX = "encoder_q.backbone."  # the query backbone's keys in a trainer checkpoint
 ENCODER_PREFIX = "encoder_q."  # the query encoder's (backbone and projection head)
@@ -168,7 +169,7 @@ def _load_checkpoint(path: Path) -> LoadedModel:
     from safetensors.torch import load_file
 
     try:
-        config = yaml.safe_load((path / "config.yaml").read_text()) or {}
+        config = load_run_config(path / "config.yaml") or {}
         weights = load_file(path / "model.safetensors")
     except (OSError, yaml.YAMLError, SafetensorError) as error:
         raise ConfigError(f"cannot read the checkpoint {path} ({describe(error)}); pass a complete checkpoint") from None
@@ -230,7 +231,7 @@ def run_config_of_encoder(path: Path, arch: str) -> tuple[dict[str, Any], Option
     """
     config_path = path.parent / "config.yaml"
     try:
-        config = yaml.safe_load(config_path.read_text()) if config_path.is_file() else None
+        config = load_run_config(config_path) if config_path.is_file() else None
     except (OSError, yaml.YAMLError, UnicodeDecodeError):
         config = None
     if (isinstance(config, dict) and isinstance(config.get("dataset"), str)

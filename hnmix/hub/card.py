@@ -64,7 +64,7 @@ def write_model_card(directory: str | Path, *, config: dict[str, Any], results: 
                      repo_id: Optional[str] = None, curves: Optional[str] = None) -> Path:
     """Write `directory/README.md`, the Hub model card of an exported encoder; returns its path.
 
-    config: the training options (`TrainConfig.to_dict()`); only the dataset, split, arch,
+    config: the training options by flat name (`TrainConfig.options()`); only the dataset, split, arch,
     img_size, steps, batch and MoCo/MoCHi options are used, never paths or the environment.
     results: optional `knn_top1`, `knn_top5`, `knn_k`, `linear_top1`, `linear_top5` (accuracies in
     percent, 0-100), `steps` (steps actually trained), `global_batch`, `num_processes`,

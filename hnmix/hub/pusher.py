@@ -4,7 +4,7 @@ on the network. The way the trainer uses it:
     pusher = HubPusher(repo_id, strategy="every_save")
     pusher.check()                                   # before training: HubError, one line
     ...                                              # at each checkpoint (main process):
-    write_model_card(encoder_dir, config=config.to_dict(), results=..., repo_id=repo_id)
+    write_model_card(encoder_dir, config=config.options(), results=..., repo_id=repo_id)
     pusher.on_save(step, encoder_dir=encoder_dir, checkpoint_dir=checkpoint)
     ...                                              # at the end:
     pusher.on_train_end(step, encoder_dir=encoder_dir, checkpoint_dir=checkpoint)

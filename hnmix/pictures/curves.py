@@ -22,6 +22,7 @@ import yaml
 
 from hnmix.errors import ConfigError, describe
 from hnmix.mixing import NEGATIVE_TYPES
+from hnmix.run_config import load_run_config
 
 if TYPE_CHECKING:
     from hnmix.references import Reference
@@ -120,8 +121,7 @@ def load_run(dir_out: str | Path, label: Optional[str] = None) -> Run:
         raise ConfigError(f"{metrics} holds no record yet; wait for the run's first log line (--steps_print)")
     config: dict[str, Any] = {}
     try:
-        loaded = yaml.safe_load((dir_out / CONFIG_FILE).read_text()) if (dir_out / CONFIG_FILE).is_file() else None
-        config = loaded if isinstance(loaded, dict) else {}
+        config = (load_run_config(dir_out / CONFIG_FILE) if (dir_out / CONFIG_FILE).is_file() else None) or {}
     except (OSError, yaml.YAMLError):
         pass
     return Run(label or dir_out.resolve().name, records, config)

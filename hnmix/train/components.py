@@ -6,7 +6,6 @@ checks of dir_out, arch and trackers. `hnmix.train.loop.train` calls them in ord
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import re
@@ -53,7 +52,19 @@ from hnmix.mixing import NEGATIVE_TYPES
 from hnmix.moco import MoCo, MoCoEncoder
 from hnmix.pictures.curves import copy_curves
 from hnmix.train.checkpoints import checkpoints_root, complete_checkpoints
-from hnmix.train.config import TrainConfig, curriculum_problem, curriculum_steps, knn_monitor_on, negative_counts
+from hnmix.train.config import (
+    DataConfig,
+    HubConfig,
+    MethodConfig,
+    ModelConfig,
+    OptimizationConfig,
+    RunConfig,
+    TrainConfig,
+    curriculum_problem,
+    curriculum_steps,
+    knn_monitor_on,
+    negative_counts,
+)
 from hnmix.train.log_lines import DropRankTag
 from hnmix.train.optim import make_optimizer
 from hnmix.train.preemption import STOPPED_MARKER
@@ -130,9 +141,9 @@ def prepare_dir_out(config: TrainConfig, accelerator: Accelerator, *, resuming: 
     A dir_out whose outputs are only the leftovers of a run that stopped before its first
     checkpoint (`holds_a_run` is False) is no run: a fresh run removes them and starts.
     Every rank checks; the main process removes, and the others wait for it."""
-    dir_out = Path(config.dir_out)
+    dir_out = Path(config.run.dir_out)
     found = [] if resuming else run_outputs(dir_out)
-    if found and holds_a_run(dir_out) and not (config.overwrite_dir_out or config.resume == "auto"):
+    if found and holds_a_run(dir_out) and not (config.run.overwrite_dir_out or config.run.resume == "auto"):
         raise ConfigError(f"dir_out {dir_out} already holds a run ({', '.join(found)}); continue it with "
                           "--resume latest (or --resume auto), choose another --dir_out, or pass --overwrite_dir_out "
                           "to delete it and start afresh")
@@ -144,8 +155,8 @@ def prepare_dir_out(config: TrainConfig, accelerator: Accelerator, *, resuming: 
             elif path.exists():
                 path.unlink()
         if found:
-            reason = ("--overwrite_dir_out" if config.overwrite_dir_out else "--resume auto found no checkpoint"
-                      if config.resume == "auto" else "the run that wrote them stopped before its first checkpoint")
+            reason = ("--overwrite_dir_out" if config.run.overwrite_dir_out else "--resume auto found no checkpoint"
+                      if config.run.resume == "auto" else "the run that wrote them stopped before its first checkpoint")
             logger.warning(f"Removed the previous run's {', '.join(found)} from {dir_out} ({reason})")
     accelerator.wait_for_everyone()
 
@@ -213,29 +224,29 @@ def use_deterministic_algorithms() -> None:
     torch.backends.cudnn.benchmark = False
 
 
-def cudnn_benchmark_on(config: TrainConfig, device: torch.device) -> bool:
+def cudnn_benchmark_on(run: RunConfig, device: torch.device) -> bool:
     """Whether cuDNN times its convolution algorithms for each new shape and keeps the fastest
     (`torch.backends.cudnn.benchmark`): on a CUDA device, where a step's shapes are the same every
     step, unless --deterministic (the fastest algorithm may differ between runs)."""
-    return device.type == "cuda" and not config.deterministic
+    return device.type == "cuda" and not run.deterministic
 
 
-def make_accelerator(config: TrainConfig) -> Accelerator:
-    if config.device not in (None, "cpu"):
+def make_accelerator(run: RunConfig) -> Accelerator:
+    if run.device not in (None, "cpu"):
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise ConfigError("option device selects a GPU for one process only; "
                               "under accelerate launch use its --gpu_ids")
-        os.environ["CUDA_VISIBLE_DEVICES"] = config.device
-    trackers = requested_trackers(config.report_to)
+        os.environ["CUDA_VISIBLE_DEVICES"] = run.device
+    trackers = requested_trackers(run.report_to)
     # torch 2.14 renames the option; Accelerate's kwargs handler only knows the old name, which
     # keeps its meaning (no buffer broadcast in forward; every rank builds identical buffers).
     warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated", category=FutureWarning)
     try:
         accelerator = Accelerator(
-            mixed_precision=config.mixed_precision,
-            cpu=config.device == "cpu",
+            mixed_precision=run.mixed_precision,
+            cpu=run.device == "cpu",
             log_with=trackers or None,
-            project_dir=config.dir_out,
+            project_dir=run.dir_out,
             step_scheduler_with_optimizer=False,  # the schedule counts optimizer steps, not samples
             kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False),
                              InitProcessGroupKwargs(timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S))],
@@ -243,8 +254,8 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
         )
     except (ValueError, ImportError) as error:
         raise ConfigError(f"cannot set up Accelerate: {str(error).splitlines()[0]}") from None
-    if config.device not in (None, "cpu") and accelerator.device.type == "cpu":
-        raise ConfigError(f"option device={config.device} selects a GPU, but there is no GPU {config.device} here "
+    if run.device not in (None, "cpu") and accelerator.device.type == "cpu":
+        raise ConfigError(f"option device={run.device} selects a GPU, but there is no GPU {run.device} here "
                           "(torch sees no CUDA device); pass --device cpu to train on the CPU, or leave --device out")
     if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         # Accelerate accepts it there but neither autocasts nor scales: the run would be float32.
@@ -274,10 +285,10 @@ def check_views_fit_in_memory(config: TrainConfig, device: torch.device) -> None
     """Refuse an --img_size (with --batch_size) whose two views of one batch as the encoders take
     them, [2, batch_size, 3, img_size, img_size] float32, exceed the memory of the device that
     trains: the least a step holds, so the run could only end in an allocation failure."""
-    needed = 2 * config.batch_size * 3 * config.img_size**2 * 4
+    needed = 2 * config.optimization.batch_size * 3 * config.data.img_size**2 * 4
     memory = device_memory_bytes(device)
     if memory is not None and needed > memory:
-        raise ConfigError(f"option img_size={config.img_size}: the two views of one batch of {config.batch_size} "
+        raise ConfigError(f"option img_size={config.data.img_size}: the two views of one batch of {config.optimization.batch_size} "
                           f"alone need {needed / 2**30:,.1f} GiB as float32, more than the {memory / 2**30:,.1f} GiB of "
                           f"memory on {device}; lower --img_size (the papers use 224) or --batch_size")
 
@@ -319,18 +330,18 @@ def quiet_other_processes(accelerator: Accelerator) -> None:
         huggingface_hub.utils.disable_progress_bars()
 
 
-def augment_on_accelerator(config: TrainConfig, device: torch.device) -> bool:
+def augment_on_accelerator(data: DataConfig, device: torch.device) -> bool:
     """`--augment_device`, resolved for the accelerator `device`: its default is the accelerator
     when that is a GPU."""
-    if config.augment_device is None:
+    if data.augment_device is None:
         return device.type != "cpu"
-    return config.augment_device == "accelerator"
+    return data.augment_device == "accelerator"
 
 
-def loader_workers(config: TrainConfig, accelerator: Accelerator) -> tuple[int, str]:
+def loader_workers(data: DataConfig, accelerator: Accelerator) -> tuple[int, str]:
     """(DataLoader workers per process, how that was chosen): --num_workers, or when it is left
     out this process's share of the node's cores (`hnmix.data.workers.workers_per_process`)."""
-    return workers_per_process(config.num_workers, accelerator.num_processes)
+    return workers_per_process(data.num_workers, accelerator.num_processes)
 
 
 def build_data(config: TrainConfig, accelerator: Accelerator, *, photometric_in_workers: bool):
@@ -338,23 +349,23 @@ def build_data(config: TrainConfig, accelerator: Accelerator, *, photometric_in_
     run the photometric half too when `photometric_in_workers`, as the augmentation options say
     (`TrainConfig.augmentation`; the batched half gets the same spec in the loop)."""
     with main_process_prepares_first(accelerator):
-        dataset = load_image_dataset(config.dataset, split=config.split, cache_dir=config.dir_data,
-                                     seed=config.seed, synthetic_size=config.synthetic_size)
-    image_column, label_column = resolve_columns(dataset, config.image_column, config.label_column)
+        dataset = load_image_dataset(config.data.dataset, split=config.data.split, cache_dir=config.data.dir_data,
+                                     seed=config.run.seed, synthetic_size=config.data.synthetic_size)
+    image_column, label_column = resolve_columns(dataset, config.data.image_column, config.data.label_column)
     augmentation = config.augmentation
     logger.info(f"Augmentation: {augmentation.describe()}")
-    photometric = moco_v2_photometric(config.img_size, augmentation) if photometric_in_workers else None
-    views = TwoViewDataset(dataset, image_column=image_column, label_column=label_column, img_size=config.img_size,
-                           seed=config.seed, photometric=photometric, augmentation=augmentation,
-                           in_memory_bytes=int(config.images_in_memory_gib * GIB))
-    workers, chosen_by = loader_workers(config, accelerator)
+    photometric = moco_v2_photometric(config.data.img_size, augmentation) if photometric_in_workers else None
+    views = TwoViewDataset(dataset, image_column=image_column, label_column=label_column, img_size=config.data.img_size,
+                           seed=config.run.seed, photometric=photometric, augmentation=augmentation,
+                           in_memory_bytes=int(config.data.images_in_memory_gib * GIB))
+    workers, chosen_by = loader_workers(config.data, accelerator)
     prefetch, ready = None, "loading in the main process"
     if workers:  # every process of the node has its loader in the same /dev/shm; refused before any worker starts
-        fit = fit_prefetch(views.batch_bytes(config.batch_size), workers,
+        fit = fit_prefetch(views.batch_bytes(config.optimization.batch_size), workers,
                            processes=local_processes(accelerator.num_processes))
         prefetch, ready = fit.prefetch_factor, fit.describe()
     logger.info(f"DataLoader: {workers} worker(s) per process ({chosen_by}), {ready}")
-    loader = make_train_loader(views, batch_size=config.batch_size, num_workers=workers, seed=config.seed,
+    loader = make_train_loader(views, batch_size=config.optimization.batch_size, num_workers=workers, seed=config.run.seed,
                                prefetch_factor=prefetch)
     return loader, label_column is not None
 
@@ -375,43 +386,43 @@ def build_knn_monitor(config: TrainConfig, accelerator: Accelerator) -> Optional
     try:
         with main_process_prepares_first(accelerator):
             splits = load_eval_splits(
-                config.dataset, split=config.split, image_column=config.image_column,
-                label_column=config.label_column, eval_split_size=held_out_size(config.eval_split_size),
-                max_samples=config.eval_max_samples or None, seed=config.seed, cache_dir=config.dir_data,
-                synthetic_size=config.synthetic_size, held_out_split=config.knn_split)
+                config.data.dataset, split=config.data.split, image_column=config.data.image_column,
+                label_column=config.data.label_column, eval_split_size=held_out_size(config.evaluation.eval_split_size),
+                max_samples=config.evaluation.eval_max_samples or None, seed=config.run.seed, cache_dir=config.data.dir_data,
+                synthetic_size=config.data.synthetic_size, held_out_split=config.evaluation.knn_split)
     except DataError as error:
-        if config.knn_split is not None and str(error).startswith(f"split {config.knn_split!r} does not exist"):
+        if config.evaluation.knn_split is not None and str(error).startswith(f"split {config.evaluation.knn_split!r} does not exist"):
             raise ConfigError(f"option knn_split: {error}") from None
         if str(error) != NO_LABELS:
             raise
         logger.warning("The dataset has no labels: training without the kNN monitor")
         return None
-    cadence = f"{config.eval_every[:-2]} epoch(s)" if config.eval_every.endswith("ep") else f"{config.eval_every} steps"
-    logger.info(f"kNN monitor of the {config.knn_features} features every {cadence}: {splits.describe()}")
+    cadence = f"{config.evaluation.eval_every[:-2]} epoch(s)" if config.evaluation.eval_every.endswith("ep") else f"{config.evaluation.eval_every} steps"
+    logger.info(f"kNN monitor of the {config.evaluation.knn_features} features every {cadence}: {splits.describe()}")
     augmentation = config.augmentation
-    return KnnMonitor.from_splits(splits, accelerator, img_size=config.img_size, batch_size=config.batch_size,
-                                  num_workers=loader_workers(config, accelerator)[0], k=config.knn_k, temperature=config.knn_temperature,
-                                  features=config.knn_features, mean=augmentation.mean, std=augmentation.std,
-                                  crop_pct=config.eval_crop_pct)
+    return KnnMonitor.from_splits(splits, accelerator, img_size=config.data.img_size, batch_size=config.optimization.batch_size,
+                                  num_workers=loader_workers(config.data, accelerator)[0], k=config.evaluation.knn_k, temperature=config.evaluation.knn_temperature,
+                                  features=config.evaluation.knn_features, mean=augmentation.mean, std=augmentation.std,
+                                  crop_pct=config.evaluation.eval_crop_pct)
 
 
 def resolve_lr(config: TrainConfig, num_processes: int) -> TrainConfig:
     """`config` with lr_base = lr_per_256 x global batch / 256 when --lr_per_256 is given (logged)."""
-    if config.lr_per_256 is None:
+    if config.optimization.lr_per_256 is None:
         return config
-    global_batch = config.batch_size * num_processes
-    lr_base = config.lr_per_256 * global_batch / 256
-    logger.info(f"Peak learning rate {lr_base:g} = lr_per_256 {config.lr_per_256:g} x global batch {global_batch} / 256")
-    return dataclasses.replace(config, lr_base=lr_base)
+    global_batch = config.optimization.batch_size * num_processes
+    lr_base = config.optimization.lr_per_256 * global_batch / 256
+    logger.info(f"Peak learning rate {lr_base:g} = lr_per_256 {config.optimization.lr_per_256:g} x global batch {global_batch} / 256")
+    return config.with_options(lr_base=lr_base)
 
 
 def resolve_curriculum(config: TrainConfig, steps_per_epoch: int, *, resuming: bool) -> tuple[int, ...]:
     """The first step of each negative type, in the registry's order. A type asked for (s > 0)
     that would start at or after the last step is refused with one line, or only warned about
     when a resumed run's new --steps moved the end before it."""
-    starts = curriculum_steps(config, steps_per_epoch=steps_per_epoch)
+    starts = curriculum_steps(config.method, steps_per_epoch=steps_per_epoch)
     for kind, step in zip(NEGATIVE_TYPES.values(), starts):
-        problem = curriculum_problem(config, kind, step)
+        problem = curriculum_problem(config.method, config.optimization.steps, kind, step)
         if problem and not resuming:
             raise ConfigError(problem)
         if problem:
@@ -429,26 +440,25 @@ def negatives_used(moco: MoCo, steps_trained: int) -> dict[str, Optional[int]]:
             for t in NEGATIVE_TYPES.values()}
 
 
-def build_model(config: TrainConfig, curriculum: tuple[int, ...]) -> MoCo:
-    """The MoCo model of `config`, identical on every rank; `curriculum`: the first step of each
+def build_model(model: ModelConfig, method: MethodConfig, curriculum: tuple[int, ...], *, seed: int) -> MoCo:
+    """The MoCo model of these options, identical on every rank; `curriculum`: the first step of each
     negative type, in the registry's order (`resolve_curriculum`). Eager: --compile compiles the prepared model
     (`compile_step`).
 
-    The global RNGs (torch, numpy, random) are seeded with --seed on every rank for the build,
+    The global RNGs (torch, numpy, random) are seeded with `seed` on every rank for the build,
     then with seed + rank (as Accelerate's `set_seed(device_specific=True)`, which needs an
     Accelerator; `hnmix.bench` builds without one) for training: stochastic layers (dropout,
     drop-path) draw their own masks on each rank, and each rank's stream resumes from its RNG
     file in a checkpoint. The queue's initial keys come from a generator of their own."""
-    set_seed(config.seed)  # the same initial weights on every rank
-    encoder = MoCoEncoder(config.arch, config.dim_moco, stem=config.stem, head=config.head)
-    apply_resnet_init(encoder.backbone, config.resnet_init, arch=config.arch)
+    set_seed(seed)  # the same initial weights on every rank
+    encoder = MoCoEncoder(model.arch, model.dim_moco, stem=model.stem, head=model.head)
+    apply_resnet_init(encoder.backbone, model.resnet_init, arch=model.arch)
     moco = MoCo(
-        encoder,
-        dim_moco=config.dim_moco, k_moco=config.k_moco, m_moco=config.m_moco, t_moco=config.t_moco,
-        n_hard=config.n_hard, bn_splits=config.bn_splits, symmetric=config.symmetric, seed=config.seed,
-        **negative_counts(config), **{t.start_option: start for t, start in zip(NEGATIVE_TYPES.values(), curriculum)},
+        encoder, dim_moco=model.dim_moco, k_moco=method.k_moco, m_moco=method.m_moco, t_moco=method.t_moco,
+        n_hard=method.n_hard, bn_splits=method.bn_splits, symmetric=method.symmetric, seed=seed,
+        **negative_counts(method), **{t.start_option: start for t, start in zip(NEGATIVE_TYPES.values(), curriculum)},
     )
-    set_seed(config.seed + world_size_and_rank()[1])  # from here, a stream of its own on each rank
+    set_seed(seed + world_size_and_rank()[1])  # from here, a stream of its own on each rank
     return moco
 
 
@@ -475,22 +485,23 @@ def shuffle_bn_warning(moco: MoCo, num_processes: int) -> Optional[str]:
             "shortcut that cost MoCo's CIFAR-10 demo about 4% kNN at 800 epochs; --bn_splits 8 shuffles as 8 GPUs do")
 
 
-def build_optimizer(config: TrainConfig, module: nn.Module, device: torch.device) -> torch.optim.Optimizer:
+def build_optimizer(optimization: OptimizationConfig, module: nn.Module, device: torch.device) -> torch.optim.Optimizer:
     """--optimizer over `module`'s trainable parameters at lr_base (`resolve_lr`), with weight decay on
     all of them under --decay_all_params."""
-    return make_optimizer(module, name=config.optimizer, lr=config.lr_base, weight_decay=config.weight_decay,
-                          momentum=config.momentum, device=device, decay_all_params=config.decay_all_params)
+    return make_optimizer(module, name=optimization.optimizer, lr=optimization.lr_base,
+                          weight_decay=optimization.weight_decay, momentum=optimization.momentum, device=device,
+                          decay_all_params=optimization.decay_all_params)
 
 
-def start_hub_pusher(config: TrainConfig, accelerator: Accelerator) -> Optional[HubPusher]:
+def start_hub_pusher(hub: HubConfig, dir_out: str, accelerator: Accelerator) -> Optional[HubPusher]:
     """The main process's pusher, checked (token, repo id, network) before any compute; a failed
     check stops every rank with the same line."""
-    if not config.push_to_hub:
+    if not hub.push_to_hub:
         return None
     pusher, problem = None, None
     if accelerator.is_main_process:
-        pusher = HubPusher(config.hub_model_id, private=config.hub_private, strategy=config.hub_strategy,
-                           staging_dir=Path(config.dir_out) / ".hub-staging")
+        pusher = HubPusher(hub.hub_model_id, private=hub.hub_private, strategy=hub.hub_strategy,
+                           staging_dir=Path(dir_out) / ".hub-staging")
         try:
             pusher.check()
         except HubError as error:
@@ -504,11 +515,11 @@ def start_hub_pusher(config: TrainConfig, accelerator: Accelerator) -> Optional[
 def publish_encoder(config: TrainConfig, moco: MoCo, results: dict, steps_trained: int) -> Path:
     """Export the query backbone (timm layout) with its model card to dir_out/encoder; the card
     gives the steps trained and which synthetic negatives were used from which step."""
-    encoder_dir = export_encoder(moco.encoder_q.backbone, Path(config.dir_out) / "encoder", img_size=config.img_size,
+    encoder_dir = export_encoder(moco.encoder_q.backbone, Path(config.run.dir_out) / "encoder", img_size=config.data.img_size,
                                  mean=config.augmentation.mean, std=config.augmentation.std,
-                                 crop_pct=config.eval_crop_pct)
+                                 crop_pct=config.evaluation.eval_crop_pct)
     results = results | {"steps": steps_trained} | negatives_used(moco, steps_trained)
-    curves = copy_curves(config.dir_out, encoder_dir)  # the latest dir_out/curves.png, for the card and the Hub
-    write_model_card(encoder_dir, config=config.to_dict(), results=results, repo_id=config.hub_model_id,
+    curves = copy_curves(config.run.dir_out, encoder_dir)  # the latest dir_out/curves.png, for the card and the Hub
+    write_model_card(encoder_dir, config=config.options(), results=results, repo_id=config.hub.hub_model_id,
                      curves=curves)
     return encoder_dir

@@ -104,44 +104,45 @@ def train(config: TrainConfig) -> int:
     """Train as `config` says; returns 0, or EXIT_STOPPED after a signal and a checkpoint."""
     follow_the_launcher()
     deadline = stop_deadline()
-    if config.deterministic:
+    if config.run.deterministic:
         use_deterministic_algorithms()
-    accelerator = make_accelerator(config)
-    torch.backends.cudnn.benchmark = cudnn_benchmark_on(config, accelerator.device)
+    accelerator = make_accelerator(config.run)
+    torch.backends.cudnn.benchmark = cudnn_benchmark_on(config.run, accelerator.device)
     quiet_other_processes(accelerator)
-    dir_out = Path(config.dir_out)
+    dir_out = Path(config.run.dir_out)
     check_views_fit_in_memory(config, accelerator.device)
     check_writable(dir_out)
     config = check_options(config, accelerator.num_processes)
     checkpoint = checkpoint_to_resume(config, accelerator.num_processes)
     prepare_dir_out(config, accelerator, resuming=checkpoint is not None)
-    pusher = start_hub_pusher(config, accelerator)
+    pusher = start_hub_pusher(config.hub, config.run.dir_out, accelerator)
 
-    on_accelerator = augment_on_accelerator(config, accelerator.device)
+    on_accelerator = augment_on_accelerator(config.data, accelerator.device)
     loader, has_labels = build_data(config, accelerator, photometric_in_workers=not on_accelerator)
-    photometric = (StepPhotometric(config.img_size, seed=config.seed, rank=accelerator.process_index,
+    photometric = (StepPhotometric(config.data.img_size, seed=config.run.seed, rank=accelerator.process_index,
                                    augmentation=config.augmentation)
                    if on_accelerator else None)
     monitor = build_knn_monitor(config, accelerator)
     loader = accelerator.prepare(loader)
     steps_per_epoch = len(loader)  # this process's share
-    model = build_model(config, resolve_curriculum(config, steps_per_epoch, resuming=checkpoint is not None))
+    curriculum = resolve_curriculum(config, steps_per_epoch, resuming=checkpoint is not None)
+    model = build_model(config.model, config.method, curriculum, seed=config.run.seed)
     if warning := shuffle_bn_warning(model, accelerator.num_processes):
         logger.warning(warning)
-    optimizer = build_optimizer(config, model.encoder_q, accelerator.device)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(config))
+    optimizer = build_optimizer(config.optimization, model.encoder_q, accelerator.device)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(config.optimization))
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     moco: MoCo = accelerator.unwrap_model(model)
-    step_model = compile_step(model, config.compile_mode) if config.compile else model
-    momentum_at = momentum_schedule(config)
-    guard = NonFiniteGuard(optimizer, config.max_nonfinite_steps, device=accelerator.device)
+    step_model = compile_step(model, config.run.compile_mode) if config.run.compile else model
+    momentum_at = momentum_schedule(config.method, config.optimization.steps)
+    guard = NonFiniteGuard(optimizer, config.optimization.max_nonfinite_steps, device=accelerator.device)
 
     window, bad_images = StatsWindow(), RunningCount()
     step = load_training_state(accelerator, checkpoint, window, bad_images, guard, dir_out / METRICS_FILE) if checkpoint else 0
     train_step = TrainStep(step_model, moco, accelerator, optimizer, scheduler, guard, window, bad_images, momentum_at,
-                           config.clip_grad, photometric=photometric, has_labels=has_labels)
+                           config.optimization.clip_grad, photometric=photometric, has_labels=has_labels)
     run_started = time.perf_counter()
-    end = config.stop_at or config.steps
+    end = config.run.stop_at or config.optimization.steps
     announce(config, accelerator, deadline, steps_per_epoch, on_accelerator=on_accelerator, start=step, end=end)
     run = Run(config, accelerator, moco, monitor, scheduler, guard, window, bad_images, pusher, deadline, loader,
               step=step, saved=checkpoint, started=run_started)
@@ -152,7 +153,7 @@ def train(config: TrainConfig) -> int:
         record, stopping = {}, False
         for step, (view_q, view_k, ids, labels, unreadable) in run.batches(end):
             step_started = time.perf_counter()
-            if config.compile:
+            if config.run.compile:
                 torch.compiler.cudagraph_mark_step_begin()  # CUDA graphs' outputs of the last step are spent
             train_step(view_q, view_k, ids, labels, unreadable, step)
             run.stepped(step_started)
@@ -162,16 +163,16 @@ def train(config: TrainConfig) -> int:
                 break
             if record:
                 run.log(record)
-            if run.step % config.steps_save == 0:
+            if run.step % config.run.steps_save == 0:
                 run.save(stop)
                 run.push()
         # The end: at --steps, --stop_at or a stop signal. The record of --steps waits for the
         # final evaluation, after the save and the export.
-        if record and run.step < config.steps:
+        if record and run.step < config.optimization.steps:
             run.log(record)
         if run.step > run.first_step:
             run.save(stop, stopping=stopping)
-    return run.finish(record if run.step == config.steps else {}, stop, stopping)
+    return run.finish(record if run.step == config.optimization.steps else {}, stop, stopping)
 
 
 def announce(config: TrainConfig, accelerator: Accelerator, deadline: StopDeadline, steps_per_epoch: int, *,
@@ -179,20 +180,20 @@ def announce(config: TrainConfig, accelerator: Accelerator, deadline: StopDeadli
     """dir_out/config.yaml, the trackers, and the lines that say where they write, how long a
     stop signal leaves, and what trains where from which step to which."""
     if accelerator.is_main_process:
-        (Path(config.dir_out) / CONFIG_FILE).write_text(config_to_yaml(config))
+        (Path(config.run.dir_out) / CONFIG_FILE).write_text(config_to_yaml(config))
     # Trackers take scalars (TensorBoard's hparams refuse lists such as crop_scale's).
     accelerator.init_trackers("hnmix", config={k: str(v) if v is None or isinstance(v, list) else v
-                                               for k, v in config.to_dict().items()})
+                                               for k, v in config.options().items()})
     if accelerator.trackers:
         logger.info(f"Trackers write: {'; '.join(tracker_locations(accelerator))}")
     if math.isfinite(deadline.seconds):
         logger.info(f"On a stop signal, {deadline.imposed_by} leaves {deadline.seconds:.0f} s to finish the step and save")
-    logger.info(f"Training {config.arch} on {config.dataset} ({steps_per_epoch} steps per epoch) with "
+    logger.info(f"Training {config.model.arch} on {config.data.dataset} ({steps_per_epoch} steps per epoch) with "
                 f"{accelerator.num_processes} process(es) on {describe_device(accelerator)}, "
-                f"global batch {config.batch_size * accelerator.num_processes}, "
+                f"global batch {config.optimization.batch_size * accelerator.num_processes}, "
                 f"mixed precision {accelerator.mixed_precision}, photometric augmentation on "
                 f"{'the accelerator' if on_accelerator else 'the CPU workers'}, deterministic algorithms "
-                f"{'on' if torch.are_deterministic_algorithms_enabled() else 'off'}, from step {start} to {end} of {config.steps}")
+                f"{'on' if torch.are_deterministic_algorithms_enabled() else 'off'}, from step {start} to {end} of {config.optimization.steps}")
 
 
 @dataclass
@@ -218,17 +219,17 @@ class Run:
     started: float  # time.perf_counter() at the start of the run
 
     def __post_init__(self) -> None:
-        self.dir_out = Path(self.config.dir_out)
+        self.dir_out = Path(self.config.run.dir_out)
         self.first_step, self.epoch, self.step_s, self.deadline_warned = self.step, 0, 0.0, False
         self.steps_per_epoch = len(self.loader)  # this process's share
         self.eval_every = eval_every_steps(self.config, steps_per_epoch=self.steps_per_epoch)
-        self.global_batch = self.config.batch_size * self.accelerator.num_processes
+        self.global_batch = self.config.optimization.batch_size * self.accelerator.num_processes
         self.results: dict = {"global_batch": self.global_batch}
         self.progress = Progress(
             TextColumn("step"), MofNCompleteColumn(), BarColumn(),
             TextColumn("{task.fields[speed]} img/s  loss {task.fields[loss]}  lr {task.fields[lr]}  kNN {task.fields[knn]}"),
             TimeRemainingColumn(), console=console, disable=not self.accelerator.is_main_process)
-        self.task = self.progress.add_task("train", total=self.config.steps, completed=self.step, speed="-", loss="-",
+        self.task = self.progress.add_task("train", total=self.config.optimization.steps, completed=self.step, speed="-", loss="-",
                                            lr="-", knn="-")
         self.window_start, self.window_steps = time.perf_counter(), 0  # of images/s
 
@@ -250,13 +251,13 @@ class Run:
 
     def evaluate_at_start(self) -> None:
         """With --eval_at_start, a fresh run's first record: the untrained network's kNN at step 0."""
-        if self.config.eval_at_start and self.monitor and self.step == 0:
+        if self.config.evaluation.eval_at_start and self.monitor and self.step == 0:
             self.log(evaluate_without_stopping(self.monitor, self.moco, self.accelerator, 0))
             self.window_start = time.perf_counter()  # images/s counts training only
 
     def evaluate_if_due(self) -> dict:
         """The kNN record every eval_every steps before --steps (the final one comes after the save)."""
-        if not (self.monitor and self.step % self.eval_every == 0 and self.step < self.config.steps):
+        if not (self.monitor and self.step % self.eval_every == 0 and self.step < self.config.optimization.steps):
             return {}
         evaluation_started = time.perf_counter()
         record = evaluate_without_stopping(self.monitor, self.moco, self.accelerator, self.step)
@@ -269,7 +270,7 @@ class Run:
         the counters. Not at --stop_at: its window goes into the checkpoint, so a resumed run logs
         as an uninterrupted one would. Every rank calls it."""
         config, accelerator = self.config, self.accelerator
-        if not (self.step % config.steps_print == 0 or self.step == config.steps):
+        if not (self.step % config.run.steps_print == 0 or self.step == config.optimization.steps):
             return {}
         record = {"lr": self.scheduler.get_last_lr()[0],
                   "images_per_s": self.global_batch * self.window_steps / (time.perf_counter() - self.window_start)}
@@ -279,7 +280,7 @@ class Run:
         record["bad_samples"] = self.bad_images.total(accelerator)
         record["skipped_steps"] = self.guard.check(self.step, self.saved)
         record |= {f"{t.size}_in_use": n for t, n in zip(NEGATIVE_TYPES.values(), self.moco.mixing_sizes(self.step - 1))}
-        check_bad_fraction(record["bad_samples"], self.step * self.global_batch, config.max_bad_fraction,
+        check_bad_fraction(record["bad_samples"], self.step * self.global_batch, config.data.max_bad_fraction,
                            len(self.loader.dataset))
         self.window_start, self.window_steps = time.perf_counter(), 0
         return record
@@ -339,12 +340,12 @@ class Run:
                 self.pusher.on_train_end(self.step, encoder_dir=encoder_dir, checkpoint_dir=self.saved)
             if self.pusher:
                 timeout = hub_wait_on_stop(stop, self.deadline) if stopping else HUB_WAIT_S
-                logger.info(f"Waiting up to {timeout:.0f} s for the upload to {config.hub_model_id}")
+                logger.info(f"Waiting up to {timeout:.0f} s for the upload to {config.hub.hub_model_id}")
                 self.pusher.wait(timeout=timeout)
             print_summary(console, dir_out=self.dir_out, first_step=self.first_step, last_step=self.step,
-                          total_steps=config.steps, wall_s=time.perf_counter() - self.started,
+                          total_steps=config.optimization.steps, wall_s=time.perf_counter() - self.started,
                           global_batch=self.global_batch, checkpoint=self.saved, encoder_dir=encoder_dir,
-                          hub_model_id=config.hub_model_id if self.pusher else None, stopped=stopping)
+                          hub_model_id=config.hub.hub_model_id if self.pusher else None, stopped=stopping)
         accelerator.wait_for_everyone()
         accelerator.end_training()
         if stopping:
@@ -356,7 +357,7 @@ class Run:
     def export(self) -> Path:
         """The encoder with its model card to dir_out/encoder (main process); the line says how to load it."""
         encoder_dir = publish_encoder(self.config, self.moco, self.results, self.step)
-        loading = (f"hnmix.load_encoder('{encoder_dir}')" if self.config.stem == "cifar"  # timm cannot rebuild that stem
+        loading = (f"hnmix.load_encoder('{encoder_dir}')" if self.config.model.stem == "cifar"  # timm cannot rebuild that stem
                    else f"timm.create_model('local-dir:{encoder_dir}', pretrained=True)")
         logger.info(f"Exported the encoder to {encoder_dir}: {loading}")
         return encoder_dir
@@ -396,7 +397,7 @@ def hub_wait_on_stop(stop: StopSignal, deadline: StopDeadline) -> float:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         config = parse_config(argv)
-        with removed_if_left_empty(Path(config.dir_out)):
+        with removed_if_left_empty(Path(config.run.dir_out)):
             try:
                 return train(config)
             except (RuntimeError, MemoryError) as error:  # a failed allocation is one line too

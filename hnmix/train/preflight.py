@@ -27,7 +27,7 @@ from hnmix.train.state import checkpoint_to_resume
 def check_options(config: TrainConfig, num_processes: int) -> TrainConfig:
     """The checks of `config` that need the number of processes but no data; returns `config` with
     its peak learning rate resolved. The trainer makes them first, and so does `preflight`."""
-    check_arch(config.arch, config.stem, config.resnet_init)
+    check_arch(config.model.arch, config.model.stem, config.model.resnet_init)
     check_queue_fits_global_batch(config, num_processes)
     return resolve_lr(config, num_processes)
 

@@ -28,6 +28,7 @@ from hnmix.train.checkpoints import (
     resolve_resume,
     save_checkpoint,
 )
+from hnmix.run_config import flat_options
 from hnmix.train.config import (
     CONFIG_FILE,
     TrainConfig,
@@ -46,25 +47,25 @@ def checkpoint_to_resume(config: TrainConfig, num_processes: int) -> Optional[Pa
     Another number of processes is allowed when the global batch stays the same (2 x 128 ->
     4 x 64): the run goes on at the same sample of the same epoch order, with the saved queue.
     Any other change of the global batch is refused with the batch the checkpoint needs."""
-    checkpoint = resolve_resume(config.resume, config.dir_out) if config.resume else None
+    checkpoint = resolve_resume(config.run.resume, config.run.dir_out) if config.run.resume else None
     if checkpoint is None:
         return None
-    saved = yaml.safe_load((checkpoint / CONFIG_FILE).read_text())
+    saved = flat_options(yaml.safe_load((checkpoint / CONFIG_FILE).read_text()))  # grouped, or flat (older runs)
     saved_processes = int(read_trainer_state(checkpoint).get("num_processes", num_processes))
-    saved_global, global_batch = saved["batch_size"] * saved_processes, config.batch_size * num_processes
+    saved_global, global_batch = saved["batch_size"] * saved_processes, config.optimization.batch_size * num_processes
     if global_batch != saved_global:
         per_process = f"--batch_size {saved_global // num_processes}" if saved_global % num_processes == 0 else (
             f"a number of processes that divides {saved_global}")
-        raise ConfigError(f"cannot resume {checkpoint} with global batch {global_batch} ({config.batch_size} x "
+        raise ConfigError(f"cannot resume {checkpoint} with global batch {global_batch} ({config.optimization.batch_size} x "
                           f"{num_processes} processes): it was trained with {saved_global} ({saved['batch_size']} x "
                           f"{saved_processes}); keep the global batch, e.g. {per_process}")
-    differences = config_differences(saved | {"batch_size": config.batch_size}, config)
+    differences = config_differences(saved | {"batch_size": config.optimization.batch_size}, config)
     if differences:
         raise ConfigError(f"cannot resume {checkpoint} with a different configuration: {'; '.join(differences)}")
     allowed = config_differences(saved, config, resumable=True)
     if saved_processes != num_processes:
         allowed.append(f"processes: {saved_processes} -> {num_processes} (batch_size {saved['batch_size']} -> "
-                       f"{config.batch_size}, global batch {global_batch} unchanged; the views and shuffle BN of the "
+                       f"{config.optimization.batch_size}, global batch {global_batch} unchanged; the views and shuffle BN of the "
                        f"steps to come differ from the uninterrupted run's, the samples and the queue do not)")
     if allowed:
         logger.info(f"Resuming with changed options: {'; '.join(allowed)}")
@@ -91,13 +92,13 @@ def save_training_state(accelerator: Accelerator, moco: MoCo, window: StatsWindo
                         guard: NonFiniteGuard, config: TrainConfig, step: int, epoch: int) -> Path:
     """A checkpoint of every rank at `step`, then retention. Every rank calls it."""
     started = time.perf_counter()
-    root = checkpoints_root(config.dir_out)
+    root = checkpoints_root(config.run.dir_out)
     state = {"step": step, "epoch": epoch, "num_processes": accelerator.num_processes,
              "queue_sha256_per_rank": gather_object([moco.queue.fingerprint()]),
              "stats_window": window.state(accelerator), "bad_samples": bad_images.total(accelerator)} | guard.state()
     checkpoint = save_checkpoint(accelerator, root, step, {
         TRAINER_STATE: json.dumps(state, indent=1), CONFIG_FILE: config_to_yaml(config)})
     if accelerator.is_main_process:
-        prune_checkpoints(root, config.keep_checkpoints)
+        prune_checkpoints(root, config.run.keep_checkpoints)
     logger.info(f"Saved {checkpoint} in {time.perf_counter() - started:.1f} s")
     return checkpoint

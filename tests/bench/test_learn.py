@@ -24,7 +24,7 @@ TINY_LEARN = ["--dataset", "synthetic", "--synthetic_size", "64", "-a", "test_re
 def test_the_arms_differ_only_in_the_synthetic_negatives():
     config = parse_config([*LEARN_DEFAULTS, *TINY_LEARN])  # as bench learn reads its options
     arms = arm_configs(config)
-    moco, mochi = arms["moco"].to_dict(), arms["mochi"].to_dict()
+    moco, mochi = arms["moco"].options(), arms["mochi"].options()
     assert {k for k in moco if moco[k] != mochi[k]} == {"s1_hard", "s2_hard"}
     assert (moco["s1_hard"], moco["s2_hard"], mochi["s1_hard"], mochi["s2_hard"]) == (0, 0, 4, 4)
 
@@ -32,9 +32,9 @@ def test_the_arms_differ_only_in_the_synthetic_negatives():
 def test_a_config_recipe_is_not_overridden_by_the_small_default_recipe():
     argv = ["--config", str(REPO / "configs" / "moco_cifar10.yaml")]
     config = parse_config([*learn_defaults(argv), *argv])
-    assert (config.arch, config.stem, config.img_size, config.batch_size, config.dataset) == \
+    assert (config.model.arch, config.model.stem, config.data.img_size, config.optimization.batch_size, config.data.dataset) == \
         ("resnet18", "cifar", 32, 512, "uoft-cs/cifar10")
-    assert parse_config([*learn_defaults(TINY_LEARN), *TINY_LEARN]).warmup_fraction == 0.05  # LEARN_DEFAULTS'
+    assert parse_config([*learn_defaults(TINY_LEARN), *TINY_LEARN]).optimization.warmup_fraction == 0.05  # LEARN_DEFAULTS'
 
 
 def test_a_recipe_without_num_workers_leaves_the_evaluations_worker_count_to_its_default():
@@ -43,7 +43,7 @@ def test_a_recipe_without_num_workers_leaves_the_evaluations_worker_count_to_its
 
     argv = ["--config", str(REPO / "configs" / "moco_cifar10.yaml")]
     config = parse_config([*learn_defaults(argv), *argv])
-    assert config.num_workers is None  # the GPU recipes size their workers to the machine
+    assert config.data.num_workers is None  # the GPU recipes size their workers to the machine
     command = evaluation_argv("runs/x/checkpoints/step_1", config, "knn", REPO / "knn.json")
     assert "--num_workers" not in command
     build_parser().parse_args(command)  # "None" would be refused

@@ -96,7 +96,7 @@ def test_forked_workers_read_the_kept_images_and_load_the_batches_of_decoding_at
 
 
 def test_the_budget_option_is_a_size_in_gib_that_may_change_on_resume():
-    assert parse_config(["--images_in_memory_gib", "0"]).images_in_memory_gib == 0
+    assert parse_config(["--images_in_memory_gib", "0"]).data.images_in_memory_gib == 0
     with pytest.raises(ConfigError, match="option images_in_memory_gib must be >= 0, got -1.0"):
         parse_config(["--images_in_memory_gib", "-1"])
     assert "images_in_memory_gib" in RESUMABLE_CHANGES  # the views are the same either way

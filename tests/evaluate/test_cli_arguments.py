@@ -92,7 +92,7 @@ def test_eval_max_samples_0_means_all_as_in_the_trainer(tmp_path, capsys):
 
 
 def test_the_trainers_eval_max_samples_0_means_all_too():
-    config = TrainConfig(dataset="synthetic", synthetic_size=30, img_size=32, batch_size=8, num_workers=0,
+    config = TrainConfig.from_options(dataset="synthetic", synthetic_size=30, img_size=32, batch_size=8, num_workers=0,
                          eval_every=1, eval_max_samples=0)
     monitor = build_knn_monitor(config, Accelerator(cpu=True))
     assert (len(monitor.bank_loader.dataset), len(monitor.query_loader.dataset)) == (30, 30)

@@ -31,9 +31,9 @@ def pretrained_cfg(directory) -> dict:
     ({}, 224 / 256, (0.485, 0.456, 0.406), "resize to 37, centre crop 32 (crop_pct 0.875), ImageNet mean and std"),
 ])
 def test_the_trainers_export_records_the_runs_eval_crop_pct(tmp_path, options, crop_pct, mean, card_says):
-    config = TrainConfig(dataset="synthetic", arch="test_resnet", img_size=32, batch_size=8, dim_moco=16, k_moco=16,
+    config = TrainConfig.from_options(dataset="synthetic", arch="test_resnet", img_size=32, batch_size=8, dim_moco=16, k_moco=16,
                          n_hard=4, s1_hard=2, s2_hard=2, dir_out=str(tmp_path), **options)
-    encoder_dir = publish_encoder(config, build_model(config, (0, 0)), {}, steps_trained=0)
+    encoder_dir = publish_encoder(config, build_model(config.model, config.method, (0, 0), seed=config.run.seed), {}, steps_trained=0)
     cfg = pretrained_cfg(encoder_dir)
     assert cfg["crop_pct"] == crop_pct and tuple(cfg["mean"]) == mean
     assert f"The preprocessing ({card_says}) is recorded in `config.json`" in ModelCard.load(encoder_dir / "README.md").text

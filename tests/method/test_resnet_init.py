@@ -36,9 +36,10 @@ def test_torchvision_init_starts_every_batchnorm_as_torchvision_does(arch, torch
 def test_the_trainer_builds_both_encoders_with_the_recipes_init():
     config = parse_config(["--arch", "resnet18", "--stem", "cifar", "--head", "linear", "--img_size", "32",
                            "--resnet_init", "torchvision", "--k_moco", "64", "--batch_size", "8"])
-    moco = build_model(config, (0, 0))
+    moco = build_model(config.model, config.method, (0, 0), seed=config.run.seed)
     assert (norm_weights(moco.encoder_q) == 1).all() and (norm_weights(moco.encoder_k) == 1).all()
-    default = build_model(parse_config(["--arch", "resnet18", "--k_moco", "64", "--batch_size", "8"]), (0, 0))
+    default_config = parse_config(["--arch", "resnet18", "--k_moco", "64", "--batch_size", "8"])
+    default = build_model(default_config.model, default_config.method, (0, 0), seed=default_config.run.seed)
     assert (norm_weights(default.encoder_q) == 0).any()
 
 

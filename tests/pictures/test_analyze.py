@@ -6,7 +6,6 @@ import math
 import datasets
 import pytest
 import torch
-import yaml
 from data_images import write_image_folder
 from method.test_negative_types import EXTRAPOLATION
 from oracle import oracle_logits
@@ -22,6 +21,7 @@ from hnmix.evaluate.splits import load_eval_splits
 from hnmix.mixing import NEGATIVE_TYPES, register_negative_type
 from hnmix.moco import MoCo, MoCoEncoder
 from hnmix.pictures.hardness import HARDNESS_PIXELS, hardness_figure
+from hnmix.run_config import load_run_config
 
 BATCH, HELD_OUT = 8, 16
 
@@ -46,7 +46,7 @@ def image_paths(dataset):
 @torch.no_grad()
 def recompute(data, checkpoint):
     """Everything from the files, in float64, one query at a time where it matters."""
-    config = yaml.safe_load((checkpoint / "config.yaml").read_text())
+    config = load_run_config(checkpoint / "config.yaml")
     moco = MoCo(MoCoEncoder(config["arch"], config["dim_moco"]), dim_moco=config["dim_moco"], k_moco=config["k_moco"],
                 m_moco=config["m_moco"], t_moco=config["t_moco"])
     moco.load_state_dict(load_file(checkpoint / "model.safetensors"))

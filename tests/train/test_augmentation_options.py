@@ -19,9 +19,11 @@ from hnmix.data.photometric import StepPhotometric
 from hnmix.errors import ConfigError
 from hnmix.evaluate.cli import main as evaluate
 from hnmix.evaluate.models import load_backbone
+from hnmix.run_config import flat_options
 from hnmix.train.components import build_data, build_knn_monitor
 from hnmix.train.config import TrainConfig, config_differences, config_to_yaml, parse_config
 from hnmix.train.state import checkpoint_to_resume
+from hnmix.run_config import load_run_config
 
 DEMO = ["--crop_scale", "0.08,1", "--blur_p", "0", "--normalize", "cifar10"]  # MoCo's CIFAR-10 demo
 OTHER = ["--crop_scale", "0.08,1", "--flip_p", "0.3", "--jitter", "0.8,0.8,0.8,0.2", "--jitter_p", "0.6",
@@ -31,13 +33,13 @@ OTHER = ["--crop_scale", "0.08,1", "--flip_p", "0.3", "--jitter", "0.8,0.8,0.8,0
 def test_the_defaults_are_moco_v2():
     config = parse_config([])
     assert config.augmentation == MOCO_V2
-    assert (config.crop_scale, config.jitter, config.blur_sigma, config.normalize) == (
+    assert (config.augmentation.crop_scale, config.augmentation.jitter, config.augmentation.blur_sigma, config.augmentation.normalize) == (
         (0.2, 1.0), (0.4, 0.4, 0.4, 0.1), (0.1, 2.0), "imagenet")
 
 
 def test_flags_and_yaml_lists_and_yaml_text_give_the_same_options(tmp_path):
     flags = parse_config(OTHER)
-    assert flags.crop_scale == (0.08, 1.0) and flags.jitter == (0.8, 0.8, 0.8, 0.2) and flags.flip_p == 0.3
+    assert flags.augmentation.crop_scale == (0.08, 1.0) and flags.augmentation.jitter == (0.8, 0.8, 0.8, 0.2) and flags.augmentation.flip_p == 0.3
     assert (flags.augmentation.mean, flags.augmentation.std) == ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
     lists = tmp_path / "lists.yaml"
     lists.write_text("crop_scale: [0.08, 1]\nflip_p: 0.3\njitter: [0.8, 0.8, 0.8, 0.2]\njitter_p: 0.6\n"
@@ -50,8 +52,7 @@ def test_flags_and_yaml_lists_and_yaml_text_give_the_same_options(tmp_path):
 
 
 def dataclass_without_config(config: TrainConfig) -> TrainConfig:
-    config.config = None
-    return config
+    return config.with_options(config=None)
 
 
 def test_flags_override_the_yaml_files_augmentation(tmp_path):
@@ -59,7 +60,7 @@ def test_flags_override_the_yaml_files_augmentation(tmp_path):
     path.write_text("crop_scale: [0.08, 1]\nblur_p: 0\nnormalize: cifar10\n")
     assert parse_config(["--config", str(path)]).augmentation == MOCO_CIFAR10_DEMO
     config = parse_config(["--config", str(path), "--crop_scale", "0.3,0.9", "--normalize", "imagenet"])
-    assert (config.crop_scale, config.blur_p, config.normalize) == ((0.3, 0.9), 0.0, "imagenet")
+    assert (config.augmentation.crop_scale, config.augmentation.blur_p, config.augmentation.normalize) == ((0.3, 0.9), 0.0, "imagenet")
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -101,13 +102,13 @@ def test_the_saved_config_writes_lists_that_load_back_equal(tmp_path):
     path = tmp_path / "config.yaml"
     path.write_text(text)
     assert dataclass_without_config(parse_config(["--config", str(path)])) == config
-    assert TrainConfig(**yaml.safe_load(text)) == config
+    assert TrainConfig.from_options(flat_options(yaml.safe_load(text))) == config
 
 
 def test_a_config_saved_before_the_options_compares_as_moco_v2_and_a_change_is_refused():
     """The augmentation is part of the run: a checkpoint whose config.yaml lacks the keys trained
     with MoCo v2's values and resumes with them; any other value is a difference."""
-    saved = {name: value for name, value in parse_config([]).to_dict().items()
+    saved = {name: value for name, value in parse_config([]).options().items()
              if name not in MOCO_V2.__dataclass_fields__}
     assert config_differences(saved, parse_config([])) == []
     assert config_differences(saved, parse_config(["--blur_p", "0", "--crop_scale", "0.08,1"])) == [
@@ -172,7 +173,7 @@ def test_the_per_image_half_gets_the_options(one_torch_thread):
 
 def test_the_saved_config_and_the_exported_encoder_carry_the_options(demo_run):
     dir_out, _, _ = demo_run
-    saved = yaml.safe_load((dir_out / "config.yaml").read_text())
+    saved = load_run_config(dir_out / "config.yaml")
     assert (saved["crop_scale"], saved["blur_p"], saved["normalize"]) == ([0.08, 1.0], 0.0, "cifar10")
     cfg = json.loads((dir_out / "encoder/config.json").read_text())["pretrained_cfg"]
     assert (cfg["mean"], cfg["std"]) == (list(CIFAR10_MEAN), list(CIFAR10_STD))
@@ -194,7 +195,7 @@ def test_hnmix_evaluate_normalises_as_the_encoder_was_trained(demo_run, tmp_path
     assert (settings["normalize_mean"], settings["normalize_std"]) == (list(CIFAR10_MEAN), list(CIFAR10_STD))
     older = tmp_path / "older"  # a checkpoint from before the options: it trained with ImageNet's statistics
     shutil.copytree(checkpoint, older)
-    saved = yaml.safe_load((older / "config.yaml").read_text())
+    saved = load_run_config(older / "config.yaml")
     (older / "config.yaml").write_text(yaml.safe_dump({k: v for k, v in saved.items() if k != "normalize"}))
     assert load_backbone(str(older)).normalization() == (IMAGENET_MEAN, IMAGENET_STD)
 
@@ -212,7 +213,7 @@ def test_resuming_keeps_the_augmentation(demo_run, tmp_path):
     shutil.copytree(dir_out / "checkpoints", older / "checkpoints")
     config_file = older / "checkpoints/step_00000002/config.yaml"
     saved = yaml.safe_load(config_file.read_text())
-    config_file.write_text(yaml.safe_dump({k: v for k, v in saved.items() if k not in MOCO_V2.__dataclass_fields__}))
+    config_file.write_text(yaml.safe_dump({k: v for k, v in flat_options(saved).items() if k not in MOCO_V2.__dataclass_fields__}))
     moco_v2 = [*resume, "-do", str(older)]
     assert checkpoint_to_resume(parse_config(moco_v2), 1) == older / "checkpoints/step_00000002"
     with pytest.raises(ConfigError, match="normalize: 'imagenet' -> 'cifar10'"):

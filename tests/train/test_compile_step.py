@@ -38,13 +38,13 @@ def step(model, moco, optimizer, views, step_number: int):
 
 def test_the_compiled_step_gives_the_eager_steps_loss_and_gradients_and_eager_checkpoint_keys(tmp_path):
     config = parse_config([*OPTIONS, "-do", str(tmp_path / "run"), "--compile", "--compile_mode", "reduce-overhead"])
-    accelerator = make_accelerator(config)
+    accelerator = make_accelerator(config.run)
     prepared = []
     for _ in range(2):  # the same seed: the same initial weights and queue
-        moco = build_model(config, (0, 0))
-        prepared.append(accelerator.prepare(moco, build_optimizer(config, moco.encoder_q, accelerator.device)))
+        moco = build_model(config.model, config.method, (0, 0), seed=config.run.seed)
+        prepared.append(accelerator.prepare(moco, build_optimizer(config.optimization, moco.encoder_q, accelerator.device)))
     (eager, eager_optimizer), (compiled_model, compiled_optimizer) = prepared
-    compiled = compile_step(compiled_model, config.compile_mode)
+    compiled = compile_step(compiled_model, config.run.compile_mode)
     generator = torch.Generator().manual_seed(0)
     for step_number in range(3):  # the first compiles, the second again with the step number dynamic
         views = (torch.randn(8, 3, 32, 32, generator=generator), torch.randn(8, 3, 32, 32, generator=generator),
@@ -64,7 +64,7 @@ def test_the_compiled_step_gives_the_eager_steps_loss_and_gradients_and_eager_ch
 
 
 def test_compile_mode_is_one_of_torchs_and_needs_compile():
-    assert parse_config([*OPTIONS, "--compile", "--compile_mode", "max-autotune"]).compile_mode == "max-autotune"
+    assert parse_config([*OPTIONS, "--compile", "--compile_mode", "max-autotune"]).run.compile_mode == "max-autotune"
     with pytest.raises(ConfigError, match="compile_mode=reduce-overhead needs --compile"):
         parse_config([*OPTIONS, "--compile_mode", "reduce-overhead"])
     with pytest.raises((ConfigError, SystemExit)):

@@ -1,13 +1,12 @@
 """hnmix.train.config: the seed's option names, YAML files, precedence, and one-line validation errors."""
 
-import dataclasses
 
 import pytest
-import yaml
 
 from hnmix.errors import ConfigError
 from hnmix.train.config import (
     TrainConfig,
+    load_yaml_options,
     build_parser,
     check_queue_fits_global_batch,
     config_differences,
@@ -31,29 +30,29 @@ SEED_OPTIONS = {
 @pytest.mark.parametrize("alias", sorted(SEED_OPTIONS))
 def test_every_seed_option_keeps_its_short_and_long_name(alias):
     name, text, value = SEED_OPTIONS[alias]
-    assert getattr(parse_config([alias, text]), name) == value
-    assert getattr(parse_config([f"--{name}", text]), name) == value
+    assert parse_config([alias, text]).options()[name] == value
+    assert parse_config([f"--{name}", text]).options()[name] == value
 
 
 def test_seed_defaults_stay_the_defaults():
     config = parse_config([])
-    assert (config.img_size, config.steps, config.batch_size, config.steps_save, config.steps_print) == (224, 25000, 64, 1000, 500)
-    assert (config.lr_base, config.lr_warmup, config.lr_min, config.clip_grad, config.seed) == (2e-4, 2.5e-7, 2.5e-6, 5.0, 69420)
-    assert (config.arch, config.dim_moco, config.k_moco, config.m_moco, config.t_moco) == ("efficientnet_b2", 128, 8192, 0.999, 0.07)
-    assert (config.n_hard, config.s1_hard, config.s2_hard, config.start1_hard, config.start2_hard) == (32, 16, 16, "5000", "10000")
+    assert (config.data.img_size, config.optimization.steps, config.optimization.batch_size, config.run.steps_save, config.run.steps_print) == (224, 25000, 64, 1000, 500)
+    assert (config.optimization.lr_base, config.optimization.lr_warmup, config.optimization.lr_min, config.optimization.clip_grad, config.run.seed) == (2e-4, 2.5e-7, 2.5e-6, 5.0, 69420)
+    assert (config.model.arch, config.model.dim_moco, config.method.k_moco, config.method.m_moco, config.method.t_moco) == ("efficientnet_b2", 128, 8192, 0.999, 0.07)
+    assert (config.method.n_hard, config.method.s1_hard, config.method.s2_hard, config.method.start1_hard, config.method.start2_hard) == (32, 16, 16, "5000", "10000")
 
 
 def test_the_seed_command_line_is_accepted_as_it_is():
     argv = "-dd DATA -do OUT -i 64 -s 40 -bs 32 -a resnet18 -km 4096 -nh 32 -s1h 16 -s2h 16 -st1h 1 -st2h 1".split()
     config = parse_config(argv + ["--dataset", "images/"])
-    assert (config.dir_data, config.dir_out, config.img_size, config.k_moco, config.start2_hard) == ("DATA", "OUT", 64, 4096, "1")
+    assert (config.data.dir_data, config.run.dir_out, config.data.img_size, config.method.k_moco, config.method.start2_hard) == ("DATA", "OUT", 64, 4096, "1")
 
 
 def test_help_names_every_option_and_says_what_device_still_means(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--help"])
     text = capsys.readouterr().out
-    for name in TrainConfig.__dataclass_fields__:
+    for name in TrainConfig().options():
         assert f"--{name}" in text
     assert "accelerate launch" in text and "--gpu_ids" in text
 
@@ -62,8 +61,8 @@ def test_yaml_file_takes_long_names_and_flags_override_it(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("k_moco: 1024\nbatch_size: 16\nlr_base: 1\narch: resnet18\n")
     config = parse_config(["--config", str(path), "--batch_size", "32"])
-    assert (config.k_moco, config.batch_size, config.arch) == (1024, 32, "resnet18")
-    assert config.lr_base == 1.0 and isinstance(config.lr_base, float)
+    assert (config.method.k_moco, config.optimization.batch_size, config.model.arch) == (1024, 32, "resnet18")
+    assert config.optimization.lr_base == 1.0 and isinstance(config.optimization.lr_base, float)
 
 
 def test_resolved_config_round_trips_through_yaml(tmp_path):
@@ -71,8 +70,8 @@ def test_resolved_config_round_trips_through_yaml(tmp_path):
     path = tmp_path / "config.yaml"
     path.write_text(config_to_yaml(config))
     reloaded = parse_config(["--config", str(path)])
-    assert reloaded.config == str(path)
-    assert dataclasses.replace(reloaded, config=None) == config == TrainConfig(**yaml.safe_load(path.read_text()))
+    assert reloaded.run.config == str(path)
+    assert reloaded.with_options(config=None) == config == TrainConfig.from_options(load_yaml_options(str(path)))
 
 
 @pytest.mark.parametrize(
@@ -158,9 +157,9 @@ def test_a_mixing_start_at_or_past_the_end_is_refused_before_any_compute_with_th
 
 
 def test_a_late_start_is_accepted_when_that_type_is_off_or_the_run_resumes():
-    assert parse_config(["-s", "4000", "-s1h", "0", "-s2h", "0"]).steps == 4000
+    assert parse_config(["-s", "4000", "-s1h", "0", "-s2h", "0"]).optimization.steps == 4000
     # Judged by the trainer once it knows whether a checkpoint exists (a changed --steps warns).
-    assert parse_config(["-s", "4000", "--resume", "latest"]).start1_hard == "5000"
+    assert parse_config(["-s", "4000", "--resume", "latest"]).method.start1_hard == "5000"
 
 
 def test_starts_take_steps_or_epochs_and_yaml_integers():
@@ -169,11 +168,11 @@ def test_starts_take_steps_or_epochs_and_yaml_integers():
     assert start_step("0", None) == 0 and start_step("250", None) == 250
     assert start_step("10ep", 96) == 960 and start_step("10ep", None) is None
     config = parse_config(["-st1h", "2ep", "-st2h", "30"])
-    assert curriculum_steps(config, steps_per_epoch=7) == (14, 30)
+    assert curriculum_steps(config.method, steps_per_epoch=7) == (14, 30)
 
 
 def test_new_training_options_keep_the_seed_behaviour_by_default():
     config = parse_config([])
-    assert (config.optimizer, config.weight_decay, config.momentum) == ("adamw", 0.01, 0.9)
-    assert (config.lr_per_256, config.warmup_fraction) == (None, 0.1)
-    assert (config.momentum_schedule, config.symmetric) == ("constant", False)
+    assert (config.optimization.optimizer, config.optimization.weight_decay, config.optimization.momentum) == ("adamw", 0.01, 0.9)
+    assert (config.optimization.lr_per_256, config.optimization.warmup_fraction) == (None, 0.1)
+    assert (config.method.momentum_schedule, config.method.symmetric) == ("constant", False)

@@ -3,8 +3,11 @@
 import pytest
 import yaml
 
+from hnmix.run_config import flat_options
+
 from hnmix.train.config import curriculum_steps, parse_config
 from hnmix.train.loop import train
+from hnmix.run_config import load_run_config
 from launch import REPO
 
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
@@ -23,8 +26,8 @@ def test_there_are_the_six_recipes():
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda path: path.stem)
 def test_each_recipe_loads_validates_and_cites_its_sources(path):
     config = parse_config(["--config", str(path)])
-    for name, value in yaml.safe_load(path.read_text()).items():  # every value reaches the config (YAML ints as steps)
-        got = getattr(config, name)
+    for name, value in flat_options(yaml.safe_load(path.read_text())).items():  # every value reaches the config (YAML ints as steps)
+        got = config.options()[name]
         assert got == value or got == str(value) or (isinstance(got, tuple) and list(got) == value), name
     assert path.read_text().startswith("#")  # a comment saying where the values come from
 
@@ -32,16 +35,16 @@ def test_each_recipe_loads_validates_and_cites_its_sources(path):
 @pytest.mark.parametrize("name", sorted(GLOBAL_BATCH))
 def test_recipe_steps_are_the_epochs_they_claim_and_mixing_starts_inside_the_run(name):
     config = parse_config(["--config", str(REPO / f"configs/{name}.yaml")])
-    steps_per_epoch = TRAIN_IMAGES[config.dataset] // GLOBAL_BATCH[name]
-    assert config.steps % steps_per_epoch == 0
-    assert config.k_moco % GLOBAL_BATCH[name] == 0
-    for start in curriculum_steps(config, steps_per_epoch=steps_per_epoch):
-        assert start < config.steps
+    steps_per_epoch = TRAIN_IMAGES[config.data.dataset] // GLOBAL_BATCH[name]
+    assert config.optimization.steps % steps_per_epoch == 0
+    assert config.method.k_moco % GLOBAL_BATCH[name] == 0
+    for start in curriculum_steps(config.method, steps_per_epoch=steps_per_epoch):
+        assert start < config.optimization.steps
 
 
 def test_the_mochi_recipes_differ_from_moco_v2_only_in_the_mixing():
-    mocov2 = yaml.safe_load((REPO / "configs/mocov2_imagenet.yaml").read_text())
-    mochi = yaml.safe_load((REPO / "configs/mochi_imagenet.yaml").read_text())
+    mocov2 = load_run_config(REPO / "configs/mocov2_imagenet.yaml")
+    mochi = load_run_config(REPO / "configs/mochi_imagenet.yaml")
     assert {k for k in mocov2 | mochi if mocov2.get(k) != mochi.get(k)} == {
         "n_hard", "s1_hard", "s2_hard", "start1_hard", "start2_hard"}
     assert (mochi["n_hard"], mochi["s1_hard"], mochi["s2_hard"]) == (1024, 1024, 512)
@@ -50,7 +53,7 @@ def test_the_mochi_recipes_differ_from_moco_v2_only_in_the_mixing():
 
 def test_the_caltech_recipe_keeps_its_queue_well_below_the_dataset():
     config = parse_config(["--config", str(REPO / "configs/mochi_caltech256.yaml")])
-    assert config.k_moco <= TRAIN_IMAGES[config.dataset] / 4
+    assert config.method.k_moco <= TRAIN_IMAGES[config.data.dataset] / 4
 
 
 @pytest.mark.usefixtures("one_torch_thread")
@@ -65,14 +68,14 @@ def test_the_cpu_demo_trains(tmp_path):
 @pytest.mark.parametrize("name", SINGLE_PROCESS)
 def test_single_process_recipes_shuffle_batchnorm(name):
     """One GPU has no shuffle BN across processes: the recipes split BatchNorm as MoCo's demo does."""
-    assert parse_config(["--config", str(REPO / f"configs/{name}.yaml")]).bn_splits == 8
+    assert parse_config(["--config", str(REPO / f"configs/{name}.yaml")]).method.bn_splits == 8
 
 
 def test_the_cifar_recipes_are_moco_s_demo_and_differ_only_in_the_mixing():
     from hnmix.references import load_reference
 
-    moco = yaml.safe_load((REPO / "configs/moco_cifar10.yaml").read_text())
-    mochi = yaml.safe_load((REPO / "configs/mochi_cifar10.yaml").read_text())
+    moco = load_run_config(REPO / "configs/moco_cifar10.yaml")
+    mochi = load_run_config(REPO / "configs/mochi_cifar10.yaml")
     assert {k for k in moco | mochi if moco.get(k) != mochi.get(k)} == {
         "n_hard", "s1_hard", "s2_hard", "start1_hard", "start2_hard"}
     config = parse_config(["--config", str(REPO / "configs/moco_cifar10.yaml")])
@@ -83,8 +86,8 @@ def test_the_cifar_recipes_are_moco_s_demo_and_differ_only_in_the_mixing():
             "jitter_p": 0.8, "grayscale_p": 0.2, "blur_p": 0.0, "knn_k": 200, "knn_temperature": 0.1,
             "knn_split": "test", "knn_features": "projection", "eval_every": "1ep", "eval_crop_pct": 1.0,
             "eval_max_samples": 0, "s1_hard": 0, "s2_hard": 0, "steps": 200 * (50_000 // 512)}
-    assert {name: getattr(config, name) for name in demo} == demo
-    assert config.normalize == "cifar10" or tuple(config.normalize) == (0.4914, 0.4822, 0.4465, 0.2023, 0.1994, 0.2010)
+    assert {name: config.options()[name] for name in demo} == {k: list(v) if isinstance(v, tuple) else v for k, v in demo.items()}
+    assert config.augmentation.normalize == "cifar10" or tuple(config.augmentation.normalize) == (0.4914, 0.4822, 0.4465, 0.2023, 0.1994, 0.2010)
     assert load_reference("moco_cifar10_demo").knn_top1_by_epoch[200] == 82.58  # the curve the recipe is checked against
 
 
@@ -105,7 +108,7 @@ def test_the_cifar_recipe_trains_on_a_cifar_layout_as_it_says(tmp_path):
     assert train(parse_config(["--config", str(REPO / "configs/moco_cifar10.yaml"), "--dataset", str(data),
                                "--dir_out", str(out), "--device", "cpu", "--batch_size", "16", "--k_moco", "64",
                                "--steps", "6", "--steps_print", "3", "--num_workers", "0"])) == 0
-    saved = yaml.safe_load((out / "config.yaml").read_text())
+    saved = load_run_config(out / "config.yaml")
     assert (saved["stem"], saved["head"], saved["bn_splits"], saved["decay_all_params"]) == ("cifar", "linear", 8, True)
     assert (saved["crop_scale"], saved["blur_p"]) == ([0.08, 1.0], 0.0)
     [checkpoint] = (out / "checkpoints").iterdir()

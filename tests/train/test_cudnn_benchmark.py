@@ -10,6 +10,6 @@ from tiny_run import TINY
 
 def test_cudnn_benchmark_is_on_for_cuda_unless_deterministic():
     config, deterministic = parse_config(TINY), parse_config([*TINY, "--deterministic"])
-    assert cudnn_benchmark_on(config, torch.device("cuda", 0))
-    assert not cudnn_benchmark_on(deterministic, torch.device("cuda", 0))
-    assert not cudnn_benchmark_on(config, torch.device("cpu"))  # no cuDNN there
+    assert cudnn_benchmark_on(config.run, torch.device("cuda", 0))
+    assert not cudnn_benchmark_on(deterministic.run, torch.device("cuda", 0))
+    assert not cudnn_benchmark_on(config.run, torch.device("cpu"))  # no cuDNN there

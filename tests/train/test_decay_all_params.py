@@ -64,11 +64,11 @@ def test_under_lars_a_decayed_norm_weight_is_also_lars_adapted(decay_all_params)
 
 
 def test_the_option_is_off_by_default_a_flag_and_a_yaml_key_and_may_not_change_on_resume(tmp_path):
-    assert parse_config([]).decay_all_params is False
-    assert parse_config(["--decay_all_params"]).decay_all_params is True
+    assert parse_config([]).optimization.decay_all_params is False
+    assert parse_config(["--decay_all_params"]).optimization.decay_all_params is True
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text("decay_all_params: true\n")
-    assert parse_config(["--config", str(recipe)]).decay_all_params is True
+    assert parse_config(["--config", str(recipe)]).optimization.decay_all_params is True
     older = {name: value for name, value in parse_config([]).to_dict().items() if name != "decay_all_params"}
     assert config_differences(older, parse_config([])) == []  # a checkpoint from before the option
     assert config_differences(older, parse_config(["--decay_all_params"])) == ["decay_all_params: False -> True"]

@@ -3,8 +3,8 @@ requeued run that never saved restarts cleanly."""
 
 import os
 
-import yaml
 from tiny_run import TINY, checkpoints, metrics, run_train
+from hnmix.run_config import load_run_config
 
 QUICK = [*TINY, "-s", "4", "-sp", "2", "-ss", "2", "--num_workers", "0", "--eval_every", "0"]
 
@@ -60,7 +60,7 @@ def test_a_resumed_runs_config_yaml_starts_the_same_run_afresh_in_another_dir_ou
     resumed = run_train(*QUICK, "--resume", "latest", "--overwrite_dir_out", "-do", str(first))
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     for saved in (first / "config.yaml", first / "checkpoints/step_00000004/config.yaml"):
-        assert {"resume", "overwrite_dir_out", "config"}.isdisjoint(yaml.safe_load(saved.read_text())), saved
+        assert {"resume", "overwrite_dir_out", "config"}.isdisjoint(load_run_config(saved)), saved
     rerun = run_train("--config", str(first / "config.yaml"), "-do", str(again))
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert [(r["step"], r["loss"]) for r in metrics(again)] == [(r["step"], r["loss"]) for r in metrics(first)]

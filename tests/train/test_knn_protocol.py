@@ -29,6 +29,7 @@ from hnmix.train.config import (
 )
 from hnmix.train.log_lines import format_details, format_record
 from hnmix.train.loop import main, train
+from hnmix.run_config import flat_options
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 TRAIN_IMAGES, TEST_IMAGES = 40, 12  # batch 8: 5 steps per epoch
@@ -114,25 +115,25 @@ def test_knn_features_has_two_choices(capsys):
 
 
 def test_eval_every_takes_steps_or_epochs_from_flags_and_yaml(tmp_path):
-    assert parse_config([]).eval_every == "1000"
+    assert parse_config([]).evaluation.eval_every == "1000"
     assert eval_every_steps(parse_config(["--eval_every", "250"]), steps_per_epoch=97) == 250
     epochs = parse_config(["--eval_every", "2ep"])
-    assert epochs.eval_every == "2ep" and eval_every_steps(epochs, steps_per_epoch=97) == 194
+    assert epochs.evaluation.eval_every == "2ep" and eval_every_steps(epochs, steps_per_epoch=97) == 194
     assert eval_every_steps(epochs, steps_per_epoch=None) is None and knn_monitor_on(epochs)
     assert not knn_monitor_on(parse_config(["--eval_every", "0"])) and not knn_monitor_on(parse_config(["--eval_every", "0ep"]))
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text("eval_every: 25020\n")  # a number in YAML, as the recipes and older runs write it
-    assert parse_config(["--config", str(recipe)]).eval_every == "25020"
+    assert parse_config(["--config", str(recipe)]).evaluation.eval_every == "25020"
     recipe.write_text("eval_every: 1ep\n")
-    assert parse_config(["--config", str(recipe)]).eval_every == "1ep"
-    assert TrainConfig(eval_every=7).eval_every == "7"  # code that still passes an int
+    assert parse_config(["--config", str(recipe)]).evaluation.eval_every == "1ep"
+    assert TrainConfig.from_options(eval_every=7).evaluation.eval_every == "7"  # code that still passes an int
 
 
 def test_a_checkpoint_from_before_these_options_resumes_unchanged():
     """An older run's config.yaml: eval_every an int, no knn_split, knn_features, eval_crop_pct.
     Nothing differs, not even among the options that may change on resume."""
     current = parse_config(["--eval_every", "2"])
-    saved = yaml.safe_load(config_to_yaml(current))
+    saved = flat_options(yaml.safe_load(config_to_yaml(current)))
     saved["eval_every"] = 2
     for name in ("knn_split", "knn_features", "eval_crop_pct"):
         del saved[name]

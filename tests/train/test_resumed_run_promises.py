@@ -132,7 +132,7 @@ def test_the_options_changed_on_resume_are_logged(run):
 def test_dir_out_config_yaml_is_the_resolved_config_and_loads_back_with_config(run):
     path = run.dir_out / "config.yaml"
     reloaded = parse_config(["--config", str(path)])
-    assert reloaded.config == str(path)
+    assert reloaded.run.config == str(path)
     # The run's options, not the invocation's (--resume auto): it loads back as a fresh start.
-    assert dataclasses.replace(reloaded, config=None) == dataclasses.replace(
-        parse_config([*RESUMED, "-do", str(run.dir_out)]), resume=None)
+    assert reloaded.with_options(config=None) == parse_config([*RESUMED, "-do", str(run.dir_out)]).with_options(
+        resume=None)

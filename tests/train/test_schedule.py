@@ -9,7 +9,7 @@ from hnmix.train.schedule import lr_schedule, momentum_schedule
 
 
 def lr(config, step):
-    return config.lr_base * lr_schedule(config)(step)
+    return config.optimization.lr_base * lr_schedule(config.optimization)(step)
 
 
 def test_seed_schedule_warms_up_linearly_over_a_tenth_then_follows_the_cosine_of_all_steps():
@@ -32,9 +32,9 @@ def test_without_warmup_it_is_moco_v2s_cosine_from_the_peak_to_lr_min():
 
 def test_momentum_is_constant_by_default_and_rises_to_one_on_a_cosine_when_asked():
     constant = parse_config(["-s", "100", "-mm", "0.99", "-st1h", "0", "-st2h", "0"])
-    assert {momentum_schedule(constant)(step) for step in (0, 50, 100)} == {0.99}
+    assert {momentum_schedule(constant.method, constant.optimization.steps)(step) for step in (0, 50, 100)} == {0.99}
     cosine = parse_config(["-s", "100", "-mm", "0.99", "--momentum_schedule", "cosine", "-st1h", "0", "-st2h", "0"])
-    momentum_at = momentum_schedule(cosine)
+    momentum_at = momentum_schedule(cosine.method, cosine.optimization.steps)
     assert momentum_at(0) == pytest.approx(0.99)
     assert momentum_at(50) == pytest.approx(0.995)  # 1 - 0.01 (cos(pi/2) + 1) / 2
     assert momentum_at(100) == pytest.approx(1.0)

@@ -18,6 +18,7 @@ from hnmix.evaluate.cli import main as evaluate_main
 from hnmix.evaluate.models import load_backbone
 from hnmix.train.config import parse_config, run_options
 from hnmix.train.state import checkpoint_to_resume
+from hnmix.run_config import load_run_config
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -53,7 +54,7 @@ def test_both_encoders_train_with_the_cifar_stem_and_the_linear_head(cifar_run):
         assert weights[f"{encoder}.backbone.conv1.weight"].shape == (64, 3, 3, 3)
         assert weights[f"{encoder}.head.weight"].shape == (16, 512) and f"{encoder}.head.0.weight" not in weights
     assert not torch.equal(weights["encoder_q.backbone.conv1.weight"], weights["encoder_k.backbone.conv1.weight"])
-    saved = yaml.safe_load((final / "config.yaml").read_text())
+    saved = load_run_config(final / "config.yaml")
     assert (saved["stem"], saved["head"]) == ("cifar", "linear")
     records = metrics(cifar_run)
     assert [r["step"] for r in records] == [1, 2, 3, 4] and all(r["loss"] == r["loss"] for r in records)

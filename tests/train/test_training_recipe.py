@@ -4,13 +4,13 @@ schedule, symmetric views, and a curriculum that cannot silently switch off."""
 import math
 
 import pytest
-import yaml
 from huggingface_hub import ModelCard
 from tiny_run import TINY, losses, metrics, run_train
 
 from hnmix.errors import ConfigError
 from hnmix.train.config import parse_config
 from hnmix.train.loop import train
+from hnmix.run_config import load_run_config
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny convolutions: 1 thread is faster
 QUIET = ["--num_workers", "0", "--eval_every", "0", "-sp", "1", "-ss", "100"]
@@ -33,7 +33,7 @@ def test_each_optimizer_trains_checkpoints_and_resumes_with_identical_losses(tmp
     assert len(losses(straight)) == 6
     assert losses(halves) == losses(straight)
     assert [r["lr"] for r in metrics(halves)] == [r["lr"] for r in metrics(straight)]
-    saved = yaml.safe_load((straight / "config.yaml").read_text())
+    saved = load_run_config(straight / "config.yaml")
     assert saved["optimizer"] == optimizer[1]
 
 
@@ -48,7 +48,7 @@ def test_lr_per_256_sets_the_peak_from_the_global_batch_and_says_so(tmp_path, ca
     assert "Peak learning rate 0.00125 = lr_per_256 0.04 x global batch 8 / 256" in logged(capfd)
     # No warmup: the cosine from the peak; the record of step 1 holds the lr of the next step.
     assert metrics(tmp_path)[0]["lr"] == pytest.approx(0.00125 * 0.5 * (1 + math.cos(math.pi / 4)))
-    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["lr_base"] == pytest.approx(0.00125)
+    assert load_run_config(tmp_path / "config.yaml")["lr_base"] == pytest.approx(0.00125)
 
 
 def test_an_epoch_start_resolves_with_the_steps_per_epoch_and_the_records_say_what_was_used(tmp_path):

@@ -54,11 +54,11 @@ def test_the_processes_on_the_node_come_from_the_launcher(monkeypatch):
 
 
 def test_num_workers_is_auto_unless_given_and_the_gpu_recipes_leave_it_out():
-    assert parse_config([]).num_workers is None
-    assert parse_config(["--num_workers", "3"]).num_workers == 3
+    assert parse_config([]).data.num_workers is None
+    assert parse_config(["--num_workers", "3"]).data.num_workers == 3
     for name in ("mocov2_imagenet", "mochi_imagenet", "mochi_caltech256", "moco_cifar10", "mochi_cifar10"):
-        assert parse_config(["--config", str(REPO / f"configs/{name}.yaml")]).num_workers is None, name
-    assert parse_config(["--config", str(REPO / "configs/demo_cpu.yaml")]).num_workers == 2
+        assert parse_config(["--config", str(REPO / f"configs/{name}.yaml")]).data.num_workers is None, name
+    assert parse_config(["--config", str(REPO / "configs/demo_cpu.yaml")]).data.num_workers == 2
 
 
 def start_up_text(capsys) -> str:
