@@ -1,7 +1,9 @@
 """hnmix.train.config: the seed's option names, YAML files, precedence, and one-line validation errors."""
 
+import dataclasses
 
 import pytest
+import yaml
 
 from hnmix.errors import ConfigError
 from hnmix.train.config import (
@@ -84,6 +86,9 @@ def test_resolved_config_round_trips_through_yaml(tmp_path):
         ("lr_base: fast\n", "option lr_base must be float"),
         ("mixed_precision: fp8\n", "option mixed_precision must be one of"),
         ("steps: 0\n", "option steps must be >= 1"),
+        ("data:\n  k_moco: 4096\n", "option k_moco belongs to group method, not data; move it there"),
+        ("method:\n  k_mocoo: 5\n", "unknown option(s) k_mocoo"),
+        ("method:\n  k_moco: many\n", "option k_moco must be int"),
     ],
 )
 def test_bad_config_files_give_one_line_naming_the_problem(tmp_path, text, message):
@@ -92,6 +97,30 @@ def test_bad_config_files_give_one_line_naming_the_problem(tmp_path, text, messa
     with pytest.raises(ConfigError) as error:
         parse_config(["--config", str(path)])
     assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_a_yaml_in_groups_and_a_flat_one_give_the_same_config(tmp_path):
+    """Recipes and config.yaml are grouped as the config is; an older run's flat file still loads."""
+    grouped, flat = tmp_path / "grouped.yaml", tmp_path / "flat.yaml"
+    grouped.write_text("data:\n  img_size: 32\naugmentation:\n  crop_scale: [0.08, 1]\nmethod:\n  k_moco: 4096\n"
+                       "  start1_hard: 2ep\noptimization:\n  steps: 19000\nrun:\n  seed: 7\n")
+    flat.write_text("img_size: 32\ncrop_scale: [0.08, 1]\nk_moco: 4096\nstart1_hard: 2ep\nsteps: 19000\nseed: 7\n")
+    from_groups = parse_config(["--config", str(grouped)]).with_options(config=None)
+    assert from_groups == parse_config(["--config", str(flat)]).with_options(config=None)
+    assert (from_groups.data.img_size, from_groups.augmentation.crop_scale, from_groups.method.k_moco,
+            from_groups.method.start1_hard, from_groups.optimization.steps, from_groups.run.seed) == (
+        32, (0.08, 1.0), 4096, "2ep", 19000, 7)
+
+
+def test_config_yaml_is_written_in_the_configs_groups_without_the_invocation():
+    config = parse_config(["-km", "1024", "--resume", "latest", "--crop_scale", "0.08,1"])
+    saved = yaml.safe_load(config_to_yaml(config))
+    assert list(saved) == [f.name for f in dataclasses.fields(TrainConfig)]
+    for group, options in saved.items():
+        values = dataclasses.asdict(getattr(config, group))
+        assert options == {name: list(v) if isinstance(v, tuple) else v for name, v in values.items()
+                           if name not in ("resume", "overwrite_dir_out", "config")}, group
+    assert saved["method"]["k_moco"] == 1024 and saved["augmentation"]["crop_scale"] == [0.08, 1.0]
 
 
 def test_missing_config_file():
