@@ -105,8 +105,8 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
-class MethodConfig:
-    """MoCo (queue, momentum, temperature, shuffle BN) and MoCHi's mixing."""
+class MoCoConfig:
+    """MoCo's options (queue, momentum, temperature, shuffle BN) and the hard negatives mixed from."""
 
     k_moco: int = option(2**13, "Queue size K; a multiple of the global batch.", alias="-km")
     m_moco: float = option(0.999, "Momentum of the key encoder's moving average.", alias="-mm")
@@ -115,10 +115,30 @@ class MethodConfig:
     symmetric: bool = option(False, "Each view is also a query against the other's key (MoCo v3, solo-learn's MoCo v2+); the loss is the mean of both directions, the queue gets each image's key once; twice the encoder work.")
     bn_splits: int = option(1, "Split BatchNorm into this many groups on one process (simulates shuffle BN across GPUs).")
     n_hard: int = option(32, "Mix from each query's n_hard hardest queue negatives.", alias="-nh")
-    s1_hard: int = option(16, "Type-1 synthetic negatives per query (two hard negatives mixed).", alias="-s1h")
-    start1_hard: str = option("5000", "First step with type 1: a step (0: from the first step) or epochs, e.g. 10ep; it must come before the end of the run.", alias="-st1h")
-    s2_hard: int = option(16, "Type-2 synthetic negatives per query (query mixed with a hard negative).", alias="-s2h")
-    start2_hard: str = option("10000", "First step with type 2: a step (0: from the first step) or epochs, e.g. 10ep; it must come before the end of the run.", alias="-st2h")
+
+
+# The seed's defaults and short aliases of MoCHi's two types' options: (count, start, count alias,
+# start alias). A type registered without an entry gets its two options with count 0 (off), start 0.
+SEED_TYPE_OPTIONS = {"type1": (16, "5000", "-s1h", "-st1h"), "type2": (16, "10000", "-s2h", "-st2h")}
+
+
+def negative_type_options(kind: NegativeType) -> list[tuple[str, type, Any]]:
+    """The count and start options of a registered negative type, as dataclass fields."""
+    count, start, count_alias, start_alias = SEED_TYPE_OPTIONS.get(kind.name, (0, "0", None, None))
+    return [
+        (kind.count_option, int, option(count, f"{kind.label.capitalize()} synthetic negatives per query "
+                                               f"({kind.about}).", alias=count_alias)),
+        (kind.start_option, str, option(start, f"First step with {kind.label} negatives: a step (0: from the first "
+                                               "step) or epochs, e.g. 10ep; it must come before the end of the run.",
+                                        alias=start_alias)),
+    ]
+
+
+# The method group: MoCo's options, then a count and a start option for each registered type.
+MethodConfig = dataclasses.make_dataclass(
+    "MethodConfig", [spec for kind in NEGATIVE_TYPES.values() for spec in negative_type_options(kind)],
+    bases=(MoCoConfig,), frozen=True)
+MethodConfig.__module__ = __name__  # where pickle finds it
 
 
 @dataclass(frozen=True)

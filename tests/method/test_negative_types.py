@@ -96,14 +96,16 @@ def test_a_type_needing_more_hard_negatives_than_there_are_is_refused_naming_its
 
 def train_with_extrapolation(dir_out: str) -> int:
     """A tiny run (hnmix.train.loop.train) whose config has the extrapolation's two options, from step 1."""
-    from hnmix.train.config import MethodConfig, parse_config
+    from hnmix.train.config import MethodConfig, negative_type_options, parse_config
     from hnmix.train.loop import train
 
     register_negative_type(EXTRAPOLATION)
-    options = [("s3_hard", int, dataclasses.field(default=4)), ("start3_hard", str, dataclasses.field(default="1"))]
-    method_type = dataclasses.make_dataclass("WithExtrapolation", options, bases=(MethodConfig,), frozen=True)
+    # The method group as hnmix.train.config builds it for the registered types, had it been registered before.
+    method_type = dataclasses.make_dataclass("WithExtrapolation", negative_type_options(EXTRAPOLATION),
+                                             bases=(MethodConfig,), frozen=True)
     base = parse_config([*TINY, "-s", "4", "-sp", "1", "-ss", "4", "--num_workers", "0", "-do", dir_out])
-    return train(dataclasses.replace(base, method=method_type(**dataclasses.asdict(base.method))))
+    method = method_type(**dataclasses.asdict(base.method), s3_hard=4, start3_hard="1")
+    return train(dataclasses.replace(base, method=method))
 
 
 def test_a_run_trains_reports_and_draws_the_registered_type(tmp_path, extrapolation):
