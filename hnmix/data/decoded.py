@@ -1,16 +1,13 @@
 """A dataset's images decoded once and kept in memory, when they fit.
 
-Small images cost more to open and decode than to crop: a CIFAR-10 image (32 x 32) takes about
-three times as long to read from its parquet row, open and decode as to cut its two views. So
-when all the training images fit in a budget, `decode_in_memory` decodes each once, upright 8-bit
-RGB as the per-image path decodes it (`hnmix.data.images`), into one uint8 buffer in shared
-memory: forked or spawned DataLoader workers read it without a copy. The budget is checked
-before decoding, from an evenly spaced sample of the images, and again while decoding.
+A CIFAR-10 image (32 x 32) takes about three times as long to read, open and decode as to cut
+its two views. So when all the training images fit in a budget, `decode_in_memory` decodes each
+once, as the per-image path decodes it, into one uint8 buffer in shared memory that forked or
+spawned workers read without a copy. The budget is checked on a sample first, then while decoding.
 
-Only images under twice img_size on their short side are kept: no crop of theirs spans
-2 * img_size pixels, so the per-image path decodes them at full size too (never at 1/2, 1/4 or
-1/8, see `hnmix.data.geometric`), and the views cut from the kept pixels are the same views.
-Keeping the images or not is then a matter of speed only, and may change on resume.
+Only images under twice img_size on their short side are kept: the per-image path decodes them
+at full size too (never reduced, see `hnmix.data.geometric`), so the views cut from the kept
+pixels are the same views, and keeping them or not is a matter of speed only.
 """
 
 from __future__ import annotations
@@ -35,12 +32,8 @@ _READ_BATCH = 1024  # cells read from the dataset at a time
 
 
 class DecodedImages:
-    """Every image of a dataset as upright uint8 pixels, in one shared buffer.
-
-    `pixels_of(i)` -> uint8 [H_i, W_i, 3], a view of the buffer. An image that could not be
-    decoded raises, at each access, the error its decoding raised (a DataError for an empty cell),
-    so callers handle it as they handle a failed decode.
-    """
+    """Every image of a dataset as upright uint8 pixels, in one shared buffer. `pixels_of(i)` ->
+    uint8 [H_i, W_i, 3], a view of it, or the error decoding image i raised, as a decode raises it."""
 
     def __init__(self, buffer: torch.Tensor, shapes: torch.Tensor, offsets: torch.Tensor,
                  errors: dict[int, BaseException]):

@@ -1,25 +1,18 @@
 """The geometric half of the augmentation, per image: decode once, crop and flip twice.
 
-`two_crops(image, img_size, rng, encoded)` takes an image as `PIL.Image.open` left it (header
-read, pixels not yet decoded), with its file's bytes, and returns two uint8 views [3, img_size, img_size], each a
-RandomResizedCrop (scale `AugmentationSpec.crop_scale`, MoCo v2's 0.2-1.0; ratio 3/4-4/3,
-antialiased bilinear) and a horizontal flip with p=`flip_p` (0.5). The draws follow torchvision's `RandomResizedCrop.get_params` but come from a
-`random.Random` seeded per sample: the ten tries of torchvision's draw through torch's global
-generator cost more than the crop itself. `one_crop` (and `one_crop_of_pixels`) is the same for a
-single view, as the linear evaluation (`hnmix.evaluate.lincls`) trains on.
+`two_crops` cuts two uint8 views [3, img_size, img_size] from an image as `PIL.Image.open` left it
+(header read, pixels not yet decoded): each a RandomResizedCrop (scale `AugmentationSpec.crop_scale`,
+ratio 3/4-4/3, antialiased bilinear) and a horizontal flip with p=`flip_p`. The draws follow
+torchvision's `RandomResizedCrop.get_params` but come from a `random.Random` seeded per sample:
+the ten tries of torchvision's draw through torch's global generator cost more than the crop.
 
 Why the crops are drawn before decoding: a JPEG can be decoded at 1/2, 1/4 or 1/8 of its size
-(libjpeg's DCT scaling, through simplejpeg or PIL's `draft`), which saves most of the inverse DCT and colour
-conversion. The reduction is used only when both crops keep at least img_size pixels on each
-side at the reduced size, so a view is never upsampled from a reduced decode where the full one
-would have been downsampled; the crop box is then rounded to whole pixels of the reduced image
-(under r/2 pixels of the full one). Both views are cut from the one decoded image, resized by
-torch's uint8 antialiased bilinear kernel on channels-last pixels (~2x faster than PIL's resize
-here; the two agree within one level).
-
-The photometric half (colour jitter, grayscale, blur, normalisation) runs after this: per view
-in the DataLoader workers (`hnmix.data.transforms.moco_v2_photometric`) or batched on the accelerator
-(`hnmix.data.photometric`).
+(libjpeg's DCT scaling, through simplejpeg or PIL's `draft`), which saves most of the inverse DCT
+and colour conversion. The reduction is used only when both crops keep at least img_size pixels
+on each side at the reduced size, so a view is never upsampled from a reduced decode where the
+full one would have been downsampled; the crop box is then rounded to whole pixels of the reduced
+image (under r/2 pixels of the full one). The views are resized by torch's uint8 antialiased
+bilinear kernel on channels-last pixels (~2x faster than PIL's resize here; within one level).
 """
 
 from __future__ import annotations
@@ -87,13 +80,19 @@ def random_resized_crop(width: int, height: int, rng: random.Random,
     return Crop((height - crop_height) // 2, (width - crop_width) // 2, crop_height, crop_width)
 
 
-def draw_two_crops(width: int, height: int, rng: random.Random,
-                   augmentation: AugmentationSpec = MOCO_V2) -> tuple[list[Crop], list[bool]]:
-    """The crop boxes and horizontal flips of both views of a width x height upright image, drawn
-    from `rng` in the order `two_crops` uses (so a preview can show where the views came from)."""
-    crops = [random_resized_crop(width, height, rng, augmentation.crop_scale) for _ in range(2)]
-    flips = [rng.random() < augmentation.flip_p for _ in range(2)]
-    return crops, flips
+def draw_two_crops(width: int, height: int, rng: random.Random, augmentation: AugmentationSpec = MOCO_V2,
+                   views: int = 2) -> tuple[list[Crop], list[bool]]:
+    """The crop boxes and horizontal flips of `views` views of a width x height upright image, drawn
+    from `rng` in the order `two_crops` uses, every crop then every flip (a preview replays them)."""
+    crops = [random_resized_crop(width, height, rng, augmentation.crop_scale) for _ in range(views)]
+    return crops, [rng.random() < augmentation.flip_p for _ in range(views)]
+
+
+def draw_one_crop(width: int, height: int, rng: random.Random,
+                  augmentation: AugmentationSpec = MOCO_V2) -> tuple[Crop, bool]:
+    """The crop box and flip of one view (RandomResizedCrop, then RandomHorizontalFlip)."""
+    [crop], [flip] = draw_two_crops(width, height, rng, augmentation, views=1)
+    return crop, flip
 
 
 def draft_reduction(crops: list[Crop], img_size: int) -> int:
@@ -104,53 +103,16 @@ def draft_reduction(crops: list[Crop], img_size: int) -> int:
 
 
 def two_crops(image: Image.Image, img_size: int, rng: random.Random, encoded: Optional[bytes] = None, *,
-              augmentation: AugmentationSpec = MOCO_V2) -> list[torch.Tensor]:
-    """A lazily opened image -> two uint8 views [3, img_size, img_size], cropped, resized, maybe
-    flipped, with `augmentation`'s crop_scale and flip_p.
+              augmentation: AugmentationSpec = MOCO_V2, views: int = 2) -> list[torch.Tensor]:
+    """A lazily opened image -> `views` uint8 views [3, img_size, img_size], cropped, resized,
+    maybe flipped, with `augmentation`'s crop_scale and flip_p.
 
-    `encoded`, the image file's bytes, lets a JPEG be decoded by `hnmix.data.images.decode_jpeg_upright`
-    (faster); other images, or without it, are decoded by PIL and made upright 8-bit RGB by
-    `hnmix.data.images.to_rgb`. An image that PIL already decoded works too; it is then simply not
-    decoded at a reduced size.
+    `encoded`, the image file's bytes, lets a JPEG be decoded by `decode_jpeg_upright` (faster);
+    other images, or without it, are decoded by PIL and made upright 8-bit RGB by `to_rgb`. An
+    image that PIL already decoded works too, only not at a reduced size.
     """
     width, height = upright_size(image)
-    crops, flips = draw_two_crops(width, height, rng, augmentation)
-    return _decode_and_cut(image, encoded, crops, flips, img_size, width=width, height=height)
-
-
-def one_crop(image: Image.Image, img_size: int, rng: random.Random, encoded: Optional[bytes] = None, *,
-             augmentation: AugmentationSpec = MOCO_V2) -> torch.Tensor:
-    """`two_crops` for one view: a lazily opened image -> one uint8 view [3, img_size, img_size],
-    a RandomResizedCrop with `augmentation.crop_scale` then a flip with p=`flip_p`, drawn from
-    `rng` in that order (`draw_one_crop`). The image is decoded at a reduced size when the one
-    crop allows (1/r with the crop at least r * img_size on each side), as `two_crops` decodes."""
-    width, height = upright_size(image)
-    crop, flip = draw_one_crop(width, height, rng, augmentation)
-    return _decode_and_cut(image, encoded, [crop], [flip], img_size, width=width, height=height)[0]
-
-
-def draw_one_crop(width: int, height: int, rng: random.Random,
-                  augmentation: AugmentationSpec = MOCO_V2) -> tuple[Crop, bool]:
-    """The crop box and horizontal flip of one view of a width x height upright image, drawn from
-    `rng` (torchvision's RandomResizedCrop, then RandomHorizontalFlip)."""
-    crop = random_resized_crop(width, height, rng, augmentation.crop_scale)
-    return crop, rng.random() < augmentation.flip_p
-
-
-def one_crop_of_pixels(pixels: torch.Tensor, img_size: int, rng: random.Random, *,
-                       augmentation: AugmentationSpec = MOCO_V2) -> torch.Tensor:
-    """Upright uint8 pixels [H, W, 3], already decoded -> one uint8 view [3, img_size, img_size],
-    drawn from `rng` as `one_crop` draws it; the same view as `one_crop`'s whenever that one
-    decodes at full size (the crop under 2 * img_size pixels on a side)."""
-    height, width = pixels.shape[:2]
-    crop, flip = draw_one_crop(width, height, rng, augmentation)
-    return _cut_full_size(pixels, [crop], [flip], img_size)[0]
-
-
-def _decode_and_cut(image: Image.Image, encoded: Optional[bytes], crops: list[Crop], flips: list[bool],
-                    img_size: int, *, width: int, height: int) -> list[torch.Tensor]:
-    """Decode `image` (width x height upright) once, at the largest reduction every crop allows,
-    and cut the uint8 views [3, img_size, img_size] of `crops`, flipped where `flips`."""
+    crops, flips = draw_two_crops(width, height, rng, augmentation, views)
     reduction = draft_reduction(crops, img_size)
     orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
     pixels = decode_jpeg_upright(image, encoded, reduction) if encoded is not None else None  # [h, w, 3]
@@ -171,24 +133,30 @@ def _decode_and_cut(image: Image.Image, encoded: Optional[bytes], crops: list[Cr
     return _cut_views(pixels, crops, flips, img_size, reduction=reduction, pad_y=pad_y, pad_x=pad_x)
 
 
+def one_crop(image: Image.Image, img_size: int, rng: random.Random, encoded: Optional[bytes] = None, *,
+             augmentation: AugmentationSpec = MOCO_V2) -> torch.Tensor:
+    """`two_crops` for one view (drawn as `draw_one_crop` draws it), the linear evaluation's."""
+    return two_crops(image, img_size, rng, encoded, augmentation=augmentation, views=1)[0]
+
+
 def two_crops_of_pixels(pixels: torch.Tensor, img_size: int, rng: random.Random, *,
-                        augmentation: AugmentationSpec = MOCO_V2) -> list[torch.Tensor]:
-    """Upright uint8 pixels [H, W, 3], already decoded -> two uint8 views [3, img_size, img_size],
-    drawn from `rng` as `two_crops` draws them. For an image that `two_crops` decodes at full size
-    (every crop under 2 * img_size pixels on a side, e.g. CIFAR's 32 px at img_size 32), the views
-    are equal to its views of the same image and `rng`."""
+                        augmentation: AugmentationSpec = MOCO_V2, views: int = 2) -> list[torch.Tensor]:
+    """Upright uint8 pixels [H, W, 3], already decoded -> the views `two_crops` draws from `rng`.
+    For an image that `two_crops` decodes at full size (every crop under 2 * img_size pixels on a
+    side, e.g. CIFAR's 32 px at img_size 32), they are equal to its views."""
     height, width = pixels.shape[:2]
-    crops, flips = draw_two_crops(width, height, rng, augmentation)
-    return _cut_full_size(pixels, crops, flips, img_size)
+    crops, flips = draw_two_crops(width, height, rng, augmentation, views)
+    return _cut_views(pixels.permute(2, 0, 1).unsqueeze(0), crops, flips, img_size)
 
 
-def _cut_full_size(pixels: torch.Tensor, crops: list[Crop], flips: list[bool], img_size: int) -> list[torch.Tensor]:
-    """`_cut_views` of upright uint8 pixels [H, W, 3] decoded at full size."""
-    return _cut_views(pixels.permute(2, 0, 1).unsqueeze(0), crops, flips, img_size, reduction=1, pad_y=0, pad_x=0)
+def one_crop_of_pixels(pixels: torch.Tensor, img_size: int, rng: random.Random, *,
+                       augmentation: AugmentationSpec = MOCO_V2) -> torch.Tensor:
+    """`two_crops_of_pixels` for one view, as `one_crop` draws it."""
+    return two_crops_of_pixels(pixels, img_size, rng, augmentation=augmentation, views=1)[0]
 
 
-def _cut_views(pixels: torch.Tensor, crops: list[Crop], flips: list[bool], img_size: int, *, reduction: int,
-               pad_y: int, pad_x: int) -> list[torch.Tensor]:
+def _cut_views(pixels: torch.Tensor, crops: list[Crop], flips: list[bool], img_size: int, *, reduction: int = 1,
+               pad_y: int = 0, pad_x: int = 0) -> list[torch.Tensor]:
     """Pixels [1, 3, h, w] decoded at 1/reduction -> the uint8 views [3, img_size, img_size] of
     `crops` (boxes in full-size upright pixels, shifted by pad_y, pad_x), flipped where `flips`."""
     views = []

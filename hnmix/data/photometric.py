@@ -1,21 +1,12 @@
 """The photometric half of the augmentation, batched on any device.
 
-The DataLoader workers crop and flip (the geometric half, per image, on the CPU); this module
-does the rest on a whole uint8 batch `[N, 3, H, W]` (N = 2B when both views are stacked), with
-independent random parameters for every sample, as an `AugmentationSpec` says (MoCo v2's by default):
-
-    ColorJitter(0.4, 0.4, 0.4, 0.1) with p=0.8, its four ops in a random order per sample;
-    RandomGrayscale p=0.2; GaussianBlur sigma ~ U[0.1, 2.0] with p=0.5; ImageNet normalisation.
-
-A jitter op of strength 0 is skipped, as torchvision's ColorJitter skips it, and so is the blur
-when no sample draws it (always with blur_p 0).
-
-Drawing (`photometric_params`) is apart from applying (`apply_photometric`, deterministic given
-the parameters), so a test can replay any draw through torchvision's per-image functional ops:
-for the same parameters the two agree within 1/255 per pixel (tests/data/test_photometric.py). The
-ops are torchvision's float-tensor ops (`transforms.v2.functional`), not its PIL ops, which
-round to uint8 after every step. The flip done earlier commutes with every op here (the blur
-kernel is symmetric and reflect padding is mirror-symmetric), so the order of the recipe holds.
+The DataLoader workers crop and flip (the geometric half); this module does the rest on a uint8
+batch [N, 3, H, W] (N = 2B, both views stacked), with independent parameters per sample, as an
+`AugmentationSpec` says: ColorJitter with p=jitter_p, its four ops in a random order per sample
+(an op of strength 0 skipped, as torchvision skips it), RandomGrayscale, GaussianBlur, the
+normalisation. Drawing (`photometric_params`) is apart from applying (`apply_photometric`), so a
+test can replay a draw through torchvision's per-image float ops: they agree within 1/255. The
+earlier flip commutes with every op here (symmetric kernel, mirror-symmetric reflect padding).
 
 Why the parameters are drawn on the host: which samples run which op at which position of
 their jitter order, and which get blurred, is then known without reading the device, so each
@@ -46,17 +37,10 @@ _GRAY_WEIGHTS = (0.2989, 0.587, 0.114)
 
 
 class PhotometricParams(NamedTuple):
-    """One draw for a batch of n images: per-sample tensors on one device, plus the values that
-    are the same for every sample (the blur kernel size, the jitter ops in use, the normalisation).
-
-    jitter_applied: [n] bool. brightness, contrast, saturation: [n] float32 factors.
-    hue: [n] float32 shift in turns. order: [n, 4] int64, a permutation of
-    (BRIGHTNESS, CONTRAST, SATURATION, HUE) per row, the order the jitter ops run in.
-    grayscale: [n] bool. blur_applied: [n] bool. sigma: [n] float32.
-    kernel_size: odd int, the blur kernel side (`blur_kernel_size(img_size)`).
-    jitter_ops: the ops that run when a sample is jittered (those of strength > 0).
-    mean, std: three floats each, the normalisation.
-    """
+    """One draw for a batch of n images: jitter_applied, grayscale, blur_applied [n] bool;
+    brightness, contrast, saturation [n] float32 factors, hue [n] shift in turns, sigma [n];
+    order [n, 4] int64, the order of the jitter ops per row; kernel_size (odd, `blur_kernel_size`);
+    jitter_ops, those of strength > 0; mean, std the normalisation."""
 
     jitter_applied: torch.Tensor
     brightness: torch.Tensor
@@ -75,14 +59,9 @@ class PhotometricParams(NamedTuple):
 
 def photometric_params(n: int, img_size: int, *, generator: Optional[torch.Generator] = None,
                        augmentation: AugmentationSpec = MOCO_V2) -> PhotometricParams:
-    """Draw the photometric parameters of `augmentation` for n images of side img_size,
-    independently per sample, on the host (CPU tensors, see the module docstring).
-
-    Every draw comes from `generator` (a CPU generator), or from torch's default CPU generator
-    when it is None; a seeded generator repeats the draw exactly. The same values are drawn in
-    the same order whatever the spec (an op that is off draws too), so MoCo v2's draws are those
-    of every earlier hnmix.
-    """
+    """Draw the photometric parameters of `augmentation` for n images of side img_size, per
+    sample, on the host, from `generator` (default: torch's CPU generator). The same values are
+    drawn in the same order whatever the spec (an op that is off draws too)."""
     brightness, contrast, saturation, hue = augmentation.jitter_ranges()
 
     def uniform(low: float, high: float) -> torch.Tensor:
@@ -114,13 +93,9 @@ def photometric_params(n: int, img_size: int, *, generator: Optional[torch.Gener
 def apply_photometric(
     images: torch.Tensor, params: PhotometricParams, *, out_dtype: torch.dtype = torch.float32
 ) -> torch.Tensor:
-    """uint8 [N, 3, H, W] -> [N, 3, H, W] in out_dtype: jitter, grayscale, blur, normalised with
-    params.mean and params.std.
-
-    Deterministic given `params` (drawn for N images, on the host). The math runs in float32
-    whatever the autocast state; the cast to out_dtype is the last step. A channels_last input
-    gives a channels_last output.
-    """
+    """uint8 [N, 3, H, W] -> [N, 3, H, W] in out_dtype: jitter, grayscale, blur, normalisation.
+    The math runs in float32 whatever the autocast state; a channels_last input gives a
+    channels_last output."""
     if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(f"expected a uint8 batch [N, 3, H, W], got {images.dtype} {list(images.shape)}")
     if params.brightness.shape[0] != images.shape[0]:
@@ -152,14 +127,10 @@ def apply_photometric(
 
 
 class StepPhotometric:
-    """The photometric half for a training step: both views of this rank's batch, on their device.
-
-    `(view_q, view_k, step) -> (view_q, view_k)`, uint8 [B, 3, S, S] each -> float32, normalised,
-    augmented as `augmentation` says (MoCo v2 by default). The parameters are drawn on the host from a generator reseeded from (seed, step, rank) at
-    every step: independent per sample, view, step and rank, and a resumed run draws exactly
-    what the uninterrupted one did, with no generator state to checkpoint. Nothing here waits
-    for the device.
-    """
+    """`(view_q, view_k, step) -> (view_q, view_k)`: uint8 [B, 3, S, S] each -> float32, the
+    photometric half of a training step on the views' device. The parameters come from a generator
+    reseeded from (seed, step, rank) at every step, so a resumed run draws what the uninterrupted
+    one did, with no generator state to checkpoint."""
 
     def __init__(self, img_size: int, *, seed: int, rank: int, augmentation: AugmentationSpec = MOCO_V2):
         self.img_size = img_size
@@ -227,10 +198,7 @@ def adjust_hue(batch: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
 
 
 def _rgb_to_hsv(batch: torch.Tensor) -> torch.Tensor:
-    """float [N, 3, H, W] -> [N, 3, H, W] (h in [0, 1), s, v); torchvision's `_rgb_to_hsv`.
-
-    Gray pixels (max == min) get h = s = 0 without dividing by zero.
-    """
+    """float [N, 3, H, W] -> [N, 3, H, W] (h in [0, 1), s, v); torchvision's `_rgb_to_hsv`."""
     red, green, _ = batch.unbind(dim=-3)
     min_c, max_c = torch.aminmax(batch, dim=-3)
     gray = max_c == min_c
@@ -249,12 +217,9 @@ def _rgb_to_hsv(batch: torch.Tensor) -> torch.Tensor:
 
 
 def _hsv_to_rgb(hue: torch.Tensor, saturation: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-    """h, s, v: [N, H, W] each -> float [N, 3, H, W] RGB, the map of torchvision's `_hsv_to_rgb`.
-
-    Written as channel = v - v * s * clamp(min(k, 4 - k), 0, 1) with k = (h * 6 + (5, 3, 1)) mod 6
-    instead of torchvision's table lookup, which gathers through an int64 [N, 3, H, W] index
-    (8 bytes a pixel-channel) and was ~1.6x slower here; the two agree within 1e-6.
-    """
+    """h, s, v: [N, H, W] each -> float [N, 3, H, W] RGB, the map of torchvision's `_hsv_to_rgb`,
+    as v - v * s * clamp(min(k, 4 - k), 0, 1) with k = (h * 6 + (5, 3, 1)) mod 6: torchvision's
+    table lookup gathers through an int64 [N, 3, H, W] index and was ~1.6x slower (within 1e-6)."""
     offsets = torch.tensor((5.0, 3.0, 1.0), dtype=hue.dtype, device=hue.device).view(1, 3, 1, 1)
     k = (hue.unsqueeze(-3) * 6 + offsets).remainder_(6.0)  # [N, 3, H, W]
     ramp = torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
@@ -274,11 +239,8 @@ def gaussian_kernels(kernel_size: int, sigma: torch.Tensor) -> torch.Tensor:
 
 
 def gaussian_blur(batch: torch.Tensor, kernel_size: int, sigma: torch.Tensor) -> torch.Tensor:
-    """float [N, C, H, W], sigma [N] -> each image blurred with its own sigma, reflect-padded.
-
-    Separable (two 1-D passes, 2k multiply-adds per pixel); the batch is folded into channels,
-    [1, N*C, H, W], so one grouped convolution gives every (image, channel) its own kernel.
-    """
+    """float [N, C, H, W], sigma [N] -> each image blurred with its own sigma, reflect-padded, in
+    two 1-D passes; folded to [1, N*C, H, W], one grouped conv gives each (image, channel) its kernel."""
     n, channels, height, width = batch.shape
     kernels = gaussian_kernels(kernel_size, sigma).repeat_interleave(channels, dim=0)  # [N*C, k]
     pad = kernel_size // 2

@@ -1,8 +1,6 @@
 """`--dataset` as a `datasets.Dataset`: a Hub id, a local folder laid out like one, an image folder,
 a `save_to_disk` directory, or `synthetic`; and which of its columns hold the image and the label.
-
-Logging goes through the standard `logging` module: data is loaded on every process and in
-DataLoader workers, where no Accelerate state exists.
+Logging goes through `logging`: data is loaded on every process, and in workers, without Accelerate.
 """
 
 from __future__ import annotations
@@ -15,6 +13,7 @@ from pathlib import Path
 from typing import Optional
 
 import datasets
+import pyarrow
 from datasets.exceptions import DatasetGenerationError, DatasetsError
 
 from hnmix.data.synthetic import (
@@ -30,11 +29,7 @@ logger = logging.getLogger(__name__)
 
 
 _HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?")
-
-
 _WAY_OUT = "pass --dataset PATH (a local copy) or --dataset synthetic"
-
-
 _DESCRIBED: set[tuple] = set()  # the datasets this process has described in a log line
 
 
@@ -46,25 +41,16 @@ def load_image_dataset(
     seed: int = 0,
     synthetic_size: int = 512,
 ) -> datasets.Dataset:
-    """Load `--dataset` as one split of a `datasets.Dataset`.
+    """Load `--dataset` as one split of a `datasets.Dataset`, or raise a one-line DataError.
 
     source:
-    - "synthetic" / "synthetic-hard": `make_synthetic_dataset` / `make_hard_synthetic_dataset`
-      with `synthetic_size` images (a folder of that name is reached as ./synthetic). Split "train" uses `seed`; "validation" and "test" use seeds
-      derived from it, so the three splits differ; other splits are a DataError.
-    - an existing directory written by `save_to_disk` (has dataset_dict.json or state.json):
-      `datasets.load_from_disk`, then the split. A Dataset saved alone has no splits and is
-      accepted as split "train" only.
-    - any other existing directory: `datasets.load_dataset(source, split=...)`, the same call as
-      for a Hub id. It reads a copy of a Hub dataset repo (parquet shards under data/, e.g.
-      data/train-00000-of-00001.parquet) or an image folder with one subfolder per class
-      (label becomes a ClassLabel named after the folders).
-    - a Hub id ("name" or "owner/name"): `datasets.load_dataset`, through `cache_dir`. Without
-      network this fails (HF_HUB_OFFLINE=1: at once; no DNS: ~25 s of huggingface_hub retries)
-      unless the dataset is already in the cache.
-
-    Raises DataError (one line, with the way out) for a missing path, an unreachable or unknown
-    Hub dataset, an unknown split (listing the available ones) and an empty split.
+    - "synthetic" / "synthetic-hard" (a folder of that name is reached as ./synthetic):
+      `synthetic_size` generated images; splits validation and test get seeds derived from `seed`.
+    - a `save_to_disk` directory (dataset_dict.json or state.json): the split; a Dataset saved
+      alone is split "train" only.
+    - any other directory (parquet shards under data/, or one subfolder of images per class) or
+      a Hub id ("name" or "owner/name"): `datasets.load_dataset(source, split=...)`; a Hub id
+      through `cache_dir`, which without network works only for a dataset already there.
     """
     if source in SYNTHETIC_SOURCES:
         if split not in _SYNTHETIC_SPLITS:
@@ -105,9 +91,8 @@ def load_image_dataset(
 
 
 def _load_saved_to_disk(path: Path, split: str) -> datasets.Dataset:
-    """One split of a `save_to_disk` folder. The split's own folder is loaded (not the whole
-    DatasetDict), and a split saved with no rows is reported before `load_from_disk` sees it:
-    datasets 5.2 writes 0 shards for an empty Dataset and then fails to read them (IndexError)."""
+    """One split of a `save_to_disk` folder, loaded alone; an empty one is reported before
+    `load_from_disk` sees it: datasets 5.2 writes 0 shards for it, then fails to read them."""
     if (path / "dataset_dict.json").is_file():
         splits = _read_json(path / "dataset_dict.json").get("splits") or []
         if split not in splits:
@@ -195,10 +180,9 @@ def resolve_columns(
 ) -> tuple[str, Optional[str]]:
     """The (image column, label column or None) to read from `dataset`.
 
-    image_column must exist and hold images (a datasets.Image feature).
-    label_column None means auto: "label" if it holds integer class ids, else the first
-    ClassLabel column, else no labels. "none" means no labels. An explicitly named label column
-    must exist and hold integers (ClassLabel or an integer Value).
+    image_column must hold images. label_column None means auto: "label" if it holds integer
+    class ids, else the first ClassLabel column, else none; "none" means no labels; a named one
+    must hold integers (ClassLabel or an integer Value).
     """
     columns = dataset.column_names
     if image_column not in columns:
@@ -234,11 +218,8 @@ def resolve_columns(
 
 
 def _is_integer_label(feature: object) -> bool:
-    if isinstance(feature, datasets.ClassLabel):
-        return True
-    return isinstance(feature, datasets.Value) and feature.dtype in (
-        "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
-    )
+    return isinstance(feature, datasets.ClassLabel) or (
+        isinstance(feature, datasets.Value) and pyarrow.types.is_integer(feature.pa_type))
 
 
 def _feature_name(feature: object) -> str:

@@ -1,10 +1,7 @@
-"""`--dataset synthetic` and `synthetic-hard`: labelled image sets generated in memory,
-deterministic given the seed.
-
-`synthetic` is easy (an untrained network already separates it): the tests and the offline demo
-rely on it. `synthetic-hard` leaves room to tell methods apart (`python -m hnmix.bench learn`).
-Both it loads through the same `datasets.Dataset` type as
-every other source (`hnmix.data.sources.load_image_dataset`).
+"""`--dataset synthetic` and `synthetic-hard`: labelled image sets generated in memory as a
+`datasets.Dataset`, deterministic given the seed. `synthetic` is easy (an untrained network
+already separates it), for the tests and the offline demo; `synthetic-hard` leaves room to tell
+methods apart (`python -m hnmix.bench learn`).
 """
 
 from __future__ import annotations
@@ -31,9 +28,7 @@ def make_synthetic_dataset(
     jitters the angle, frequency, phase, colours and brightness and adds pixel noise, so the
     classes are easy to tell apart (a kNN monitor rises well above chance) but images differ.
     Labels are balanced (size // num_classes each, the remainder spread) and shuffled.
-
-    Columns: `image` (datasets.Image, RGB PNG, image_size x image_size), `label`
-    (datasets.ClassLabel, names "class_0" ...). 512 images of 64 px take well under a second.
+    Columns: `image` (RGB PNG, image_size x image_size), `label` (ClassLabel "class_0" ...).
     """
     if size < 1:
         raise DataError(f"synthetic dataset size must be at least 1, got {size}; pass --synthetic_size N with N >= 1")
@@ -72,21 +67,19 @@ def make_synthetic_dataset(
         noise = rng.standard_normal((size, image_size, image_size), dtype=np.float32) * 8.0
         pixels[..., channel] = np.clip(start + stripes * span + noise + 0.5, 0, 255)  # + 0.5: round
 
-    features = datasets.Features(
-        {
-            "image": datasets.Image(),
-            "label": datasets.ClassLabel(names=[f"class_{c}" for c in range(num_classes)]),
-        }
-    )
-    images = [{"bytes": _png_bytes(array), "path": None} for array in pixels]
+    return _as_dataset(pixels, labels, [f"class_{c}" for c in range(num_classes)])
+
+
+def _as_dataset(pixels: np.ndarray, labels: np.ndarray, class_names: list[str]) -> datasets.Dataset:
+    """pixels [N, H, W, 3] uint8, labels [N] -> columns `image` (uncompressed PNG: fast, and noisy
+    pixels barely compress anyway) and `label` (a ClassLabel of `class_names`)."""
+    images = []
+    for array in pixels:
+        buffer = io.BytesIO()
+        Image.fromarray(array, "RGB").save(buffer, format="PNG", compress_level=0)
+        images.append({"bytes": buffer.getvalue(), "path": None})
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=class_names)})
     return datasets.Dataset.from_dict({"image": images, "label": labels.tolist()}, features=features)
-
-
-def _png_bytes(pixels: np.ndarray) -> bytes:
-    """[H, W, 3] uint8 -> PNG bytes, uncompressed (fast; noisy pixels barely compress anyway)."""
-    buffer = io.BytesIO()
-    Image.fromarray(pixels, "RGB").save(buffer, format="PNG", compress_level=0)
-    return buffer.getvalue()
 
 
 def _hue_to_rgb(hue: np.ndarray) -> np.ndarray:
@@ -113,10 +106,8 @@ _GLYPH_SEED = 20201001  # the classes are the same for every --seed; the seed dr
 def make_hard_synthetic_dataset(
     size: int, *, seed: int, num_classes: int = 16, image_size: int = 64
 ) -> datasets.Dataset:
-    """`--dataset synthetic-hard`: a generated labelled set that leaves a self-supervised method
-    room to show what it learns, deterministic given `seed`.
-
-    Class c is a coarse glyph: a fixed 4 x 4 pattern of cells (no two classes equal or mirror
+    """`--dataset synthetic-hard`: a set that leaves a self-supervised method room to show what it
+    learns. Class c is a coarse glyph: a fixed 4 x 4 pattern of cells (no two classes equal or mirror
     images of each other, since the training views are flipped), drawn at a random size (64-88%
     of the image side) and position, in a random colour, over a plain background of another
     random colour, with pixel noise. An untrained network's features follow the two colours, which
@@ -124,10 +115,8 @@ def make_hard_synthetic_dataset(
     chance 6.25%); the class is only in the glyph's shape, which the crops cut but do not remove
     and the colour augmentation leaves alone, so training has room to climb.
 
-    An earlier version (5 x 5 glyphs of small cells over 12 shared striped textures) taught
-    neither MoCo nor MoCHi anything in 300 steps (BENCHMARKS.md): most likely the textures told
-    images apart more easily than the glyphs, whose 2-6 px cells a ResNet's stride-4 stem blurs.
-    Labels are balanced and shuffled. Columns as `make_synthetic_dataset`.
+    (An earlier version, 5 x 5 glyphs of 2-6 px cells over shared textures, taught neither MoCo nor
+    MoCHi anything in 300 steps: BENCHMARKS.md.) Labels and columns as `make_synthetic_dataset`.
     """
     if size < 1:
         raise DataError(f"synthetic dataset size must be at least 1, got {size}; pass --synthetic_size N with N >= 1")
@@ -147,10 +136,7 @@ def make_hard_synthetic_dataset(
         region[mask] = 0.15 * region[mask] + 0.85 * colour
         image += rng.standard_normal(image.shape, dtype=np.float32) * 10.0
         pixels[i] = np.clip(image + 0.5, 0, 255)
-    features = datasets.Features({"image": datasets.Image(),
-                                  "label": datasets.ClassLabel(names=[f"glyph_{c}" for c in range(num_classes)])})
-    images = [{"bytes": _png_bytes(array), "path": None} for array in pixels]
-    return datasets.Dataset.from_dict({"image": images, "label": labels.tolist()}, features=features)
+    return _as_dataset(pixels, labels, [f"glyph_{c}" for c in range(num_classes)])
 
 
 def _class_glyphs(num_classes: int) -> np.ndarray:

@@ -1,12 +1,8 @@
 """Per-image transforms: the photometric half of the augmentation, the evaluation crop.
 
-`moco_v2_photometric` (applied to a cropped view) and `eval_transform` take one RGB
-`PIL.Image.Image` (see `hnmix.data.images.to_rgb`) and return a float32 tensor
-`[3, img_size, img_size]`, normalised (the ImageNet mean and std unless an `AugmentationSpec`,
-or the mean and std given, say otherwise). All randomness comes from torch's global CPU generator (torchvision v1
-transforms and `RandomGaussianBlur` draw with `torch.rand`, `torch.randint`,
-`torch.empty().uniform_`), so `torch.manual_seed` makes a draw repeatable; the caller
-(`hnmix.data.two_views.TwoViewDataset`) seeds it per sample. This module knows nothing about MoCo.
+Both take one RGB `PIL.Image.Image` (`hnmix.data.images.to_rgb`) and return a normalised float32
+[3, img_size, img_size]. Their randomness comes from torch's global CPU generator, which
+`hnmix.data.two_views.TwoViewDataset` seeds per sample.
 """
 
 from __future__ import annotations
@@ -20,9 +16,6 @@ from torchvision import transforms
 
 from hnmix.data.augmentation import IMAGENET_MEAN, IMAGENET_STD, MOCO_V2, AugmentationSpec
 from hnmix.errors import ConfigError
-
-__all__ = ["EVAL_CROP_PCT", "IMAGENET_MEAN", "IMAGENET_STD", "ImageTransform", "RandomGaussianBlur", "blur_kernel_size",
-           "eval_transform", "gaussian_blur", "moco_v2_photometric"]
 
 ImageTransform = Callable[[Image.Image], torch.Tensor]
 
@@ -40,28 +33,13 @@ def blur_kernel_size(img_size: int) -> int:
     return max(3, int(0.1 * img_size) // 2 * 2 + 1)
 
 
-class RandomGaussianBlur(torch.nn.Module):
-    """Gaussian blur of a [C, H, W] float tensor, sigma ~ U[sigma[0], sigma[1]] from torch's RNG.
-
-    The same result as torchvision's `GaussianBlur(kernel_size, sigma)` (same kernel, reflect
-    padding, same single draw of sigma), computed as two 1-D passes: 2k instead of k^2
-    multiply-adds per pixel. At 224 px (k = 23) on one CPU thread this took the blur from
-    ~15 ms to ~3 ms per view; the 2-D blur had been the costliest step of the augmentation.
-    """
-
-    def __init__(self, kernel_size: int, sigma: tuple[float, float] = (0.1, 2.0)):
-        super().__init__()
-        if kernel_size < 1 or kernel_size % 2 == 0:
-            raise ValueError(f"kernel_size must be odd and positive, got {kernel_size}")
-        self.kernel_size = (kernel_size, kernel_size)
-        self.sigma = tuple(sigma)
+class RandomGaussianBlur(transforms.GaussianBlur):
+    """torchvision's `GaussianBlur` (same kernel, reflect padding, same draw of sigma) on a float
+    [C, H, W], computed as two 1-D passes: at 224 px (k = 23) on one CPU thread, ~3 ms a view
+    instead of ~15 ms, when the 2-D blur had been the costliest step of the augmentation."""
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        sigma = torch.empty(1).uniform_(self.sigma[0], self.sigma[1]).item()
-        return gaussian_blur(image, self.kernel_size[0], sigma)
-
-    def extra_repr(self) -> str:
-        return f"kernel_size={self.kernel_size}, sigma={self.sigma}"
+        return gaussian_blur(image, self.kernel_size[0], self.get_params(*self.sigma))
 
 
 def gaussian_blur(image: torch.Tensor, kernel_size: int, sigma: float) -> torch.Tensor:
@@ -79,19 +57,10 @@ def gaussian_blur(image: torch.Tensor, kernel_size: int, sigma: float) -> torch.
 
 
 def moco_v2_photometric(img_size: int, augmentation: AugmentationSpec = MOCO_V2) -> ImageTransform:
-    """The photometric half of the augmentation: one cropped RGB view [img_size x img_size]
-    -> [3, img_size, img_size] float32, normalised.
-
-    Recipe (by default Chen et al. 2020, "Improved Baselines with Momentum Contrastive Learning"),
-    after RandomResizedCrop and the horizontal flip (`hnmix.data.geometric.two_crops`; the flip
-    commutes with every step here): ColorJitter(augmentation.jitter) with p=jitter_p (MoCo v2:
-    0.4, 0.4, 0.4, 0.1 with p=0.8); RandomGrayscale p=grayscale_p (0.2); GaussianBlur sigma ~
-    U[blur_sigma] with p=blur_p (0.1-2.0, 0.5); Normalize(augmentation.mean, augmentation.std)
-    (ImageNet's). A step with probability 0 (or a jitter of all zeros) is left out, so it costs
-    nothing. The conversion to a [0, 1] tensor happens before the blur, which then works in
-    float, separably. Each call is an independent draw from torch's global RNG.
-    `hnmix.data.photometric` is the same half, batched on the accelerator.
-    """
+    """The photometric half of the augmentation (MoCo v2's by default) for one cropped RGB view
+    -> [3, img_size, img_size] float32: ColorJitter with p=jitter_p, RandomGrayscale, GaussianBlur
+    with p=blur_p (after ToTensor: in float, separably), Normalize. A step with probability 0 (or a
+    jitter of all zeros) is left out. `hnmix.data.photometric` is the same half, batched."""
     _check_img_size(img_size)
     steps: list[Callable] = []
     if augmentation.jitter_p and any(augmentation.jitter):
@@ -100,7 +69,6 @@ def moco_v2_photometric(img_size: int, augmentation: AugmentationSpec = MOCO_V2)
         steps.append(transforms.RandomGrayscale(p=augmentation.grayscale_p))
     steps.append(transforms.ToTensor())
     if augmentation.blur_p:
-        # Kernel: odd, ~10% of the image side, at least 3 (see blur_kernel_size).
         blur = RandomGaussianBlur(blur_kernel_size(img_size), sigma=augmentation.blur_sigma)
         steps.append(transforms.RandomApply([blur], p=augmentation.blur_p))
     steps.append(transforms.Normalize(augmentation.mean, augmentation.std))
@@ -115,13 +83,8 @@ EVAL_CROP_PCT = 224 / 256
 def eval_transform(img_size: int, *, mean: Sequence[float] = IMAGENET_MEAN,
                    std: Sequence[float] = IMAGENET_STD, crop_pct: float = EVAL_CROP_PCT) -> ImageTransform:
     """Deterministic evaluation view: resize the short side to round(img_size / crop_pct), centre
-    crop img_size (the default: 256 then 224, or 37 then 32 at img_size 32).
-
-    crop_pct=1 resizes the short side to img_size and crops the long one only: an image of
-    img_size x img_size passes unchanged (torchvision's Resize returns an image of the asked size
-    as it is), MoCo's CIFAR-10 demo's test transform (ToTensor, Normalize).
-    One RGB image -> [3, img_size, img_size] float32, normalised with `mean` and `std` (pass the
-    training's `AugmentationSpec.mean` and `.std`: an encoder sees the statistics it learnt with).
+    crop img_size (256 then 224 by default), normalise with `mean` and `std` (the training's).
+    crop_pct=1 leaves an img_size x img_size image as it is: MoCo's CIFAR-10 demo's test transform.
     """
     _check_img_size(img_size)
     if not 0 < crop_pct <= 1:

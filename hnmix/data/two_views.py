@@ -1,9 +1,5 @@
-"""Row i of a dataset as two augmented views, its index and its label, fed to a DataLoader.
-
-`TwoViewDataset` reads row i as an RGB image and draws two views seeded by (seed, epoch, i);
-`EpochSampler` and `make_train_loader` feed it to a DataLoader. This module knows nothing about
-MoCo. Logging goes through the standard `logging` module (DataLoader workers have no Accelerate
-state).
+"""Row i of a dataset as two augmented views seeded by (seed, epoch, i), its index and its label,
+fed to a DataLoader. Logging goes through `logging`: DataLoader workers have no Accelerate state.
 """
 
 from __future__ import annotations
@@ -35,14 +31,8 @@ def sample_rng(seed: int, epoch: int, index: int) -> random.Random:
     return random.Random(f"{seed}:{epoch}:{index}")
 
 
-# An unreadable image is replaced by another, drawn from (seed, epoch, index); this many failures
-# in a row mean the dataset itself is broken.
-MAX_REPLACEMENTS = 10
-
-
-# Unreadable images named in warnings, over all the DataLoader workers of one dataset; the rest
-# are only counted.
-WARNINGS_PER_DATASET = 5
+MAX_REPLACEMENTS = 10  # unreadable images in a row that mean the dataset itself is broken
+WARNINGS_PER_DATASET = 5  # unreadable images named in warnings, over all the workers; the rest are counted
 
 
 def warn_a_few(warned: torch.Tensor, message: str, *, counted_in: str) -> None:
@@ -55,36 +45,23 @@ def warn_a_few(warned: torch.Tensor, message: str, *, counted_in: str) -> None:
         logger.warning(f"{message}{more}")
 
 
-def _warn_unreadable(warned: torch.Tensor, index: int, error: BaseException, replacement: int) -> None:
-    """Name one of the first unreadable images of the dataset in a warning."""
-    what = first_line(error) if isinstance(error, DataError) else f"image {index} cannot be read ({describe(error)})"
-    warn_a_few(warned, f"{what}; using image {replacement} instead", counted_in="bad_samples in metrics.jsonl")
-
-
 class TwoViewDataset(torch.utils.data.Dataset):
     """Row i of a `datasets.Dataset` as two augmented views, its index and its label.
 
     `__getitem__(epoch * len(self) + index)` (the encoding `EpochSampler` yields) returns
     (view_q [3, S, S], view_k [3, S, S], index: int, label: int, unreadable: int), S = img_size,
-    label -1 when there is no label column (or the row's label is missing). The crops and flips
-    follow `augmentation` (its crop_scale and flip_p); the views are
-    - uint8, cropped and flipped only, when `photometric` is None: the photometric half then
-      runs batched on the accelerator (`hnmix.data.photometric.StepPhotometric`, given the same spec);
-    - `photometric(view)` of each cropped view otherwise (`hnmix.data.transforms.moco_v2_photometric`
-      of the same spec: float32, normalised): the whole augmentation in the worker.
-    The image is decoded once for both views, at a reduced size when the crops allow
-    (`hnmix.data.geometric.two_crops`); or, when all the dataset's images are small and fit in
-    `in_memory_bytes` decoded, once for the whole run (`hnmix.data.decoded`; the same views). An
-    image that cannot be read (truncated, empty, not an image, a decompression bomb) is replaced by another drawn from (seed, epoch, index), so batches keep
-    their size; `unreadable` counts the replacements.
+    label -1 without a label. The views are uint8, cropped and flipped only (`two_crops`), when
+    `photometric` is None (the photometric half then runs batched on the accelerator); else
+    `photometric(view)` of each (`moco_v2_photometric`: float32, normalised). The image is decoded
+    once for both views, or once for the run when all the images fit in `in_memory_bytes` decoded
+    (`hnmix.data.decoded`; the same views). An unreadable image is replaced by another drawn from
+    (seed, epoch, index), so batches keep their size; `unreadable` counts the replacements.
 
     Why the views are seeded per sample: every draw comes from `sample_rng(seed, epoch, index)`
     (the per-image photometric transforms from torch's CPU generator seeded from it, inside
-    `torch.random.fork_rng`). So the same sample in the same epoch gets the same two views
-    whichever DataLoader worker, process or number of workers loads it, a resumed run reproduces
-    them exactly, and the caller's RNG state is left as it was. Only the CPU generator is
-    reseeded (`torch.default_generator`, not `torch.manual_seed`, which would also reseed every
-    CUDA generator of the caller).
+    `fork_rng`), so a sample gets the same views whichever worker or process loads it, a resumed
+    run reproduces them, and the caller's RNG state is left as it was (only
+    `torch.default_generator` is reseeded: `torch.manual_seed` would reseed every CUDA generator).
     """
 
     def __init__(
@@ -101,7 +78,7 @@ class TwoViewDataset(torch.utils.data.Dataset):
     ):
         resolve_columns(dataset, image_column, label_column if label_column is not None else "none")
         kept = [image_column] + ([label_column] if label_column is not None and label_column != image_column else [])
-        # Undecoded cells: the image is opened lazily, so that a JPEG can be decoded at a reduced size.
+        # Undecoded cells, opened lazily, so that a JPEG can be decoded at a reduced size.
         self.dataset = dataset.select_columns(kept).cast_column(image_column, datasets.Image(decode=False))
         self.image_column = image_column
         self.label_column = label_column
@@ -141,7 +118,10 @@ class TwoViewDataset(torch.utils.data.Dataset):
                 if unreadable > MAX_REPLACEMENTS:
                     raise DataError(f"{MAX_REPLACEMENTS} images in a row could not be read, the last one "
                                     f"image {index} ({first_line(error)}); check the dataset's files") from None
-                _warn_unreadable(self.warned, index, error, replacement)
+                what = (first_line(error) if isinstance(error, DataError)
+                        else f"image {index} cannot be read ({describe(error)})")
+                warn_a_few(self.warned, f"{what}; using image {replacement} instead",
+                           counted_in="bad_samples in metrics.jsonl")
                 index = replacement
         return *views, index, label, unreadable
 
@@ -218,13 +198,10 @@ class TwoViewDataset(torch.utils.data.Dataset):
 
 
 class EpochSampler(torch.utils.data.Sampler[int]):
-    """A shuffled pass over `num_samples` items that encodes the epoch in each index.
-
-    Yields `epoch * num_samples + i` for i in `torch.randperm(num_samples)` drawn from a generator
-    seeded with `seed + epoch`: the same order on every process, and `TwoViewDataset` can recover
-    (epoch, i) to seed the views. Call `set_epoch` before each pass (Accelerate's prepared
-    DataLoader does it with its own pass counter).
-    """
+    """A shuffled pass over `num_samples` items that encodes the epoch in each index: yields
+    `epoch * num_samples + i` for i in a permutation seeded with `seed + epoch`, the same on every
+    process, from which `TwoViewDataset` recovers (epoch, i). Accelerate's prepared DataLoader
+    calls `set_epoch` before each pass."""
 
     def __init__(self, num_samples: int, seed: int):
         self.num_samples = num_samples
@@ -245,15 +222,12 @@ class EpochSampler(torch.utils.data.Sampler[int]):
 def make_train_loader(
     dataset: TwoViewDataset, *, batch_size: int, num_workers: int, seed: int, prefetch_factor: Optional[int] = None
 ) -> torch.utils.data.DataLoader:
-    """The training DataLoader: EpochSampler order, full batches only (drop_last).
+    """The training DataLoader: EpochSampler order, full batches only (drop_last), batches as
+    `TwoViewDataset.__getitem__`'s items collated ([B, ...]).
 
-    Batches: (view_q [B, 3, H, W], view_k [B, 3, H, W], uint8 crops or float32 after the
-    photometric half, index [B] int64, label [B] int64, unreadable [B] int64). The loader has its
-    own seeded generator, so making an iterator does not consume the global RNG. An exception in a
-    worker is re-raised by the DataLoader in the main process with the same type; its message then
-    holds the worker's traceback (the original one-line message is its last line). Workers ignore
-    the run's stop signals (`hnmix.data.workers`). `prefetch_factor`: batches each worker keeps
-    ready (default: as many as fit in /dev/shm, at most 4, or a ConfigError: `fit_prefetch`).
+    The loader has its own seeded generator, so making an iterator does not consume the global
+    RNG. Workers ignore the run's stop signals (`hnmix.data.workers`). `prefetch_factor`: batches
+    each worker keeps ready (default: as many as fit in /dev/shm, at most 4: `fit_prefetch`).
     """
     if len(dataset) < batch_size:
         raise DataError(

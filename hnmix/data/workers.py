@@ -1,23 +1,18 @@
 """DataLoader workers: how many, how many batches they keep ready, and stop signals they outlive.
 
-How many: by default the cores of this process's share of the machine, less one for the main
-process (`default_num_workers`). How many batches: each worker hands its batches over in shared
-memory (/dev/shm), which a container may keep small (Docker's default is 64 MiB), so a worker
-keeps at most as many ready as fit there (`fit_prefetch`), and a loader that cannot fit even one
-per worker is refused before any worker starts.
+How many: this process's share of the usable cores, less one (`default_num_workers`). How many
+batches: workers hand batches over in /dev/shm, which a container may keep small (Docker: 64 MiB),
+so each keeps at most as many ready as fit there (`fit_prefetch`), and a loader that cannot fit
+one per worker is refused before any worker starts.
 
-Stop signals: launchers deliver a stop signal to a whole process tree or group, DataLoader workers included:
-accelerate >= 1.16's single-process launcher terminates the trainer's tree, torch's elastic agent
-`killpg`s each trainer's process group, SLURM signals every process of the job step. A worker
-killed by it makes the trainer raise "DataLoader worker ... is killed by signal" in the middle of
-the step it should finish and save. So workers ignore the signals the trainer handles; they exit
-when the trainer shuts its loaders down, or, if the trainer dies, when torch's worker watchdog
-sees their parent gone.
-
-One exit path needs help: a process that ends while a loader's workers still run (persistent
-workers whose iterator was never shut down) has Python's multiprocessing SIGTERM its daemon
-children and then join them, which would wait forever on workers that ignore SIGTERM. An exit
-handler, registered after multiprocessing's and so run before it, SIGKILLs them first.
+Stop signals: launchers signal the whole process tree or group (accelerate >= 1.16 terminates
+the trainer's tree, torch's elastic agent `killpg`s, SLURM signals every process of the step),
+and a killed worker makes the trainer raise "DataLoader worker ... is killed by signal" in the
+step it should finish and save. So workers ignore the signals the trainer handles; they exit when
+the trainer shuts its loaders down, or when torch's worker watchdog sees their parent gone.
+At exit, multiprocessing SIGTERMs its daemon children and joins them, which would wait forever on
+such workers still running: an exit handler, registered after multiprocessing's and so run before
+it, SIGKILLs them first.
 """
 
 from __future__ import annotations
@@ -35,8 +30,7 @@ from hnmix.errors import ConfigError
 
 MIB = 2**20
 
-# The signals the trainer turns into "save and stop" (hnmix.train.preemption): SIGTERM from
-# schedulers and launchers, SIGINT from Ctrl-C, SIGUSR1 from SLURM's `--signal=USR1@...`.
+# The trainer's "save and stop" signals (hnmix.train.preemption): launchers', Ctrl-C, SLURM's --signal=USR1@.
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
 
@@ -77,8 +71,8 @@ def cgroup_cpu_limit() -> Optional[int]:
 
 
 def usable_cores() -> tuple[int, str]:
-    """(cores this process may run on, where that number comes from): its CPU affinity (taskset,
-    SLURM's and Docker's cpusets), else os.cpu_count(), and at most a cgroup's CPU quota."""
+    """(cores this process may run on, where that number comes from): its CPU affinity (cpusets),
+    else os.cpu_count(), and at most a cgroup's CPU quota."""
     if hasattr(os, "sched_getaffinity"):
         cores, source = len(os.sched_getaffinity(0)), "usable cores"
     else:
@@ -98,28 +92,22 @@ def local_processes(num_processes: int) -> int:
 
 def default_num_workers(processes_on_node: int) -> tuple[int, str]:
     """(DataLoader workers per process, how that was derived): this process's share of the node's
-    usable cores, less one for the process itself, at least 1. Lightning suggests the same bound
-    (`suggested_max_num_workers`); more workers than cores only compete with the training."""
+    usable cores, less one for the process itself, at least 1 (Lightning's `suggested_max_num_workers`)."""
     cores, source = usable_cores()
     workers = max(1, cores // processes_on_node - 1)
     return workers, f"auto: {cores} {source} / {processes_on_node} process(es) on this node, less 1 for the main process"
 
 
 def workers_per_process(requested: Optional[int], num_processes: int) -> tuple[int, str]:
-    """(DataLoader workers per process, how that was chosen): `requested` (--num_workers), or when
-    it is None this process's share of the node's cores (`default_num_workers`)."""
+    """(DataLoader workers per process, how that was chosen): `requested`, else `default_num_workers`."""
     if requested is not None:
         return requested, "--num_workers"
     return default_num_workers(local_processes(num_processes))
 
 
-# Where DataLoader workers put their batches (torch's shared memory), at most this many batches
-# ready per worker (torch's default is 2, MoCo's main_moco.py keeps that; 4 smooths slow JPEGs),
-# and the share of the free space the training loader may take (the kNN monitor's loader and
-# other programs need some too).
-SHM_PATH = "/dev/shm"
-MAX_PREFETCH = 4
-SHM_SHARE = 0.8
+SHM_PATH = "/dev/shm"  # where DataLoader workers put their batches
+MAX_PREFETCH = 4  # batches ready per worker at most (torch's default 2; 4 smooths slow JPEGs)
+SHM_SHARE = 0.8  # of the free space, for the training loader (the kNN monitor's and others need some)
 
 
 def shm_free_bytes() -> Optional[int]:
@@ -133,10 +121,8 @@ def shm_free_bytes() -> Optional[int]:
 
 @dataclass(frozen=True)
 class PrefetchFit:
-    """How many batches each worker keeps ready, and the /dev/shm they take.
-
-    needed_bytes: what this process's loader holds at once (workers x prefetch_factor + the batch
-    the main process is using); free_bytes: /dev/shm's free space (None: no /dev/shm)."""
+    """How many batches each worker keeps ready; needed_bytes, what this process's loader holds at
+    once (`in_flight_bytes`); free_bytes, /dev/shm's free space (None: no /dev/shm)."""
 
     prefetch_factor: int
     needed_bytes: int
@@ -164,9 +150,8 @@ def in_flight_bytes(batch_bytes: int, num_workers: int, prefetch_factor: int) ->
 
 def fit_prefetch(batch_bytes: int, num_workers: int, *, processes: int = 1) -> PrefetchFit:
     """The largest prefetch_factor <= MAX_PREFETCH whose batches fit in SHM_SHARE of /dev/shm's
-    free space, shared by the `processes` loaders of this node. Raises a ConfigError, before any
-    worker starts, when even one batch per worker does not fit: without it the workers would die
-    with a bus error at their first batch."""
+    free space, shared by the `processes` loaders of this node; a ConfigError when even one batch
+    per worker does not fit (the workers would die with a bus error at their first batch)."""
     free = shm_free_bytes()
     if free is None:
         return PrefetchFit(MAX_PREFETCH, in_flight_bytes(batch_bytes, num_workers, MAX_PREFETCH), None, processes)
