@@ -1,23 +1,11 @@
 """`python -m hnmix.evaluate MODEL --protocol knn|linear|lincls`: evaluation of a frozen encoder from the command line.
 
-The math is in `hnmix.evaluate.probes` and `hnmix.evaluate.lincls`, the splits and features in
-`hnmix.evaluate.splits` and `hnmix.evaluate.features`, the models in `hnmix.evaluate.models`.
-Protocols, in short:
-- knn (fast): the bank is the train split and its queries the held-out split (`--knn_split`
-  with the whole train split as bank, else the dataset's `validation` split, else a fixed
-  stratified part of the train split); it compares the backbone's features, or with
-  `--knn_features projection` a checkpoint's L2-normalised projection (MoCo's CIFAR-10 demo).
-- linear (fast probe, precomputed centre-crop features): trains on the train split, picks lr and
-  weight decay on a selection split and reports on `test`; without a test split it reports the
-  held-out split and selects on a second stratified part of the train split, so the reported
-  split never takes part in the choice (the JSON says which split played which role).
-- lincls (the papers' linear evaluation, `hnmix.evaluate.lincls`): SGD on augmented views of the
-  train split through the frozen backbone, reported on `test`, else the held-out split.
-Every protocol's evaluation images are centre-cropped by `--eval_crop_pct`, by default the
-crop the encoder was evaluated with in training (`LoadedModel.crop_pct`).
-
-Logging goes through the standard `logging` module; results on several processes are computed on
-the main process and broadcast, so every rank returns the same numbers.
+The protocols are described in the README and the options' help. Which split plays which role: knn
+scores the held-out split (`--knn_split`, else `validation`, else a stratified part of the train
+split) against the train split; linear selects lr and weight decay on a split that is never the one
+it reports (`load_eval_splits`' with_selection); lincls reports `test`, else the held-out split.
+Results on several processes are computed on the main process and broadcast, so every rank returns
+the same numbers.
 """
 
 from __future__ import annotations
@@ -28,13 +16,10 @@ import logging
 import os
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 import datasets
-import torch
-import torch.utils.data
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
@@ -42,29 +27,15 @@ from hnmix.data.decoded import GIB
 from hnmix.data.transforms import EVAL_CROP_PCT
 from hnmix.data.workers import workers_per_process
 from hnmix.errors import ConfigError, DataError, HnmixError
-from hnmix.evaluate.features import EvalImages, extract_features, make_eval_loader
-from hnmix.evaluate.lincls import (
-    BACKBONE_KEY,
-    SCHEDULES,
-    TRAIN_VIEWS,
-    AugmentedImages,
-    LinclsSettings,
-    backbone_sha256,
-    check_lincls_dir,
-    train_lincls,
-)
+from hnmix.evaluate.features import EvalImages, ExtractedFeatures, extract_features, make_eval_loader
+from hnmix.evaluate.lincls import (BACKBONE_KEY, SCHEDULES, TRAIN_VIEWS, AugmentedImages, LinclsSettings,
+                                   backbone_sha256, check_lincls_dir, train_lincls)
 from hnmix.evaluate.models import LoadedModel, load_backbone, projection_network
 from hnmix.evaluate.monitor import KNN_FEATURES, broadcast_from_main
-from hnmix.evaluate.probes import (
-    LINEAR_LRS,
-    LINEAR_WEIGHT_DECAYS,
-    knn_accuracy,
-    train_linear_probe,
-)
+from hnmix.evaluate.probes import LINEAR_LRS, LINEAR_WEIGHT_DECAYS, knn_accuracy, train_linear_probe
 from hnmix.evaluate.splits import DEFAULT_SEED, EvalSplits, load_eval_splits
 
 logger = logging.getLogger("hnmix.evaluate")  # not __name__: that is "__main__" under python -m
-
 
 DEFAULT_DATASET = "ilee0022/Caltech-256"
 
@@ -76,14 +47,12 @@ def resolve_num_workers(args: argparse.Namespace, accelerator: Accelerator) -> t
 
 
 def _split_size(text: str) -> Union[int, float]:
-    try:
-        value: Union[int, float] = int(text)
-    except ValueError:
+    for parse in (int, float):
         try:
-            value = float(text)
+            return parse(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is neither a fraction nor a count") from None
-    return value
+            pass
+    raise argparse.ArgumentTypeError(f"{text!r} is neither a fraction nor a count")
 
 
 def _float_list(text: str) -> tuple[float, ...]:
@@ -180,70 +149,42 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-@dataclass
-class EvalOptions:
-    """The command line with the checkpoint's defaults filled in."""
-
-    args: argparse.Namespace
-    dataset: str
-    split: str
-    image_column: str
-    label_column: Optional[str]
-    synthetic_size: int
-    dir_data: Optional[str]
-    seed: int
-    img_size: int
-    crop_pct: float = EVAL_CROP_PCT
-    knn_k: int = 200
-    knn_temperature: float = 0.1
-    knn_split: Optional[str] = None  # --protocol knn only
-    knn_features: str = "backbone"
-    lincls: Optional[LinclsSettings] = None  # --protocol lincls only
-    lincls_dir: Optional[Path] = None
-
-    def lincls_identity(self, model: LoadedModel) -> dict[str, Any]:
-        """What a resumed lincls run must share with the saved one: its settings, its data and the
-        backbone's weights (`backbone_sha256`)."""
-        assert self.lincls is not None
-        return self.lincls.identity() | {
-            "arch": model.arch, "dataset": self.dataset, "split": self.split, "image_column": self.image_column,
-            "label_column": self.label_column, "synthetic_size": self.synthetic_size, "img_size": self.img_size,
-            "eval_crop_pct": self.crop_pct,
-            "eval_split_size": self.args.eval_split_size, "eval_max_samples": self.args.eval_max_samples,
-            BACKBONE_KEY: backbone_sha256(model.backbone)}
+def lincls_identity(args: argparse.Namespace, settings: LinclsSettings, model: LoadedModel) -> dict[str, Any]:
+    """What a resumed lincls run must share with the saved one: its settings, its data and the
+    backbone's weights (`backbone_sha256`)."""
+    return settings.identity() | {
+        "arch": model.arch, "dataset": args.dataset, "split": args.split, "image_column": args.image_column,
+        "label_column": args.label_column, "synthetic_size": args.synthetic_size, "img_size": args.img_size,
+        "eval_crop_pct": args.eval_crop_pct,
+        "eval_split_size": args.eval_split_size, "eval_max_samples": args.eval_max_samples,
+        BACKBONE_KEY: backbone_sha256(model.backbone)}
 
 
-def resolve_options(args: argparse.Namespace, model: LoadedModel, num_processes: int = 1) -> EvalOptions:
-    """Flags win; then the training run's config (a checkpoint's, or the one beside an exported
-    encoder; the crop also an encoder's pretrained_cfg, `LoadedModel.crop_pct`); then hnmix's
-    defaults. The run's knn_split only applies to the run's dataset. Bad values are one-line
-    ConfigErrors. `--eval_max_samples 0` (all, as in hnmix.train) becomes None in `args`, so
-    reports and a lincls resume see one spelling."""
+def resolve_options(args: argparse.Namespace, model: LoadedModel, num_processes: int = 1) -> Optional[LinclsSettings]:
+    """Fill in `args`: flags win; then the training run's config (`LoadedModel.train_config`,
+    `.crop_pct`); then hnmix's defaults. The run's knn_split only applies to the run's dataset. Bad
+    values are one-line ConfigErrors. `--eval_max_samples 0` (all) becomes None: one spelling saved.
+    Returns the lincls settings of `--protocol lincls`, else None."""
     trained = model.train_config
-
-    def pick(name: str, default: Any) -> Any:
-        value = getattr(args, name)
-        return value if value is not None else trained.get(name, default)
-
-    options = EvalOptions(
-        args=args, dataset=pick("dataset", DEFAULT_DATASET), split=pick("split", "train"),
-        image_column=pick("image_column", "image"), label_column=pick("label_column", None),
-        synthetic_size=pick("synthetic_size", 512), dir_data=pick("dir_data", None), seed=pick("seed", DEFAULT_SEED),
-        img_size=args.img_size or model.img_size or 224,
-        crop_pct=args.eval_crop_pct if args.eval_crop_pct is not None else (model.crop_pct or EVAL_CROP_PCT),
-        knn_k=pick("knn_k", 200), knn_temperature=pick("knn_temperature", 0.1),
-        knn_features=args.knn_features or "backbone",
-    )
+    defaults = {"dataset": DEFAULT_DATASET, "split": "train", "image_column": "image", "label_column": None,
+                "synthetic_size": 512, "dir_data": None, "seed": DEFAULT_SEED, "knn_k": 200, "knn_temperature": 0.1}
+    for name, default in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, trained.get(name, default))
+    args.img_size = args.img_size or model.img_size or 224
+    if args.eval_crop_pct is None:
+        args.eval_crop_pct = model.crop_pct or EVAL_CROP_PCT
     if args.protocol == "knn":
-        on_the_runs_data = options.dataset == trained.get("dataset") and options.split == trained.get("split", "train")
-        options.knn_split = args.knn_split or (trained.get("knn_split") if on_the_runs_data else None)
+        on_the_runs_data = args.dataset == trained.get("dataset") and args.split == trained.get("split", "train")
+        args.knn_split = args.knn_split or (trained.get("knn_split") if on_the_runs_data else None)
     elif args.knn_split is not None or args.knn_features is not None:
         raise ConfigError("options knn_split and knn_features belong to --protocol knn")
-    if not 0 < options.crop_pct <= 1:
-        raise ConfigError(f"option eval_crop_pct must be in (0, 1] (1: no crop), got {options.crop_pct}")
-    positive = {"img_size": options.img_size, "batch_size": args.batch_size, "knn_k": options.knn_k,
+    args.knn_features = args.knn_features or "backbone"
+    if not 0 < args.eval_crop_pct <= 1:
+        raise ConfigError(f"option eval_crop_pct must be in (0, 1] (1: no crop), got {args.eval_crop_pct}")
+    positive = {"img_size": args.img_size, "batch_size": args.batch_size, "knn_k": args.knn_k,
                 "linear_epochs": args.linear_epochs, "linear_batch_size": args.linear_batch_size,
-                "synthetic_size": options.synthetic_size}
+                "synthetic_size": args.synthetic_size}
     for name, value in positive.items():
         if value < 1:
             raise ConfigError(f"option {name} must be >= 1, got {value}")
@@ -254,36 +195,37 @@ def resolve_options(args: argparse.Namespace, model: LoadedModel, num_processes:
                           f"{args.images_in_memory_gib}")
     if args.eval_max_samples is not None and args.eval_max_samples < 0:
         raise ConfigError(f"option eval_max_samples must be >= 0 (0: all), got {args.eval_max_samples}")
-    args.eval_max_samples = args.eval_max_samples or None  # 0 means all, as in hnmix.train: one spelling saved
-    if not options.knn_temperature > 0:
-        raise ConfigError(f"option knn_temperature must be > 0, got {options.knn_temperature}")
+    args.eval_max_samples = args.eval_max_samples or None
+    if not args.knn_temperature > 0:
+        raise ConfigError(f"option knn_temperature must be > 0, got {args.knn_temperature}")
     if args.protocol == "linear" and not (args.linear_lrs and args.linear_weight_decays):
         raise ConfigError("options linear_lrs and linear_weight_decays need at least one value each")
-    if args.protocol == "lincls":
-        options.lincls = LinclsSettings(
-            epochs=args.lincls_epochs, lr=args.lincls_lr, batch_size=args.lincls_batch_size,
-            weight_decay=args.lincls_weight_decay, momentum=args.lincls_momentum, schedule=args.lincls_schedule,
-            seed=options.seed, stop_at=args.lincls_stop_at)
-        options.lincls.check(num_processes)
-        if args.lincls_dir:
-            options.lincls_dir = Path(args.lincls_dir).expanduser()
-        elif model.kind in ("checkpoint", "encoder"):
-            options.lincls_dir = Path(model.source) / "lincls"
-        else:
-            raise ConfigError(f"--protocol lincls on {model.source} needs --lincls_dir DIR: where the classifier "
-                              "and its training state are saved")
-    elif args.resume or args.lincls_stop_at is not None or args.lincls_dir:
-        raise ConfigError("options resume, lincls_stop_at and lincls_dir belong to --protocol lincls")
-    return options
+    if args.protocol != "lincls":
+        if args.resume or args.lincls_stop_at is not None or args.lincls_dir:
+            raise ConfigError("options resume, lincls_stop_at and lincls_dir belong to --protocol lincls")
+        return None
+    settings = LinclsSettings(
+        epochs=args.lincls_epochs, lr=args.lincls_lr, batch_size=args.lincls_batch_size,
+        weight_decay=args.lincls_weight_decay, momentum=args.lincls_momentum, schedule=args.lincls_schedule,
+        seed=args.seed, stop_at=args.lincls_stop_at)
+    settings.check(num_processes)
+    if args.lincls_dir:
+        args.lincls_dir = Path(args.lincls_dir).expanduser()
+    elif model.kind in ("checkpoint", "encoder"):
+        args.lincls_dir = Path(model.source) / "lincls"
+    else:
+        raise ConfigError(f"--protocol lincls on {model.source} needs --lincls_dir DIR: where the classifier "
+                          "and its training state are saved")
+    return settings
 
 
-def default_json_path(args: argparse.Namespace, model: LoadedModel, options: EvalOptions) -> Optional[Path]:
+def default_json_path(args: argparse.Namespace, model: LoadedModel) -> Optional[Path]:
     if args.json:
         return Path(args.json)
     if model.kind in ("checkpoint", "encoder"):
         return Path(model.source) / f"evaluation_{args.protocol}.json"
-    if options.lincls_dir is not None:
-        return options.lincls_dir / "evaluation_lincls.json"
+    if args.lincls_dir is not None:
+        return args.lincls_dir / "evaluation_lincls.json"
     return None
 
 
@@ -294,115 +236,107 @@ def run_evaluation(args: argparse.Namespace) -> dict[str, Any]:
     set_seed(args.seed if args.seed is not None else DEFAULT_SEED)  # a random-init baseline: the same weights on every rank
     with accelerator.main_process_first():
         model = load_backbone(args.model, pretrained=args.pretrained)
-    options = resolve_options(args, model, accelerator.num_processes)
-    json_path = default_json_path(args, model, options)
+    lincls = resolve_options(args, model, accelerator.num_processes)
+    json_path = default_json_path(args, model)
     if json_path is not None:
         _check_writable(json_path)  # on every rank, before the work: all ranks stop together
     resume_from, identity = None, None
-    if options.lincls is not None:
-        identity = options.lincls_identity(model)
-        resume_from = check_lincls_dir(options.lincls_dir, identity, resume=args.resume)
-    network = projection_network(model) if options.knn_features == "projection" else model.backbone
+    if lincls is not None:
+        identity = lincls_identity(args, lincls, model)
+        resume_from = check_lincls_dir(args.lincls_dir, identity, resume=args.resume)
+    network = projection_network(model) if args.knn_features == "projection" else model.backbone
     num_workers, workers_from = resolve_num_workers(args, accelerator)
     logger.info(f"DataLoader workers per process: {num_workers} ({workers_from})")
-    splits = _load_splits(args, options, accelerator)
+    splits = _load_splits(args, accelerator)
     backbone = network.to(accelerator.device)
     mean, std = model.normalization()  # the statistics the encoder was trained with
-    settings: dict[str, Any] = {"img_size": options.img_size, "eval_crop_pct": options.crop_pct,
+    settings: dict[str, Any] = {"img_size": args.img_size, "eval_crop_pct": args.eval_crop_pct,
                                 "batch_size": args.batch_size, "num_workers": num_workers,
                                 "eval_split_size": args.eval_split_size, "eval_max_samples": args.eval_max_samples,
-                                "seed": options.seed, "mixed_precision": accelerator.mixed_precision,
+                                "seed": args.seed, "mixed_precision": accelerator.mixed_precision,
                                 "num_processes": accelerator.num_processes, "normalize_mean": list(mean),
                                 "normalize_std": list(std)}
     roles = {"knn": ("train", "held_out"), "linear": ("train", "selection", "test"), "lincls": ("train", "test")}
-    if options.lincls is not None:
+    if lincls is not None:
         started = time.perf_counter()
-        columns = dict(image_column=splits.image_column, label_column=splits.label_column, img_size=options.img_size,
+        columns = dict(image_column=splits.image_column, label_column=splits.label_column, img_size=args.img_size,
                        mean=mean, std=std)
-        train_images = AugmentedImages(splits.train, **columns, seed=options.seed,
+        train_images = AugmentedImages(splits.train, **columns, seed=args.seed,
                                        in_memory_bytes=int(args.images_in_memory_gib * GIB))
         metrics = train_lincls(
-            backbone, train_images, EvalImages(splits.reported, **columns, crop_pct=options.crop_pct, as_uint8=True),
+            backbone, train_images, EvalImages(splits.reported, **columns, crop_pct=args.eval_crop_pct, as_uint8=True),
             accelerator, num_classes=splits.num_classes,
-            settings=options.lincls, lincls_dir=options.lincls_dir, resume_from=resume_from,
+            settings=lincls, lincls_dir=args.lincls_dir, resume_from=resume_from,
             identity=identity, num_workers=num_workers, eval_batch_size=args.batch_size,
             metadata={"arch": model.arch, "model": model.source, "num_classes": str(splits.num_classes),
-                      "img_size": str(options.img_size)})
+                      "img_size": str(args.img_size)})
         metrics["seconds_protocol"] = time.perf_counter() - started
-        settings |= {f"lincls_{k}": v for k, v in options.lincls.identity().items() if k != "seed"}
-        settings |= {"lincls_milestones": list(options.lincls.milestones()) if options.lincls.schedule == "step"
-                     else None, "lincls_stop_at": options.lincls.stop_at, "lincls_resumed": resume_from is not None,
+        settings |= {f"lincls_{k}": v for k, v in lincls.identity().items() if k != "seed"}
+        settings |= {"lincls_milestones": list(lincls.milestones()) if lincls.schedule == "step"
+                     else None, "lincls_stop_at": lincls.stop_at, "lincls_resumed": resume_from is not None,
                      "lincls_train_views": TRAIN_VIEWS, "lincls_images_in_memory": train_images.decoded is not None}
-        return _finish(accelerator, args, model, options, splits, roles["lincls"], metrics, settings, json_path)
+        return _finish(accelerator, args, model, splits, roles["lincls"], metrics, settings, json_path)
 
-    unreadable = [0]  # images skipped over all splits
-
-    def features_of(dataset: datasets.Dataset) -> tuple[torch.Tensor, torch.Tensor]:
+    def features_of(dataset: datasets.Dataset) -> ExtractedFeatures:
         images = EvalImages(dataset, image_column=splits.image_column, label_column=splits.label_column,
-                            img_size=options.img_size, mean=mean, std=std, crop_pct=options.crop_pct, as_uint8=True)
+                            img_size=args.img_size, mean=mean, std=std, crop_pct=args.eval_crop_pct, as_uint8=True)
         loader = accelerator.prepare(make_eval_loader(images, batch_size=args.batch_size, num_workers=num_workers))
-        extracted = extract_features(backbone, loader, accelerator, normalization=images.normalization)
-        unreadable[0] += extracted.skipped
-        return extracted
+        return extract_features(backbone, loader, accelerator, normalization=images.normalization)
 
     started = time.perf_counter()
-    train_f, train_y = features_of(splits.train)
-    if args.protocol == "knn":
-        held_f, held_y = features_of(splits.held_out)
-    else:
-        selection_f, selection_y = features_of(splits.selection)
-        test_f, test_y = features_of(splits.reported)
+    extracted = [features_of(splits.reported if role == "test" else getattr(splits, role))
+                 for role in roles[args.protocol]]
     extraction_s = time.perf_counter() - started
-    if unreadable[0]:
-        logger.warning(f"{unreadable[0]} image(s) could not be read and were left out (the first are named above)")
+    features = [tensor for split in extracted for tensor in split]  # [N, D] features, [N] labels of each role
+    unreadable = sum(split.skipped for split in extracted)
+    if unreadable:
+        logger.warning(f"{unreadable} image(s) could not be read and were left out (the first are named above)")
     metrics = None
     if accelerator.is_main_process:
         started = time.perf_counter()
         if args.protocol == "knn":
-            settings |= {"knn_k": options.knn_k, "knn_temperature": options.knn_temperature,
-                         "knn_split": splits.held_out_name, "knn_features": options.knn_features}
-            metrics = knn_accuracy(train_f, train_y, held_f, held_y, num_classes=splits.num_classes,
-                                   k=options.knn_k, temperature=options.knn_temperature)
+            settings |= {"knn_k": args.knn_k, "knn_temperature": args.knn_temperature,
+                         "knn_split": splits.held_out_name, "knn_features": args.knn_features}
+            metrics = knn_accuracy(*features, num_classes=splits.num_classes, k=args.knn_k,
+                                   temperature=args.knn_temperature)
         else:
             settings |= {"linear_lrs": list(args.linear_lrs), "linear_weight_decays": list(args.linear_weight_decays),
                          "linear_epochs": args.linear_epochs, "linear_batch_size": args.linear_batch_size,
                          "linear_features": "standardised with the fitting split's mean and std",
                          "linear_refit_on_train_and_selection": True}
-            # The selection split is never the reported one (see load_eval_splits' with_selection).
-            metrics = train_linear_probe(train_f, train_y, selection_f, selection_y, test_f, test_y,
-                                         num_classes=splits.num_classes, lrs=args.linear_lrs,
+            metrics = train_linear_probe(*features, num_classes=splits.num_classes, lrs=args.linear_lrs,
                                          weight_decays=args.linear_weight_decays, epochs=args.linear_epochs,
-                                         batch_size=args.linear_batch_size, seed=options.seed,
+                                         batch_size=args.linear_batch_size, seed=args.seed,
                                          refit_on_train_and_val=True)
         metrics |= {"seconds_features": extraction_s, "seconds_protocol": time.perf_counter() - started,
-                    "eval_bad_samples": unreadable[0]}
+                    "eval_bad_samples": unreadable}
     metrics = broadcast_from_main(metrics, accelerator)
-    return _finish(accelerator, args, model, options, splits, roles[args.protocol], metrics, settings, json_path)
+    return _finish(accelerator, args, model, splits, roles[args.protocol], metrics, settings, json_path)
 
 
-def _load_splits(args: argparse.Namespace, options: EvalOptions, accelerator: Accelerator) -> EvalSplits:
+def _load_splits(args: argparse.Namespace, accelerator: Accelerator) -> EvalSplits:
     """The protocol's splits (`load_eval_splits`); the kNN's queries are --knn_split when set."""
     try:
         with accelerator.main_process_first():
             return load_eval_splits(
-                options.dataset, split=options.split, image_column=options.image_column,
-                label_column=options.label_column, eval_split_size=args.eval_split_size,
-                max_samples=args.eval_max_samples, seed=options.seed, cache_dir=options.dir_data,
-                synthetic_size=options.synthetic_size, with_test=args.protocol == "lincls",
-                with_selection=args.protocol == "linear", held_out_split=options.knn_split,
+                args.dataset, split=args.split, image_column=args.image_column,
+                label_column=args.label_column, eval_split_size=args.eval_split_size,
+                max_samples=args.eval_max_samples, seed=args.seed, cache_dir=args.dir_data,
+                synthetic_size=args.synthetic_size, with_test=args.protocol == "lincls",
+                with_selection=args.protocol == "linear", held_out_split=args.knn_split,
             )
     except DataError as error:
-        if options.knn_split is not None and str(error).startswith(f"split {options.knn_split!r} does not exist"):
+        if args.knn_split is not None and str(error).startswith(f"split {args.knn_split!r} does not exist"):
             raise ConfigError(f"option knn_split: {error}") from None
         raise
 
 
-def _finish(accelerator: Accelerator, args: argparse.Namespace, model: LoadedModel, options: EvalOptions,
-            splits: EvalSplits, roles: Sequence[str], metrics: dict[str, Any], settings: dict[str, Any],
+def _finish(accelerator: Accelerator, args: argparse.Namespace, model: LoadedModel, splits: EvalSplits,
+            roles: Sequence[str], metrics: dict[str, Any], settings: dict[str, Any],
             json_path: Optional[Path]) -> dict[str, Any]:
     """The report (`metrics` + what was evaluated, on which splits, how), written and printed by the main process."""
     report = {**metrics, "protocol": args.protocol, "model": model.describe(),
-              "dataset": {"source": options.dataset, "split": options.split, **splits.describe(roles)},
+              "dataset": {"source": args.dataset, "split": args.split, **splits.describe(roles)},
               "settings": settings, "json": str(json_path) if json_path else None}
     if accelerator.is_main_process:
         if json_path is not None:
@@ -421,8 +355,7 @@ def _make_accelerator(mixed_precision: Optional[str]) -> Accelerator:
 
 def _configure_logging(accelerator: Accelerator) -> None:
     """INFO lines on the main process's stderr (rich), errors only elsewhere. Like the trainer, it
-    configures the root logger (replacing its handlers), so an evaluation and a training in one
-    process (`python -m hnmix.bench learn`) print each line once."""
+    replaces the root logger's handlers, so that `python -m hnmix.bench learn` prints each line once."""
     from rich.console import Console
     from rich.logging import RichHandler
 

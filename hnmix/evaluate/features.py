@@ -1,19 +1,11 @@
-"""Features of a frozen backbone over evaluation images.
-
-- `EvalImages`, `make_eval_loader`: a split as deterministic, evaluation-transformed images.
-- `extract_features`: a backbone run over a DataLoader prepared by Accelerate, gathered across
-  processes so that every sample counts once, in dataset order.
+"""Features of a frozen backbone over evaluation images (`EvalImages`, `make_eval_loader`,
+`extract_features`), gathered across processes so that every sample counts once, in dataset order.
 
 An image that cannot be read is skipped and counted, never the end of an evaluation (or of the
 training that runs one): `EvalImages` returns it as a blank image labelled `UNREADABLE`, and
-`extract_features` drops those rows and says how many it dropped.
-
-The first few are named in warnings, counted across DataLoader workers (`hnmix.data.two_views.warn_a_few`).
-
-Any other failure on one rank (a dataset that raises, a worker that dies, memory) is made known
-to every rank before the next collective (`raise_if_any_rank_failed`), so that no rank waits for
-it in a gather until the process group's timeout: every rank raises the same error, naming the
-rank that failed, and the trainer's kNN monitor can log it and train on.
+`extract_features` drops those rows and says how many it dropped. Any other failure on one rank
+is made known to every rank before the next collective (`raise_if_any_rank_failed`), so that no
+rank waits for it in a gather until the process group's timeout.
 """
 
 from __future__ import annotations
@@ -46,10 +38,8 @@ Normalization = tuple[Sequence[float], Sequence[float]]  # (mean, std), three fl
 
 
 def normalize_uint8(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """uint8 images [B, 3, H, W] -> float32 [B, 3, H, W], (images / 255 - mean) / std per channel, on
-    the images' device: torchvision's ToTensor + Normalize of each image, batched (the same float32
-    operations, so the same numbers). DataLoader workers then hand over uint8 crops, a quarter of
-    the bytes, and the accelerator does the float work."""
+    """uint8 images [B, 3, H, W] -> float32 (images / 255 - mean) / std on their device: torchvision's
+    ToTensor + Normalize, batched (the same numbers), so that workers hand over a quarter of the bytes."""
     return normalize(images.float().div_(255), tuple(mean), tuple(std))
 
 
@@ -66,20 +56,15 @@ class ExtractedFeatures(tuple):
 
 
 class RankFailedError(RuntimeError):
-    """What every rank raises when a part of a multi-process evaluation failed on some rank with
-    an error that is no HnmixError (a programming error, memory, a dead worker). On the rank
-    where it happened it is chained to the original (`raise ... from`), whose traceback shows.
-    An HnmixError (a user's) is raised again as its own type instead, still one line."""
+    """What every rank raises when a multi-process evaluation failed on some rank with an error that
+    is no HnmixError (chained to the original on that rank). An HnmixError keeps its own type."""
 
 
 def raise_if_any_rank_failed(failure: Optional[Exception], accelerator: Accelerator, what: str) -> None:
-    """Raise on every rank when `failure` (this rank's exception, or None) is set on any rank;
-    every rank must call it at the same point, before the collective the failure would block.
-
-    One process: `failure` itself is raised. Several: an all-reduce of a failure flag, then (only
-    when some rank failed) the failures' descriptions are gathered, and every rank raises the same
-    error for the first failing rank: its HnmixError type again, else `RankFailedError`, with
-    the line "WHAT failed on rank R of N: ...".
+    """Raise on every rank when `failure` (this rank's exception, or None) is set on any rank; every
+    rank calls it at the same point. One process: `failure` itself. Several: an all-reduce of a flag,
+    then (only on a failure) every rank raises "WHAT failed on rank R of N: ..." for the first failing
+    rank, as its HnmixError type, else `RankFailedError`.
     """
     if accelerator.num_processes == 1:
         if failure is not None:
@@ -103,12 +88,8 @@ def raise_if_any_rank_failed(failure: Optional[Exception], accelerator: Accelera
 
 @contextmanager
 def main_process_buffers(module: nn.Module, accelerator: Accelerator) -> Iterator[None]:
-    """Within the block every rank holds the main process's buffers (BatchNorm running statistics);
-    afterwards each rank has its own back.
-
-    The trainer runs DDP without buffer broadcasts, so ranks drift apart; checkpoints and the
-    exported encoder carry the main process's, and so does an evaluation.
-    """
+    """Within the block every rank holds the main process's buffers (BatchNorm running statistics),
+    which the checkpoints and the export carry (DDP runs without buffer broadcasts); its own afterwards."""
     buffers = [b for b in module.buffers() if b.numel()]
     if accelerator.num_processes == 1 or not buffers or not dist.is_initialized():
         yield
@@ -129,21 +110,14 @@ def extract_features(
     backbone: nn.Module, loader: torch.utils.data.DataLoader, accelerator: Accelerator, *,
     normalization: Optional[Normalization] = None,
 ) -> ExtractedFeatures:
-    """Run `backbone` over `loader` -> (features [N, D] float32, labels [N] int64) on every rank,
-    without the images that could not be read (their number: `.skipped`).
+    """Run `backbone` over `loader` -> (features [N, D] float32, labels [N] int64) on every rank, on
+    `accelerator.device`, without the images that could not be read (their number: `.skipped`).
 
-    `loader` yields (images [B, 3, H, W], labels [B]) and must be prepared by `accelerator`
-    (`accelerator.prepare(loader)`): each process then sees a shard, and
-    `accelerator.gather_for_metrics` puts the shards back together in dataset order, dropping the
-    samples Accelerate repeats to even out the last batch, so each of the N samples counts once.
-    With `normalization` (mean, std) the images are uint8 (`EvalImages(as_uint8=True)`) and are
-    normalised on `accelerator.device` (`normalize_uint8`); without it they come normalised. The backbone runs in eval mode, without gradients, under `accelerator.autocast()`, with the
-    main process's buffers (`main_process_buffers`); its training mode and buffers are restored
-    afterwards. Results stay on `accelerator.device`.
-
-    Each rank reads and runs its batch alone, then the ranks agree that none failed
-    (`raise_if_any_rank_failed`: one all-reduce per batch) before gathering it; a failure on any
-    rank is raised on every rank and the pass is abandoned (`_abandon`).
+    `loader` yields (images [B, 3, H, W], labels [B]) and is prepared by `accelerator`;
+    `gather_for_metrics` drops the samples Accelerate repeats, so each sample counts once. With
+    `normalization` the images are uint8 (`EvalImages(as_uint8=True)`), normalised here. The
+    backbone runs in eval mode under `accelerator.autocast()` with `main_process_buffers`. After
+    each batch the ranks agree that none failed (`raise_if_any_rank_failed`) before gathering it.
     """
     was_training = backbone.training
     backbone.eval()
@@ -166,8 +140,10 @@ def extract_features(
                 labels.append(batch_labels)
     finally:
         backbone.train(was_training)
-        if not finished:
-            _abandon(loader, batches)
+        if not finished:  # the workers go, and an Accelerate loader ends: else the trainer's would not be active
+            for stop in (getattr(batches, "close", None), getattr(loader, "end", None)):
+                if stop is not None:
+                    stop()
     if not features:
         raise DataError("the evaluation loader yielded no batches; pass a split that holds images")
     features, labels = torch.cat(features), torch.cat(labels)
@@ -180,8 +156,7 @@ def extract_features(
 
 def _features_of_next_batch(backbone: nn.Module, batches: Iterator, accelerator: Accelerator,
                             normalization: Optional[Normalization]) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
-    """(features [B, D] float32, labels [B] int64) of this rank's next batch, or None at the end.
-    No collective: a failure here is this rank's alone until `raise_if_any_rank_failed`."""
+    """(features [B, D] float32, labels [B] int64) of this rank's next batch, or None at the end (no collective)."""
     batch = next(batches, None)
     if batch is None:
         return None
@@ -194,29 +169,11 @@ def _features_of_next_batch(backbone: nn.Module, batches: Iterator, accelerator:
     return batch_features.float().flatten(1), batch_labels.to(accelerator.device).long()
 
 
-def _abandon(loader: torch.utils.data.DataLoader, batches: Iterator) -> None:
-    """Stop a pass that did not reach its end: close the iterator (its workers go) and take an
-    Accelerate loader off the GradientState's active loaders, as its end would have (else the
-    trainer's own loader would no longer be the active one)."""
-    close = getattr(batches, "close", None)
-    if close is not None:
-        close()
-    end = getattr(loader, "end", None)
-    if end is not None:
-        end()
-
-
 class EvalImages(TwoViewDataset):
-    """Row i of a labelled `datasets.Dataset` -> (image [3, S, S] float32, label int).
-
-    The image is read and checked like a training sample (`TwoViewDataset`'s reading, with its
-    one-line error for an undecodable image), made RGB by `hnmix.data.images.to_rgb`, cropped by the
-    deterministic `hnmix.data.transforms.eval_transform(img_size, crop_pct=crop_pct)` (1: no crop
-    of an image of img_size) and normalised with `mean` and `std` (the encoder's training
-    normalisation: `AugmentationSpec.mean`, `.std`).
-
-    as_uint8: the image is resized and cropped only, uint8 [3, S, S]; pass `self.normalization`
-    to `extract_features`, which normalises each batch on the accelerator (the same numbers).
+    """Row i of a labelled `datasets.Dataset` -> (image [3, S, S] float32, label int): read like a
+    training sample, made RGB, cropped by `eval_transform(img_size, crop_pct=crop_pct)` and normalised
+    with the encoder's `mean` and `std`. as_uint8: resized and cropped only, uint8 [3, S, S]; pass
+    `self.normalization` to `extract_features`, which normalises each batch (the same numbers).
     """
 
     def __init__(self, dataset: datasets.Dataset, *, image_column: str, label_column: str, img_size: int,
@@ -253,13 +210,10 @@ def _uint8_tensor(image) -> torch.Tensor:
 
 
 def make_eval_loader(images: EvalImages, *, batch_size: int, num_workers: int) -> torch.utils.data.DataLoader:
-    """Batches (images [B, 3, S, S] float32, uint8 from `EvalImages(as_uint8=True)`; labels [B] int64)
-    in dataset order, the last one possibly smaller. Prepare it with `accelerator.prepare` before `extract_features`.
+    """Batches (images [B, 3, S, S], labels [B] int64) in dataset order, to prepare with `accelerator.prepare`.
 
-    The loader has a generator of its own: a DataLoader without one draws its workers' base seed
-    from the global RNG on every pass, and an evaluation in the middle of training would then
-    change the training's later random draws. Workers ignore the run's stop signals, so that a
-    SIGTERM during the trainer's kNN evaluation stops the run cleanly (`hnmix.data.workers`).
+    Its own generator: without one, each pass would draw the workers' base seed from the global
+    RNG and change the training's later draws. Workers ignore the run's stop signals (`hnmix.data.workers`).
     """
     return torch.utils.data.DataLoader(images, batch_size=batch_size, shuffle=False, drop_last=False,
                                        num_workers=num_workers, pin_memory=torch.cuda.is_available(),

@@ -1,13 +1,8 @@
-"""The numbers of MoCHi's analysis of hardness (Kalantidis et al. 2020, sections 3 and 4), as pure
-functions of logits, labels and projections.
-
-`python -m hnmix.analyze` computes them for a checkpoint: held-out queries against the
-checkpoint's queue (`logit_groups`, `logit_histograms`), the class-oracle false negatives among
-the hardest (`false_negative_fraction`), synthetic negatives harder than every real one
-(`synthetic_harder_than_hardest`), and alignment and uniformity of the projections (Wang and
-Isola, ICML 2020: `alignment`, `uniformity`). Logits are those of `hnmix.mixing.mix_logits`:
-divided by the temperature, column 0 the positive, 1..K the queue, then each registered negative
-type's synthetic negatives (MoCHi's s1 type-1, s2 type-2), in the registry's order, -inf where masked.
+"""The numbers of MoCHi's analysis of hardness (Kalantidis et al. 2020, sections 3 and 4) and Wang
+and Isola's alignment and uniformity, as pure functions of logits, labels and projections, for
+`python -m hnmix.analyze`. Logits are those of `hnmix.mixing.mix_logits`: divided by the
+temperature, column 0 the positive, 1..K the queue, then each registered negative type's
+synthetic negatives in the registry's order, -inf where masked.
 """
 
 from __future__ import annotations
@@ -20,11 +15,8 @@ from hnmix.mixing import NEGATIVE_TYPES, MixedLogits
 
 
 def type_columns(logits: torch.Tensor, *, queue_size: int, sizes: dict[str, int]) -> dict[str, torch.Tensor]:
-    """{type name: [B, count]} the columns of each registered type, in the registry's order.
-
-    logits: [B, 1 + K + S] (`mix_logits`), K = queue_size; sizes: each type's count by its `size`
-    ({"s1": 16, "s2": 16}, 0 when left out), as `mix_logits` took them.
-    """
+    """{type name: [B, count]} the columns of each registered type of logits [B, 1 + K + S], K =
+    queue_size; sizes: each type's count by its `size` ({"s1": 16, "s2": 16}), as `mix_logits` took them."""
     counts = [sizes.get(t.size, 0) for t in NEGATIVE_TYPES.values()]
     return dict(zip(NEGATIVE_TYPES, logits[:, 1 + queue_size :].split(counts, dim=1)))
 
@@ -48,12 +40,8 @@ def logit_groups(mixed: MixedLogits, *, queue_size: int, sizes: dict[str, int]) 
 
 
 def logit_histograms(groups: dict[str, torch.Tensor], *, bins: int = 40) -> dict[str, list]:
-    """Histograms of each group on shared edges: {"edges": [bins + 1], name: [bins] counts}.
-
-    The edges split [min, max] over all groups' values into `bins` equal bins; a value v falls in
-    bin i when edges[i] <= v < edges[i + 1], the last bin closed on the right (numpy's rule).
-    Empty groups get all-zero counts.
-    """
+    """Histograms of each group on shared edges: {"edges": [bins + 1], name: [bins] counts}: `bins`
+    equal bins over [min, max] of all values, the last one closed on the right (numpy's rule)."""
     values = torch.cat([g.double().flatten() for g in groups.values()])
     low, high = (values.min().item(), values.max().item()) if values.numel() else (0.0, 1.0)
     if high <= low:

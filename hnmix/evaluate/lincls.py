@@ -1,44 +1,13 @@
-"""`--protocol lincls`: the linear evaluation that MoCo, MoCHi, solo-learn and lightly report.
+"""`--protocol lincls`: the linear evaluation that MoCo, MoCHi, solo-learn and lightly report (see
+the README): an `nn.Linear` ([B, D] -> [B, C]) trained with MoCo's `main_lincls.py` settings on
+views drawn afresh every epoch through the FROZEN backbone (eval mode, no gradient), so the
+features are never precomputed. The data path is the trainer's: uint8 crops from the workers
+(`hnmix.data.geometric.one_crop`), normalised on the accelerator.
 
-A linear classifier (`nn.Linear` on the backbone's pooled features, [B, D] -> [B, C]) is trained
-on the FROZEN backbone: the backbone stays in eval mode (BatchNorm uses its running statistics)
-and gets no gradient. The training images are augmented afresh every epoch (RandomResizedCrop
-with torchvision's default scale (0.08, 1) + horizontal flip + the encoder's normalisation), so the
-features are recomputed every epoch, never precomputed; the split reported is seen through the
-evaluation view (resize to img_size * 256/224, centre crop).
-
-The data path is the trainer's: DataLoader workers cut uint8 crops (`hnmix.data.geometric.one_crop`:
-a JPEG decoded at 1/2, 1/4 or 1/8 of its size where the crop allows, or images kept decoded in
-shared memory where they all qualify, `hnmix.data.decoded`), and each batch is converted to float
-and normalised on the accelerator (`hnmix.evaluate.features.normalize_uint8`); the test split too
-is handed over as uint8. Before this (issue 21), each worker decoded the whole image with PIL,
-cropped it with torchvision's transforms and normalised it in float32 (`python -m hnmix.bench data
---lincls` measures the loader against the trainer's). The defaults are those of
-facebookresearch/moco `main_lincls.py`: SGD, lr 30, momentum 0.9, weight decay 0, a global batch
-of 256, 100 epochs, lr x0.1 at epochs 60 and 80, classifier weights ~ N(0, 0.01), bias 0.
-
-Processes: the classifier and its optimizer go through `accelerator.prepare` (DDP averages the
-gradients), the sampler is sharded by Accelerate (each process takes its own batches of
-batch_size / num_processes), and the reported split's features are gathered with
-`gather_for_metrics` (`hnmix.evaluate.features.extract_features`), so each sample counts once
-and every rank computes the same accuracy. The backbone runs under `accelerator.autocast()`
-(bf16 allowed); the loss is float32.
-
-Saving and resume: after every epoch, `LINCLS_DIR/epoch_NNNN/` (the classifier, the optimizer's
-state, `lincls_state.json`: epochs done and what a resume must share, the settings and the
-backbone's weights by their sha256 (`backbone_sha256`); see `_save`) and a
-copy of its `classifier.safetensors` (weight [C, D], bias [C]) in LINCLS_DIR are written; only the
-newest epoch directory is kept, and it is complete before the older one goes. A resumed run ends
-with the same classifier as an uninterrupted one because nothing depends on where it stopped:
-the epoch order comes from (seed + epoch) (`EpochSampler`), each crop and flip from (seed, epoch,
-index) (`hnmix.data.two_views.sample_rng`), the lr from the epoch, and the momentum buffers are
-saved. No random generator outside these is drawn, so there is no RNG state to save. A run
-interrupted inside an epoch repeats that epoch. A run saved by an older hnmix (whose crops came
-from torchvision's RandomResizedCrop, other draws of the same distribution: `TRAIN_VIEWS` is not in
-its state) is resumed with a warning: its remaining epochs get this version's crops, so it ends
-with a classifier as good, but not bit for bit the one either version would have trained alone. On several processes the last training batch of
-an epoch includes the few repeats Accelerate adds to even out the shards (as DistributedSampler
-pads in MoCo); the test split is counted exactly once.
+A resumed run ends with the classifier of an uninterrupted one, since the epoch order comes from
+(seed + epoch) (`EpochSampler`), each view from (seed, epoch, index) (`sample_rng`), the lr from
+the epoch, and the momentum buffers are saved (`_save`): there is no RNG state to save. A run
+interrupted inside an epoch repeats that epoch.
 """
 
 from __future__ import annotations
@@ -50,9 +19,10 @@ import math
 import os
 import re
 import shutil
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import datasets
 import torch
@@ -68,15 +38,8 @@ from hnmix.data.transforms import EVAL_CROP_PCT, IMAGENET_MEAN, IMAGENET_STD
 from hnmix.data.two_views import EpochSampler, TwoViewDataset, sample_rng, warn_a_few
 from hnmix.data.workers import fit_prefetch, ignore_stop_signals, local_processes
 from hnmix.errors import CheckpointError, ConfigError, DataError, describe, first_line
-from hnmix.evaluate.features import (
-    UNREADABLE,
-    EvalImages,
-    Normalization,
-    extract_features,
-    main_process_buffers,
-    make_eval_loader,
-    normalize_uint8,
-)
+from hnmix.evaluate.features import (UNREADABLE, EvalImages, Normalization, extract_features, main_process_buffers,
+                                     make_eval_loader, normalize_uint8)
 from hnmix.evaluate.monitor import broadcast_from_main
 from hnmix.evaluate.probes import top_k_accuracy
 
@@ -91,21 +54,15 @@ BACKBONE_KEY = "backbone_sha256"  # in the identity: `backbone_sha256` of the we
 # Settings an older hnmix did not record in a saved run's identity, as it used them.
 UNRECORDED_IDENTITY = {"eval_crop_pct": EVAL_CROP_PCT}
 _EPOCH_DIR = re.compile(r"^epoch_(\d{4,})$")
-# moco/main_lincls.py's training view: RandomResizedCrop (torchvision's scale 0.08-1, ratio 3/4-4/3)
-# and RandomHorizontalFlip; the photometric fields are unused.
+# moco/main_lincls.py's training view: RandomResizedCrop (scale 0.08-1) and a flip; no photometric half.
 LINCLS_AUGMENTATION = replace(MOCO_V2, crop_scale=(0.08, 1.0), flip_p=0.5)
-# How the training views are drawn, saved with each epoch: a resume from a run whose views were
-# drawn otherwise (an older hnmix saved none) warns that it cannot be bit for bit an uninterrupted run.
+# How the training views are drawn, saved with each epoch (a resume warns when they differ).
 TRAIN_VIEWS = "hnmix.data.geometric.one_crop, uint8, normalised on the accelerator"
 
 
 @dataclass(frozen=True)
 class LinclsSettings:
-    """The options of one lincls run; MoCo's `main_lincls.py` values are the defaults.
-
-    batch_size is global (all processes together), as in MoCo. stop_at: stop after this many
-    epochs without changing the schedule (resume later with --resume).
-    """
+    """The options of one lincls run (see the --lincls_* options); batch_size is global, as in MoCo."""
 
     epochs: int = 100
     lr: float = 30.0
@@ -125,8 +82,6 @@ class LinclsSettings:
         if not self.weight_decay >= 0 or not 0 <= self.momentum < 1:
             raise ConfigError(f"options lincls_weight_decay must be >= 0 and lincls_momentum in [0, 1), got "
                               f"{self.weight_decay} and {self.momentum}")
-        if self.schedule not in SCHEDULES:
-            raise ConfigError(f"option lincls_schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         if self.batch_size < 1 or self.batch_size % num_processes:
             raise ConfigError(f"option lincls_batch_size ({self.batch_size}, all processes together) must be a "
                               f"positive multiple of the {num_processes} processes; pass e.g. "
@@ -135,14 +90,11 @@ class LinclsSettings:
             raise ConfigError(f"option lincls_stop_at must lie in 1..{self.epochs} (lincls_epochs), got {self.stop_at}")
 
     def milestones(self) -> tuple[int, ...]:
-        """Epochs at which the step schedule multiplies the lr by 0.1: 60% and 80% of the epochs, rounded."""
+        """Epochs at which the step schedule multiplies the lr by 0.1."""
         return tuple(round(fraction * self.epochs) for fraction in STEP_MILESTONES)
 
     def lr_at(self, epoch: int) -> float:
-        """The lr of epoch `epoch` (0-based), constant within the epoch as in MoCo.
-
-        step: lr x 0.1 per milestone reached; cosine: lr * (1 + cos(pi * epoch / epochs)) / 2
-        (moco/main_moco.py's --cos)."""
+        """The lr of epoch `epoch` (0-based), constant within the epoch as in MoCo (cosine: main_moco.py's --cos)."""
         if self.schedule == "cosine":
             return self.lr * 0.5 * (1.0 + math.cos(math.pi * epoch / self.epochs))
         return self.lr * 0.1 ** sum(epoch >= milestone for milestone in self.milestones())
@@ -156,13 +108,9 @@ class AugmentedImages(TwoViewDataset):
     """The lincls training view of row i of a labelled `datasets.Dataset`, drawn afresh per epoch.
 
     `__getitem__(epoch * len(self) + index)` (what `EpochSampler` yields) -> (image uint8 [3, S, S],
-    label int): a RandomResizedCrop (scale 0.08-1) and a flip with p 0.5 (`LINCLS_AUGMENTATION`),
-    cut by `hnmix.data.geometric.one_crop` from the image decoded at a reduced size where the crop
-    allows, or from the pixels kept in memory (`in_memory_bytes`: `hnmix.data.decoded`, the same
-    views). Normalise the batches with `normalize_uint8(images, *self.normalization)` on the
-    accelerator. The draws come from `sample_rng(seed, epoch, index)`: the same view of a sample in
-    an epoch whichever worker or process loads it, and no global generator is drawn. An image that
-    cannot be read comes as a blank one labelled UNREADABLE (no loss; counted).
+    label int), drawn from `sample_rng(seed, epoch, index)`: the same view whichever worker or
+    process loads it. Normalise the batches with `normalize_uint8(images, *self.normalization)`.
+    An unreadable image comes as a blank one labelled UNREADABLE (no loss; counted).
     """
 
     def __init__(self, dataset: datasets.Dataset, *, image_column: str, label_column: str, img_size: int, seed: int,
@@ -198,10 +146,8 @@ class AugmentedImages(TwoViewDataset):
 def make_lincls_loader(images: AugmentedImages, *, batch_size: int, num_workers: int, seed: int,
                        processes_on_node: int = 1) -> torch.utils.data.DataLoader:
     """Batches (images uint8 [b, 3, S, S], labels [b] int64) of `batch_size` per process in an
-    `EpochSampler` order (seed + epoch), the last one possibly smaller (as MoCo: no drop_last).
-    Each worker keeps as many batches ready as fit in /dev/shm with the node's other processes'
-    loaders (`hnmix.data.workers.fit_prefetch`, at most 4; a ConfigError when not one fits).
-    Prepare it with `accelerator.prepare` (which shards it) and call `set_epoch` before each pass."""
+    `EpochSampler` order, the last one possibly smaller (as MoCo), as many ready per worker as fit
+    in /dev/shm (`fit_prefetch`). Prepare it with `accelerator.prepare`; `set_epoch` before each pass."""
     prefetch = None
     if num_workers > 0:
         prefetch = fit_prefetch(images.batch_bytes(batch_size), num_workers, processes=processes_on_node).prefetch_factor
@@ -210,9 +156,6 @@ def make_lincls_loader(images: AugmentedImages, *, batch_size: int, num_workers:
         num_workers=num_workers, pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0,
         prefetch_factor=prefetch, generator=torch.Generator().manual_seed(seed), worker_init_fn=ignore_stop_signals,
     )
-
-
-# ----------------------------------------------------------------------------- the lincls directory
 
 
 def saved_epochs(lincls_dir: Path) -> Optional[Path]:
@@ -224,9 +167,7 @@ def saved_epochs(lincls_dir: Path) -> Optional[Path]:
 
 
 def backbone_sha256(backbone: nn.Module) -> str:
-    """sha256 over the backbone's state dict: each tensor's name, dtype, shape and bytes, in
-    order (weights and BatchNorm statistics alike). A resumed lincls run must find the weights
-    its classifier was trained on (`BACKBONE_KEY` in the saved identity)."""
+    """sha256 of the backbone's state dict (names, dtypes, shapes, bytes): a resume needs the same weights."""
     digest = hashlib.sha256()
     for name, tensor in backbone.state_dict().items():
         tensor = tensor.detach().cpu().contiguous()
@@ -236,14 +177,9 @@ def backbone_sha256(backbone: nn.Module) -> str:
 
 
 def check_lincls_dir(lincls_dir: Path, identity: dict[str, Any], *, resume: bool) -> Optional[Path]:
-    """The saved state to resume from (None: a fresh start); one-line ConfigErrors before any compute.
-
-    Refused: a fresh start where a run is already saved (it would be overwritten), --resume with
-    nothing saved, a resume whose settings (`identity`) differ from the saved run's, a resume on
-    other backbone weights than the saved classifier's (`identity[BACKBONE_KEY]`, see
-    `backbone_sha256`: e.g. an encoder exported again since), and a directory that cannot be
-    written.
-    """
+    """The saved state to resume from (None: a fresh start); one-line ConfigErrors before any compute:
+    a directory that cannot be written, a fresh start over a saved run, --resume with nothing saved,
+    and a resume with other settings or backbone weights (`identity`) than the saved run's."""
     folder = lincls_dir
     while not folder.exists() and folder != folder.parent:
         folder = folder.parent
@@ -276,14 +212,11 @@ def check_lincls_dir(lincls_dir: Path, identity: dict[str, Any], *, resume: bool
 
 def _save(accelerator: Accelerator, lincls_dir: Path, classifier: nn.Module, optimizer: torch.optim.Optimizer,
           epochs_done: int, identity: dict[str, Any], metadata: dict[str, str]) -> None:
-    """Write epoch_NNNN/ (complete before the older one goes) and classifier.safetensors; call it on every rank.
-
-    The main process writes alone: DDP keeps the classifier and the optimizer state identical on
-    every rank, and the loop draws nothing from a random generator it would have to save.
-    epoch_NNNN/ holds classifier.safetensors (weight [C, D], bias [C]), optimizer.safetensors (the
-    optimizer's state tensors, e.g. SGD's momentum buffers, as "INDEX.NAME") and lincls_state.json
-    (epochs done, identity, how the training views were drawn (`TRAIN_VIEWS`), the optimizer's
-    param_groups, an fp16 loss scaler's state).
+    """Write epoch_NNNN/ (complete before the older one goes) and a copy of its classifier in
+    `lincls_dir`; call it on every rank. The main process writes alone: DDP keeps the classifier and
+    the optimizer identical on every rank. epoch_NNNN/ holds classifier.safetensors (weight [C, D],
+    bias [C]), optimizer.safetensors (state tensors as "INDEX.NAME") and lincls_state.json (epochs
+    done, identity, `TRAIN_VIEWS`, param_groups, an fp16 loss scaler's state).
     """
     from safetensors.torch import save_file
 
@@ -350,12 +283,23 @@ def _load(saved: Path, classifier: nn.Module, optimizer: torch.optim.Optimizer, 
     return epochs_done
 
 
-# ----------------------------------------------------------------------------- training
+@contextmanager
+def _frozen(backbone: nn.Module, accelerator: Accelerator) -> Iterator[None]:
+    """The backbone in eval mode, without gradients, with the main process's buffers; as it was afterwards."""
+    was_training = backbone.training
+    requires_grad = [p.requires_grad for p in backbone.parameters()]
+    backbone.eval().requires_grad_(False)
+    try:
+        with main_process_buffers(backbone, accelerator):
+            yield
+    finally:
+        backbone.train(was_training)
+        for parameter, flag in zip(backbone.parameters(), requires_grad):
+            parameter.requires_grad_(flag)
 
 
 def feature_dim(backbone: nn.Module) -> int:
-    """D of the backbone's pooled output [B, D] (timm: head_hidden_size where the head has a
-    hidden layer, as in MambaOut; else num_features)."""
+    """D of the backbone's pooled output [B, D] (timm: head_hidden_size where the head has one, as MambaOut)."""
     return int(getattr(backbone, "head_hidden_size", None) or backbone.num_features)
 
 
@@ -374,45 +318,14 @@ def train_lincls(
     eval_batch_size: int,
     metadata: Optional[dict[str, str]] = None,
 ) -> dict[str, Any]:
-    """Train the linear classifier on the frozen `backbone` ([B, 3, S, S] -> [B, D]) and test it.
-
-    train_images: the augmented train split (uint8 views, normalised here per batch on the
-    accelerator with its `normalization`); test_images: the reported split, evaluation view (uint8
-    too when `as_uint8`).
-    `settings.check` must have passed, and `resume_from` comes from `check_lincls_dir`. Every rank
-    must call this; every rank returns the same {"lincls_top1", "lincls_top5" (percent,
-    top-min(5, C)), "lincls_test_images" (the samples scored, each once), "lincls_epochs_done",
-    "lincls_train_loss", "lincls_train_top1" (the last epoch trained, on augmented views; None when
-    nothing was trained), "lincls_dir", "eval_bad_samples" (unreadable test images, left out)}.
-    Unreadable training images (labelled `UNREADABLE`) add no loss; each epoch's count is
-    `bad_samples` in metrics.jsonl. The backbone's mode, requires_grad flags, weights and buffers
-    are as before afterwards.
+    """Train the linear classifier on the frozen `backbone` ([B, 3, S, S] -> [B, D]) and test it on
+    `test_images` (the reported split); `resume_from` comes from `check_lincls_dir`. Call it on
+    every rank; each returns the same {"lincls_top1", "lincls_top5" (percent), "lincls_test_images",
+    "lincls_epochs_done", "lincls_train_loss", "lincls_train_top1" (the last epoch trained; None when
+    none was), "lincls_dir", "eval_bad_samples"}. The backbone is left as it was found.
     """
-    was_training = backbone.training
-    requires_grad = [p.requires_grad for p in backbone.parameters()]
-    backbone.eval().requires_grad_(False)
-    try:
-        with main_process_buffers(backbone, accelerator):
-            return _train_and_test(backbone, train_images, test_images, accelerator, num_classes=num_classes,
-                                   settings=settings, lincls_dir=lincls_dir, resume_from=resume_from,
-                                   identity=identity, num_workers=num_workers, eval_batch_size=eval_batch_size,
-                                   metadata=metadata or {})
-    finally:
-        backbone.train(was_training)
-        for parameter, flag in zip(backbone.parameters(), requires_grad):
-            parameter.requires_grad_(flag)
-
-
-def _train_and_test(backbone, train_images, test_images, accelerator, *, num_classes, settings, lincls_dir,
-                    resume_from, identity, num_workers, eval_batch_size, metadata) -> dict[str, Any]:
     from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-    )
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     with torch.random.fork_rng(devices=[]):  # nn.Linear's own init would draw from the caller's stream
         classifier = nn.Linear(feature_dim(backbone), num_classes)
@@ -447,7 +360,7 @@ def _train_and_test(backbone, train_images, test_images, accelerator, *, num_cla
     task = progress.add_task("lincls", total=len(loader) * (end - start), epoch="-", loss="-", lr="-")
     last: dict[str, Any] = {"lincls_train_loss": None, "lincls_train_top1": None}
     classifier.train()
-    with progress:
+    with _frozen(backbone, accelerator), progress:
         for epoch in range(start, end):
             lr = settings.lr_at(epoch)
             for group in optimizer.param_groups:
@@ -461,7 +374,6 @@ def _train_and_test(backbone, train_images, test_images, accelerator, *, num_cla
                     with accelerator.autocast():
                         features = backbone(images)
                 logits = classifier(features.float().flatten(1))  # [b, C]
-                # An image that could not be read comes as a blank one labelled UNREADABLE: no loss.
                 readable = labels != UNREADABLE  # [b]
                 losses = F.cross_entropy(logits.float(), labels.clamp_min(0), reduction="none")  # [b]
                 loss = (losses * readable).sum() / readable.sum().clamp_min(1)
@@ -483,7 +395,7 @@ def _train_and_test(backbone, train_images, test_images, accelerator, *, num_cla
                     file.write(json.dumps(record) + "\n")
             logger.info(f"lincls epoch {epoch + 1}/{settings.epochs}  lr {lr:.4g}  loss {record['loss']:.4f}  "
                         f"train top-1 {record['train_top1']:.2f} (augmented views)")
-            _save(accelerator, lincls_dir, classifier, optimizer, epoch + 1, identity, metadata)
+            _save(accelerator, lincls_dir, classifier, optimizer, epoch + 1, identity, metadata or {})
     if end < settings.epochs:
         logger.warning(f"lincls stopped after epoch {end} of {settings.epochs} (--lincls_stop_at); the numbers "
                        f"below are those of an unfinished classifier: continue with --resume")
@@ -491,9 +403,8 @@ def _train_and_test(backbone, train_images, test_images, accelerator, *, num_cla
     test_loader = accelerator.prepare(make_eval_loader(test_images, batch_size=eval_batch_size,
                                                        num_workers=num_workers))
     normalization = test_images.normalization if test_images.as_uint8 else None
-    extracted = extract_features(backbone, test_loader, accelerator,
-                                 normalization=normalization)  # [N, D], [N]: every readable sample once
-    features, labels = extracted
+    extracted = extract_features(backbone, test_loader, accelerator, normalization=normalization)
+    features, labels = extracted  # [N, D], [N]: every readable sample once
     classifier.eval()
     with torch.no_grad():
         logits = torch.cat([classifier(chunk) for chunk in features.split(4096)]).float()  # [N, C]

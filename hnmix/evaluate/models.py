@@ -18,7 +18,7 @@ from hnmix.backbones import apply_stem
 from hnmix.data.augmentation import IMAGENET_MEAN, IMAGENET_STD, normalization
 from hnmix.data.transforms import EVAL_CROP_PCT
 from hnmix.errors import ConfigError, HubError, describe, network_error_types
-from hnmix.hub.load import load_encoder
+from hnmix.hub.load import _HUB_ID, load_encoder
 from hnmix.moco import MoCoEncoder
 from hnmix.run_config import load_run_config
 
@@ -37,9 +37,7 @@ class LoadedModel:
     img_size: Optional[int]  # what it was trained / configured for, when known
     train_config: dict[str, Any] = field(default_factory=dict)  # the training run's options, when known
     train_config_source: Optional[str] = None  # the file they were read from
-    # The evaluation crop (timm's crop_pct) it was evaluated / exported with, when known: the run's
-    # --eval_crop_pct (a checkpoint's from before the option: 0.875, what it used), else the
-    # pretrained_cfg's crop_pct (an export's is the run's; timm's pretrained weights', their own).
+    # The crop it was evaluated with, when known: the run's --eval_crop_pct, else the pretrained_cfg's.
     crop_pct: Optional[float] = None
 
     def describe(self) -> dict[str, Any]:
@@ -48,10 +46,8 @@ class LoadedModel:
                 "run_config": self.train_config_source}
 
     def normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
-        """(mean, std) of the images the backbone expects: its training run's --normalize when the
-        run's options are known (a checkpoint's from before the option: ImageNet's, what it used),
-        else its pretrained_cfg's (an exported encoder's carries the run's; a timm model's, its
-        weights'), else ImageNet's."""
+        """(mean, std) of the images the backbone expects: its run's --normalize (a checkpoint's from
+        before the option: ImageNet's), else its pretrained_cfg's, else ImageNet's."""
         normalize = self.train_config.get("normalize")
         if normalize is None and self.kind == "checkpoint":
             normalize = "imagenet"
@@ -64,23 +60,13 @@ class LoadedModel:
         return IMAGENET_MEAN, IMAGENET_STD
 
 
-_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
-
-
 def load_backbone(model: str, *, pretrained: bool = False) -> LoadedModel:
-    """`model` -> LoadedModel; user-fixable problems are one-line ConfigError/HubError.
+    """`model` -> LoadedModel without classifier; user-fixable problems are one-line ConfigError/HubError.
 
-    - a checkpoint directory (model.safetensors with `encoder_q.backbone.*` keys + config.yaml
-      naming `arch`, and `stem` when not the default): that architecture with those weights;
-    - an exported encoder folder (config.json + model.safetensors, timm's `save_for_hf` layout):
-      `hnmix.load_encoder(PATH)` (timm's `local-dir:`, with the CIFAR stem where the export
-      records it), with the run's options from `run_config_of_encoder` (DIR_OUT/config.yaml
-      beside it, else its model card);
-    - `hf-hub:owner/name` or `owner/name` (when no such local path exists and `owner` is no local
-      directory): `hnmix.load_encoder("hf-hub:...")` (timm's `hf-hub:`, with the stem the export
-      records); a missing path (`is_local_path`) is a ConfigError at once;
-    - a timm model name: random weights, or timm's own with `pretrained`.
-    The classifier is always dropped (num_classes=0).
+    `model`: a checkpoint directory (model.safetensors + config.yaml), an exported encoder folder
+    (`hnmix.load_encoder`, with the run's options from `run_config_of_encoder`), `hf-hub:owner/name`
+    or `owner/name` where no such local path can be meant (`is_local_path`), or a timm model name
+    (random weights, or timm's own with `pretrained`).
     """
     if model.startswith("hf-hub:"):
         return _load_from_hub(model.removeprefix("hf-hub:"))
@@ -124,10 +110,8 @@ def load_backbone(model: str, *, pretrained: bool = False) -> LoadedModel:
 
 
 def is_local_path(model: str) -> bool:
-    """Whether the model argument `model` can only mean a local path (so a missing one is an error at
-    once, not ~30 s of Hub retries): it starts with `.`, `/` or `~`, holds a backslash or more than
-    one `/`, or its first component is a local directory (`runs/demo` where `runs/` exists). An
-    `owner/name` whose `owner` is no local directory may be a Hub id."""
+    """Whether `model` can only mean a local path (a missing one is then an error at once, not ~30 s of
+    Hub retries): `.`, `/` or `~` first, a backslash, more than one `/`, or a local first folder."""
     if model.startswith((".", "/", "~")) or "\\" in model or model.count("/") > 1:
         return True
     return "/" in model and Path(model.split("/", 1)[0]).is_dir()
@@ -151,14 +135,14 @@ def _load_from_hub(repo_id: str, *, local_missing: bool = False) -> LoadedModel:
                        crop_pct=_crop_pct(backbone))
 
 
-def _create(name: str, *, pretrained: bool, what: str, also: str = "") -> nn.Module:
+def _create(name: str, *, pretrained: bool, what: str) -> nn.Module:
     """timm.create_model(name, num_classes=0) with download and file failures as one line."""
     try:
         return timm.create_model(name, pretrained=pretrained, num_classes=0)
     except network_error_types() as error:
         if name.startswith("local-dir:"):
             raise ConfigError(f"cannot load {what} ({describe(error)}); export it again with hnmix") from None
-        raise HubError(f"cannot load {what} from the Hugging Face Hub ({describe(error)}){also}; check the "
+        raise HubError(f"cannot load {what} from the Hugging Face Hub ({describe(error)}); check the "
                        "name and the network, or pass a local checkpoint or encoder directory") from None
     except (RuntimeError, ValueError, KeyError) as error:
         raise ConfigError(f"cannot build {what} ({describe(error)}); pass a timm-compatible model") from None
@@ -194,10 +178,9 @@ def _load_checkpoint(path: Path) -> LoadedModel:
 
 
 def projection_network(model: LoadedModel) -> nn.Module:
-    """The query encoder of the trainer checkpoint `model` (`hnmix.moco.MoCoEncoder`: images
-    [B, 3, S, S] -> its L2-normalised projection [B, dim_moco] float32), what `--knn_features
-    projection` compares, as MoCo's CIFAR-10 demo's monitor does. Only a checkpoint holds the
-    projection head; any other model is a one-line ConfigError."""
+    """The query encoder of the trainer checkpoint `model` (`MoCoEncoder`: [B, 3, S, S] -> L2-normalised
+    projection [B, dim_moco] float32), what `--knn_features projection` compares. Only a checkpoint
+    holds the head; any other model is a one-line ConfigError."""
     if model.kind != "checkpoint":
         raise ConfigError(f"--knn_features projection needs the projection head, which only a trainer checkpoint "
                           f"holds, not {model.source} ({model.kind}); pass DIR_OUT/checkpoints/step_N, or "
@@ -218,16 +201,9 @@ def projection_network(model: LoadedModel) -> nn.Module:
 
 
 def run_config_of_encoder(path: Path, arch: str) -> tuple[dict[str, Any], Optional[str]]:
-    """The training options of the run that exported the encoder folder `path`, and where they came from.
-
-    1. `path.parent / "config.yaml"` (DIR_OUT/config.yaml beside DIR_OUT/encoder/, written by
-       hnmix.train): all of it, when it is a mapping that names this encoder's `arch` (timm's
-       architecture, a `.tag` ignored) and a `dataset`;
-    2. else the model card `path / "README.md"` (a copied or downloaded encoder folder): the
-       dataset (`synthetic` or a Hub id; "a local dataset" names no path), its split and the image
-       size, from the card's training table (`hnmix.hub.card`). The card does not record the seed
-       or `synthetic_size`, so those take hnmix's defaults;
-    3. else nothing: ({}, None).
+    """The training options of the run that exported the encoder folder `path`, and where they came from:
+    DIR_OUT/config.yaml beside it when it names this encoder's `arch` (a `.tag` ignored) and a
+    `dataset`; else what the model card `path / "README.md"` gives (`_card_config`); else ({}, None).
     """
     config_path = path.parent / "config.yaml"
     try:
@@ -246,7 +222,8 @@ _CARD_IMAGE_SIZE = re.compile(r"^\| image size \| (\d+) x \d+ \|", re.MULTILINE)
 
 
 def _card_config(card_path: Path) -> dict[str, Any]:
-    """{dataset, split, img_size} as far as the model card written by `hnmix.hub.card` gives them."""
+    """{dataset, split, img_size} as far as the model card written by `hnmix.hub.card` gives them
+    (not the seed or synthetic_size, which take hnmix's defaults)."""
     try:
         text = card_path.read_text() if card_path.is_file() else ""
     except (OSError, UnicodeDecodeError):

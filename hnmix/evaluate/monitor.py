@@ -1,9 +1,4 @@
-"""The kNN monitor the trainer runs every `--eval_every` steps or epochs.
-
-What it compares (`KNN_FEATURES`): the backbone's pooled features, or the query encoder's
-L2-normalised projection (MoCo's CIFAR-10 demo monitors its 128-d `encoder_q` output). Each result
-says which split it scored and how many images were in the bank and among the queries.
-"""
+"""The kNN monitor the trainer runs every `--eval_every` steps or epochs."""
 
 from __future__ import annotations
 
@@ -36,12 +31,9 @@ KnnResult = dict[str, Union[float, int, str]]
 class KnnMonitor:
     """The kNN accuracy of an encoder during training: bank = train images, queries = held-out images.
 
-    The loaders must already be prepared by the trainer's accelerator (`from_splits` builds and
-    prepares them). `split` names the queries' split for the records; `features` (KNN_FEATURES)
-    says which network `network_of` picks from an encoder. `evaluate` extracts both feature sets
-    (`extract_features`: every rank takes part), scores on the main process and broadcasts, so
-    every rank returns the same dict. A failure on any rank, in the extraction or the scoring, is
-    raised on every rank (`raise_if_any_rank_failed`), so that none waits for it in a collective.
+    The loaders are prepared by the trainer's accelerator (`from_splits` builds and prepares them).
+    `split` names the queries' split for the records; `features` (KNN_FEATURES) says which network
+    `network_of` picks from an encoder.
     """
 
     def __init__(self, bank_loader: torch.utils.data.DataLoader, query_loader: torch.utils.data.DataLoader, *,
@@ -62,9 +54,8 @@ class KnnMonitor:
                     num_workers: int, k: int = 200, temperature: float = 0.1, features: str = "backbone",
                     mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
                     crop_pct: float = EVAL_CROP_PCT) -> "KnnMonitor":
-        """Loaders of splits.train (bank) and splits.held_out (queries), prepared by `accelerator`.
-        The images are centre-cropped by `crop_pct` (1: none) and normalised with `mean` and `std`:
-        pass the training's normalisation, which the encoder learnt with."""
+        """Loaders of splits.train (bank) and splits.held_out (queries), prepared by `accelerator`, of
+        images centre-cropped by `crop_pct` and normalised with the training's `mean` and `std`."""
         loaders = [
             make_eval_loader(EvalImages(dataset, image_column=splits.image_column, label_column=splits.label_column,
                                         img_size=img_size, mean=mean, std=std, crop_pct=crop_pct),
@@ -76,17 +67,14 @@ class KnnMonitor:
                    split=splits.held_out_name, features=features)
 
     def network_of(self, encoder: nn.Module) -> nn.Module:
-        """The network `evaluate` runs for a MoCo query encoder (`hnmix.moco.MoCoEncoder`: a
-        `.backbone`, and a forward that returns the L2-normalised head output [B, dim]): the
-        encoder itself for "projection", its backbone for "backbone"."""
+        """What `evaluate` runs of a `hnmix.moco.MoCoEncoder`: itself (projection) or its `.backbone`."""
         return encoder if self.features == "projection" else encoder.backbone
 
     def evaluate(self, network: nn.Module, accelerator: Accelerator) -> KnnResult:
-        """The kNN of `network`'s outputs (`network_of(encoder)`, or any module from images
-        [B, 3, S, S] to features [B, D]): "knn_top1", "knn_top5" in percent; "knn_split" (the
-        queries' split), "knn_bank" and "knn_queries" (the images scored in each: the readable
-        ones); "eval_bad_samples" (images of either split that could not be read, left out) when
-        there were any. Call it on every rank."""
+        """The kNN of `network`'s outputs ([B, 3, S, S] -> [B, D]), the same on every rank (call it on
+        each): "knn_top1", "knn_top5" in percent; "knn_split"; "knn_bank" and "knn_queries" (the
+        readable images scored); "eval_bad_samples" when some could not be read. A failure on any rank,
+        in the extraction or the scoring, is raised on every rank."""
         bank = extract_features(network, self.bank_loader, accelerator)
         queries = extract_features(network, self.query_loader, accelerator)
         result, failure = None, None

@@ -1,16 +1,11 @@
-"""Classifiers on frozen features: the weighted kNN of InstDisc and a linear probe. Pure tensor math.
-
-- `knn_scores`, `knn_accuracy`: the weighted kNN classifier of InstDisc (Wu et al. 2018) and the
-  MoCo CIFAR demo.
-- `train_linear_probe`: a softmax classifier on frozen, precomputed, standardised features, with
-  its learning rate and weight decay chosen on a validation split.
+"""Classifiers on frozen features, pure tensor math: the weighted kNN of InstDisc (Wu et al. 2018) and
+the MoCo CIFAR demo (`knn_scores`, `knn_accuracy`), and a fast linear probe (`train_linear_probe`).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -19,9 +14,6 @@ import torch.utils.data
 
 LINEAR_LRS = (1e-3, 1e-2)
 LINEAR_WEIGHT_DECAYS = (0.0, 1e-3, 1e-2)
-
-
-# ----------------------------------------------------------------------------- kNN
 
 
 def knn_scores(
@@ -36,14 +28,9 @@ def knn_scores(
 ) -> torch.Tensor:
     """Weighted kNN class scores: [N, D] bank, [N] int64 labels, [M, D] queries -> [M, C] float32.
 
-    Both feature sets are L2-normalised here and compared by cosine similarity in float32. Each
-    query takes its k most similar bank entries (k is clipped to N); entry j votes for its class
-    with weight exp(sim_j / temperature); a class's score is the sum of its votes (zero when none
-    of the k neighbours has it). Queries are processed `chunk_size` at a time (rounded up to a
-    multiple of 64), so the similarities held at once are [chunk_size, N]; the scores are the same,
-    bit for bit, whatever the chunk size.
-
-    Note: exp(1 / temperature) overflows float32 below temperature ~0.0115.
+    Cosine similarities in float32; each query's k most similar bank entries (k clipped to N) vote
+    for their class with weight exp(sim / temperature) (which overflows below temperature ~0.0115).
+    Queries go `chunk_size` at a time ([chunk_size, N] similarities held), the same scores bit for bit.
     """
     if bank_features.ndim != 2 or query_features.ndim != 2 or bank_features.shape[1] != query_features.shape[1]:
         raise ValueError(f"features must be [N, D] and [M, D], got {tuple(bank_features.shape)} "
@@ -95,10 +82,7 @@ def knn_accuracy(
     temperature: float = 0.1,
     chunk_size: int = 1024,
 ) -> dict[str, float]:
-    """{"knn_top1", "knn_top5"} in percent of the M queries; see `knn_scores` for the inputs.
-
-    A query is right at top-5 when its label is among the min(5, C) best-scored classes.
-    """
+    """{"knn_top1", "knn_top5"} (top-min(5, C)) in percent of the M queries; see `knn_scores` for the inputs."""
     scores = knn_scores(bank_features, bank_labels, query_features, num_classes=num_classes, k=k,
                         temperature=temperature, chunk_size=chunk_size)
     top1, top5 = top_k_accuracy(scores, query_labels)
@@ -116,23 +100,11 @@ def top_k_accuracy(scores: torch.Tensor, labels: torch.Tensor) -> tuple[float, f
     return 100.0 * hits[:, 0].sum().item() / count, 100.0 * hits.any(1).sum().item() / count
 
 
-# ----------------------------------------------------------------------------- linear probe
-
-
-@dataclass
-class _Standardiser:
-    """Per-dimension z-score with statistics of the features the classifier is fitted on."""
-
-    mean: torch.Tensor  # [D]
-    std: torch.Tensor  # [D], at least 1e-6 (a constant dimension becomes 0)
-
-    @classmethod
-    def fit(cls, features: torch.Tensor) -> "_Standardiser":
-        features = features.float()
-        return cls(features.mean(0), features.std(0, unbiased=False).clamp_min(1e-6))
-
-    def __call__(self, features: torch.Tensor) -> torch.Tensor:
-        return (features.float().to(self.mean.device) - self.mean) / self.std
+def _standardiser(fitted_on: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Per-dimension z-score with the statistics of `fitted_on` [N, D] (a constant dimension becomes 0)."""
+    fitted_on = fitted_on.float()
+    mean, std = fitted_on.mean(0), fitted_on.std(0, unbiased=False).clamp_min(1e-6)  # [D], [D]
+    return lambda features: (features.float().to(mean.device) - mean) / std
 
 
 def fit_softmax_classifiers(
@@ -147,14 +119,11 @@ def fit_softmax_classifiers(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fit one softmax classifier per (lr, weight_decay) in `settings`, all in the same pass.
 
-    features [N, D] float32 (already standardised), labels [N] int64 -> (weights [G, D, C],
-    biases [G, C]) for the G settings. Each minimises mean cross entropy + weight_decay / 2 *
-    ||W||^2 (an L2 penalty on the weights, not the bias) with Adam (betas 0.9, 0.999, eps 1e-8)
-    from zero, lr on a cosine decay to 0 over epochs * ceil(N / batch_size) steps, mini-batches in
-    an order drawn from `seed` (the last one of an epoch may be smaller). The G classifiers share
-    each batch: one [B, D] x [D, G*C] product, and the gradient is written out (no autograd), so a
-    grid costs about as much as its largest matrix product. Deterministic for given inputs and
-    device.
+    features [N, D] float32 (standardised), labels [N] int64 -> (weights [G, D, C], biases [G, C]).
+    Each minimises mean cross entropy + weight_decay / 2 * ||W||^2 (not the bias) with Adam (betas
+    0.9, 0.999, eps 1e-8) from zero, lr on a cosine decay to 0 over all steps, mini-batches in an
+    order drawn from `seed`. The G classifiers share each batch's [B, D] x [D, G*C] product and the
+    gradient is written out (no autograd), so a grid costs about as much as its largest product.
     """
     n, dim = features.shape
     groups = len(settings)
@@ -216,14 +185,10 @@ def train_linear_probe(
     seed: int = 0,
     refit_on_train_and_val: bool = True,
 ) -> dict[str, Any]:
-    """Linear probe on frozen, precomputed features; returns accuracies in percent.
-
-    train/val/test features [N*, D] (any float dtype), labels [N*] int64. Features are
-    standardised per dimension with the statistics of the split the classifier is fitted on.
-    Every (lr, weight decay) of the grid is fitted on train (`fit_softmax_classifiers`, seeded)
-    and scored on val by top-1; the best wins (ties: the first in grid order, lrs outer). With
-    `refit_on_train_and_val` the winner is fitted again, same seed, on train + val before the
-    test; without it (use this when test *is* val) the winner fitted on train is tested.
+    """Linear probe on frozen, precomputed features [N*, D] (labels [N*] int64), standardised with the
+    statistics of the split the classifier is fitted on. Every (lr, weight decay) is fitted on train
+    and scored on val by top-1; the first best wins, and with `refit_on_train_and_val` is fitted
+    again on train + val before the test (without it, as when test *is* val, tested as it is).
 
     Returns {"linear_top1", "linear_top5" (test, top-min(5, C)), "linear_best_lr",
     "linear_best_weight_decay", "linear_val_top1" (the winner's), "linear_grid" (a list of
@@ -234,7 +199,7 @@ def train_linear_probe(
                          f"{epochs}, {batch_size}")
     settings = [(float(lr), float(wd)) for lr in lrs for wd in weight_decays]
     fit = dict(num_classes=num_classes, epochs=epochs, batch_size=batch_size, seed=seed)
-    standardise = _Standardiser.fit(train_features)
+    standardise = _standardiser(train_features)
     weights, biases = fit_softmax_classifiers(standardise(train_features), train_labels, settings=settings, **fit)
     val_scores = _classifier_scores(standardise(val_features), weights, biases)  # [G, M, C]
     val_top1 = [top_k_accuracy(scores, val_labels)[0] for scores in val_scores]
@@ -243,7 +208,7 @@ def train_linear_probe(
     if refit_on_train_and_val:
         train_features = torch.cat([train_features.float(), val_features.float().to(train_features.device)])
         train_labels = torch.cat([train_labels.long(), val_labels.long().to(train_labels.device)])
-        standardise = _Standardiser.fit(train_features)
+        standardise = _standardiser(train_features)
         weights, biases = fit_softmax_classifiers(standardise(train_features), train_labels,
                                                   settings=[settings[best]], **fit)
     else:

@@ -21,9 +21,7 @@ from hnmix.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
 
-
 DEFAULT_SEED = 69420  # hnmix.train.config's default: the same synthetic images and held-out split as training
-
 
 NO_LABELS = ("kNN/linear evaluation needs a label column; pass --label_column, or --eval_every 0 to train "
              "without the kNN monitor")
@@ -31,14 +29,8 @@ NO_LABELS = ("kNN/linear evaluation needs a label column; pass --label_column, o
 
 @dataclass
 class EvalSplits:
-    """Labelled splits to evaluate on, each already bounded by `max_samples`.
+    """Labelled splits to evaluate on (see `load_eval_splits`), each already bounded by `max_samples`.
 
-    train: the kNN bank and the linear classifiers' training split.
-    held_out: the kNN queries; the split reported when there is no test split.
-    test: the dataset's test split, when asked for and present, else None.
-    selection (with_selection only): where the fast linear probe picks lr and weight decay; the
-      held-out split when there is a test split, else a stratified part of the train split, so it
-      is never the reported split.
     The *_source fields say where each came from, for reports; held_out_name names the held-out
     split in a word or two for metrics records ("validation", "test", "train (held-out part)").
     """
@@ -87,12 +79,8 @@ _MISSING_SPLIT = re.compile(r"^split '[^']*' does not exist|has no rows;")
 
 
 def _optional_split(source: str, split: str, label_column: str, **load: Any) -> Optional[datasets.Dataset]:
-    """`load_image_dataset(source, split=split)`, or None when that split is missing, empty or unlabelled.
-
-    hnmix.data.sources reports a missing split as a DataError that begins "split 'NAME' does not exist";
-    any other DataError (network, unreadable files) is raised. A split without `label_column`, or
-    whose labels are all missing or negative (Hub test splits often carry -1), counts as missing.
-    """
+    """`load_image_dataset(source, split=split)`, or None when that split is missing, empty or
+    unlabelled (`_labelled`; Hub test splits often carry -1). Any other DataError is raised."""
     try:
         dataset = load_image_dataset(source, split=split, **load)
     except DataError as error:
@@ -100,29 +88,28 @@ def _optional_split(source: str, split: str, label_column: str, **load: Any) -> 
             logger.info("dataset %s has no usable %s split", source, split)
             return None
         raise
-    if label_column not in dataset.column_names:
-        logger.info("dataset %s: split %s has no %r column; not used", source, split, label_column)
-        return None
-    values = dataset.select_columns([label_column]).with_format("arrow")[:][label_column]
-    if values.null_count == len(values) or not any(v is not None and v >= 0 for v in values.to_pylist()):
-        logger.info("dataset %s: split %s is unlabelled (all labels missing or negative); not used", source, split)
+    if not _labelled(dataset, label_column):
+        logger.info("dataset %s: split %s has no %r column, or all its labels are missing or negative; not used",
+                    source, split, label_column)
         return None
     return dataset
 
 
 def _named_split(source: str, split: str, label_column: str, **load: Any) -> datasets.Dataset:
-    """`load_image_dataset(source, split=split)`, which must hold labels: a missing split is
-    load_image_dataset's one-line DataError listing the splits there, an unlabelled one (no
-    `label_column`, or all labels missing or negative) a DataError of its own."""
+    """`load_image_dataset(source, split=split)` (a missing split: its one-line DataError), which must hold labels."""
     dataset = load_image_dataset(source, split=split, **load)
-    labelled = label_column in dataset.column_names
-    if labelled:
-        values = dataset.select_columns([label_column]).with_format("arrow")[:][label_column]
-        labelled = values.null_count < len(values) and any(v is not None and v >= 0 for v in values.to_pylist())
-    if not labelled:
+    if not _labelled(dataset, label_column):
         raise DataError(f"split {split!r} of dataset {source} has no labels in column {label_column!r} (missing, or "
                         "all missing or negative); a kNN needs labelled queries: choose a labelled split")
     return dataset
+
+
+def _labelled(dataset: datasets.Dataset, column: str) -> bool:
+    """Whether `dataset` has the column `column` and a label >= 0 in it."""
+    if column not in dataset.column_names:
+        return False
+    values = dataset.select_columns([column]).with_format("arrow")[:][column]
+    return values.null_count < len(values) and any(v is not None and v >= 0 for v in values.to_pylist())
 
 
 def _labels(dataset: datasets.Dataset, column: str, name: str) -> np.ndarray:
@@ -152,12 +139,10 @@ def stratified_holdout(
 ) -> tuple[datasets.Dataset, datasets.Dataset]:
     """(rest, held_out): a fixed, seeded, stratified part of `dataset` (`size`: fraction or count).
 
-    The split is `datasets.Dataset.train_test_split(test_size=size, stratify_by_column=...,
-    seed=seed)`, run on an in-memory table of the labels alone (as a ClassLabel with the ids
-    unchanged), then applied with `select`: the same split as on the full dataset, without
-    rewriting its images or needing its label column to be a ClassLabel already.
+    `datasets.Dataset.train_test_split(stratify_by_column=...)` runs on an in-memory table of the
+    labels alone (a ClassLabel of the same ids), then `select` applies it: the same split as on the
+    full dataset, without rewriting its images or needing a ClassLabel column.
     """
-    _check_split_size(size)
     labels = _labels(dataset, label_column, "train")
     table = datasets.Dataset.from_dict(
         {"label": labels, "row": np.arange(len(labels))},
@@ -199,21 +184,15 @@ def load_eval_splits(
 ) -> EvalSplits:
     """The labelled splits of `--dataset` (any form `hnmix.data.sources.load_image_dataset` takes).
 
-    - train: split `split`.
+    - train: split `split`, the kNN bank and the linear classifiers' training split.
     - held_out: the split `held_out_split` when given, with the whole of train (MoCo's CIFAR-10
-      demo: bank = train, queries = test); else the dataset's `validation` split when it exists
-      (and is not `split`), else `stratified_holdout(train, eval_split_size, seed)`, which train
-      then loses. A `held_out_split` that is missing or unlabelled is a DataError (one line; a
-      missing one lists the splits there), as is one equal to `split`.
-    - test (with_test or with_selection): the `test` split when it exists (and is not `split`), else None.
-    - selection (with_selection): held_out when there is a test split; else
-      `stratified_holdout(train, eval_split_size, seed)` of what train kept, which train then loses
-      too: the split the fast linear probe selects on is then disjoint from the one it reports.
-    A validation or test split without labels (all missing or negative) counts as missing.
-    Each is then cut to `max_samples` rows (`bounded_subset`, seeded). Labels come from
-    `label_column` (resolved as in training); a dataset without one is a DataError, as are
-    some-but-not-all missing labels and a label outside a ClassLabel's classes. num_classes is
-    the ClassLabel's count, else the largest label of any split + 1.
+      demo: bank = train, queries = test); else the dataset's `validation` split, else
+      `stratified_holdout(train)`, which train then loses.
+    - test (with_test or with_selection): the `test` split when it exists, else None.
+    - selection (with_selection): where the fast linear probe picks lr and weight decay, never the
+      reported split: held_out when there is a test split, else a second stratified part of train.
+    A validation or test split without labels counts as missing. Each is then cut to `max_samples`
+    rows (`bounded_subset`). num_classes is the ClassLabel's count, else the largest label + 1.
     """
     if max_samples is not None and max_samples < 1:
         raise ConfigError(f"eval_max_samples must be >= 1, got {max_samples}; pass a positive count or leave it out")
