@@ -1,18 +1,11 @@
 """The augmentation of the two training views as one set of values: `AugmentationSpec`.
 
-One spec drives all three places the augmentation runs, so that they agree for any values:
-the per-sample crops and flips in the DataLoader workers (`hnmix.data.geometric.two_crops`), the
-photometric half per image in the workers (`hnmix.data.transforms.moco_v2_photometric`) and the
-same half batched on the accelerator (`hnmix.data.photometric.StepPhotometric`). Its fields are
-the trainer's options of the same names (`python -m hnmix.train --crop_scale 0.08,1 ...`);
-`parse_numbers` and `parse_normalize` read them from a command line or a YAML file, `check`
-refuses values the transforms cannot take. The normalisation also goes into the evaluation
-transform and into the exported encoder's `pretrained_cfg`: an encoder is evaluated and used with
-the statistics it was trained with.
-
-`MOCO_V2` (the defaults) is Chen et al. 2020's recipe; `MOCO_CIFAR10_DEMO` is the one of MoCo's
-CIFAR-10 demo (facebookresearch/moco, branch colab-notebook, colab/moco_cifar10_demo.ipynb):
-torchvision's crop scale 0.08-1, no blur, CIFAR-10 statistics.
+One spec drives the three places the augmentation runs, so that they agree: the crops and flips in
+the workers (`hnmix.data.geometric`), the photometric half per image (`hnmix.data.transforms`) or
+batched (`hnmix.data.photometric`). Its fields are the trainer's options of the same names; the
+normalisation also goes into the evaluation and the exported encoder's `pretrained_cfg`.
+`MOCO_V2` (the defaults) is Chen et al. 2020's recipe; `MOCO_CIFAR10_DEMO` that of MoCo's CIFAR-10
+demo (facebookresearch/moco, branch colab-notebook): crop scale 0.08-1, no blur, CIFAR-10 statistics.
 """
 
 from __future__ import annotations
@@ -25,8 +18,7 @@ from hnmix.errors import ConfigError
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
-# The CIFAR-10 statistics MoCo's CIFAR-10 demo normalises with (the std is the widespread
-# (0.2023, 0.1994, 0.2010), not the per-pixel std of the training set).
+# MoCo's CIFAR-10 demo's statistics (the widespread std, not the per-pixel std of the training set).
 CIFAR10_MEAN: tuple[float, float, float] = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD: tuple[float, float, float] = (0.2023, 0.1994, 0.2010)
 NORMALIZATIONS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
@@ -60,8 +52,7 @@ OPTION_HELP: dict[str, str] = {
 
 
 def parse_numbers(name: str, value: Any) -> tuple[float, ...]:
-    """The value of the number option `name` (NUMBER_OPTIONS) as a tuple of floats, from text
-    such as "0.08,1" (the command line, or YAML) or a YAML list of numbers; else a ConfigError."""
+    """The number option `name` (NUMBER_OPTIONS) as floats, from text "0.08,1" or a YAML list."""
     count, example = NUMBER_OPTIONS[name]
     numbers = _numbers(value)
     if numbers is None or len(numbers) != count:
@@ -71,8 +62,8 @@ def parse_numbers(name: str, value: Any) -> tuple[float, ...]:
 
 
 def parse_normalize(value: Any) -> str:
-    """`normalize` in one spelling: a name of NORMALIZATIONS, or six numbers as text "m,m,m,s,s,s"
-    (from text or a YAML list), so that a resumed run compares equal values as equal."""
+    """`normalize` in one spelling, a name of NORMALIZATIONS or six numbers "m,m,m,s,s,s", so that a
+    resumed run compares equal values as equal."""
     if isinstance(value, str) and value.strip().lower() in NORMALIZATIONS:
         return value.strip().lower()
     numbers = _numbers(value)
@@ -107,15 +98,8 @@ def _numbers(value: Any) -> tuple[float, ...] | None:
 
 @dataclass(frozen=True)
 class AugmentationSpec:
-    """The values of the two views' augmentation (defaults: MoCo v2's).
-
-    crop_scale: (min, max) area fraction of RandomResizedCrop (aspect ratio 3/4-4/3, fixed).
-    flip_p: probability of the horizontal flip. jitter: ColorJitter's (brightness, contrast,
-    saturation, hue) strengths, applied with probability jitter_p, the four ops in a random order.
-    grayscale_p: RandomGrayscale's probability. blur_p, blur_sigma: probability and sigma range
-    of the Gaussian blur. normalize: `imagenet`, `cifar10` or six numbers "m,m,m,s,s,s"
-    (`mean`, `std`). Lists (from YAML) become tuples.
-    """
+    """The values of the two views' augmentation (defaults: MoCo v2's), each as OPTION_HELP says.
+    Lists (from YAML) become tuples."""
 
     crop_scale: tuple[float, ...] = (0.2, 1.0)
     flip_p: float = 0.5
@@ -183,9 +167,8 @@ AUGMENTATION_OPTIONS: tuple[str, ...] = tuple(AugmentationSpec.__dataclass_field
 
 
 def augmentation_from(options: dict[str, Any]) -> AugmentationSpec:
-    """The spec of a mapping of option values (a run's config.yaml, a TrainConfig's dict, flags):
-    missing or None values are MOCO_V2's; numbers and normalisations are parsed and the result
-    checked (ConfigErrors naming the option)."""
+    """The checked spec of a mapping of option values (a run's config.yaml, flags), MOCO_V2's
+    where a value is missing or None."""
     values: dict[str, Any] = {}
     for name in AUGMENTATION_OPTIONS:
         value = options.get(name)

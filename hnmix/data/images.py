@@ -1,11 +1,9 @@
 """Reading dataset images: open an undecoded `datasets` image cell, decode it as 8-bit RGB.
 
-The training views need the image before it is decoded (to decode a JPEG at a reduced size,
-see `hnmix.data.geometric`), so the image column is read with `datasets.Image(decode=False)` and
-opened here, lazily. `decode_jpeg_upright` decodes a JPEG with libjpeg-turbo through simplejpeg
-straight into an array: PIL's decoder (the same libjpeg-turbo) unpacks into its own 4-byte
-pixels and then needs a copy out, about twice the time for a 768 x 512 JPEG here. `to_rgb`
-handles every other image, through PIL.
+The image column is read with `datasets.Image(decode=False)` and opened here lazily, so that a
+JPEG can be decoded at a reduced size (`hnmix.data.geometric`). `decode_jpeg_upright` decodes a
+JPEG with simplejpeg straight into an array: PIL's decoder (the same libjpeg-turbo) unpacks into
+4-byte pixels and then needs a copy out, about twice the time for a 768 x 512 JPEG here.
 """
 
 from __future__ import annotations
@@ -62,13 +60,9 @@ _UPRIGHT: dict[int, Callable[[torch.Tensor], torch.Tensor]] = {
 
 
 def decode_jpeg_upright(image: Image.Image, encoded: bytes, reduction: int = 1) -> Optional[torch.Tensor]:
-    """A JPEG -> its upright RGB pixels, uint8 [H, W, 3], decoded at 1/reduction (1, 2, 4 or 8)
-    of its size (ceil on each side, as PIL's draft); None when it is not a YCbCr or grayscale
-    JPEG (CMYK, or not a JPEG): decode those with PIL (`to_rgb`).
-
-    `image` is PIL's lazy view of `encoded` (for the format, mode and EXIF orientation). Corrupt
-    or truncated data raises ValueError (simplejpeg in strict mode), as PIL raises OSError.
-    """
+    """A JPEG (`encoded`, and PIL's lazy view of it) -> its upright RGB pixels, uint8 [H, W, 3],
+    decoded at 1/reduction (1, 2, 4 or 8) of its size (ceil on each side, as PIL's draft); None when
+    it is not a YCbCr or grayscale JPEG. Corrupt or truncated data raises ValueError."""
     if image.format != "JPEG" or image.mode not in ("RGB", "L"):
         return None
     width, height = image.size
@@ -83,17 +77,12 @@ def decode_jpeg_upright(image: Image.Image, encoded: bytes, reduction: int = 1) 
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """Any PIL image -> 8-bit RGB, upright.
+    """Any PIL image -> 8-bit RGB, upright (EXIF orientation applied).
 
-    - EXIF orientation is applied first (`ImageOps.exif_transpose`).
-    - Alpha (RGBA, LA, PA, P or L/RGB with a transparency key) is composited onto BLACK:
-      a fully transparent pixel becomes (0, 0, 0) whatever colour it hides. (A plain
-      `convert("RGB")` would drop the alpha band and keep the hidden colours.)
-    - 16/32-bit integer grey (I;16, I;16B, I;16L, I, e.g. 16-bit PNGs) is scaled 0..65535 ->
-      0..255 (values outside are clipped); PIL's own conversion clips at 255 instead, which turns
-      most of a 16-bit image white.
-    - F (float grey) follows PIL: values are taken on the 0..255 scale and clipped.
-    - 1, L, P, CMYK, YCbCr, ... use PIL's conversion (CMYK without an ICC profile transform).
+    Alpha, or a transparency key, is composited onto black: a plain `convert("RGB")` would keep
+    the colours transparent pixels hide. 16/32-bit integer grey is scaled 0..65535 -> 0..255: PIL's
+    conversion clips at 255, which turns most of a 16-bit image white. Every other mode (F, 1, L,
+    P, CMYK, ...) goes through PIL's conversion.
     """
     if image.getexif().get(ExifTags.Base.Orientation, 1) != 1:
         image = ImageOps.exif_transpose(image)  # (it would also copy an upright image: skipped)

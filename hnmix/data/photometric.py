@@ -24,6 +24,7 @@ from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
+from torchvision.transforms.v2.functional import rgb_to_grayscale
 
 from hnmix.data.augmentation import IMAGENET_MEAN, IMAGENET_STD, MOCO_V2, AugmentationSpec
 from hnmix.data.transforms import blur_kernel_size
@@ -31,9 +32,6 @@ from hnmix.data.transforms import blur_kernel_size
 # The jitter ops, numbered as in torchvision's ColorJitter (`fn_idx`).
 BRIGHTNESS, CONTRAST, SATURATION, HUE = 0, 1, 2, 3
 ALL_JITTER_OPS = (BRIGHTNESS, CONTRAST, SATURATION, HUE)
-
-# torchvision's rgb_to_grayscale weights (ITU-R 601-2 luma, with its 0.2989).
-_GRAY_WEIGHTS = (0.2989, 0.587, 0.114)
 
 
 class PhotometricParams(NamedTuple):
@@ -159,13 +157,6 @@ def _to_device(values: torch.Tensor, device: torch.device) -> torch.Tensor:
     if device.type == "cuda":
         return values.pin_memory().to(device, non_blocking=True)
     return values.to(device)
-
-
-def rgb_to_grayscale(batch: torch.Tensor) -> torch.Tensor:
-    """float [N, 3, H, W] -> [N, 1, H, W] luma, torchvision's weights and order of operations."""
-    red, green, blue = batch.unbind(dim=-3)
-    luma = red.mul(_GRAY_WEIGHTS[0]).add_(green, alpha=_GRAY_WEIGHTS[1]).add_(blue, alpha=_GRAY_WEIGHTS[2])
-    return luma.unsqueeze(dim=-3)
 
 
 def _blend(batch: torch.Tensor, other: torch.Tensor, ratio: torch.Tensor) -> torch.Tensor:

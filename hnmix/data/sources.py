@@ -5,7 +5,6 @@ Logging goes through `logging`: data is loaded on every process, and in workers,
 
 from __future__ import annotations
 
-import ast
 import json
 import logging
 import re
@@ -163,16 +162,10 @@ def _load_with_datasets(source: str, split: str, cache_dir: Optional[str], *, fr
 
 def _available_splits(error: ValueError) -> Optional[list[str]]:
     """The split names in datasets' 'Unknown split "x". Should be one of [...]' error, else None."""
-    message = str(error)
-    if "Unknown split" not in message:
+    if "Unknown split" not in str(error):
         return None
-    match = re.search(r"one of (\[.*?\])", message)
-    if match:
-        try:
-            return [str(name) for name in ast.literal_eval(match.group(1))]
-        except (ValueError, SyntaxError):
-            pass
-    return [first_line(error)]
+    match = re.search(r"one of \[(.*?)\]", str(error))
+    return re.findall(r"'([^']*)'", match.group(1)) if match else [first_line(error)]
 
 
 def resolve_columns(
