@@ -1,33 +1,9 @@
 """Benchmarks of hnmix, run as a module.
 
-Usage:
-
-    python -m hnmix.bench train [--warmup_steps 3] [--measure_steps 10] [--images 512] [hnmix.train options]
-                                 (bare encoder loop, in-memory MoCo and MoCHi steps, the full trainer)
-    python -m hnmix.bench data [--max_workers W | --workers 1,4,16] [--img_size 224] [--jpeg_size 768x512]
-                               [--images 256 | --dataset PATH [--split train]] [--config RECIPE.yaml]
-                               [--in_memory_gib 1] [--photometric_batch_size N] [--device cuda|cpu] [--lincls]
-                                 (worker pipeline for 1..W workers, both --augment_device modes,
-                                  decoding at every draw and kept decoded in memory; the batched
-                                  photometric half on the device; --lincls: hnmix.evaluate's lincls
-                                  loader on the same images)
-    python -m hnmix.bench mixing [--batch 256] [--queue 65536] [--dim 128] [--n_hard 1024]
-                                 [--s1 1024] [--s2 512] [--temperature 0.2]
-                                 [--repeats 5] [--warmup 1] [--device cuda|cpu]
-                                 [--dtype float32|bfloat16] [--no_peak] [--json PATH]
-                                 (a count flag per registered negative type, by its size: --s1, --s2)
-    python -m hnmix.bench overhead [--archs resnet18,resnet50] [--splits 1,8] [--warmup_steps 1]
-                                   [--measure_steps 2] [--json PATH] [hnmix.train options]
-                                 (kernel launches per step, counted on the CPU: the bare loop and
-                                  the trainer's step, each model x bn_splits a row)
-    python -m hnmix.bench learn [--seeds N] [hnmix.train options]
-                                 (plain MoCo and MoCHi trained alike, kNN and linear probe of each
-                                  next to the untrained network)
-
-Each benchmark is a module of this package: `hnmix.bench.mixing`, `hnmix.bench.train`,
-`hnmix.bench.data`, `hnmix.bench.learn`, `hnmix.bench.overhead`; this one is the command line. The GPU check
-(`launch/gpu_check.sh`, `python -m tools.gpu_check`) runs them at the paper's sizes with
-the CUDA tests, in one call.
+`python -m hnmix.bench mixing|train|data|overhead|learn [options]`, one module of this package
+each; `python -m hnmix.bench COMMAND --help` lists a command's options. The GPU check
+(`launch/gpu_check.sh`, `python -m tools.gpu_check`) runs them at the paper's sizes with the
+CUDA tests, in one call.
 """
 
 from __future__ import annotations

@@ -33,12 +33,6 @@ from hnmix.data.two_views import TwoViewDataset, make_train_loader
 from hnmix.train.config import load_yaml_options
 
 
-def worker_pipeline_images_per_s(views: TwoViewDataset, *, workers: int, batches: int, batch_size: int) -> float:
-    """Images/s (each giving two views) of `workers` DataLoader workers loading `views` over
-    `batches` batches after the first (which includes the workers' start-up)."""
-    return loader_images_per_s(make_train_loader(views, batch_size=batch_size, num_workers=workers, seed=0), batches)
-
-
 def lincls_loader_images_per_s(dataset: datasets.Dataset, image_column: str, *, img_size: int, in_memory_bytes: int,
                                counts: list[int], batches: int, batch_size: int) -> dict[int, float]:
     """{workers: images/s (one view each)} of the lincls training loader over `dataset` (every image
@@ -127,10 +121,7 @@ def _source(args: argparse.Namespace, tmp: str) -> tuple[datasets.Dataset, str, 
 
 
 def run_data(args: argparse.Namespace) -> dict[str, Any]:
-    """The worker pipeline's images/s for 1..W workers (or `--workers`) on generated JPEGs or
-    `--dataset`, with `--config`'s img_size and augmentation, in both augmentation modes, decoding
-    at every draw and (where the images qualify) kept decoded in memory; with the decoding floor
-    and the batched photometric half on the device."""
+    """The rows of the module docstring, as a table; the JSON payload."""
     device = torch.device(args.device)
     counts = args.workers or list(range(1, args.max_workers + 1))
     photometric_batch = args.photometric_batch_size or args.batch_size
@@ -146,13 +137,12 @@ def run_data(args: argparse.Namespace) -> dict[str, Any]:
                 views = TwoViewDataset(dataset, image_column=image_column, label_column=None, img_size=img_size,
                                        seed=0, photometric=photometric, augmentation=augmentation,
                                        in_memory_bytes=int(budget))
-                if budget and views.decoded is None:
-                    break  # too large or too many to keep: the log said why
+                if storage == "kept in memory" and views.decoded is None:
+                    break  # --in_memory_gib 0, or too large or too many to keep (the log said why)
                 if budget and mode == "accelerator":
                     decode_all_seconds = time.perf_counter() - started
-                rows[f"{mode}, {storage}"] = {
-                    workers: worker_pipeline_images_per_s(views, workers=workers, batches=args.batches,
-                                                          batch_size=args.batch_size) for workers in counts}
+                rows[f"{mode}, {storage}"] = {workers: loader_images_per_s(make_train_loader(
+                    views, batch_size=args.batch_size, num_workers=workers, seed=0), args.batches) for workers in counts}
                 if args.lincls and mode == "accelerator":  # the same images kept in memory or not
                     rows[f"lincls, {storage}"] = lincls_loader_images_per_s(
                         dataset, image_column, img_size=img_size, in_memory_bytes=int(budget), counts=counts,

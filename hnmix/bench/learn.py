@@ -1,21 +1,13 @@
 """`python -m hnmix.bench learn`: does MoCHi give a better encoder than plain MoCo on this data?
 
-Trains two arms with the same seed, data, budget and recipe, differing only in the mixing:
-
-  moco    plain MoCo v2 (s1_hard = s2_hard = 0);
-  mochi   MoCHi with the run's n_hard, s1_hard, s2_hard and curriculum;
-
-then evaluates each final checkpoint next to the untrained network (the arms' starting point:
-the trainer's model built under the same seed, stem and head included, saved as a checkpoint)
-with the kNN monitor's protocol and the fast linear probe (`python -m hnmix.evaluate`, protocols
-`knn` and `linear`). The kNN follows the recipe's monitor: its --knn_split, --knn_features,
---knn_k, --knn_temperature and --eval_max_samples; both protocols its --eval_crop_pct and (from
-the checkpoint) its --normalize.
-`--seeds N` repeats both arms with seeds seed, seed+1, ...; the table gives mean ± standard
-deviation over the seeds, and the difference of the means, since one run's difference is often
-noise. Options it does not know go to `hnmix.train`, so any dataset and recipe works; the
-default is `LEARN_DEFAULTS` on `synthetic-hard`, sized to finish on a 2-core CPU in about 10
-minutes. A `--config` recipe replaces those defaults (as flags, they would override the recipe).
+Trains two arms with the same seed, data, budget and recipe, differing only in the mixing (moco:
+s1_hard = s2_hard = 0; mochi: the run's), then evaluates each final checkpoint next to the
+untrained network (the trainer's model built under the same seed, stem and head included) with
+`python -m hnmix.evaluate`'s `knn` (the recipe's monitor settings) and `linear` protocols.
+`--seeds N` repeats it with seeds seed, seed+1, ...: mean ± standard deviation and the difference
+of the means, since one run's difference is often noise. Options it does not know go to
+`hnmix.train`; the default is `LEARN_DEFAULTS`, sized to finish on a 2-core CPU in about 10
+minutes, which a `--config` recipe replaces (as flags, they would override the recipe).
 """
 
 from __future__ import annotations
@@ -165,4 +157,4 @@ def run_learn(args: argparse.Namespace, trainer_argv: Sequence[str]) -> dict[str
     return {"arms": arms, "seeds": [base.run.seed + offset for offset in range(args.seeds)],
             "mochi_minus_moco": {name: arms["mochi"][name]["mean"] - arms["moco"][name]["mean"]
                                  for name in METRICS if name in arms["mochi"] and name in arms["moco"]},
-            "config": base.to_dict()}
+            "config": base.options()}

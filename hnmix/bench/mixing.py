@@ -1,39 +1,28 @@
 """`python -m hnmix.bench mixing`: MoCHi's logits against plain MoCo and a materialising implementation.
 
-``mixing`` times one forward + backward of the contrastive loss (logits, cross entropy with
-target 0, backward to ``q``) on random L2-normalised inputs, for three variants:
+Times one forward + backward of the contrastive loss (logits, cross entropy with target 0,
+backward to q) on random unit vectors, for three variants:
 
   moco          plain MoCo: `mix_logits` with n_hard = 0 and no synthetic negatives;
   hnmix         MoCHi as hnmix computes it: `mix_logits` with n_hard and each type's count (s1, s2);
-  materialised  MoCHi the naive way (`materialised_mochi_logits` below): the hard negatives are
-                gathered into [B, s, d] tensors, mixed, normalised and multiplied with q.
+  materialised  MoCHi the naive way (`materialised_mochi_logits`): the hard negatives gathered
+                into [B, s, d] tensors, mixed, normalised and multiplied with q.
 
-Inputs: q [B, d] (``--dtype``, requires grad) and k [B, d] in ``--dtype``, as the encoders give
-them under autocast; the queue [K, d] in float32, as `hnmix.moco.KeyQueue` stores it; dataset ids
-for the batch and the queue, with the occasional duplicate, so the duplicate mask is exercised.
+Inputs: q, k [B, d] in `--dtype`, as the encoders give them under autocast; the queue [K, d] in
+float32, as `hnmix.moco.KeyQueue` stores it; dataset ids with the occasional duplicate, so the
+duplicate mask is exercised. Time: the median over `--repeats` calls after `--warmup`, the
+variants taking turns call by call, so that a busy spell of the machine does not land on one only.
 
-Time: the median over ``--repeats`` timed calls after ``--warmup`` untimed ones, with
-``torch.cuda.synchronize`` around each call on a GPU. The variants take turns call by call, so
-a busy spell of the machine does not land on one variant only.
-
-Peak extra memory, one forward + backward per variant after the timing (not measured, None, with
-``--no_peak``):
-  CUDA  ``torch.cuda.max_memory_allocated`` after the call minus ``memory_allocated`` before it,
-        with the peak statistics reset just before the call (the caching allocator's view).
-  CPU   in a fresh interpreter per variant (the hidden ``_mixing_peak`` subcommand): build the
-        inputs, run the variant once at a tiny size so lazily loaded kernels and thread pools
-        are not counted, reset the kernel's resident-set high-water mark (``5`` into
-        ``/proc/self/clear_refs``), read the resident set from ``/proc/self/statm``, run the
-        call, and report the high-water mark (``VmHWM`` in ``/proc/self/status``) minus that.
-        ``VmHWM`` rather than ``getrusage().ru_maxrss``: a child started by exec inherits the
-        parent's RSS into ru_maxrss, which would swamp the measurement. Where the mark cannot
-        be reset (or VmHWM is missing and ru_maxrss stands in), the number is an upper bound and
-        the JSON says so (``peak_reset``: false; ``(<=)`` in the table). Pages allocated but never
-        touched do not count; that is the memory the call really made resident.
+Peak extra memory, one call per variant after the timing (None with `--no_peak`): on CUDA
+`max_memory_allocated` minus `memory_allocated` before, the peak statistics reset just before;
+on the CPU in a fresh interpreter per variant (the hidden `_mixing_peak` subcommand): the variant
+once at a tiny size (lazily loaded kernels and thread pools not counted), the resident-set
+high-water mark reset, then the mark after the call minus the resident set before
+(`hnmix.bench.system`). Where the mark cannot be reset the number is an upper bound (`peak_reset`
+false, `(<=)` in the table). Pages allocated but never touched do not count.
 
 The last line checks the target of hnmix: the time mixing adds over plain MoCo should be at most
-half of what the materialising implementation adds. ``--json PATH`` writes every number, the
-configuration, the device and the torch version.
+half of what the materialising implementation adds.
 """
 
 from __future__ import annotations
@@ -65,22 +54,10 @@ from hnmix.bench.system import (
 )
 from hnmix.mixing import NEGATIVE_TYPES, active_types, draw_types, mix_logits, validate_mixing_arguments
 
-VARIANTS = ("moco", "hnmix", "materialised")
-
-
-VARIANT_LABELS = {
-    "moco": "plain MoCo",
-    "hnmix": "MoCHi, hnmix",
-    "materialised": "MoCHi, materialising",
-}
-
-
+VARIANT_LABELS = {"moco": "plain MoCo", "hnmix": "MoCHi, hnmix", "materialised": "MoCHi, materialising"}
+VARIANTS = tuple(VARIANT_LABELS)
 TARGET_RATIO = 0.5
-
-
 SEED = 0
-
-
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -242,14 +219,16 @@ def time_variants(variants: Sequence[str], x: MixingInputs, cfg: MixingConfig) -
     return times
 
 
-@dataclass
-class PeakMemory:
-    extra_bytes: int
-    method: str
-    peak_reset: bool  # False: the number is an upper bound (an earlier high-water mark may count)
+def _peak(extra_bytes: int, method: str, peak_reset: bool) -> dict[str, Any]:
+    """A variant's peak extra memory as the JSON has it; peak_reset False: an upper bound."""
+    return {"peak_extra_bytes": extra_bytes, "peak_extra_mib": extra_bytes / MIB, "peak_method": method,
+            "peak_reset": peak_reset}
 
 
-def cuda_peak(variant: str, x: MixingInputs, cfg: MixingConfig) -> PeakMemory:
+NO_PEAK = dict.fromkeys(("peak_extra_bytes", "peak_extra_mib", "peak_method", "peak_reset"))
+
+
+def cuda_peak(variant: str, x: MixingInputs, cfg: MixingConfig) -> dict[str, Any]:
     """Peak allocated bytes during one call above what was allocated before it."""
     device = torch.device(cfg.device)
     x.q.grad = None
@@ -260,10 +239,10 @@ def cuda_peak(variant: str, x: MixingInputs, cfg: MixingConfig) -> PeakMemory:
     forward_backward(variant, x, cfg, _new_generator(cfg))
     _synchronize(device)
     extra = torch.cuda.max_memory_allocated(device) - before
-    return PeakMemory(extra, "cuda max_memory_allocated - memory_allocated", True)
+    return _peak(extra, "cuda max_memory_allocated - memory_allocated", True)
 
 
-def cpu_peak_in_this_process(variant: str, cfg: MixingConfig) -> PeakMemory:
+def cpu_peak_in_this_process(variant: str, cfg: MixingConfig) -> dict[str, Any]:
     """Peak RSS increase of one call; meant for a fresh interpreter (`_mixing_peak`)."""
     x = make_inputs(cfg)
     tiny = replace(cfg, batch=4, queue=8, dim=4, n_hard=min(cfg.n_hard, 4),
@@ -274,10 +253,10 @@ def cpu_peak_in_this_process(variant: str, cfg: MixingConfig) -> PeakMemory:
     before = _rss_bytes()
     forward_backward(variant, x, cfg, _new_generator(cfg))
     extra = max(0, _peak_rss_bytes() - before)
-    return PeakMemory(extra, "fresh process: VmHWM (peak RSS) after - /proc/self/statm RSS before", reset)
+    return _peak(extra, "fresh process: VmHWM (peak RSS) after - /proc/self/statm RSS before", reset)
 
 
-def cpu_peak(variant: str, cfg: MixingConfig) -> PeakMemory:
+def cpu_peak(variant: str, cfg: MixingConfig) -> dict[str, Any]:
     """Run `cpu_peak_in_this_process` in a fresh interpreter and read its JSON line."""
     command = [sys.executable, "-m", "hnmix.bench", "_mixing_peak", "--variant", variant, *mixing_argv(cfg)]
     root = str(Path(__file__).resolve().parents[2])  # the repository, which holds hnmix/
@@ -285,77 +264,34 @@ def cpu_peak(variant: str, cfg: MixingConfig) -> PeakMemory:
     done = subprocess.run(command, capture_output=True, text=True, env=env)
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed ({done.returncode}):\n{done.stderr}")
-    return PeakMemory(**json.loads(done.stdout.strip().splitlines()[-1]))
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def measure_peak(variant: str, x: MixingInputs, cfg: MixingConfig) -> Optional[PeakMemory]:
+def measure_peak(variant: str, x: MixingInputs, cfg: MixingConfig) -> dict[str, Any]:
     device = torch.device(cfg.device)
     if device.type == "cuda":
         return cuda_peak(variant, x, cfg)
     if device.type == "cpu" and Path("/proc/self/statm").exists():
         return cpu_peak(variant, cfg)
-    return None
+    return NO_PEAK
 
 
-@dataclass
-class VariantResult:
-    ms_median: float
-    ms_all: list[float]
-    ms_added: float  # over plain MoCo
-    peak: Optional[PeakMemory]
-
-
-def _ratio(mixing_added: float, materialised_added: float) -> Optional[float]:
-    return mixing_added / materialised_added if materialised_added > 0 else None
-
-
-def print_mixing_report(console: Console, cfg: MixingConfig, results: dict[str, VariantResult]) -> None:
+def print_mixing_report(console: Console, cfg: MixingConfig, payload: dict[str, Any]) -> None:
     sizes = " ".join(f"{name}={n}" for name, n in cfg.sizes.items())
     table = Table(title=f"fwd+bwd, B={cfg.batch} K={cfg.queue} d={cfg.dim} n_hard={cfg.n_hard} "
                         f"{sizes} {cfg.dtype} on {cfg.device}")
     for column in ("variant", "ms per fwd+bwd", "added over plain MoCo (ms)", "peak extra (MiB)"):
         table.add_column(column, justify="left" if column == "variant" else "right")
-    for name, r in results.items():
-        peak = "n/a" if r.peak is None else f"{r.peak.extra_bytes / MIB:.1f}" + ("" if r.peak.peak_reset else " (<=)")
-        table.add_row(VARIANT_LABELS[name], f"{r.ms_median:.2f}", f"{r.ms_added:+.2f}", peak)
+    for name, r in payload["variants"].items():
+        peak = "n/a" if r["peak_reset"] is None else f"{r['peak_extra_mib']:.1f}{'' if r['peak_reset'] else ' (<=)'}"
+        table.add_row(VARIANT_LABELS[name], f"{r['ms_median']:.2f}", f"{r['ms_added_over_moco']:+.2f}", peak)
     console.print(table)
-    x, y = results["hnmix"].ms_added, results["materialised"].ms_added
-    ratio = _ratio(x, y)
+    ratio = payload["ratio"]
     ratio_text = "n/a (the materialising oracle adds nothing)" if ratio is None else f"{ratio:.3f}"
     console.print(
-        f"mixing adds {x:.2f} ms over plain MoCo, the materialising oracle adds {y:.2f} ms: "
-        f"ratio {ratio_text} (target <= {TARGET_RATIO})"
+        f"mixing adds {payload['mixing_added_ms']:.2f} ms over plain MoCo, the materialising oracle adds "
+        f"{payload['materialised_added_ms']:.2f} ms: ratio {ratio_text} (target <= {TARGET_RATIO})"
     )
-
-
-def mixing_json(cfg: MixingConfig, results: dict[str, VariantResult]) -> dict[str, Any]:
-    device = torch.device(cfg.device)
-    x, y = results["hnmix"].ms_added, results["materialised"].ms_added
-    ratio = _ratio(x, y)
-    return {
-        "command": "mixing",
-        "config": config_fields(cfg),
-        "device": device_description(device),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "variants": {
-            name: {
-                "ms_median": r.ms_median,
-                "ms_all": r.ms_all,
-                "ms_added_over_moco": r.ms_added,
-                "peak_extra_bytes": None if r.peak is None else r.peak.extra_bytes,
-                "peak_extra_mib": None if r.peak is None else r.peak.extra_bytes / MIB,
-                "peak_method": None if r.peak is None else r.peak.method,
-                "peak_reset": None if r.peak is None else r.peak.peak_reset,
-            }
-            for name, r in results.items()
-        },
-        "mixing_added_ms": x,
-        "materialised_added_ms": y,
-        "ratio": ratio,
-        "target_ratio": TARGET_RATIO,
-        "meets_target": None if ratio is None else ratio <= TARGET_RATIO,
-    }
 
 
 def mixing_config(args: argparse.Namespace) -> MixingConfig:
@@ -377,20 +313,24 @@ def run_mixing(args: argparse.Namespace) -> dict[str, Any]:
     x = make_inputs(cfg)
     console.log(f"timing {', '.join(VARIANTS)}: {cfg.warmup} warmup + {cfg.repeats} timed calls each, interleaved")
     times = time_variants(VARIANTS, x, cfg)
-    peaks: dict[str, Optional[PeakMemory]] = {variant: None for variant in VARIANTS}
-    for variant in () if getattr(args, "no_peak", False) else VARIANTS:
-        console.log(f"peak memory of {VARIANT_LABELS[variant]}")
-        peaks[variant] = measure_peak(variant, x, cfg)
-    moco_ms = statistics.median(times["moco"])
-    results = {
-        v: VariantResult(statistics.median(times[v]), times[v], statistics.median(times[v]) - moco_ms, peaks[v])
-        for v in VARIANTS
-    }
-    print_mixing_report(console, cfg, results)
-    return mixing_json(cfg, results)
+    variants = {}
+    for v in VARIANTS:
+        peak = NO_PEAK
+        if not getattr(args, "no_peak", False):
+            console.log(f"peak memory of {VARIANT_LABELS[v]}")
+            peak = measure_peak(v, x, cfg)
+        variants[v] = {"ms_median": statistics.median(times[v]), "ms_all": times[v],
+                       "ms_added_over_moco": statistics.median(times[v]) - statistics.median(times["moco"]), **peak}
+    added, oracle_added = variants["hnmix"]["ms_added_over_moco"], variants["materialised"]["ms_added_over_moco"]
+    ratio = added / oracle_added if oracle_added > 0 else None
+    device = device_description(torch.device(cfg.device))
+    payload = {"command": "mixing", "config": config_fields(cfg), "device": device, "torch": torch.__version__,
+               "threads": torch.get_num_threads(), "variants": variants, "mixing_added_ms": added, "materialised_added_ms": oracle_added,
+               "ratio": ratio, "target_ratio": TARGET_RATIO, "meets_target": None if ratio is None else ratio <= TARGET_RATIO}
+    print_mixing_report(console, cfg, payload)
+    return payload
 
 
 def run_mixing_peak(args: argparse.Namespace) -> None:
     """Hidden: one variant's peak memory in this (fresh) process, printed as a JSON line."""
-    peak = cpu_peak_in_this_process(args.variant, mixing_config(args))
-    print(json.dumps(asdict(peak)))
+    print(json.dumps(cpu_peak_in_this_process(args.variant, mixing_config(args))))

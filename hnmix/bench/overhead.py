@@ -1,36 +1,17 @@
 """`python -m hnmix.bench overhead`: kernel launches per training step, counted on the CPU.
 
-On a GPU every op of a step is at least one kernel launch, and each launch costs the host a few
-microseconds whatever the op's size: a step of small ops is host-bound. The count needs no GPU.
-Two rows per model and `bn_splits`:
+On a GPU every op is at least one kernel launch, and each costs the host a few microseconds
+whatever its size: a step of small ops is host-bound. The count needs no GPU. Two rows per model,
+`bn_splits` and `--modes` entry: the bare loop (`bare_step`: the network alone, unsplit, the least
+any MoCo trainer launches) and the trainer's step (`trainer_step`: `hnmix.train.step.TrainStep` on
+in-memory views, MoCHi from the first step; compiled as `--compile --compile_mode` does for a mode
+other than eager, whose aten count is then not comparable, its CUDA launches are).
 
-- the bare loop: the query encoder's forward and backward and the key encoder's forward, the
-  network alone (`bn_splits 1`), without any MoCo machinery: the least any MoCo trainer launches;
-- the trainer's step: `hnmix.train.step.TrainStep`, the call the training loop makes per batch,
-  with the loop's parts (Accelerate, the guarded optimizer, momentum update, queue, split BN,
-  mixing, statistics), on in-memory views, MoCHi from the first step.
-
-Counting rule: torch.profiler on the CPU; an op is a top-level aten call (no other aten call
-encloses it) that does work: views, reshapes and allocations (`NOT_WORK`: empty, empty_strided,
-view, as_strided, expand, t, transpose, permute, reshape, detach, alias, unsqueeze, squeeze,
-slice, select, resolve_conj, ...) are left out, and where one of them copies (a reshape of a
-non-contiguous tensor, `contiguous`, `to`) the ops it calls count instead. One warm-up step, then
-`--measure_steps` profiled steps; a row reports their mean. Host reads (`item`, i.e.
-`_local_scalar_dense`) count as ops and are also reported on their own: the trainer's step has
-none. On a GPU a row also counts the CUDA runtime's launches (`CUDA_LAUNCHES`: kernels, copies,
-memsets, graph replays) per step, which is what the host pays for.
-
-Time per step, after the counts, over `--time_steps` more steps of each row:
-- host ms: the time the host takes to issue one step, the device drained before it;
-- GPU busy ms (GPU only): the kernels' own time per step, from the profiler's device events;
-- step ms: `--time_steps` steps back to back, timed with CUDA events on a GPU (wall time
-  elsewhere); images/s is the batch over it.
-A step whose host ms reaches its step ms while its GPU busy ms is lower is host-bound.
-
-`--modes eager,reduce-overhead` adds the trainer's step compiled as `--compile --compile_mode`
-does (`compile_step`, reduce-overhead replaying CUDA graphs on a GPU): the GPU check's images/s
-with and without CUDA graphs. A compiled step's aten ops run inside compiled kernels, so its
-`trainer` count is not comparable; its CUDA launches are.
+Counting rule: a top-level aten call (no other aten call encloses it) that does work; views,
+reshapes and allocations (`NOT_WORK`) are left out, and where one of them copies, the ops it calls
+count instead. Host reads (`HOST_READS`) count and are also reported on their own. On a GPU a row
+also counts the CUDA runtime's launches (`CUDA_LAUNCHES`) and the kernels' busy time, and each row
+is timed (`time_steps`). BENCHMARKS.md, "Kernel launches per training step", reads the columns.
 
 Options it does not know go to `hnmix.train`; without `--config` its defaults are the issue's
 measurement (32 px, batch 16, SGD, on the CPU), with one the recipe's values stand.
@@ -153,10 +134,6 @@ def time_steps(step: Callable[[], None], *, steps: int, device: torch.device) ->
     return {"host_ms": statistics.median(host_s) * 1000, "step_ms": step_ms}
 
 
-def _autocast_dtype(config) -> Optional[torch.dtype]:
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.run.mixed_precision or "no")
-
-
 def bare_step(config, device: torch.device) -> Callable[[], None]:
     """The bare loop of `config`'s network (its BatchNorm unsplit): query forward + backward, key forward."""
     from hnmix.train.components import build_model  # bench may import the trainer; not the reverse
@@ -165,7 +142,7 @@ def bare_step(config, device: torch.device) -> Callable[[], None]:
     generator = torch.Generator().manual_seed(0)
     shape = (config.optimization.batch_size, 3, config.data.img_size, config.data.img_size)
     view_q, view_k = (torch.randn(shape, generator=generator).to(device) for _ in range(2))
-    dtype = _autocast_dtype(config)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.run.mixed_precision or "no")
 
     def step() -> None:
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
@@ -331,4 +308,4 @@ def run_overhead(args: argparse.Namespace, trainer_argv: Sequence[str]) -> dict[
                       f"{row['trainer_images_per_s']:,.0f}")
     Console(width=max(console.width, 150)).print(table)  # eleven columns: wider than a log's 80
     return {"rule": RULE, "warmup_steps": args.warmup_steps, "measured_steps": args.measure_steps,
-            "timed_steps": args.time_steps, "rows": rows, "config": base.to_dict(), "torch": torch.__version__}
+            "timed_steps": args.time_steps, "rows": rows, "config": base.options(), "torch": torch.__version__}

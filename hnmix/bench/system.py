@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import resource
 from pathlib import Path
 from typing import Any
 
@@ -26,19 +25,10 @@ def _rss_bytes() -> int:
 
 
 def _peak_rss_bytes() -> int:
-    """This process's resident-set high-water mark: VmHWM, else ru_maxrss.
-
-    VmHWM is the address space's own mark, which `_reset_peak_rss` resets. ru_maxrss is also
-    at least the parent's RSS when the process was started by exec (Linux carries it over).
-    """
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    """This process's resident-set high-water mark (VmHWM), which `_reset_peak_rss` resets; not
+    ru_maxrss, which a process started by exec inherits from its parent (Linux)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
 
 
 def _reset_peak_rss() -> bool:

@@ -1,11 +1,11 @@
 """`python -m hnmix.bench train`: the trainer against its ceiling.
 
 Rows: the bare encoder loop (query forward + backward, key forward: the ceiling of any MoCo
-trainer), in-memory plain MoCo and MoCHi steps as the trainer runs them, and the full trainer
-with its data pipeline (from its metrics.jsonl). Options it does not know go to `hnmix.train`
-(`--compile` compiles the encoders of every row). On a GPU each row also reports its peak memory:
-`torch.cuda.max_memory_allocated` with the peak statistics reset before the row (after garbage
-collection and `empty_cache`, so what earlier rows left behind counts only while still referenced).
+trainer), in-memory plain MoCo and MoCHi steps as the trainer runs them (eager), and the full
+trainer with its data pipeline (from its metrics.jsonl). Options it does not know go to
+`hnmix.train`. On a GPU each row also reports its peak memory: `torch.cuda.max_memory_allocated`
+with the peak statistics reset before the row (after garbage collection and `empty_cache`, so what
+earlier rows left behind counts only while still referenced).
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import math
 import os
 import statistics
 import tempfile
@@ -27,6 +26,7 @@ from PIL import Image
 from rich.console import Console
 from rich.table import Table
 
+from hnmix.bench.overhead import bare_step, trainer_step
 from hnmix.bench.system import MIB, _synchronize, device_description
 
 # The seed implementation's documented command line (issue: trainer), minus its data paths.
@@ -74,62 +74,14 @@ def _seconds_per_step(step: Callable[[], None], *, warmup: int, measure: int, de
 
 
 def in_memory_images_per_s(config, *, device: torch.device, bare: bool, warmup: int, measure: int) -> float:
-    """images/s on fixed in-memory views, no data pipeline, one process.
-
-    bare=True: only the query encoder's forward + backward and the key encoder's forward (the
-    ceiling of any MoCo trainer). bare=False: the trainer's step as `hnmix.train` runs it: the
-    batched photometric half when it runs on the accelerator (`--augment_device`), MoCo forward
-    with the queue and mixing as configured, loss, backward, clipping, the guarded fused AdamW,
-    momentum update and schedule.
-    """
-    from hnmix.data.photometric import StepPhotometric
-    from hnmix.train.components import (  # bench may import the trainer; not the reverse
-        augment_on_accelerator,
-        build_model,
-        build_optimizer,
-    )
-    from hnmix.train.optim import NonFiniteGuard
-    from hnmix.train.schedule import lr_schedule
-    from hnmix.train.hold_back import restore_batchnorm_statistics, save_batchnorm_statistics
-
-    moco = build_model(config.model, config.method, (0, 0), seed=config.run.seed).to(device)  # mixing from the first step
-    optimizer = build_optimizer(config.optimization, moco.encoder_q, device)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(config.optimization))
-    guard = NonFiniteGuard(optimizer, config.optimization.max_nonfinite_steps, device=device)
-    generator = torch.Generator().manual_seed(0)
-    on_accelerator = augment_on_accelerator(config.data, device)
-    photometric = StepPhotometric(config.data.img_size, seed=0, rank=0) if on_accelerator and not bare else None
-    shape = (config.optimization.batch_size, 3, config.data.img_size, config.data.img_size)
-    if photometric:
-        views = [torch.randint(0, 256, shape, dtype=torch.uint8, generator=generator).to(device) for _ in range(2)]
+    """images/s on fixed in-memory views, no data pipeline, one process: the bare loop
+    (`hnmix.bench.overhead.bare_step`, the ceiling of any MoCo trainer) or the trainer's step
+    (`trainer_step`: `hnmix.train.step.TrainStep` as the loop runs it, eager)."""
+    if bare:
+        step = bare_step(config, device)
     else:
-        views = [torch.randn(shape, generator=generator).to(device) for _ in range(2)]
-    labels = torch.arange(config.optimization.batch_size, device=device) % 10
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.run.mixed_precision or "no")
-    step_number = [0]
-
-    def step() -> None:
-        view_q, view_k = photometric(*views, step_number[0]) if photometric else views
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            if bare:
-                moco.encoder_q(view_q).sum().backward()
-                with torch.no_grad():
-                    moco.encoder_k(view_k)
-            else:
-                ids = torch.arange(config.optimization.batch_size, device=device) + step_number[0] * config.optimization.batch_size
-                saved = save_batchnorm_statistics(moco)
-                loss, _, keys = moco(view_q, view_k, ids, labels, step=step_number[0], enqueue=False)
-                loss.backward()
-        if not bare:
-            grad_norm = torch.nn.utils.clip_grad_norm_(moco.encoder_q.parameters(), config.optimization.clip_grad or math.inf)
-            applied = guard.step(grad_norm)
-            moco.momentum_update(applied)
-            moco.queue.enqueue(*keys, apply=applied)
-            restore_batchnorm_statistics(moco, saved, unless=applied)
-            scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step_number[0] += 1
-
+        step, device = trainer_step(config.with_options(compile=False, compile_mode="default"),
+                                    calls=warmup + measure)
     return config.optimization.batch_size / _seconds_per_step(step, warmup=warmup, measure=measure, device=device)
 
 
@@ -207,5 +159,5 @@ def run_train(args: argparse.Namespace, trainer_argv: Sequence[str]) -> dict[str
             "peak_gpu_memory_bytes": peaks,
             "peak_gpu_memory_mib": {k: None if v is None else v / MIB for k, v in peaks.items()},
             "mochi_cost_over_moco": mochi_cost, "trainer_images_per_s": rows[FULL_TRAINER],
-            "warmup_steps": args.warmup_steps, "measured_steps": args.measure_steps, "config": config.to_dict(),
+            "warmup_steps": args.warmup_steps, "measured_steps": args.measure_steps, "config": config.options(),
             "torch": torch.__version__, "device": device_description(device)}
