@@ -32,6 +32,7 @@ from rich.table import Table
 from torch.profiler import ProfilerActivity, profile
 
 from hnmix.bench.system import _synchronize, device_description
+from hnmix.train.config import COMPILE_MODES
 
 # Views, reshapes and allocations: no kernel of their own (a copying one counts through its children).
 NOT_WORK = frozenset({
@@ -47,7 +48,7 @@ HOST_READS = frozenset({"aten::_local_scalar_dense", "aten::item"})
 CUDA_LAUNCHES = frozenset({"cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx",
                            "cudaGraphLaunch", "cudaMemcpyAsync", "cudaMemsetAsync"})
 DEFAULT_TRAIN_OPTIONS = ["--img_size", "32", "--batch_size", "16", "--optimizer", "sgd", "--device", "cpu"]
-MODES = ("eager", "default", "reduce-overhead", "max-autotune")
+MODES = ("eager", *COMPILE_MODES)
 RULE = ("torch.profiler on the CPU: top-level aten ops that do work (views, reshapes and allocations left out), "
         "per step, after one warm-up step")
 
