@@ -42,14 +42,10 @@ def load_image_dataset(
 ) -> datasets.Dataset:
     """Load `--dataset` as one split of a `datasets.Dataset`, or raise a one-line DataError.
 
-    source:
-    - "synthetic" / "synthetic-hard" (a folder of that name is reached as ./synthetic):
-      `synthetic_size` generated images; splits validation and test get seeds derived from `seed`.
-    - a `save_to_disk` directory (dataset_dict.json or state.json): the split; a Dataset saved
-      alone is split "train" only.
-    - any other directory (parquet shards under data/, or one subfolder of images per class) or
-      a Hub id ("name" or "owner/name"): `datasets.load_dataset(source, split=...)`; a Hub id
-      through `cache_dir`, which without network works only for a dataset already there.
+    source: "synthetic" / "synthetic-hard" (`synthetic_size` images; validation and test get seeds
+    derived from `seed`; a folder of that name is ./synthetic); a `save_to_disk` directory (a
+    Dataset saved alone is split "train" only); any other directory or a Hub id, through
+    `datasets.load_dataset(source, split=..., cache_dir=...)`.
     """
     if source in SYNTHETIC_SOURCES:
         if split not in _SYNTHETIC_SPLITS:

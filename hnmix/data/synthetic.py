@@ -21,14 +21,9 @@ SYNTHETIC_SOURCES = ("synthetic", "synthetic-hard")  # --dataset names generated
 def make_synthetic_dataset(
     size: int, *, seed: int, num_classes: int = 10, image_size: int = 64
 ) -> datasets.Dataset:
-    """A procedurally generated labelled image set, deterministic given `seed`.
-
-    Class c is a sinusoidal stripe pattern with its own orientation (c * 180/num_classes deg),
-    stripe frequency and pair of colours (hues spread around the colour wheel). Each image
-    jitters the angle, frequency, phase, colours and brightness and adds pixel noise, so the
-    classes are easy to tell apart (a kNN monitor rises well above chance) but images differ.
-    Labels are balanced (size // num_classes each, the remainder spread) and shuffled.
-    Columns: `image` (RGB PNG, image_size x image_size), `label` (ClassLabel "class_0" ...).
+    """Class c is a sinusoidal stripe pattern with its own orientation, frequency and pair of
+    colours; each image jitters them, the phase and the brightness, and adds pixel noise. Labels
+    balanced and shuffled; columns `image` (RGB PNG, image_size px), `label` (ClassLabel "class_0" ...).
     """
     if size < 1:
         raise DataError(f"synthetic dataset size must be at least 1, got {size}; pass --synthetic_size N with N >= 1")
@@ -97,8 +92,6 @@ def _synthetic_split_seed(seed: int, split: str) -> int:
     return int(stream.generate_state(1, np.uint64)[0])
 
 
-# ----------------------------------------------------------------------------- synthetic-hard
-
 _GLYPH_CELLS = 4
 _GLYPH_SEED = 20201001  # the classes are the same for every --seed; the seed draws the images
 
@@ -106,17 +99,11 @@ _GLYPH_SEED = 20201001  # the classes are the same for every --seed; the seed dr
 def make_hard_synthetic_dataset(
     size: int, *, seed: int, num_classes: int = 16, image_size: int = 64
 ) -> datasets.Dataset:
-    """`--dataset synthetic-hard`: a set that leaves a self-supervised method room to show what it
-    learns. Class c is a coarse glyph: a fixed 4 x 4 pattern of cells (no two classes equal or mirror
-    images of each other, since the training views are flipped), drawn at a random size (64-88%
-    of the image side) and position, in a random colour, over a plain background of another
-    random colour, with pixel noise. An untrained network's features follow the two colours, which
-    say nothing about the class, so it scores near chance (resnet10t at 48 px: 7.4% kNN top-1,
-    chance 6.25%); the class is only in the glyph's shape, which the crops cut but do not remove
-    and the colour augmentation leaves alone, so training has room to climb.
-
-    (An earlier version, 5 x 5 glyphs of 2-6 px cells over shared textures, taught neither MoCo nor
-    MoCHi anything in 300 steps: BENCHMARKS.md.) Labels and columns as `make_synthetic_dataset`.
+    """Class c is a coarse glyph, a fixed 4 x 4 pattern of cells (none equal to another's mirror
+    image: the views are flipped), at a random size and position, in a random colour over a plain
+    background of another, with noise. An untrained network follows the colours, which say nothing
+    about the class (resnet10t at 48 px: 7.4% kNN top-1, chance 6.25%), so training has room to
+    climb. (5 x 5 glyphs of 2-6 px cells over shared textures taught nothing: BENCHMARKS.md.)
     """
     if size < 1:
         raise DataError(f"synthetic dataset size must be at least 1, got {size}; pass --synthetic_size N with N >= 1")

@@ -46,16 +46,15 @@ def warn_a_few(warned: torch.Tensor, message: str, *, counted_in: str) -> None:
 
 
 class TwoViewDataset(torch.utils.data.Dataset):
-    """Row i of a `datasets.Dataset` as two augmented views, its index and its label.
+    """`__getitem__(epoch * len(self) + index)` (as `EpochSampler` yields) -> (view_q [3, S, S],
+    view_k [3, S, S], index: int, label: int, unreadable: int), S = img_size, label -1 without one.
 
-    `__getitem__(epoch * len(self) + index)` (the encoding `EpochSampler` yields) returns
-    (view_q [3, S, S], view_k [3, S, S], index: int, label: int, unreadable: int), S = img_size,
-    label -1 without a label. The views are uint8, cropped and flipped only (`two_crops`), when
-    `photometric` is None (the photometric half then runs batched on the accelerator); else
-    `photometric(view)` of each (`moco_v2_photometric`: float32, normalised). The image is decoded
-    once for both views, or once for the run when all the images fit in `in_memory_bytes` decoded
-    (`hnmix.data.decoded`; the same views). An unreadable image is replaced by another drawn from
-    (seed, epoch, index), so batches keep their size; `unreadable` counts the replacements.
+    The views are uint8, cropped and flipped only (`two_crops`), when `photometric` is None (the
+    photometric half then runs batched on the accelerator); else `photometric(view)` of each
+    (`moco_v2_photometric`: float32, normalised). The image is decoded once for both views, or
+    once for the run when all the images fit in `in_memory_bytes` decoded (`hnmix.data.decoded`).
+    An unreadable image is replaced by another drawn from (seed, epoch, index), so batches keep
+    their size; `unreadable` counts the replacements.
 
     Why the views are seeded per sample: every draw comes from `sample_rng(seed, epoch, index)`
     (the per-image photometric transforms from torch's CPU generator seeded from it, inside
@@ -95,8 +94,7 @@ class TwoViewDataset(torch.utils.data.Dataset):
         return len(self.dataset)
 
     def batch_bytes(self, batch_size: int) -> int:
-        """Bytes of one collated batch: two views [B, 3, S, S], uint8 as cropped or float32 after
-        the photometric half, and index, label and unreadable [B] int64."""
+        """Bytes of one collated batch: two views [B, 3, S, S] (uint8, or float32), three [B] int64."""
         view_bytes = 3 * self.img_size**2 * (1 if self.photometric is None else 4)
         return batch_size * (2 * view_bytes + 3 * 8)
 
@@ -222,12 +220,9 @@ class EpochSampler(torch.utils.data.Sampler[int]):
 def make_train_loader(
     dataset: TwoViewDataset, *, batch_size: int, num_workers: int, seed: int, prefetch_factor: Optional[int] = None
 ) -> torch.utils.data.DataLoader:
-    """The training DataLoader: EpochSampler order, full batches only (drop_last), batches as
-    `TwoViewDataset.__getitem__`'s items collated ([B, ...]).
-
-    The loader has its own seeded generator, so making an iterator does not consume the global
-    RNG. Workers ignore the run's stop signals (`hnmix.data.workers`). `prefetch_factor`: batches
-    each worker keeps ready (default: as many as fit in /dev/shm, at most 4: `fit_prefetch`).
+    """The training DataLoader: EpochSampler order, full batches only, its own seeded generator
+    (an iterator does not consume the global RNG), workers that ignore the run's stop signals,
+    `prefetch_factor` batches ready per worker (default: as many as fit in /dev/shm, `fit_prefetch`).
     """
     if len(dataset) < batch_size:
         raise DataError(
