@@ -22,20 +22,21 @@ def batchnorm_statistics(module: nn.Module) -> list[torch.Tensor]:
             if buffer is not None]
 
 
-def save_batchnorm_statistics(module: nn.Module) -> Optional[torch.Tensor]:
-    """The statistics of `batchnorm_statistics(module)`, for `restore_batchnorm_statistics`."""
-    return _as_bytes(batchnorm_statistics(module))
+def save_batchnorm_statistics(buffers: list[torch.Tensor]) -> Optional[torch.Tensor]:
+    """The contents of `buffers` (`batchnorm_statistics(module)`, listed once: the list stays
+    valid while the module stays on its device), for `restore_batchnorm_statistics`."""
+    return _as_bytes(buffers)
 
 
 @torch.no_grad()
-def restore_batchnorm_statistics(module: nn.Module, saved: Optional[torch.Tensor], *, unless: torch.Tensor) -> None:
-    """Put back the statistics `save_batchnorm_statistics(module)` returned as `saved`, except
+def restore_batchnorm_statistics(buffers: list[torch.Tensor], saved: Optional[torch.Tensor], *,
+                                 unless: torch.Tensor) -> None:
+    """Put back the statistics `save_batchnorm_statistics(buffers)` returned as `saved`, except
     where `unless` ([] bool on their device) is True, where the current ones stay. Decided on
     the device, with no host synchronisation. A ResNet-50 has 318 statistics buffers in MoCo's
     two encoders: as one tensor of their bytes, they are saved and restored in a few kernels, not
     a few per buffer, and a byte-wise select restores every dtype (float statistics, int64
     counts) exactly."""
-    buffers = batchnorm_statistics(module)
     if buffers:
         sizes = [b.numel() * b.element_size() for b in buffers]
         kept = torch.where(unless, _as_bytes(buffers), saved).split(sizes)

@@ -11,7 +11,7 @@ stay.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
@@ -20,7 +20,7 @@ from accelerate import Accelerator
 
 from hnmix.data.photometric import StepPhotometric
 from hnmix.moco import MoCo
-from hnmix.train.hold_back import restore_batchnorm_statistics, save_batchnorm_statistics
+from hnmix.train.hold_back import batchnorm_statistics, restore_batchnorm_statistics, save_batchnorm_statistics
 from hnmix.train.metrics import RunningCount, StatsWindow
 from hnmix.train.optim import NonFiniteGuard
 
@@ -47,6 +47,10 @@ class TrainStep:
     clip_grad: float
     photometric: Optional[StepPhotometric] = None
     has_labels: bool = True
+    statistics: list[torch.Tensor] = field(init=False)  # the BatchNorm buffers, listed once
+
+    def __post_init__(self) -> None:
+        self.statistics = batchnorm_statistics(self.moco)
 
     def __call__(self, view_q: torch.Tensor, view_k: torch.Tensor, ids: torch.Tensor, labels: torch.Tensor,
                  unreadable: torch.Tensor, step: int) -> torch.Tensor:
@@ -55,7 +59,7 @@ class TrainStep:
         skipped the step (a non-finite gradient norm)."""
         if self.photometric:
             view_q, view_k = self.photometric(view_q, view_k, step)
-        saved = save_batchnorm_statistics(self.moco)
+        saved = save_batchnorm_statistics(self.statistics)
         loss, stats, keys = self.model(view_q, view_k, ids, labels if self.has_labels else None, step=step,
                                        enqueue=False)
         self.accelerator.backward(loss)
@@ -65,7 +69,7 @@ class TrainStep:
         applied = self.guard.step(grad_norm)
         self.moco.momentum_update(applied, self.momentum_at(step))
         self.moco.queue.enqueue(*keys, apply=applied)  # after the backward, which read the queue
-        restore_batchnorm_statistics(self.moco, saved, unless=applied)
+        restore_batchnorm_statistics(self.statistics, saved, unless=applied)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.window.add(stats, applied)  # a skipped step's statistics stay out of the means

@@ -9,7 +9,7 @@ from safetensors import safe_open
 from hnmix.errors import ConfigError
 from hnmix.train.components import build_model, build_optimizer, compile_step, make_accelerator
 from hnmix.train.config import parse_config
-from hnmix.train.hold_back import restore_batchnorm_statistics, save_batchnorm_statistics
+from hnmix.train.hold_back import batchnorm_statistics, restore_batchnorm_statistics, save_batchnorm_statistics
 from tiny_run import TINY
 
 # Mixing of both types from step 0, labels for every statistic; the schedule is of no concern here.
@@ -23,7 +23,7 @@ def step(model, moco, optimizer, views, step_number: int):
     """One training step as the trainer runs it; returns (loss, {name: gradient})."""
     view_q, view_k, ids, labels = views
     torch.compiler.cudagraph_mark_step_begin()
-    saved = save_batchnorm_statistics(moco)
+    saved = save_batchnorm_statistics(batchnorm_statistics(moco))
     loss, _, keys = model(view_q, view_k, ids, labels, step=step_number, enqueue=False)
     loss.backward()
     gradients = {name: p.grad.clone() for name, p in moco.encoder_q.named_parameters()}
@@ -31,7 +31,7 @@ def step(model, moco, optimizer, views, step_number: int):
     applied = torch.tensor(True)
     moco.momentum_update(applied)
     moco.queue.enqueue(*keys, apply=applied)
-    restore_batchnorm_statistics(moco, saved, unless=applied)
+    restore_batchnorm_statistics(batchnorm_statistics(moco), saved, unless=applied)
     optimizer.zero_grad(set_to_none=True)
     return loss.detach(), gradients
 

@@ -14,7 +14,7 @@ from hnmix.train.optim import (
     innermost_optimizer,
     make_optimizer,
 )
-from hnmix.train.hold_back import restore_batchnorm_statistics, save_batchnorm_statistics
+from hnmix.train.hold_back import batchnorm_statistics, restore_batchnorm_statistics, save_batchnorm_statistics
 
 NAN, INF = float("nan"), float("inf")
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny convolutions: 1 thread is faster
@@ -178,7 +178,7 @@ def test_a_whole_guarded_step_with_its_enqueue_and_restore_reads_nothing_on_the_
     guard = NonFiniteGuard(adamw(moco, True), 2, device="cpu")
     views = torch.randn(2, 4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     for poison in (None, NAN):
-        saved = save_batchnorm_statistics(moco)
+        saved = save_batchnorm_statistics(batchnorm_statistics(moco))
         loss, _, keys = moco(views[0], views[1], torch.arange(4), enqueue=False)
         (loss * poison if poison is not None else loss).backward()
         norm = grad_norm(moco)
@@ -186,7 +186,7 @@ def test_a_whole_guarded_step_with_its_enqueue_and_restore_reads_nothing_on_the_
             applied = guard.step(norm)
             moco.momentum_update(applied)
             moco.queue.enqueue(*keys, apply=applied)
-            restore_batchnorm_statistics(moco, saved, unless=applied)
+            restore_batchnorm_statistics(batchnorm_statistics(moco), saved, unless=applied)
         moco.encoder_q.zero_grad()
     assert moco.queue.ptr.item() == 4  # the NaN step enqueued nothing
 

@@ -31,10 +31,10 @@ def small_moco(arch="test_resnet", **overrides):
 
 def held_back_step(moco, view_q, view_k, ids, keep: bool) -> None:
     """A forward held back, then what `TrainStep` does once the guard decided `keep`."""
-    saved = save_batchnorm_statistics(moco)
+    saved = save_batchnorm_statistics(batchnorm_statistics(moco))
     _, _, keys = moco(view_q, view_k, ids, enqueue=False)
     moco.queue.enqueue(*keys, apply=torch.tensor(keep))
-    restore_batchnorm_statistics(moco, saved, unless=torch.tensor(keep))
+    restore_batchnorm_statistics(batchnorm_statistics(moco), saved, unless=torch.tensor(keep))
 
 
 def test_a_held_back_step_enqueues_and_keeps_bn_statistics_only_when_applied():
@@ -85,18 +85,18 @@ def test_a_skipped_step_leaves_the_split_statistics_as_they_were():
     moco = MoCo(MoCoEncoder("test_efficientnet", 16), dim_moco=16, k_moco=32, m_moco=0.9, t_moco=0.2, bn_splits=2)
     before = copy.deepcopy(moco.state_dict())
     x = images(4, 1)
-    saved = save_batchnorm_statistics(moco)
+    saved = save_batchnorm_statistics(batchnorm_statistics(moco))
     moco(x, x.flip(0), torch.arange(4), enqueue=False)
     assert not all(torch.equal(b, before[n]) for n, b in moco.named_buffers() if "running_mean" in n)
-    restore_batchnorm_statistics(moco, saved, unless=torch.tensor(False))
+    restore_batchnorm_statistics(batchnorm_statistics(moco), saved, unless=torch.tensor(False))
     for name, buffer in moco.named_buffers():
         assert torch.equal(buffer, before[name]), name
 
 
 def test_a_model_without_batchnorm_has_nothing_to_save_or_restore():
     moco = MoCo(MoCoEncoder("test_vit", 16, img_size=32), dim_moco=16, k_moco=16, m_moco=0.9, t_moco=0.2)
-    assert save_batchnorm_statistics(moco) is None
-    restore_batchnorm_statistics(moco, None, unless=torch.tensor(False))
+    assert save_batchnorm_statistics(batchnorm_statistics(moco)) is None
+    restore_batchnorm_statistics(batchnorm_statistics(moco), None, unless=torch.tensor(False))
 
 
 def train_step(moco):
