@@ -1,18 +1,13 @@
 """`python -m hnmix.analyze CHECKPOINT`: MoCHi's analysis of hardness (Kalantidis et al. 2020,
-sections 3-4) for a training checkpoint, as a PNG and a JSON.
+sections 3-4) for a training checkpoint, as a PNG and a JSON (README, Pictures; the formulas are
+in `hnmix.evaluate.hardness`).
 
-What it computes (the formulas are in `hnmix.evaluate.hardness`):
-- one batch of `--batch_size` held-out queries q = encoder_q(view_q) scored against their keys
-  k = encoder_k(view_k) and the checkpoint's queue, with `hnmix.mixing.mix_logits` (n_hard and
-  each negative type's count from the run, or MoCHi's 32/16/16 for a plain MoCo run, or the flags):
-  histograms of the logits by kind, the false-negative fraction among the N hardest (the queue's
-  labels), the fraction of synthetic negatives above the hardest real one;
-- alignment and uniformity (Wang and Isola 2020) of the query encoder's projections of both views
-  of up to `--max_samples` held-out images.
-The held-out split is the kNN monitor's (`hnmix.evaluate.splits.load_eval_splits` with the run's
-options). Its views are the training augmentation, seeded as in epoch 0; both encoders run in
-eval mode (BatchNorm with its running statistics). A held-out image carved out of the train
-split was also trained on: its own key may sit in the queue, and is masked as in training.
+The queries are one batch of `--batch_size` held-out images scored with `hnmix.mixing.mix_logits`
+(n_hard and each type's count from the flags, else the run's, else MoCHi's 32/16/16 for a plain
+MoCo run); alignment and uniformity take both views of up to `--max_samples`. The held-out split
+is the kNN monitor's (`load_eval_splits` with the run's options), its views the training
+augmentation seeded as in epoch 0; both encoders run in eval mode. A held-out image carved out of
+the train split was also trained on: its own key may sit in the queue, and is masked as in training.
 """
 
 from __future__ import annotations
@@ -118,12 +113,9 @@ def size_defaults() -> dict[str, int]:
 def mixing_sizes(args: argparse.Namespace, config: dict[str, Any]) -> dict[str, int]:
     """n_hard and each type's count (s1_hard, s2_hard, ...): the flags, else the run's, else
     `size_defaults` when the run did not mix."""
-    mixed = any(config.get(t.count_option) for t in NEGATIVE_TYPES.values())
-    sizes = {}
-    for name, default in size_defaults().items():
-        value = getattr(args, name)
-        sizes[name] = value if value is not None else (config.get(name, default) if mixed else default)
-    return sizes
+    run = config if any(config.get(t.count_option) for t in NEGATIVE_TYPES.values()) else {}
+    return {name: run.get(name, default) if getattr(args, name) is None else getattr(args, name)
+            for name, default in size_defaults().items()}
 
 
 def train_split_rows(held_out: datasets.Dataset) -> Optional[torch.Tensor]:

@@ -1,10 +1,6 @@
-"""`python -m hnmix.plot DIR_OUT [DIR_OUT ...]`: the training curves of one run, or of several
-overlaid (e.g. MoCo against MoCHi), with a legend from each run's config.yaml.
-
-The figure is `hnmix.pictures.curves` (the one the trainer writes to dir_out/curves.png). It is
-written to `--out`, by default DIR_OUT/curves.png for one run and ./curves.png for several.
-`--reference NAME` adds a published kNN curve (`hnmix.references`, e.g. moco_cifar10_demo) to
-the kNN panel, its epochs placed on the first run's.
+"""`python -m hnmix.plot DIR_OUT [DIR_OUT ...]`: the training curves (`hnmix.pictures.curves`, the
+figure the trainer writes to dir_out/curves.png) of one run, or of several overlaid with a legend
+from each run's config.yaml; `--reference NAME` adds a published kNN curve (`hnmix.references`).
 """
 
 from __future__ import annotations

@@ -1,16 +1,12 @@
 """`python -m hnmix.preview --dataset X`: the two views of the first images of an epoch, exactly as
 the trainer makes them, in one picture, to check the augmentation on your data before training.
 
-The images are the first `-n` of the epoch's order (`EpochSampler`: the trainer's first batches,
-on one process). Their crops come from `TwoViewDataset` with the same seed, epoch and index, and
-their photometric half from the same code as in training: per image in the workers
-(`--augment_device cpu`: `moco_v2_photometric` seeded per sample) or batched
-(`--augment_device accelerator`: `StepPhotometric` on the whole batch of `--batch_size` at the
-batch's step, on the GPU when there is one). Several processes see the same first batch of an
-epoch on rank 0; only its step (epoch x steps per epoch) depends on their number, and with it
-the batched draws of epochs after the first. The augmentation is the trainer's options of the
-same names (`--crop_scale`, `--jitter`, `--blur_p`, `--normalize`, ...), from the flags, else from
-`--config` (a run's config.yaml or a recipe), else MoCo v2's.
+The images are the first `-n` of the epoch's order (`EpochSampler`, on one process), cropped by
+`TwoViewDataset` with the same seed, epoch and index; their photometric half is the training code's:
+per image in the workers (`--augment_device cpu`) or batched (`StepPhotometric` on the whole batch
+of `--batch_size` at the batch's step). Only that step (epoch x steps per epoch) depends on the
+number of processes, and with it the batched draws after the first epoch. The augmentation options
+come from the flags, else `--config` (a run's config.yaml or a recipe), else MoCo v2's.
 """
 
 from __future__ import annotations

@@ -1,12 +1,7 @@
-"""The training curves of one run, or of several overlaid, from their `metrics.jsonl`.
-
-Six panels over the optimizer step, epochs marked: loss and learning rate; the proxy accuracy
-(acc1); kNN top-1/top-5 when evaluated; the mean logits of the positive, the hardest queue
-negative and the two synthetic types; `synthetic_above_pos` and `hard_false_negative`; images/s.
-The trainer redraws `dir_out/curves.png` at every checkpoint and at the end (`refresh_curves`);
-`python -m hnmix.plot` draws the same figure for any runs. A resumed run's metrics.jsonl holds
-one record per step (records after the checkpoint it resumed from are dropped), so its curve is
-one line.
+"""The training curves of one run, or of several overlaid, from their `metrics.jsonl` (the panels:
+`PANELS`). The trainer redraws `dir_out/curves.png` at every checkpoint and at the end
+(`refresh_curves`); `python -m hnmix.plot` draws the same figure for any runs. A resumed run's
+metrics.jsonl holds one record per step, so its curve is one line.
 """
 
 from __future__ import annotations
@@ -119,11 +114,10 @@ def load_run(dir_out: str | Path, label: Optional[str] = None) -> Run:
     records = read_records(metrics)
     if not records:
         raise ConfigError(f"{metrics} holds no record yet; wait for the run's first log line (--steps_print)")
-    config: dict[str, Any] = {}
     try:
-        config = (load_run_config(dir_out / CONFIG_FILE) if (dir_out / CONFIG_FILE).is_file() else None) or {}
-    except (OSError, yaml.YAMLError):
-        pass
+        config = load_run_config(dir_out / CONFIG_FILE) or {}
+    except (OSError, yaml.YAMLError):  # no config.yaml, or not one: a legend without the method
+        config = {}
     return Run(label or dir_out.resolve().name, records, config)
 
 

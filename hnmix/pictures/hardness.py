@@ -1,9 +1,5 @@
-"""The figure of `python -m hnmix.analyze`: MoCHi's analysis of hardness for one checkpoint.
-
-Four panels, from the analysis JSON (`hnmix.analyze`): histograms of the logits of one batch of
-held-out queries (the positive, every queue negative, the n_hard hardest, the synthetic negatives
-of each registered type); the fraction of false negatives among the N hardest as a function of N;
-the fraction of synthetic negatives harder than the hardest real one; alignment and uniformity.
+"""The figure of `python -m hnmix.analyze` (README, Pictures): logit histograms, false negatives
+among the N hardest, synthetic negatives harder than the hardest real one, alignment and uniformity.
 """
 
 from __future__ import annotations
