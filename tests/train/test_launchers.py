@@ -92,15 +92,35 @@ def two_process_script(dir_out: Path, *args: str, **popen) -> subprocess.Popen:
 
 def assert_resumes_exactly(dir_out: Path, reference: Path, step: int, *, resume) -> None:
     """`--resume latest` to step + 2, through `resume(*args)`, logs the losses of an uninterrupted
-    run (`reference`, trained to the same step), the stopped run's records included."""
+    run (`reference`, trained to that step or further), the stopped run's records included."""
     resume("--resume", "latest", "--stop_at", str(step + 2))
     assert not (dir_out / "STOPPED").exists()
-    expected = losses(reference)
+    expected = {s: loss for s, loss in losses(reference).items() if s <= step + 2}
     assert sorted(expected) == list(range(1, step + 3))
     assert losses(dir_out) == expected
 
 
-def test_sigterm_to_accelerate_launch_with_one_process_saves_within_its_grace(tmp_path):
+@pytest.fixture(scope="module")
+def one_process_reference(tmp_path_factory):
+    """reference(steps): an uninterrupted `python -m hnmix.train` LONG run to `steps` steps or
+    more, trained once for this file's one-process tests (a trainer's start costs seconds), with
+    10 steps to spare for the next stop. Each is trained into a dir_out that holds an earlier
+    stop's STOPPED marker and an empty checkpoints/, which a run that finishes must remove."""
+    runs: list[tuple[int, Path]] = []
+
+    def reference(steps: int) -> Path:
+        if not runs or runs[-1][0] < steps:
+            out = tmp_path_factory.mktemp("reference")
+            (out / "STOPPED").write_text("from an earlier stop\n")
+            out.joinpath("checkpoints").mkdir()
+            train(*LONG, "-do", str(out), "--stop_at", str(steps + 10))
+            runs.append((steps + 10, out))
+        return runs[-1][1]
+
+    return reference
+
+
+def test_sigterm_to_accelerate_launch_with_one_process_saves_within_its_grace(tmp_path, one_process_reference):
     """`accelerate launch` with one process: accelerate >= 1.16 terminates the trainer's whole tree,
     the DataLoader workers included, and SIGKILLs it 5 s later. The trainer saves first, leaves
     STOPPED, and the launcher exits 143, which the scheduler sees."""
@@ -120,12 +140,11 @@ def test_sigterm_to_accelerate_launch_with_one_process_saves_within_its_grace(tm
     step = stopped_step(run, ranks=1)
     assert step < 400
     assert "leaves 5 s to finish the step and save" in stderr  # the launcher's deadline, said at start-up
-    train(*LONG, "-do", str(tmp_path / "reference"), "--stop_at", str(step + 2))
-    assert_resumes_exactly(run, tmp_path / "reference", step,
+    assert_resumes_exactly(run, one_process_reference(step + 2), step,
                            resume=lambda *args: train(*LONG, "-do", str(run), *args))
 
 
-def test_sigterm_to_a_setsid_runs_process_group_saves_and_exits_75(tmp_path):
+def test_sigterm_to_a_setsid_runs_process_group_saves_and_exits_75(tmp_path, one_process_reference):
     """`kill -TERM -- -PGID` on a `setsid python -m hnmix.train` (SLURM signals every process of
     the step alike): the workers get it too and must not die of it."""
     run = tmp_path / "run"
@@ -140,8 +159,7 @@ def test_sigterm_to_a_setsid_runs_process_group_saves_and_exits_75(tmp_path):
     assert trainer.returncode == 75, stderr[-3000:]
     assert all_gone(workers, timeout=30), "a DataLoader worker outlived the trainer"
     step = stopped_step(run, ranks=1)
-    train(*LONG, "-do", str(tmp_path / "reference"), "--stop_at", str(step + 2))
-    assert_resumes_exactly(run, tmp_path / "reference", step,
+    assert_resumes_exactly(run, one_process_reference(step + 2), step,
                            resume=lambda *args: train(*LONG, "-do", str(run), *args))
 
 
@@ -188,11 +206,10 @@ def test_sigterm_to_accelerate_launch_with_two_processes_leaves_stopped(tmp_path
     assert first == second  # both ranks saved the same step with the same queue
 
 
-def test_a_run_that_finishes_leaves_no_stopped_marker(tmp_path):
-    (tmp_path / "STOPPED").write_text("from an earlier stop\n")
-    tmp_path.joinpath("checkpoints").mkdir()
-    train(*TINY, "-s", "2", "--num_workers", "0", "--eval_every", "0", "-do", str(tmp_path))
-    assert not (tmp_path / "STOPPED").exists()
+def test_a_run_that_finishes_leaves_no_stopped_marker(one_process_reference):
+    """The reference run started in a dir_out with STOPPED from an earlier stop and ran to its --stop_at."""
+    reference = one_process_reference(2)
+    assert not (reference / "STOPPED").exists()
 
 
 @pytest.mark.parametrize("how", ["two-process script", "README's accelerate launch"])
