@@ -7,7 +7,7 @@ import pytest
 from safetensors.torch import load_file
 
 from launch import REPO, accelerate_launch
-from tiny_run import TINY, losses, metrics, run_train
+from tiny_run import TINY, checkpoints, losses, metrics, run_train
 
 pytestmark = pytest.mark.multiprocess
 COMMON = [*TINY, "-s", "12", "-sp", "5", "-ss", "100", "--num_workers", "0", "--eval_every", "0"]
@@ -21,6 +21,7 @@ def runs(tmp_path_factory):
     for out, extra in ((straight, []), (stopped, ["--stop_at", "7"])):
         done = accelerate_launch(["-m", "hnmix.train", *COMMON, "-bs", "4", "-do", str(out), *extra])
         assert done.returncode == 0, done.stderr[-3000:]
+    assert checkpoints(stopped) == ["step_00000007"]  # --stop_at saves its step (-ss 100 would not)
     return straight, stopped
 
 
@@ -50,13 +51,14 @@ def test_two_processes_resume_on_one_with_the_same_global_batch_at_the_same_samp
     assert [r["step"] for r in metrics(out)] == [5, 10, 12]
 
 
-def test_another_global_batch_is_refused_with_the_one_the_checkpoint_needs(runs, tmp_path):
+def test_another_global_batch_is_refused_with_the_one_the_checkpoint_needs(runs, tmp_path, capfd):
+    from hnmix.train.loop import main  # the command line's, in this process: a refusal needs no trainer start
+
     _, stopped = runs
     out = tmp_path / "refused"
     shutil.copytree(stopped, out)
-    done = run_train(*COMMON, "-bs", "4", "-do", str(out), "--resume", "latest")
-    assert done.returncode == 2
-    last = done.stderr.strip().splitlines()[-1]
+    assert main([*COMMON, "-bs", "4", "-do", str(out), "--resume", "latest"]) == 2
+    last = capfd.readouterr().err.strip().splitlines()[-1]
     assert "cannot resume" in last and "global batch 4 (4 x 1 processes)" in last and "--batch_size 8" in last
 
 

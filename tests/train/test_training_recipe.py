@@ -82,18 +82,22 @@ def test_a_resume_whose_new_steps_end_before_a_start_warns_instead(tmp_path, cap
     assert "After the change of --steps, option start2_hard=8 is at or past the end of the run (--steps 6)" in logged(capfd)
 
 
-def test_the_command_line_refuses_a_late_start_with_one_line_and_exit_2(tmp_path):
-    result = run_train(*TINY, "-s", "2", "-st2h", "5", "-do", str(tmp_path))
-    assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1].startswith("hnmix: error: option start2_hard=5 is at or past")
+def test_the_command_line_refuses_a_late_start_with_one_line_and_exit_2(tmp_path, capfd):
+    from hnmix.train.loop import main  # `python -m hnmix.train` is sys.exit(main()); a refusal needs no trainer start
+
+    assert main([*TINY, "-s", "2", "-st2h", "5", "-do", str(tmp_path)]) == 2
+    assert capfd.readouterr().err.strip().splitlines()[-1].startswith("hnmix: error: option start2_hard=5 is at or past")
 
 
-def test_deterministic_runs_under_torchs_deterministic_mode_and_repeats_its_losses(tmp_path):
+def test_deterministic_runs_under_torchs_deterministic_mode_and_repeats_its_losses(tmp_path, capsys):
     options = [*TINY, *QUIET, "-s", "3", "--deterministic"]
     first = run_train(*options, "-do", str(tmp_path / "a"), "-sp", "1")
     second = run_train(*options, "-do", str(tmp_path / "b"), "-sp", "1")
     assert first.returncode == 0 and second.returncode == 0, first.stderr[-2000:]
     assert losses(tmp_path / "a") == losses(tmp_path / "b")
     assert "deterministic algorithms on" in " ".join(first.stderr.split())
-    probe = run_train("--help")  # the option is documented
-    assert "--deterministic" in probe.stdout
+    from hnmix.train.loop import main
+
+    with pytest.raises(SystemExit) as help_exit:  # the option is documented
+        main(["--help"])
+    assert help_exit.value.code == 0 and "--deterministic" in capsys.readouterr().out
