@@ -138,10 +138,9 @@ def bench_arguments(name: str, *, dry_run: bool, cores: int) -> list[str]:
 def overhead_arguments(recipe: str, mode: str, *, dry_run: bool) -> list[str]:
     """The `python -m hnmix.bench overhead` arguments of one run: the recipe's own values, or a tiny model."""
     sizes = (["--arch", "test_resnet", "--stem", "default", "--img_size", "32", "--batch_size", "8", "--k_moco", "64",
-              "--n_hard", "8", "--s1_hard", "4", "--s2_hard", "4", "--device", "cpu", "--time_steps", "1"] if dry_run
+              "--n_hard", "8", "--s1_hard", "4", "--s2_hard", "4", "--device", "cpu", "--time_steps", "2"] if dry_run
              else ["--device", "cuda", "--time_steps", "20"])
-    measured = "1" if dry_run else "2"  # a dry run's steps cost about a second each on 2 cores
-    return ["overhead", "--config", f"configs/mochi_{recipe}.yaml", "--modes", mode, "--measure_steps", measured, *sizes]
+    return ["overhead", "--config", f"configs/mochi_{recipe}.yaml", "--modes", mode, "--measure_steps", "2", *sizes]
 
 
 class SectionFailed(Exception):
