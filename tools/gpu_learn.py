@@ -54,7 +54,7 @@ REFERENCE = "moco_cifar10_demo"
 SPEEDUP_GOAL = 10.0
 KNN_TOLERANCE = 1.0  # points
 # Tiny sizes for the CPU: the recipe's options, shrunk (the data is the caller's small CIFAR layout).
-DRY_RUN_OPTIONS = ["--device", "cpu", "--batch_size", "16", "--k_moco", "64", "--steps", "8", "--num_workers", "1",
+DRY_RUN_OPTIONS = ["--device", "cpu", "--batch_size", "16", "--k_moco", "64", "--steps", "4", "--num_workers", "1",
                    "--steps_print", "2", "--bn_splits", "2"]
 DRY_RUN_MOCHI = ["--n_hard", "16", "--s1_hard", "8", "--s2_hard", "4", "--start1_hard", "1ep", "--start2_hard", "1ep"]
 

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.multiprocess
 
 
 def test_the_dry_run_trains_both_arms_with_a_knn_after_every_epoch(tmp_path):
-    data = write_cifar10_like_repo(tmp_path / "cifar10", {"train": 64, "test": 20})
+    data = write_cifar10_like_repo(tmp_path / "cifar10", {"train": 32, "test": 20})
     out = tmp_path / "out"
     done = subprocess.run(["bash", "launch/gpu_learn.sh", "--dry-run", str(data), str(out)], cwd=REPO,
                           env=os.environ | {"PYTHON": sys.executable, "OMP_NUM_THREADS": "1"},
@@ -25,7 +25,7 @@ def test_the_dry_run_trains_both_arms_with_a_knn_after_every_epoch(tmp_path):
     report = json.loads((out / "gpu_learn.json").read_text())
     for arm in ("moco", "mochi"):
         result = report["arms"][arm]
-        # 64 images at batch 16: 4 steps per epoch, 8 steps: a kNN after epochs 1 and 2.
+        # 32 images at batch 16: 2 steps per epoch, 4 steps: a kNN after epochs 1 and 2.
         assert sorted(map(int, result["knn_top1_by_epoch"])) == [1, 2], result
         assert result["images_per_s"] > 0
         assert not (out / arm / "checkpoints").exists()  # what comes back from the device stays small
