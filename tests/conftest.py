@@ -41,10 +41,13 @@ def pytest_xdist_auto_num_workers(config) -> int:
     return max(1, min(len(os.sched_getaffinity(0)), 4))
 
 
-# The test files that take longest (minutes each on 2 cores): collected first, so that the
-# workers do not end the run waiting on one of them started last.
-SLOWEST_FILES = ("tests/tools/test_gpu_check.py", "tests/train/test_train.py", "tests/train/test_launchers.py",
-                 "tests/tools/test_gpu_learn.py", "tests/train/test_resume_world_size.py", "tests/train/test_dir_out.py")
+# The test files that take longest (minutes each on 2 cores), slowest first by the CPU-seconds of
+# their processes and all they start (measured 2026-12): collected first, so that the workers do
+# not end the run waiting on one of them started last.
+SLOWEST_FILES = ("tests/train/test_train.py", "tests/train/test_launchers.py", "tests/tools/test_gpu_check.py",
+                 "tests/bench/test_overhead.py", "tests/train/test_resume_world_size.py", "tests/train/test_dir_out.py",
+                 "tests/bench/test_bench.py", "tests/train/test_training_recipe.py", "tests/train/test_two_nodes.py",
+                 "tests/tools/test_gpu_learn.py")
 
 
 def pytest_collection_modifyitems(config, items) -> None:
