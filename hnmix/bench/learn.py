@@ -48,18 +48,19 @@ def evaluation_argv(model: str, config, protocol: str, json_path: Path) -> list[
     """`python -m hnmix.evaluate`'s arguments for `model` under the recipe `config`: its data
     (dataset, split, columns, image size, seed), its evaluation crop and, for the kNN, its
     monitor's settings."""
-    argv = [model, "--protocol", protocol, "--dataset", config.data.dataset, "--split", config.data.split,
-            "--image_column", config.data.image_column, "--img_size", str(config.data.img_size),
-            "--eval_crop_pct", str(config.evaluation.eval_crop_pct), "--synthetic_size", str(config.data.synthetic_size),
+    data, evaluation = config.data, config.evaluation
+    argv = [model, "--protocol", protocol, "--dataset", data.dataset, "--split", data.split,
+            "--image_column", data.image_column, "--img_size", str(data.img_size),
+            "--eval_crop_pct", str(evaluation.eval_crop_pct), "--synthetic_size", str(data.synthetic_size),
             "--seed", str(config.run.seed), "--json", str(json_path)]
     for name in ("label_column", "dir_data", "num_workers"):  # None: each program's own default
-        if getattr(config.data, name) is not None:
-            argv += [f"--{name}", str(getattr(config.data, name))]
+        if getattr(data, name) is not None:
+            argv += [f"--{name}", str(getattr(data, name))]
     if protocol == "knn":
-        argv += ["--knn_k", str(config.evaluation.knn_k), "--knn_temperature", str(config.evaluation.knn_temperature),
-                 "--knn_features", config.evaluation.knn_features, "--eval_max_samples", str(config.evaluation.eval_max_samples)]
-        if config.evaluation.knn_split is not None:
-            argv += ["--knn_split", config.evaluation.knn_split]
+        argv += ["--knn_k", str(evaluation.knn_k), "--knn_temperature", str(evaluation.knn_temperature),
+                 "--knn_features", evaluation.knn_features, "--eval_max_samples", str(evaluation.eval_max_samples)]
+        if evaluation.knn_split is not None:
+            argv += ["--knn_split", evaluation.knn_split]
     return argv
 
 
@@ -99,8 +100,8 @@ def train_arm(config, directory: Path) -> Path:
     """Train `config` into `directory`; the path of its final checkpoint."""
     from hnmix.train.loop import train
 
-    config = config.with_options(dir_out=str(directory), steps_save=config.optimization.steps, keep_checkpoints=1, stop_at=None,
-                     resume=None)
+    config = config.with_options(dir_out=str(directory), steps_save=config.optimization.steps, keep_checkpoints=1,
+                                 stop_at=None, resume=None)
     train(config)
     return directory / "checkpoints" / f"step_{config.optimization.steps:08d}"
 
@@ -118,7 +119,8 @@ def summarise(runs: list[dict[str, float]]) -> dict[str, Any]:
 
 def print_learn_report(console: Console, arms: dict[str, dict[str, Any]], seeds: int, config) -> None:
     table = Table(title=f"MoCo against MoCHi: {config.model.arch} {config.data.img_size}px on {config.data.dataset}, "
-                        f"{config.optimization.steps} steps of {config.optimization.batch_size}, {seeds} seed(s) (accuracy %, mean ± std)")
+                        f"{config.optimization.steps} steps of {config.optimization.batch_size}, {seeds} seed(s) "
+                        "(accuracy %, mean ± std)")
     table.add_column("arm")
     for name in METRICS:
         table.add_column(name.replace("_", " "), justify="right")

@@ -139,7 +139,8 @@ def bare_step(config, device: torch.device) -> Callable[[], None]:
     """The bare loop of `config`'s network (its BatchNorm unsplit): query forward + backward, key forward."""
     from hnmix.train.components import build_model  # bench may import the trainer; not the reverse
 
-    moco = build_model(config.model, replace(config.method, bn_splits=1), (0, 0), seed=config.run.seed).to(device).train()
+    moco = build_model(config.model, replace(config.method, bn_splits=1), (0, 0), seed=config.run.seed)
+    moco = moco.to(device).train()
     generator = torch.Generator().manual_seed(0)
     shape = (config.optimization.batch_size, 3, config.data.img_size, config.data.img_size)
     view_q, view_k = (torch.randn(shape, generator=generator).to(device) for _ in range(2))
@@ -185,11 +186,13 @@ def trainer_step(config, *, calls: int) -> tuple[Callable[[], None], torch.devic
     train_step = TrainStep(
         model=step_model, moco=accelerator.unwrap_model(model), accelerator=accelerator, optimizer=optimizer,
         scheduler=scheduler, guard=NonFiniteGuard(optimizer, config.optimization.max_nonfinite_steps, device=device),
-        window=StatsWindow(), bad_images=RunningCount(), momentum_at=momentum_schedule(config.method, config.optimization.steps),
+        window=StatsWindow(), bad_images=RunningCount(),
+        momentum_at=momentum_schedule(config.method, config.optimization.steps),
         clip_grad=config.optimization.clip_grad, photometric=photometric, has_labels=True,
     )
     generator = torch.Generator().manual_seed(0)
-    B, shape = config.optimization.batch_size, (config.optimization.batch_size, 3, config.data.img_size, config.data.img_size)
+    B = config.optimization.batch_size
+    shape = (B, 3, config.data.img_size, config.data.img_size)
     if photometric:
         views = [torch.randint(0, 256, shape, dtype=torch.uint8, generator=generator).to(device) for _ in range(2)]
     else:
@@ -223,7 +226,8 @@ def count_row(config, *, warmup: int, measure: int, timed: int, bare: Optional[d
     extra.subtract(bare["ops"])
     bare_total, trainer_total = sum(bare["ops"].values()), sum(trainer["ops"].values())
     row = {
-        "arch": config.model.arch, "bn_splits": config.method.bn_splits, "mode": config.run.compile_mode if config.run.compile else "eager",
+        "arch": config.model.arch, "bn_splits": config.method.bn_splits,
+        "mode": config.run.compile_mode if config.run.compile else "eager",
         "bare": bare_total, "trainer": trainer_total, "ratio": trainer_total / bare_total,
         "device": device_description(device),
         "trainer_host_reads": sum(trainer["ops"][name] for name in HOST_READS),
@@ -294,7 +298,8 @@ def run_overhead(args: argparse.Namespace, trainer_argv: Sequence[str]) -> dict[
                             f"{row['trainer']:,.0f} ({row['ratio']:.2f}x), {row['trainer_images_per_s']:,.0f} images/s")
                 rows.append(row)
     table = Table(title=f"Kernel launches per step ({RULE}, mean of {args.measure_steps}); {base.data.img_size} px, "
-                        f"batch {base.optimization.batch_size}, n_hard {base.method.n_hard}, s1 {base.method.s1_hard}, s2 {base.method.s2_hard}, "
+                        f"batch {base.optimization.batch_size}, n_hard {base.method.n_hard}, "
+                        f"s1 {base.method.s1_hard}, s2 {base.method.s2_hard}, "
                         f"{base.optimization.optimizer}, {base.run.mixed_precision or 'no'} mixed precision; times over "
                         f"{args.time_steps} steps")
     columns = ("model", "bn_splits", "mode", "bare loop", "trainer step", "trainer / bare", "CUDA launches",

@@ -141,8 +141,9 @@ def run_train(args: argparse.Namespace, trainer_argv: Sequence[str]) -> dict[str
         console.log(f"{name}: {rows[name]:.1f} images/s" + ("" if peaks[name] is None else
                                                             f", peak GPU memory {peaks[name] / MIB:.0f} MiB"))
     ceiling = rows[BARE_LOOP]
+    method = config.method
     table = Table(title=f"hnmix.train, {config.model.arch} {config.data.img_size}px, batch {config.optimization.batch_size}, "
-                        f"K={config.method.k_moco}, n_hard={config.method.n_hard}, s1={config.method.s1_hard}, s2={config.method.s2_hard}, "
+                        f"K={method.k_moco}, n_hard={method.n_hard}, s1={method.s1_hard}, s2={method.s2_hard}, "
                         f"{config.run.mixed_precision or 'accelerate default'} precision, "
                         f"{'compiled' if config.run.compile else 'eager'}, {device_description(device)}")
     table.add_column("run")

@@ -285,11 +285,12 @@ def check_views_fit_in_memory(config: TrainConfig, device: torch.device) -> None
     """Refuse an --img_size (with --batch_size) whose two views of one batch as the encoders take
     them, [2, batch_size, 3, img_size, img_size] float32, exceed the memory of the device that
     trains: the least a step holds, so the run could only end in an allocation failure."""
-    needed = 2 * config.optimization.batch_size * 3 * config.data.img_size**2 * 4
+    batch, size = config.optimization.batch_size, config.data.img_size
+    needed = 2 * batch * 3 * size**2 * 4
     memory = device_memory_bytes(device)
     if memory is not None and needed > memory:
-        raise ConfigError(f"option img_size={config.data.img_size}: the two views of one batch of {config.optimization.batch_size} "
-                          f"alone need {needed / 2**30:,.1f} GiB as float32, more than the {memory / 2**30:,.1f} GiB of "
+        raise ConfigError(f"option img_size={size}: the two views of one batch of {batch} alone need"
+                          f" {needed / 2**30:,.1f} GiB as float32, more than the {memory / 2**30:,.1f} GiB of "
                           f"memory on {device}; lower --img_size (the papers use 224) or --batch_size")
 
 
@@ -348,25 +349,23 @@ def build_data(config: TrainConfig, accelerator: Accelerator, *, photometric_in_
     """The training DataLoader and whether the data has labels. The workers crop and flip, and
     run the photometric half too when `photometric_in_workers`, as the augmentation options say
     (`TrainConfig.augmentation`; the batched half gets the same spec in the loop)."""
+    data, augmentation, seed, batch = config.data, config.augmentation, config.run.seed, config.optimization.batch_size
     with main_process_prepares_first(accelerator):
-        dataset = load_image_dataset(config.data.dataset, split=config.data.split, cache_dir=config.data.dir_data,
-                                     seed=config.run.seed, synthetic_size=config.data.synthetic_size)
-    image_column, label_column = resolve_columns(dataset, config.data.image_column, config.data.label_column)
-    augmentation = config.augmentation
+        dataset = load_image_dataset(data.dataset, split=data.split, cache_dir=data.dir_data, seed=seed,
+                                     synthetic_size=data.synthetic_size)
+    image_column, label_column = resolve_columns(dataset, data.image_column, data.label_column)
     logger.info(f"Augmentation: {augmentation.describe()}")
-    photometric = moco_v2_photometric(config.data.img_size, augmentation) if photometric_in_workers else None
-    views = TwoViewDataset(dataset, image_column=image_column, label_column=label_column, img_size=config.data.img_size,
-                           seed=config.run.seed, photometric=photometric, augmentation=augmentation,
-                           in_memory_bytes=int(config.data.images_in_memory_gib * GIB))
-    workers, chosen_by = loader_workers(config.data, accelerator)
+    photometric = moco_v2_photometric(data.img_size, augmentation) if photometric_in_workers else None
+    views = TwoViewDataset(dataset, image_column=image_column, label_column=label_column, img_size=data.img_size,
+                           seed=seed, photometric=photometric, augmentation=augmentation,
+                           in_memory_bytes=int(data.images_in_memory_gib * GIB))
+    workers, chosen_by = loader_workers(data, accelerator)
     prefetch, ready = None, "loading in the main process"
     if workers:  # every process of the node has its loader in the same /dev/shm; refused before any worker starts
-        fit = fit_prefetch(views.batch_bytes(config.optimization.batch_size), workers,
-                           processes=local_processes(accelerator.num_processes))
+        fit = fit_prefetch(views.batch_bytes(batch), workers, processes=local_processes(accelerator.num_processes))
         prefetch, ready = fit.prefetch_factor, fit.describe()
     logger.info(f"DataLoader: {workers} worker(s) per process ({chosen_by}), {ready}")
-    loader = make_train_loader(views, batch_size=config.optimization.batch_size, num_workers=workers, seed=config.run.seed,
-                               prefetch_factor=prefetch)
+    loader = make_train_loader(views, batch_size=batch, num_workers=workers, seed=seed, prefetch_factor=prefetch)
     return loader, label_column is not None
 
 
@@ -383,36 +382,40 @@ def build_knn_monitor(config: TrainConfig, accelerator: Accelerator) -> Optional
     (--normalize: the statistics the encoder learns with)."""
     if not knn_monitor_on(config):
         return None
+    data, evaluation = config.data, config.evaluation
     try:
         with main_process_prepares_first(accelerator):
             splits = load_eval_splits(
-                config.data.dataset, split=config.data.split, image_column=config.data.image_column,
-                label_column=config.data.label_column, eval_split_size=held_out_size(config.evaluation.eval_split_size),
-                max_samples=config.evaluation.eval_max_samples or None, seed=config.run.seed, cache_dir=config.data.dir_data,
-                synthetic_size=config.data.synthetic_size, held_out_split=config.evaluation.knn_split)
+                data.dataset, split=data.split, image_column=data.image_column, label_column=data.label_column,
+                eval_split_size=held_out_size(evaluation.eval_split_size),
+                max_samples=evaluation.eval_max_samples or None, seed=config.run.seed, cache_dir=data.dir_data,
+                synthetic_size=data.synthetic_size, held_out_split=evaluation.knn_split)
     except DataError as error:
-        if config.evaluation.knn_split is not None and str(error).startswith(f"split {config.evaluation.knn_split!r} does not exist"):
+        if evaluation.knn_split is not None and str(error).startswith(f"split {evaluation.knn_split!r} does not exist"):
             raise ConfigError(f"option knn_split: {error}") from None
         if str(error) != NO_LABELS:
             raise
         logger.warning("The dataset has no labels: training without the kNN monitor")
         return None
-    cadence = f"{config.evaluation.eval_every[:-2]} epoch(s)" if config.evaluation.eval_every.endswith("ep") else f"{config.evaluation.eval_every} steps"
-    logger.info(f"kNN monitor of the {config.evaluation.knn_features} features every {cadence}: {splits.describe()}")
-    augmentation = config.augmentation
-    return KnnMonitor.from_splits(splits, accelerator, img_size=config.data.img_size, batch_size=config.optimization.batch_size,
-                                  num_workers=loader_workers(config.data, accelerator)[0], k=config.evaluation.knn_k, temperature=config.evaluation.knn_temperature,
-                                  features=config.evaluation.knn_features, mean=augmentation.mean, std=augmentation.std,
-                                  crop_pct=config.evaluation.eval_crop_pct)
+    every = evaluation.eval_every
+    cadence = f"{every[:-2]} epoch(s)" if every.endswith("ep") else f"{every} steps"
+    logger.info(f"kNN monitor of the {evaluation.knn_features} features every {cadence}: {splits.describe()}")
+    return KnnMonitor.from_splits(splits, accelerator, img_size=data.img_size,
+                                  batch_size=config.optimization.batch_size,
+                                  num_workers=loader_workers(data, accelerator)[0], k=evaluation.knn_k,
+                                  temperature=evaluation.knn_temperature, features=evaluation.knn_features,
+                                  mean=config.augmentation.mean, std=config.augmentation.std,
+                                  crop_pct=evaluation.eval_crop_pct)
 
 
 def resolve_lr(config: TrainConfig, num_processes: int) -> TrainConfig:
     """`config` with lr_base = lr_per_256 x global batch / 256 when --lr_per_256 is given (logged)."""
-    if config.optimization.lr_per_256 is None:
+    per_256 = config.optimization.lr_per_256
+    if per_256 is None:
         return config
     global_batch = config.optimization.batch_size * num_processes
-    lr_base = config.optimization.lr_per_256 * global_batch / 256
-    logger.info(f"Peak learning rate {lr_base:g} = lr_per_256 {config.optimization.lr_per_256:g} x global batch {global_batch} / 256")
+    lr_base = per_256 * global_batch / 256
+    logger.info(f"Peak learning rate {lr_base:g} = lr_per_256 {per_256:g} x global batch {global_batch} / 256")
     return config.with_options(lr_base=lr_base)
 
 
@@ -515,9 +518,9 @@ def start_hub_pusher(hub: HubConfig, dir_out: str, accelerator: Accelerator) -> 
 def publish_encoder(config: TrainConfig, moco: MoCo, results: dict, steps_trained: int) -> Path:
     """Export the query backbone (timm layout) with its model card to dir_out/encoder; the card
     gives the steps trained and which synthetic negatives were used from which step."""
-    encoder_dir = export_encoder(moco.encoder_q.backbone, Path(config.run.dir_out) / "encoder", img_size=config.data.img_size,
-                                 mean=config.augmentation.mean, std=config.augmentation.std,
-                                 crop_pct=config.evaluation.eval_crop_pct)
+    encoder_dir = export_encoder(moco.encoder_q.backbone, Path(config.run.dir_out) / "encoder",
+                                 img_size=config.data.img_size, mean=config.augmentation.mean,
+                                 std=config.augmentation.std, crop_pct=config.evaluation.eval_crop_pct)
     results = results | {"steps": steps_trained} | negatives_used(moco, steps_trained)
     curves = copy_curves(config.run.dir_out, encoder_dir)  # the latest dir_out/curves.png, for the card and the Hub
     write_model_card(encoder_dir, config=config.options(), results=results, repo_id=config.hub.hub_model_id,

@@ -193,7 +193,8 @@ def announce(config: TrainConfig, accelerator: Accelerator, deadline: StopDeadli
                 f"global batch {config.optimization.batch_size * accelerator.num_processes}, "
                 f"mixed precision {accelerator.mixed_precision}, photometric augmentation on "
                 f"{'the accelerator' if on_accelerator else 'the CPU workers'}, deterministic algorithms "
-                f"{'on' if torch.are_deterministic_algorithms_enabled() else 'off'}, from step {start} to {end} of {config.optimization.steps}")
+                f"{'on' if torch.are_deterministic_algorithms_enabled() else 'off'}, "
+                f"from step {start} to {end} of {config.optimization.steps}")
 
 
 @dataclass
@@ -229,8 +230,8 @@ class Run:
             TextColumn("step"), MofNCompleteColumn(), BarColumn(),
             TextColumn("{task.fields[speed]} img/s  loss {task.fields[loss]}  lr {task.fields[lr]}  kNN {task.fields[knn]}"),
             TimeRemainingColumn(), console=console, disable=not self.accelerator.is_main_process)
-        self.task = self.progress.add_task("train", total=self.config.optimization.steps, completed=self.step, speed="-", loss="-",
-                                           lr="-", knn="-")
+        self.task = self.progress.add_task("train", total=self.config.optimization.steps, completed=self.step,
+                                           speed="-", loss="-", lr="-", knn="-")
         self.window_start, self.window_steps = time.perf_counter(), 0  # of images/s
 
     def batches(self, end: int) -> Iterator[tuple[int, tuple]]:

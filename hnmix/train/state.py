@@ -52,20 +52,21 @@ def checkpoint_to_resume(config: TrainConfig, num_processes: int) -> Optional[Pa
         return None
     saved = flat_options(yaml.safe_load((checkpoint / CONFIG_FILE).read_text()))  # grouped, or flat (older runs)
     saved_processes = int(read_trainer_state(checkpoint).get("num_processes", num_processes))
-    saved_global, global_batch = saved["batch_size"] * saved_processes, config.optimization.batch_size * num_processes
+    batch = config.optimization.batch_size
+    saved_global, global_batch = saved["batch_size"] * saved_processes, batch * num_processes
     if global_batch != saved_global:
         per_process = f"--batch_size {saved_global // num_processes}" if saved_global % num_processes == 0 else (
             f"a number of processes that divides {saved_global}")
-        raise ConfigError(f"cannot resume {checkpoint} with global batch {global_batch} ({config.optimization.batch_size} x "
+        raise ConfigError(f"cannot resume {checkpoint} with global batch {global_batch} ({batch} x "
                           f"{num_processes} processes): it was trained with {saved_global} ({saved['batch_size']} x "
                           f"{saved_processes}); keep the global batch, e.g. {per_process}")
-    differences = config_differences(saved | {"batch_size": config.optimization.batch_size}, config)
+    differences = config_differences(saved | {"batch_size": batch}, config)
     if differences:
         raise ConfigError(f"cannot resume {checkpoint} with a different configuration: {'; '.join(differences)}")
     allowed = config_differences(saved, config, resumable=True)
     if saved_processes != num_processes:
         allowed.append(f"processes: {saved_processes} -> {num_processes} (batch_size {saved['batch_size']} -> "
-                       f"{config.optimization.batch_size}, global batch {global_batch} unchanged; the views and shuffle BN of the "
+                       f"{batch}, global batch {global_batch} unchanged; the views and shuffle BN of the "
                        f"steps to come differ from the uninterrupted run's, the samples and the queue do not)")
     if allowed:
         logger.info(f"Resuming with changed options: {'; '.join(allowed)}")
