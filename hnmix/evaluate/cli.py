@@ -27,12 +27,30 @@ from hnmix.data.decoded import GIB
 from hnmix.data.transforms import EVAL_CROP_PCT
 from hnmix.data.workers import workers_per_process
 from hnmix.errors import ConfigError, DataError, HnmixError
-from hnmix.evaluate.features import EvalImages, ExtractedFeatures, extract_features, make_eval_loader
-from hnmix.evaluate.lincls import (BACKBONE_KEY, SCHEDULES, TRAIN_VIEWS, AugmentedImages, LinclsSettings,
-                                   backbone_sha256, check_lincls_dir, train_lincls)
+from hnmix.evaluate.features import (
+    EvalImages,
+    ExtractedFeatures,
+    extract_features,
+    make_eval_loader,
+)
+from hnmix.evaluate.lincls import (
+    BACKBONE_KEY,
+    SCHEDULES,
+    TRAIN_VIEWS,
+    AugmentedImages,
+    LinclsSettings,
+    backbone_sha256,
+    check_lincls_dir,
+    train_lincls,
+)
 from hnmix.evaluate.models import LoadedModel, load_backbone, projection_network
 from hnmix.evaluate.monitor import KNN_FEATURES, broadcast_from_main
-from hnmix.evaluate.probes import LINEAR_LRS, LINEAR_WEIGHT_DECAYS, knn_accuracy, train_linear_probe
+from hnmix.evaluate.probes import (
+    LINEAR_LRS,
+    LINEAR_WEIGHT_DECAYS,
+    knn_accuracy,
+    train_linear_probe,
+)
 from hnmix.evaluate.splits import DEFAULT_SEED, EvalSplits, load_eval_splits
 
 logger = logging.getLogger("hnmix.evaluate")  # not __name__: that is "__main__" under python -m

@@ -38,8 +38,15 @@ from hnmix.data.transforms import EVAL_CROP_PCT, IMAGENET_MEAN, IMAGENET_STD
 from hnmix.data.two_views import EpochSampler, TwoViewDataset, sample_rng, warn_a_few
 from hnmix.data.workers import fit_prefetch, ignore_stop_signals, local_processes
 from hnmix.errors import CheckpointError, ConfigError, DataError, describe, first_line
-from hnmix.evaluate.features import (UNREADABLE, EvalImages, Normalization, extract_features, main_process_buffers,
-                                     make_eval_loader, normalize_uint8)
+from hnmix.evaluate.features import (
+    UNREADABLE,
+    EvalImages,
+    Normalization,
+    extract_features,
+    main_process_buffers,
+    make_eval_loader,
+    normalize_uint8,
+)
 from hnmix.evaluate.monitor import broadcast_from_main
 from hnmix.evaluate.probes import top_k_accuracy
 
@@ -325,7 +332,13 @@ def train_lincls(
     none was), "lincls_dir", "eval_bad_samples"}. The backbone is left as it was found.
     """
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
 
     with torch.random.fork_rng(devices=[]):  # nn.Linear's own init would draw from the caller's stream
         classifier = nn.Linear(feature_dim(backbone), num_classes)
