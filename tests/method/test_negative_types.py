@@ -14,7 +14,15 @@ from oracle import oracle_logits
 from tiny_run import TINY, metrics
 
 from hnmix.bench.mixing import materialised_mochi_logits
-from hnmix.mixing import NEGATIVE_TYPES, NegativeType, active_types, draw_types, mix_logits, register_negative_type
+from hnmix.mixing import (
+    NEGATIVE_TYPES,
+    NegativeType,
+    active_types,
+    draw_types,
+    mix_logits,
+    register_negative_type,
+    validate_mixing_sizes,
+)
 from launch import REPO
 
 EXTRAPOLATION = NegativeType("extrapolation", "extrapolation", "s3", "query", (1.2, 1.8), "a hard negative",
@@ -106,6 +114,22 @@ def train_with_extrapolation(dir_out: str) -> int:
     base = parse_config([*TINY, "-s", "4", "-sp", "1", "-ss", "4", "--num_workers", "0", "-do", dir_out])
     method = method_type(**dataclasses.asdict(base.method), s3_hard=4, start3_hard="1")
     return train(dataclasses.replace(base, method=method))
+
+
+def test_a_size_no_registered_type_has_is_refused_naming_it_and_the_known_ones():
+    """A misspelt size (s3 without the extrapolation registered) must not be a silent no-op."""
+    with pytest.raises(TypeError) as error:
+        active_types({"s1": 2, "s3": 1})
+    assert str(error.value) == "unknown mixing sizes ['s3']; the registered ones are ['s1', 's2']"
+    with pytest.raises(TypeError) as error:
+        validate_mixing_sizes(queue_size=64, temperature=0.1, n_hard=4, s1_hard=2, s3_hard=1)
+    assert str(error.value) == "unknown mixing sizes ['s3_hard']"
+    register_negative_type(EXTRAPOLATION)
+    try:
+        validate_mixing_sizes(queue_size=64, temperature=0.1, n_hard=4, s1_hard=2, s3_hard=1)
+        assert [kind.size for kind, _ in active_types({"s1": 2, "s3": 1})] == ["s1", "s3"]
+    finally:
+        del NEGATIVE_TYPES[EXTRAPOLATION.name]
 
 
 def test_a_run_trains_reports_and_draws_the_registered_type(tmp_path, extrapolation):
